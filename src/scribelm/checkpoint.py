@@ -1,0 +1,182 @@
+"""One checkpoint directory, written atomically, loaded without unpickling.
+
+    my-model/
+      config.json            ModelConfig (plus "format" and "format_version")
+      model.safetensors      weights
+      tokenizer.json         the tokenizer (Hugging Face `tokenizers` format)
+      tokenizer_config.json  special tokens and chat template (Hugging Face's shape)
+      generation.json        default generation settings
+
+Writing goes to a temporary sibling directory that is renamed into place only
+when every file is complete, so a crash mid-save never leaves a half-written
+checkpoint under the final name. Weights are read with safetensors
+(memory-mapped); nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scribelm.config import ModelConfig
+from scribelm.errors import CheckpointError, ConfigError
+
+FORMAT = "scribelm"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation.json"
+
+
+def is_scribe_checkpoint(path: str | os.PathLike) -> bool:
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def atomic_directory(final: Path):
+    """Context manager: yields a temp dir beside `final`; on success it replaces `final`."""
+    return _AtomicDirectory(final)
+
+
+class _AtomicDirectory:
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():  # make the bytes durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights as contiguous tensors, without the tied unembedding (stored once)."""
+    config = getattr(model, "config", None)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if config is not None and config.tie_embeddings and name == "unembedding.weight":
+            continue
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    config: ModelConfig,
+    tokenizer=None,
+    generation: dict[str, Any] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write the checkpoint directory atomically; returns its path."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, **config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2))
+        save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / GENERATION_FILE).write_text(json.dumps(generation or {}, indent=2))
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a model directory?")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt, restore it from a copy") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a scribelm checkpoint (config.json has no \"format\": \"scribelm\")")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer scribelm (format {data['format_version']}); upgrade scribelm to read it"
+        )
+    fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    try:
+        return ModelConfig.from_dict(fields)
+    except ConfigError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+
+
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint's model.safetensors, memory-mapped on CPU."""
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is corrupt or truncated ({err}); restore it from a copy") from None
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Build the Transformer of a checkpoint directory and fill it with its weights."""
+    from scribelm.model import Transformer
+
+    config = read_config(path)
+    state = read_weights(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "unembedding.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"weights in {path} do not match its config.json: {'; '.join(parts)}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"weight {name} in {path} has shape {tuple(tensor.shape)} but config.json implies {tuple(expected[name].shape)}"
+            )
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.unembedding.weight = model.token_embedding.weight
+    return model.to(device)

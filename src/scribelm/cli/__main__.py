@@ -1,0 +1,5 @@
+import sys
+
+from scribelm.cli import main
+
+sys.exit(main())

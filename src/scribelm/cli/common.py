@@ -1,0 +1,52 @@
+"""Small helpers shared by the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def resolve_config(name_or_path: str):
+    """A preset name, a checkpoint directory, or a config.json file -> ModelConfig."""
+    from scribelm.checkpoint import read_config
+    from scribelm.config import PRESETS, ModelConfig
+    from scribelm.errors import ConfigError
+
+    path = Path(name_or_path)
+    if name_or_path in PRESETS:
+        return ModelConfig.from_preset(name_or_path)
+    if path.is_dir():
+        return read_config(path)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err})") from None
+        data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        return ModelConfig.from_dict(data)
+    raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")

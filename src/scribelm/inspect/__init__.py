@@ -1,0 +1,1 @@
+"""Looking inside the model: parameter counts, and (later) attention maps, logit lens, embeddings."""

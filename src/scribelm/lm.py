@@ -1,0 +1,65 @@
+"""`LM`: a model with its tokenizer, the object users hold.
+
+    lm = scribelm.load("my-model")      # a checkpoint directory
+    lm.model, lm.tokenizer, lm.config   # the parts
+    lm.save("copy-of-my-model")         # atomic, safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scribelm.checkpoint import GENERATION_FILE, is_scribe_checkpoint, load_model, save_checkpoint
+from scribelm.config import ModelConfig
+from scribelm.errors import CheckpointError, ScribeError
+from scribelm.model import Transformer
+from scribelm.tokenizer import Tokenizer
+
+
+@dataclass
+class LM:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save(self, path: str | os.PathLike, format: str = "scribe") -> Path:
+        if format != "scribe":
+            raise ScribeError(f"unknown save format {format!r}; supported: 'scribe'")
+        return save_checkpoint(path, self.model, self.config, self.tokenizer, self.generation_config)
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
+    """Load a scribelm checkpoint directory as an `LM`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no model at {path}: give a checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give the checkpoint directory that holds config.json")
+    if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
+        # read_config gives the precise reason (corrupt JSON, foreign format, ...)
+        pass
+    model = load_model(path, device=device, dtype=dtype)
+    model.eval()
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    generation: dict[str, Any] = {}
+    gen_file = path / GENERATION_FILE
+    if gen_file.is_file():
+        try:
+            generation = json.loads(gen_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{gen_file} is not valid JSON ({err})") from None
+    return LM(model=model, tokenizer=tokenizer, generation_config=generation)

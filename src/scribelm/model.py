@@ -1,0 +1,374 @@
+"""The transformer, top to bottom, like the textbook picture.
+
+    ids (B, T)
+     │ token embedding               (B, T, C)      C = d_model
+     │ + positions (learned / sinusoidal; RoPE instead rotates q and k)
+     ▼
+    Block × n_layers, each:
+     │ x = x + Attention(Norm(x))    masked (causal) multi-head self-attention
+     │ x = x + MLP(Norm(x))          ReLU / GELU / SwiGLU feed-forward
+     │ (post-norm configs: x = Norm(x + f(x)), as in GPT-1 and BERT)
+     ▼
+    final Norm → unembedding → logits (B, T, V);  softmax gives next-token probabilities
+
+Everything that differs between GPT-2, GPT-3, Llama, Mistral and Qwen2 is a
+field of `ModelConfig`; there is one model class. Attention runs through
+`torch.nn.functional.scaled_dot_product_attention`, which picks a fused
+kernel (flash / memory-efficient) where one applies. Keys and values can be
+written to a `KVCache` so that generation computes each position once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scribelm.cache import ContextOverflowError, KVCache
+from scribelm.config import ModelConfig
+
+# --------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Scale by the root-mean-square of the features (no centering, no bias)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 so bf16 activations do not lose the small variance.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed encoding of 'Attention Is All You Need': sin on even features,
+    cos on odd ones, wavelengths from 2π to 10000·2π. positions (B, T) -> (B, T, dim)."""
+    freqs = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = positions.float()[..., None] * freqs  # (B, T, dim/2)
+    encoding = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (B, T, dim/2, 2)
+    return encoding.flatten(-2)  # (B, T, dim): sin, cos, sin, cos, ...
+
+
+def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """θ_i = base^(-2i/d) for each pair of head features, with Llama-3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["type"] == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_context_length"]
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) angle: positions (B, T) -> (B, 1, T, head_dim) each."""
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd): halves layout, as Llama/HF
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of features (i, i + hd/2) by its position's angle. x (B, H, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Masked multi-head self-attention; grouped-query when n_kv_heads < n_heads."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o = nn.Linear(config.q_dim, config.d_model, bias=config.attn_out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, KV, S, hd), S = cached + T
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·hd)
+        return self.o(y)  # (B, T, C)
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: up-project, activate (gated for SwiGLU/GeGLU), down-project."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.activation]
+        self.up = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
+        self.gate = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
+        self.down = nn.Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            hidden = self.activation(self.gate(x)) * self.up(x)  # (B, T, d_mlp)
+        else:
+            hidden = self.activation(self.up(x))  # (B, T, d_mlp)
+        return self.down(hidden)  # (B, T, C)
+
+
+# --------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attention_norm = make_norm(config)
+        self.attention = Attention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        if self.pre_norm:
+            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, cache))
+            x = x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
+        else:
+            x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, mask, is_causal, cache)))
+            x = self.mlp_norm(x + self.residual_dropout(self.mlp(x)))
+        return x
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+class Transformer(nn.Module):
+    """A decoder-only transformer configured by a `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = (
+            nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
+        )
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else None
+        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.unembedding.weight = self.token_embedding.weight
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the right device
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # -- init -----------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, unit norms; the projections that
+        write into the residual stream scaled by 1/sqrt(2·n_layers) so its variance
+        does not grow with depth."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1.0
+                if name.endswith("attention.o") or name.endswith("mlp.down"):
+                    scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.tie_embeddings:  # the shared matrix got the unembedding's init last; use the embedding's
+            nn.init.normal_(self.token_embedding.weight, mean=0.0, std=std)
+
+    # -- helpers --------------------------------------------------------------
+    def _positions(self, ids: torch.Tensor, start: int, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T = ids.shape
+        if padding_mask is not None:
+            # Left-padded rows count positions from their first real token, as if generated alone.
+            positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            return positions[:, -T:]
+        return torch.arange(start, start + T, device=ids.device).expand(B, T)
+
+    @staticmethod
+    def _attention_mask(T: int, S: int, start: int, mask: torch.Tensor, device) -> torch.Tensor:
+        """Boolean (B, 1, T, S): True where query t may attend key s."""
+        query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        causal = key_pos <= query_pos  # (T, S)
+        if mask.dim() == 2:  # (B, S) padding mask: 1 real, 0 pad
+            allowed = causal[None] & mask[:, None, :].bool()  # (B, T, S)
+        else:  # (B, T, S) explicit mask, e.g. block-diagonal for packed examples
+            allowed = causal[None] & mask.bool()
+        # A query always sees itself, so fully padded rows stay finite (their output is ignored).
+        allowed = allowed | (key_pos == query_pos)[None]
+        return allowed[:, None]  # (B, 1, T, S)
+
+    # -- forward --------------------------------------------------------------
+    def hidden_states(
+        self,
+        ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normalized hidden states (B, T, C), before the unembedding.
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding (S counts
+        cached positions plus the T new ones), or (B, T, S) booleans saying which
+        keys each query may see (combined with the causal mask).
+        """
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        S = start + T
+        if positions is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            positions = self._positions(ids, start, padding)
+        elif positions.dim() == 1:
+            positions = positions.expand(B, T)
+        if S > self.config.context_length:
+            raise ContextOverflowError(
+                f"{S} tokens exceed the model's context of {self.config.context_length}; "
+                "shorten the input or ask for sliding-window truncation"
+            )
+
+        x = self.token_embedding(ids)  # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.position_embedding(positions)  # (B, T, C)
+        elif self.config.position == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, self.config.d_model).to(x.dtype)
+        x = self.embedding_dropout(x)
+
+        rope = None
+        if self.config.position == "rope":
+            if self._inv_freq is None or self._inv_freq.device != ids.device:
+                self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
+            rope = rope_cos_sin(self._inv_freq, positions, x.dtype)
+
+        # Cheapest correct mask: SDPA's built-in causal mask for a fresh full sequence,
+        # no mask for one new token attending everything cached, explicit otherwise.
+        mask, is_causal = None, False
+        if attention_mask is not None:
+            mask = self._attention_mask(T, S, start, attention_mask, ids.device)
+        elif start == 0 and T > 1:
+            is_causal = True
+        elif T > 1:
+            mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
+
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x  # (B, T, C)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V)."""
+        x = self.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache)
+        return self.unembedding(x)  # (B, T, V)
+
+    def loss(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Next-token cross-entropy. targets (B, T) holds the id that should follow each
+        position; positions whose target is `ignore_index` (prompt, padding) do not count."""
+        logits = self(ids, attention_mask=attention_mask, positions=positions)  # (B, T, V)
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)),  # (B·T, V)
+            targets.reshape(-1),  # (B·T,)
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+
+    # -- facts ----------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for name, param in self.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if exclude_embeddings and name.startswith(("token_embedding", "position_embedding")):
+                continue
+            total += param.numel()
+        return total

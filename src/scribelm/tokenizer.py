@@ -1,0 +1,350 @@
+"""Text to ids and back: a byte-level BPE tokenizer.
+
+Byte-level BPE (GPT-2's scheme) first maps text to its UTF-8 bytes, so every
+string can be represented and nothing is ever "unknown"; then it merges the
+most frequent adjacent pairs, learned from a corpus, into larger tokens. The
+round trip text -> ids -> text is exact for any Unicode string.
+
+The heavy lifting is done by the Hugging Face `tokenizers` library (Rust);
+this module trains and wraps it, adds special tokens that plain text can
+never produce, and renders chat conversations with a Jinja chat template.
+
+Files: `tokenizer.json` (the `tokenizers` format, so any Hugging Face
+tokenizer loads) and `tokenizer_config.json` (special tokens and chat
+template, in the same shape Hugging Face uses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from scribelm.errors import TokenizerError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+
+#: Renders [{role, content}, ...]; roles other than system/user/assistant are refused.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ '; the chat template knows system, user and assistant') }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Names other tokenizers use for their beginning/end/padding tokens, most specific first.
+_BOS_NAMES = [BOS, "<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"]
+_EOS_NAMES = [EOS, "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>"]
+_PAD_NAMES = [PAD, "<pad>", "<|finetune_right_pad_id|>"]
+
+
+def _check_text(text: Any, what: str = "text") -> str:
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(
+            f"{what} contains an unpaired surrogate ({text[err.start]!r} at index {err.start}), which is not valid "
+            "Unicode; decode your bytes with errors='replace' or remove it"
+        ) from None
+    return text
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with special tokens and a chat template."""
+
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.backend = backend
+        # Special tokens typed in plain text are split like any other text: only
+        # `allow_special=True` (chat rendering) may produce their ids.
+        self.backend.encode_special_tokens = True
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.bos_token = bos_token if bos_token is not None else next((t for t in _BOS_NAMES if t in vocab), None)
+        self.eos_token = eos_token if eos_token is not None else next((t for t in _EOS_NAMES if t in vocab), None)
+        self.pad_token = pad_token if pad_token is not None else next((t for t in _PAD_NAMES if t in vocab), None)
+        self.chat_template = chat_template
+        self.extra_config = dict(extra_config or {})
+
+    # -- training ---------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        texts_or_files: Iterable[str] | Sequence[str | os.PathLike],
+        vocab_size: int = 8192,
+        *,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = SPECIAL_TOKENS,
+        files: bool | None = None,
+        show_progress: bool = False,
+    ) -> "Tokenizer":
+        """Learn BPE merges from an iterator of strings or a list of file paths.
+
+        The 256 byte symbols are always in the vocabulary, so any text encodes.
+        """
+        n_special = len(special_tokens)
+        if vocab_size < 256 + n_special:
+            raise TokenizerError(f"vocab_size must be at least {256 + n_special} (256 bytes + special tokens), got {vocab_size}")
+        backend = _HFTokenizer(models.BPE())
+        # GPT-2's split (contractions, letters, digits, punctuation, spaces), then bytes.
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        if files is None:
+            files = isinstance(texts_or_files, (list, tuple)) and all(
+                isinstance(f, (os.PathLike, str)) and Path(f).is_file() for f in texts_or_files
+            ) and len(texts_or_files) > 0
+        if files:
+            paths = [str(p) for p in texts_or_files]
+            for p in paths:
+                if not Path(p).is_file():
+                    raise TokenizerError(f"training file not found: {p}")
+            backend.train(paths, trainer)
+        else:
+            backend.train_from_iterator((_check_text(t) for t in texts_or_files), trainer)
+        return cls(backend, chat_template=DEFAULT_CHAT_TEMPLATE if ASSISTANT in special_tokens else None)
+
+    # -- facts ------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {tok.content and self.backend.token_to_id(tok.content) for tok in self.backend.get_added_tokens_decoder().values() if tok.special}
+
+    # -- encode / decode ----------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False, allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings in `text` stay plain text unless `allow_special`."""
+        _check_text(text)
+        self.backend.encode_special_tokens = not allow_special
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = True
+        if add_bos:
+            ids = [self._required_id("bos")] + ids
+        if add_eos:
+            ids = ids + [self._required_id("eos")]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        for t in texts:
+            _check_text(t)
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        prefix = [self._required_id("bos")] if add_bos else []
+        suffix = [self._required_id("eos")] if add_eos else []
+        return [prefix + e.ids + suffix for e in encodings]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Ids -> text. Bytes that do not form complete UTF-8 characters come out as U+FFFD."""
+        ids = self._check_ids(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = False) -> list[str]:
+        return self.backend.decode_batch([self._check_ids(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The exact bytes the ids stand for (no replacement of incomplete characters),
+        for streaming text out one token at a time."""
+        out = bytearray()
+        for i in self._check_ids(ids):
+            out += self.token_bytes(i)
+        return bytes(out)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token (a special token gives its text)."""
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        if token_id not in cache:
+            cache[token_id] = _token_to_bytes(self, token_id)
+        return cache[token_id]
+
+    def tokens(self, text: str) -> list[str]:
+        """The token strings of `text` as text (bytes shown decoded where whole)."""
+        return [self.decode([i]) for i in self.encode(text)]
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        for i in ids:
+            if not 0 <= i < n:
+                raise TokenizerError(f"token id {i} is outside the vocabulary (0..{n - 1})")
+        return ids
+
+    def _required_id(self, which: str) -> int:
+        value = getattr(self, f"{which}_id")
+        if value is None:
+            raise TokenizerError(f"this tokenizer has no {which.upper()} token; add one when training it")
+        return value
+
+    # -- chat -----------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Render a conversation [{role, content}, ...] as the model's prompt text."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template; set one in tokenizer_config.json")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TokenizerError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TokenizerError(f"message {i} must have a string 'role' and a string 'content'")
+            _check_text(m["content"], f"message {i} content")
+        return _render_template(
+            self.chat_template,
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt), allow_special=True)
+
+    # -- files ------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = dict(self.extra_config)
+        config.update(
+            {
+                "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+                "bos_token": self.bos_token,
+                "eos_token": self.eos_token,
+                "pad_token": self.pad_token,
+                "chat_template": self.chat_template,
+            }
+        )
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        return directory
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load from a directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(f"no tokenizer found at {path} (expected a tokenizer.json file or a directory holding one)")
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TokenizerError(f"{file} is not a valid JSON tokenizer file ({err}); re-create it with `scribe tokenizer train`") from None
+        try:
+            backend = _HFTokenizer.from_file(str(file))
+        except Exception as err:  # the Rust library raises its own Exception type
+            raise TokenizerError(f"{file} is not a tokenizer the `tokenizers` library can read: {err}") from None
+        config: dict[str, Any] = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise TokenizerError(f"{config_file} is not valid JSON ({err})") from None
+        bos, eos, pad = (_token_name(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # HF allows named templates; use the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        extra = {k: v for k, v in config.items() if k not in ("bos_token", "eos_token", "pad_token", "chat_template")}
+        return cls(backend, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template, extra_config=extra)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _token_name(value: Any) -> str | None:
+    if isinstance(value, dict):  # HF's AddedToken serialisation
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _render_template(template: str, **context: Any) -> str:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(**context)
+    except TemplateError as err:
+        raise TokenizerError(f"chat template failed to render: {err}") from None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes, reversed."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _token_to_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    piece = tok.backend.id_to_token(token_id)
+    if piece is None:
+        raise TokenizerError(f"token id {token_id} is outside the vocabulary")
+    added = tok.backend.get_added_tokens_decoder().get(token_id)
+    if added is not None:
+        return added.content.encode("utf-8")
+    if all(ch in _BYTE_DECODER for ch in piece):  # byte-level BPE (GPT-2, Llama 3, ours)
+        return bytes(_BYTE_DECODER[ch] for ch in piece)
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("▁", " ").encode("utf-8")  # SentencePiece word piece
+
+
+def iter_text_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    for p in paths:
+        yield Path(p).read_text(encoding="utf-8")

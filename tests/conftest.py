@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+    "In the beginning God created the heaven and the earth.",
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little money.",
+    "The quick brown fox jumps over the lazy dog; 12345 + 67890 = 80235.",
+    "Ünïcödé text: café, naïve, 你好世界, こんにちは, emoji 🎉🚀, math ∑∫√.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return list(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    from scribelm.tokenizer import Tokenizer
+
+    return Tokenizer.train(corpus, vocab_size=400, min_frequency=2)
+
+
+def tiny_config(**overrides):
+    from scribelm.config import ModelConfig
+
+    base = dict(
+        vocab_size=400, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64,
+        activation="swiglu", norm="rmsnorm", position="rope", qkv_bias=False, attn_out_bias=False,
+        mlp_bias=False, tie_embeddings=True,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def scribe(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "scribelm.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["params", "gpt5"], "neither a preset"),
+        (["tokenizer", "encode", "/nonexistent", "hi"], "no tokenizer found"),
+        (["tokenizer", "train", "/nonexistent.txt", "-o", "/tmp/x"], "training file not found"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args, message):
+    result = scribe(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_binary_training_file_refused(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"\x00\x01\x02" * 100)
+    result = scribe("tokenizer", "train", f, "-o", tmp_path / "tok")
+    assert result.returncode == 2 and "looks binary" in result.stderr
+
+
+def test_not_json_tokenizer(tmp_path):
+    f = tmp_path / "tokenizer.json"
+    f.write_text("garbage")
+    result = scribe("tokenizer", "encode", f, "hello")
+    assert result.returncode == 2 and "not a valid JSON tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokenizer_train_and_encode(tmp_path, corpus):
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n".join(corpus))
+    result = scribe("tokenizer", "train", f, "--vocab-size", 320, "-o", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    result = scribe("tokenizer", "encode", tmp_path / "tok", "the earth 🎉")
+    assert result.returncode == 0
+    assert " tokens, 14 bytes" in result.stdout and "<0xF0>" in result.stdout
+    result = scribe("tokenizer", "encode", tmp_path / "tok", "héllo", "--json")
+    import json
+
+    data = json.loads(result.stdout)
+    result = scribe("tokenizer", "decode", tmp_path / "tok", *data["ids"])
+    assert result.stdout.strip() == "héllo"
+
+
+def test_help_lists_verbs():
+    result = scribe("--help")
+    assert result.returncode == 0 and "params" in result.stdout and "tokenizer" in result.stdout

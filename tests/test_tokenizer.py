@@ -1,0 +1,148 @@
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scribelm.errors import TokenizerError
+from scribelm.tokenizer import ASSISTANT, BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
+
+# Any Unicode string without unpaired surrogates (those are not valid Unicode text).
+unicode_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(unicode_text)
+def test_round_trip_any_unicode(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode_bytes(ids) == text.encode("utf-8")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(unicode_text, max_size=5))
+def test_batch_matches_single(tokenizer, texts):
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+    assert tokenizer.decode_batch(tokenizer.encode_batch(texts)) == texts
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "  leading spaces", "tabs\tand\nnewlines\r\n", "emoji 👩‍👩‍👧 🇫🇷", "中文字符", "e\u0301 combining",
+     "\x00\x01\x7f control", "\ufeffBOM", "ﷺ", "a" * 5000],
+)
+def test_round_trip_examples(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_unpaired_surrogate_is_refused(tokenizer):
+    with pytest.raises(TokenizerError, match="unpaired surrogate"):
+        tokenizer.encode("abc\ud800def")
+
+
+def test_special_tokens_never_arise_from_plain_text(tokenizer):
+    specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    text = "".join(SPECIAL_TOKENS) + " <|eos|> hi <|user|>"
+    ids = tokenizer.encode(text)
+    assert not specials & set(ids)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("<|eos|>", allow_special=True) == [tokenizer.eos_id]
+
+
+def test_special_ids(tokenizer):
+    assert tokenizer.bos_id == tokenizer.token_to_id(BOS)
+    assert tokenizer.eos_id == tokenizer.token_to_id(EOS)
+    assert tokenizer.pad_id == tokenizer.token_to_id(PAD)
+    assert len({tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}) == 3
+    assert tokenizer.encode("hi", add_bos=True, add_eos=True)[0] == tokenizer.bos_id
+    assert tokenizer.encode("hi", add_bos=True, add_eos=True)[-1] == tokenizer.eos_id
+
+
+def test_vocab_size(tokenizer):
+    assert 256 + len(SPECIAL_TOKENS) <= tokenizer.vocab_size <= 400
+
+
+def test_training_learns_merges(tokenizer):
+    text = "It was the best of times"
+    assert len(tokenizer.encode(text)) < len(text.encode("utf-8"))
+
+
+def test_train_from_files(tmp_path, corpus):
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(corpus))
+    tok = Tokenizer.train([f], vocab_size=300)
+    assert tok.decode(tok.encode("the earth")) == "the earth"
+
+
+def test_chat_template(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|end|>"}]
+    text = tokenizer.apply_chat_template(messages)
+    assert text == "<|system|>Be brief.<|end|>\n<|user|>Hi <|end|><|end|>\n<|assistant|>"
+    ids = tokenizer.encode_chat(messages)
+    assert ids[0] == tokenizer.token_to_id("<|system|>")
+    assert ids[-1] == tokenizer.token_to_id(ASSISTANT)
+    assert not tokenizer.apply_chat_template(messages, add_generation_prompt=False).endswith(ASSISTANT)
+
+
+def test_chat_template_refuses_unknown_roles(tokenizer):
+    with pytest.raises(TokenizerError, match="unknown role tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="message 0 must have"):
+        tokenizer.apply_chat_template([{"role": "user"}])
+
+
+def test_save_and_load(tmp_path, tokenizer):
+    tokenizer.save(tmp_path)
+    for where in (tmp_path, tmp_path / "tokenizer.json"):
+        loaded = Tokenizer.load(where)
+        assert loaded.encode("the best of times 🎉") == tokenizer.encode("the best of times 🎉")
+        assert loaded.eos_id == tokenizer.eos_id
+        assert loaded.chat_template == tokenizer.chat_template
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer found"):
+        Tokenizer.load(tmp_path / "nope")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("this is not json")
+    with pytest.raises(TokenizerError, match="not a valid JSON tokenizer file"):
+        Tokenizer.load(bad)
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(TokenizerError, match="can read"):
+        Tokenizer.load(bad)
+
+
+def test_bad_ids_are_refused(tokenizer):
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tokenizer.decode([tokenizer.vocab_size + 5])
+
+
+def test_gpt2_style_hf_tokenizer_json(tmp_path, corpus):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.eos_id == tok.bos_id == backend.token_to_id("<|endoftext|>")
+    text = "Hello wörld 🎉"
+    assert tok.encode(text) == backend.encode(text).ids
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_sentencepiece_style_hf_tokenizer_json(tmp_path, corpus):
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(corpus, vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    sp.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.bos_id == 1 and tok.eos_id == 2
+    ids = tok.encode("the earth")
+    assert ids == sp.encode("the earth").ids
+    assert tok.decode_bytes(ids).strip() == b"the earth"
