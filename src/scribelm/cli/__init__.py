@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Verbs that take free-form `--section.key value` overrides (pretrain) collect the rest.
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "takes_overrides", False):
+        args.overrides = list(getattr(args, "overrides", None) or []) + extra
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0

@@ -305,6 +305,7 @@ class Trainer:
         self._flops_per_token: float | None = None
         self._peak_flops = config.peak_flops
         self._tb = None
+        self._last_eval: dict[str, Any] | None = None
 
     # -- optimizer ----------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -389,7 +390,12 @@ class Trainer:
                 self.train_model.train()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-        final_eval = self.evaluate_and_log() if self.val_loader is not None else {}
+        if self.val_loader is None:
+            final_eval = {}
+        elif self._last_eval is not None and self._last_eval.get("step") == self.step:
+            final_eval = {k: v for k, v in self._last_eval.items() if k not in ("step", "elapsed_s")}
+        else:
+            final_eval = self.evaluate_and_log()
         if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
             self.save()
         self._write_plot()
@@ -501,6 +507,7 @@ class Trainer:
         if not result:
             return result
         record = {"step": self.step, "elapsed_s": self.elapsed_s, **result}
+        self._last_eval = record
         self._log(record)
         self.progress("eval", record)
         val = result.get("val_loss")

@@ -1,0 +1,24 @@
+"""Data: corpora in, token shards and batches out.
+
+    from scribelm.data import prepare, TokenBatchLoader
+    manifest = prepare(["corpus/"], "data/my-corpus", tokenizer)       # shards + manifest.json
+    train = TokenBatchLoader("data/my-corpus", "train", batch_size=16, sequence_length=256)
+"""
+
+from scribelm.data.corpora import kjv_chapters, write_kjv_text
+from scribelm.data.loader import TokenBatchLoader, TokenStream
+from scribelm.data.prepare import (
+    DataError,
+    check_tokenizer_matches,
+    find_input_files,
+    normalize,
+    prepare,
+    read_manifest,
+    read_split,
+    train_tokenizer_on,
+)
+
+__all__ = [
+    "DataError", "TokenBatchLoader", "TokenStream", "check_tokenizer_matches", "find_input_files", "kjv_chapters",
+    "normalize", "prepare", "read_manifest", "read_split", "train_tokenizer_on", "write_kjv_text",
+]

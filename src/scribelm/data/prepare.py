@@ -1,0 +1,457 @@
+"""Raw text to token shards: read, clean, dedupe, split, tokenize, write.
+
+    inputs (.txt/.md/..., .jsonl, .parquet, directories of them)
+      │ stream documents          text: paragraphs (blank-line separated) or whole files
+      │                           jsonl: the "text" field of each line; parquet: the "text" column
+      │ normalize                 \\r\\n and \\r -> \\n; strip surrounding whitespace
+      │ drop empty + exact duplicates (blake2b of the normalized text; counted)
+      │ split                     the same hash decides train or validation: stable under reordering
+      │ tokenize + EOS            <|eos|> after every document, so the model learns where texts end
+      ▼
+    DATA_DIR/
+      train_00000.bin ...         flat little-endian uint16 (vocab <= 65536) or uint32 token ids,
+      validation_00000.bin        memory-mappable with numpy, no header
+      tokenizer.json              the tokenizer the ids belong to
+      manifest.json               token and byte counts, bytes per token, sources, tokenizer hash
+
+Nothing is held in memory but one batch of documents and one shard's
+buffer, so corpora larger than memory work. The output directory is written
+to a temporary sibling and renamed into place when complete: a failure
+(a binary file, a bad JSON line) leaves an earlier DATA_DIR untouched. The
+same inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scribelm.checkpoint import atomic_directory
+from scribelm.errors import ScribeError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "scribelm-shards"
+SPLITS = ("train", "validation")
+TEXT_UNITS = ("paragraph", "file")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet",)
+
+
+class DataError(ScribeError, ValueError):
+    """Input data that cannot be read or prepared."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def find_input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand directories (recursively, sorted, hidden files skipped) and check every file up front."""
+    if not inputs:
+        raise DataError("no input files given; pass text, JSONL or Parquet files or directories")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"input not found: {path}")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise DataError(f"input directory {path} holds no files")
+            files.extend(found)
+        else:
+            files.append(path)
+    for f in files:
+        check_input_file(f)
+    return files
+
+
+def check_input_file(path: Path) -> None:
+    """Refuse empty files and binary files (NUL bytes, invalid UTF-8) before any work is done."""
+    if path.stat().st_size == 0:
+        raise DataError(f"input file is empty: {path}")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if path.suffix.lower() in _PARQUET_SUFFIXES:
+        if not head.startswith(b"PAR1"):
+            raise DataError(f"{path} has a .parquet name but is not a Parquet file")
+        return
+    if b"\x00" in head:
+        raise DataError(f"{path} looks binary (it holds NUL bytes); give UTF-8 text, JSONL or Parquet files")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # a character cut at the end of the sample is fine
+            raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+
+
+def normalize(text: str) -> str:
+    """Unix line endings, no surrounding whitespace."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def iter_documents(path: Path, *, text_field: str = "text", text_unit: str = "paragraph",
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Raw documents of one file, streamed. `on_bytes(n)` is told how much input was consumed."""
+    report = on_bytes or (lambda n: None)
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        yield from _parquet_documents(path, text_field, report)
+    elif suffix in _JSONL_SUFFIXES:
+        yield from _jsonl_documents(path, text_field, report)
+    elif text_unit == "file":
+        yield _read_text(path, report)
+    else:
+        yield from _paragraphs(path, report)
+
+
+def _read_text(path: Path, report) -> str:
+    data = path.read_bytes()
+    report(len(data))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+
+
+def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
+    # newline="" keeps \r\n as is, so normalization (not Python) decides what a line ending becomes.
+    with open(path, encoding="utf-8", newline="") as f:
+        number = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise DataError(f"{path} is not UTF-8 text (bad bytes after line {number}); convert it to UTF-8") from None
+            if not line:
+                return
+            number += 1
+            report(len(line.encode("utf-8")))
+            yield number, line
+
+
+def _paragraphs(path: Path, report) -> Iterator[str]:
+    paragraph: list[str] = []
+    for _, line in _lines(path, report):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "".join(paragraph)
+
+
+def _jsonl_documents(path: Path, text_field: str, report) -> Iterator[str]:
+    for number, line in _lines(path, report):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number} is not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{number} has no '{text_field}' field (it has: {keys}); choose one with --text-field")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{number}: field '{text_field}' must be a string, got {type(value).__name__}")
+        yield value
+
+
+def _parquet_documents(path: Path, text_field: str, report) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install 'scribelm[data]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own error types
+        raise DataError(f"{path} is not a readable Parquet file ({err})") from None
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path} has no '{text_field}' column (it has: {', '.join(names)}); choose one with --text-field")
+    size = path.stat().st_size
+    rows = max(parquet.metadata.num_rows, 1)
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        column = batch.column(0).to_pylist()
+        report(int(size * len(column) / rows))
+        for value in column:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"{path}: column '{text_field}' must hold strings, got {type(value).__name__}")
+            yield value
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass
+class SourceStats:
+    path: str
+    bytes: int = 0
+    documents: int = 0
+    empty: int = 0
+    duplicates: int = 0
+
+
+def document_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def is_validation(digest: bytes, val_fraction: float) -> bool:
+    """The split is a function of the document's content: same text, same side, whatever the order."""
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+def iter_clean_documents(files: Sequence[Path], *, text_field: str = "text", text_unit: str = "paragraph",
+                         stats: list[SourceStats] | None = None,
+                         on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(normalized text, hash) of every non-empty, first-seen document, in input order."""
+    seen: set[bytes] = set()
+    for path in files:
+        source = SourceStats(str(path), bytes=path.stat().st_size)
+        if stats is not None:
+            stats.append(source)
+        for raw in iter_documents(path, text_field=text_field, text_unit=text_unit, on_bytes=on_bytes):
+            text = normalize(raw)
+            if not text:
+                source.empty += 1
+                continue
+            digest = document_hash(text)
+            if digest in seen:
+                source.duplicates += 1
+                continue
+            seen.add(digest)
+            source.documents += 1
+            yield text, digest
+
+
+def train_tokenizer_on(inputs: Sequence[str | os.PathLike], vocab_size: int, *, val_fraction: float = 0.01,
+                       text_field: str = "text", text_unit: str = "paragraph", min_frequency: int = 2):
+    """A byte-level BPE trained on the training split only, so validation text stays unseen."""
+    from scribelm.tokenizer import Tokenizer
+
+    files = find_input_files(inputs)
+    documents = (text for text, digest in iter_clean_documents(files, text_field=text_field, text_unit=text_unit)
+                 if not is_validation(digest, val_fraction))
+    return Tokenizer.train(documents, vocab_size, min_frequency=min_frequency)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+@dataclass
+class _ShardWriter:
+    directory: Path
+    split: str
+    dtype: np.dtype
+    shard_tokens: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    text_bytes: int = 0
+    documents: int = 0
+    _buffer: list[np.ndarray] = field(default_factory=list)
+    _buffered: int = 0
+    # The newest document waits here, so a tiny corpus whose hashes sent nothing
+    # to validation can still move one document there.
+    pending: tuple[np.ndarray, int] | None = None
+
+    def add(self, ids: np.ndarray, text_bytes: int) -> None:
+        if self.pending is not None:
+            self._commit(*self.pending)
+        self.pending = (ids, text_bytes)
+
+    def take_pending(self) -> tuple[np.ndarray, int] | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+    def _commit(self, ids: np.ndarray, text_bytes: int) -> None:
+        self._buffer.append(ids)
+        self._buffered += len(ids)
+        self.tokens += len(ids)
+        self.text_bytes += text_bytes
+        self.documents += 1
+        while self._buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, count: int) -> None:
+        data = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        head, rest = data[:count], data[count:]
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        head.astype(self.dtype, copy=False).tofile(self.directory / name)
+        self.shards.append({"file": name, "tokens": int(len(head))})
+        self._buffer = [rest] if len(rest) else []
+        self._buffered = len(rest)
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self._commit(*self.pending)
+            self.pending = None
+        if self._buffered:
+            self._flush(self._buffered)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens, "text_bytes": self.text_bytes, "documents": self.documents,
+            "bytes_per_token": self.text_bytes / self.tokens if self.tokens else None, "shards": self.shards,
+        }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    tokenizer,
+    *,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    text_unit: str = "paragraph",
+    shard_tokens: int = 100_000_000,
+    batch_documents: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenize `inputs` into shards in `out_dir`; returns the manifest.
+
+    `progress(bytes_done, bytes_total)` is called as input is consumed.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text_unit must be one of {', '.join(TEXT_UNITS)}; got {text_unit!r}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-text token (<|eos|>); train it with `scribe tokenizer train`")
+    files = find_input_files(inputs)
+    total_bytes = sum(f.stat().st_size for f in files)
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(min(done[0], total_bytes), total_bytes)
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    stats: list[SourceStats] = []
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        batch: list[tuple[str, bytes]] = []
+
+        def flush() -> None:
+            encoded = tokenizer.encode_batch([text for text, _ in batch])
+            for (text, digest), ids in zip(batch, encoded):
+                split = "validation" if is_validation(digest, val_fraction) else "train"
+                tokens = np.asarray(ids + [eos], dtype=np.int64)
+                writers[split].add(tokens, len(text.encode("utf-8")))
+            batch.clear()
+
+        for item in iter_clean_documents(files, text_field=text_field, text_unit=text_unit, stats=stats, on_bytes=on_bytes):
+            batch.append(item)
+            if len(batch) >= batch_documents:
+                flush()
+        if batch:
+            flush()
+        train, val = writers["train"], writers["validation"]
+        kept = train.documents + val.documents + (train.pending is not None) + (val.pending is not None)
+        if kept == 0:
+            raise DataError("the inputs hold no text (every document was empty or a duplicate)")
+        if val_fraction > 0 and val.documents == 0 and val.pending is None:
+            if kept < 2:
+                raise DataError("only one document survived cleaning; a validation split needs at least two "
+                                "(separate documents with blank lines, or use --val-fraction 0)")
+            writers["validation"].add(*train.take_pending())
+        if train.documents == 0 and train.pending is None:
+            if val.documents + (val.pending is not None) < 2:
+                raise DataError("no document is left for training; give more text")
+            train.add(*val.take_pending())
+        for w in writers.values():
+            w.close()
+        tokenizer.save(tmp)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": 1,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": eos,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "val_fraction": val_fraction,
+            "text_field": text_field,
+            "text_unit": text_unit,
+            "splits": {s: writers[s].summary() for s in SPLITS},
+            "documents": sum(s.documents for s in stats),
+            "empty_dropped": sum(s.empty for s in stats),
+            "duplicates_dropped": sum(s.duplicates for s in stats),
+            "sources": [vars(s) for s in stats],
+        }
+        t = manifest["splits"]["train"]
+        manifest["bytes_per_token"] = t["bytes_per_token"]
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    file = data_dir / MANIFEST_FILE
+    if not file.is_file():
+        raise DataError(f"{data_dir} has no {MANIFEST_FILE}; create it with `scribe prepare INPUT... -o {data_dir}`")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file} is not valid JSON ({err}); re-run `scribe prepare`") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{file} is not a scribelm shard manifest; re-run `scribe prepare`")
+    return manifest
+
+
+def read_split(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
+    """The memory-mapped shards of one split."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{data_dir} has no split {split!r}; it has {', '.join(manifest['splits'])}")
+    dtype = np.dtype(manifest["dtype"])
+    arrays = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = data_dir / shard["file"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is missing; re-run `scribe prepare`")
+        expected = shard["tokens"] * dtype.itemsize
+        if path.stat().st_size != expected:
+            raise DataError(f"shard {path} has {path.stat().st_size} bytes, expected {expected}; re-run `scribe prepare`")
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return arrays
+
+
+def check_tokenizer_matches(manifest: dict[str, Any], tokenizer=None, model_vocab_size: int | None = None,
+                            data_dir: str | os.PathLike = "data") -> None:
+    """Refuse a tokenizer or a model vocabulary that is not the one the shards were made with."""
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_sha256"]:
+        raise DataError(
+            f"the tokenizer is not the one {data_dir} was prepared with (vocab {tokenizer.vocab_size} vs "
+            f"{manifest['vocab_size']}, different hash); use {Path(data_dir) / 'tokenizer.json'} or re-run `scribe prepare`"
+        )
+    if model_vocab_size is not None and model_vocab_size < manifest["vocab_size"]:
+        raise DataError(
+            f"the data in {data_dir} uses a vocabulary of {manifest['vocab_size']} tokens but the model has "
+            f"vocab_size {model_vocab_size}; set the model's vocab_size to {manifest['vocab_size']}"
+        )
