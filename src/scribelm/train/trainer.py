@@ -109,6 +109,7 @@ class TrainConfig:
     peak_flops: float | None = None  # for MFU; None: a table for known GPUs, a quick matmul measurement on CPU
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tensorboard
     plot: bool = True  # write out_dir/loss.png
+    clock: str = "wall"  # what time_budget_s counts: wall seconds, or "process" CPU seconds (fair comparisons on a busy machine)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -136,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32, bf16 or fp16; got {self.precision!r}")
         if self.distributed not in ("ddp", "fsdp", "none"):
             raise ConfigError(f"distributed must be ddp, fsdp or none; got {self.distributed!r}")
+        if self.clock not in ("wall", "process"):
+            raise ConfigError(f"clock must be wall or process; got {self.clock!r}")
         if self.keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {self.keep_last}")
         LRSchedule(self.lr, self.warmup_steps, self.decay, self.min_lr_ratio)  # validates
@@ -343,8 +346,9 @@ class Trainer:
                                 "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)})
         stopped = None
         start_elapsed = self.elapsed_s
-        t0 = time.perf_counter()
-        window_tokens, window_t = 0, time.perf_counter()
+        clock = time.process_time if cfg.clock == "process" else time.perf_counter
+        t0 = clock()
+        window_tokens, window_t = 0, clock()
         self.train_model.train()
         while stopped is None:
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -364,7 +368,7 @@ class Trainer:
             self.step += 1
             self.tokens_seen += step_tokens
             window_tokens += step_tokens
-            now = time.perf_counter()
+            now = clock()
             self.elapsed_s = start_elapsed + (now - t0)
             # Agree on time across ranks so all of them stop after the same step.
             if self.world.distributed and cfg.time_budget_s is not None:
