@@ -148,10 +148,8 @@ def run_quickstart(
     LM(model=trainer.model.eval(), tokenizer=tokenizer, generation_config=generation).save(model_dir)
     say("sampling from the trained model")
     lm = load(model_dir)
-    continuations = []
-    for i, prompt in enumerate(prompts):
-        text = lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed + i)
-        continuations.append((prompt, text))
+    texts = lm.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed)
+    continuations = list(zip(prompts, texts))
     return QuickstartResult(
         model_dir=model_dir, run_dir=run_dir, data_dir=data_dir,
         val_bpb=result.final_eval.get("val_bpb", float("nan")), val_loss=result.final_eval.get("val_loss", float("nan")),
