@@ -3,8 +3,6 @@ import re
 import subprocess
 import sys
 
-import torch
-
 import scribelm
 
 
@@ -27,7 +25,7 @@ def test_quickstart_end_to_end_on_the_bundled_corpus(tmp_path):
     manifest = json.loads((tmp_path / "qs" / "data" / "manifest.json").read_text())
     assert manifest["documents"] == 1189  # every chapter of the King James Bible
     records = [json.loads(line) for line in (tmp_path / "qs" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["val_bpb"] == torch.tensor(bpb).item() or abs(records[-1]["val_bpb"] - bpb) < 5e-4
+    assert abs(records[-1]["val_bpb"] - bpb) <= 5e-4  # the printed number is the logged one, rounded
     assert (tmp_path / "qs" / "run" / "loss.png").stat().st_size > 0
 
 
@@ -38,7 +36,8 @@ def test_quickstart_on_your_own_corpus(tmp_path):
     result = scribe("quickstart", "--minutes", 0.1, "--corpus", corpus, "--out", tmp_path / "qs")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits per byte" in result.stdout and str(corpus) in result.stdout
-    assert scribelm.load(tmp_path / "qs" / "model").config.vocab_size == 2048
+    lm = scribelm.load(tmp_path / "qs" / "model")
+    assert lm.config.vocab_size == lm.tokenizer.vocab_size <= 2048
 
     missing = scribe("quickstart", "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "qs2")
     assert missing.returncode == 2 and "input not found" in missing.stderr and "Traceback" not in missing.stderr

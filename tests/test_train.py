@@ -219,8 +219,8 @@ def losses(out_dir):
 
 
 def test_resume_after_sigkill_continues_with_identical_losses(tmp_path, data_dir):
-    steps = 200
-    recipe = write_recipe(tmp_path / "r.yaml", data_dir, tmp_path / "ref", max_steps=steps, checkpoint_every=20, eval_every=50)
+    steps = 60
+    recipe = write_recipe(tmp_path / "r.yaml", data_dir, tmp_path / "ref", max_steps=steps, checkpoint_every=10, eval_every=25)
     assert scribe("pretrain", "--config", recipe).returncode == 0
     reference_train, reference_val = losses(tmp_path / "ref")
 
@@ -228,7 +228,7 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path, data_dir
     args = ["pretrain", "--config", recipe, "--out_dir", killed_dir]
     proc = subprocess.Popen([sys.executable, "-m", "scribelm.cli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (killed_dir / "checkpoints" / "step-00000040").exists():
+    while not (killed_dir / "checkpoints" / "step-00000020").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -253,7 +253,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scribelm.cli",
-         "pretrain", "--config", two, "--data.batch_size", 2, "--model.dropout", 0.0],
+         "pretrain", "--config", str(two), "--data.batch_size", "2", "--model.dropout", "0.0"],
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
