@@ -246,10 +246,11 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path, data_dir
     assert saved["out_dir"] == str(killed_dir) and saved["train"]["max_steps"] == steps and saved["model"]["d_model"] == 32
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, data_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, data_dir, strategy):
     one = write_recipe(tmp_path / "one.yaml", data_dir, tmp_path / "one", max_steps=8, eval_every=4)
     assert scribe("pretrain", "--config", one, "--data.batch_size", 4, "--model.dropout", 0.0).returncode == 0
-    two = write_recipe(tmp_path / "two.yaml", data_dir, tmp_path / "two", max_steps=8, eval_every=4)
+    two = write_recipe(tmp_path / "two.yaml", data_dir, tmp_path / "two", max_steps=8, eval_every=4, distributed=strategy)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scribelm.cli",
