@@ -20,7 +20,7 @@ def test_quickstart_end_to_end_on_the_bundled_corpus(tmp_path):
     model_dir = tmp_path / "qs" / "model"
     assert f"model: {model_dir}" in out
     lm = scribelm.load(model_dir)  # what every other command loads
-    assert lm.tokenizer.vocab_size == lm.config.vocab_size == 2048
+    assert lm.tokenizer.vocab_size == lm.config.vocab_size == 4096
     assert isinstance(lm.generate("And God said", max_new_tokens=5, seed=0), str)
     manifest = json.loads((tmp_path / "qs" / "data" / "manifest.json").read_text())
     assert manifest["documents"] == 1189  # every chapter of the King James Bible
@@ -37,7 +37,7 @@ def test_quickstart_on_your_own_corpus(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits per byte" in result.stdout and str(corpus) in result.stdout
     lm = scribelm.load(tmp_path / "qs" / "model")
-    assert lm.config.vocab_size == lm.tokenizer.vocab_size <= 2048
+    assert lm.config.vocab_size == lm.tokenizer.vocab_size <= 4096
 
     missing = scribe("quickstart", "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "qs2")
     assert missing.returncode == 2 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
