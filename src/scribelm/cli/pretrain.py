@@ -71,6 +71,10 @@ def run(args) -> int:
         if trainer.resumed_from is not None and main:
             console.print(f"resumed from {trainer.resumed_from}")
         result = trainer.fit()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if main:
         ev = result.final_eval
         line = f"done: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s ({result.stopped})"
