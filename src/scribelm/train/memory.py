@@ -5,9 +5,11 @@ Training memory is, roughly:
     weights      N · bytes per weight         (fp32 master weights: 4 bytes)
     gradients    N · 4
     AdamW state  N · 8                        (two moments in fp32)
-    activations  per layer ≈ B·T·(16·C + 2·H·T) values kept for the backward
-                 pass (Korthikanti et al. 2022, fp32 here), plus the logits
-                 B·T·V (three copies: logits, fp32 softmax, its gradient)
+    activations  per layer ≈ B·T·(16·C + 3·d_mlp) values kept for the backward
+                 pass (after Korthikanti et al. 2022; no T×T attention scores,
+                 since scaled_dot_product_attention's fused kernels do not keep
+                 them), plus the logits B·T·V (three fp32 copies: logits,
+                 softmax, its gradient)
 
 Gradient checkpointing keeps only each block's input and recomputes the
 rest, so activations drop to B·T·C per layer plus one block's worth. The
@@ -45,8 +47,8 @@ def estimate_training_memory(
     n = parameter_breakdown(config)["total"]
     shard = world_size if fsdp else 1
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    B, T, C, L, H, V = micro_batch_size, sequence_length, config.d_model, config.n_layers, config.n_heads, config.vocab_size
-    per_layer = B * T * (16 * C + 2 * H * T + 3 * (config.d_mlp or 4 * C)) * act_bytes
+    B, T, C, L, V = micro_batch_size, sequence_length, config.d_model, config.n_layers, config.vocab_size
+    per_layer = B * T * (16 * C + 3 * (config.d_mlp or 4 * C)) * act_bytes
     if gradient_checkpointing:
         activations = L * B * T * C * act_bytes + per_layer
     else:
