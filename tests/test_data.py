@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_and_keeps_existing_output(tmp_path, tok, make, me
     good = tmp_path / "good.txt"
     good.write_text("Some text.\n\nMore text here.\n\nAnd a third paragraph.")
     tok.save(tmp_path / "tok")
-    assert scribe("prepare", good, "-o", tmp_path / "out", "--tokenizer", tmp_path / "tok").returncode == 0
+    prepare([good], tmp_path / "out", tok)  # an earlier, good run
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     inputs_dir = tmp_path / "in"
     inputs_dir.mkdir()
@@ -190,7 +190,7 @@ def test_prepare_cli_trains_tokenizer_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 duplicates" in result.stdout and "bytes/token" in result.stdout
     manifest = read_manifest(tmp_path / "d")
-    assert manifest["vocab_size"] == 300 and manifest["duplicates_dropped"] == 2
+    assert 256 < manifest["vocab_size"] <= 300 and manifest["duplicates_dropped"] == 2
 
 
 def test_normalize():
