@@ -112,7 +112,7 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
               model_factory: Callable[[ModelConfig], torch.nn.Module] | None = None) -> Trainer:
     """A ready Trainer (model, data, tokenizer, resume state) for `recipe`."""
     from scribelm.data.loader import TokenBatchLoader
-    from scribelm.data.prepare import DataError, check_tokenizer_matches, read_manifest
+    from scribelm.data.prepare import check_tokenizer_matches, read_manifest
     from scribelm.tokenizer import Tokenizer
     from scribelm.train.distributed import init_distributed
     from scribelm.train.memory import check_fits, estimate_training_memory
@@ -155,15 +155,12 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
 
     torch.manual_seed(train_config.seed)
     model = model_factory(model_config) if model_factory else _build_model(model_config)
-    try:
-        train_loader = TokenBatchLoader(data_dir, "train", batch_size, sequence_length, seed=train_config.seed,
-                                        rank=world.rank, world_size=world.world_size)
-        val_loader = None
-        if manifest["splits"]["validation"]["tokens"] > 1:
-            val_loader = TokenBatchLoader(data_dir, "validation", batch_size, sequence_length, shuffle=False, loop=False,
-                                          rank=world.rank, world_size=world.world_size)
-    except DataError:
-        raise
+    train_loader = TokenBatchLoader(data_dir, "train", batch_size, sequence_length, seed=train_config.seed,
+                                    rank=world.rank, world_size=world.world_size)
+    val_loader = None
+    if manifest["splits"]["validation"]["tokens"] > 1:
+        val_loader = TokenBatchLoader(data_dir, "validation", batch_size, sequence_length, shuffle=False, loop=False,
+                                      rank=world.rank, world_size=world.world_size)
     effective = copy.deepcopy(recipe)
     effective["model"] = model_config.to_dict()
     effective["data"] = {"dir": str(data_dir), "batch_size": batch_size, "sequence_length": sequence_length}

@@ -118,7 +118,7 @@ def run_quickstart(
     tokenizer = train_tokenizer_on(inputs, s["vocab_size"], val_fraction=s["val_fraction"])
     data_dir = out_dir / "data"
     say("tokenizing the corpus into shards")
-    manifest = prepare(inputs, data_dir, tokenizer, val_fraction=s["val_fraction"])
+    prepare(inputs, data_dir, tokenizer, val_fraction=s["val_fraction"])
 
     config = ModelConfig(vocab_size=tokenizer.vocab_size, name="quickstart", **s["model"])
     torch.manual_seed(seed)
