@@ -169,6 +169,7 @@ class GenerationRequest:
     settings: SamplingSettings
     n: int = 1
     stop_token_ids: frozenset[int] = frozenset()
+    choice_offset: int = 0  # events number choices from here (several prompts share one event queue)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -238,6 +239,7 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
         self.steps = 0
         self.generated_tokens = 0
+        self.peak_active = 0  # most sequences ever decoded in one step
 
     # -- facts ----------------------------------------------------------------
     @property
@@ -358,9 +360,10 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         s = request.settings
+        # Choice i of a seeded request draws with seed + i: reproducible, and the choices differ.
         sampler = RowSampler(s, self.config.vocab_size, prompt_ids=request.prompt_ids, device=self.device, seed_offset=index)
         detok = IncrementalDetokenizer(self.tokenizer, stop=s.stop, skip_ids=self.special_ids)
-        return _Sequence(request=request, index=index, sampler=sampler, detokenizer=detok)
+        return _Sequence(request=request, index=request.choice_offset + index, sampler=sampler, detokenizer=detok)
 
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone into a free slot, copy it to the other choices' slots, pick first tokens."""
@@ -378,6 +381,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         B = len(self._active)
+        self.peak_active = max(self.peak_active, B)
         ids = torch.tensor([[s.last_token] for s in self._active], dtype=torch.long, device=self.device)  # (B, 1)
         positions, mask = self.cache.begin_decode(B)
         logits = self.model(ids, attention_mask=mask, positions=positions, cache=self.cache)[:, -1]  # (B, V)
@@ -480,6 +484,7 @@ class ModelPool:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {name: threading.Lock() for name in self.paths}
         self.loaded_at: dict[str, float] = {}
+        self.created = time.time()
 
     def names(self) -> list[str]:
         return list(self.paths)

@@ -1,0 +1,269 @@
+"""The serving stack against the official `openai` client on a real loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from scribelm.serve.api import create_app
+from scribelm.serve.engine import ModelPool
+from tests.serving import ServerThread, save_tiny_models, wait_until
+
+KEY = "sk-test-0123456789"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "It was the best of times"}]
+
+
+@pytest.fixture(scope="module")
+def model_paths(tmp_path_factory, tokenizer):
+    return save_tiny_models(tmp_path_factory.mktemp("serve-models"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(model_paths):
+    pool = ModelPool(model_paths, max_batch=16, max_queue=64)
+    app = create_app(pool, api_key=KEY, max_body_bytes=64 * 1024)
+    with ServerThread(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def no_eos(tokenizer):
+    """logit_bias that forbids the special tokens (end tokens, roles), so generations are text that runs to max_tokens."""
+    return {str(i): -100 for i in tokenizer.special_ids}
+
+
+def engine(server, name="alpha"):
+    return server.app.state.pool.get(name)
+
+
+# ----------------------------------------------------------------------------- chat and completions
+
+
+def test_chat_non_stream_and_usage(client, tokenizer, no_eos):
+    r = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=12, temperature=0, logit_bias=no_eos)
+    assert r.object == "chat.completion" and r.model == "alpha"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tokenizer.encode_chat(MESSAGES))
+    assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_completion_non_stream_and_logprobs(client, tokenizer, no_eos):
+    prompt = "Call me Ishmael."
+    r = client.completions.create(model="alpha", prompt=prompt, max_tokens=10, temperature=0, logprobs=3, logit_bias=no_eos)
+    assert r.object == "text_completion"
+    choice = r.choices[0]
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt)) and r.usage.completion_tokens == 10
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 10
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the top one
+    # logprobs' tokens are the tokens of the text
+    assert "".join(lp.tokens).replace("\ufffd", "") == choice.text.replace("\ufffd", "")
+
+
+def test_chat_stream_equals_non_stream_and_reports_usage(client, no_eos):
+    args = dict(model="alpha", messages=MESSAGES, max_tokens=16, temperature=0, logit_bias=no_eos)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # streamed in pieces
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completion_stream(client, no_eos):
+    args = dict(model="beta", prompt="In the beginning", max_tokens=9, temperature=0, logit_bias=no_eos)
+    whole = client.completions.create(**args)
+    text = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True) if c.choices)
+    assert text == whole.choices[0].text and whole.model == "beta"
+
+
+def test_n_choices(client, no_eos):
+    r = client.chat.completions.create(model="alpha", messages=MESSAGES, n=3, max_tokens=12, temperature=1.0, seed=3, logit_bias=no_eos)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) == 3  # each choice draws with its own generator
+    assert r.usage.completion_tokens == 36
+    seen = {}
+    for chunk in client.chat.completions.create(model="alpha", messages=MESSAGES, n=2, max_tokens=6, seed=3, stream=True, logit_bias=no_eos):
+        for c in chunk.choices:
+            seen[c.index] = seen.get(c.index, "") + (c.delta.content or "")
+    assert sorted(seen) == [0, 1]
+
+
+def test_seeds_reproduce(client, no_eos):
+    def run(seed):
+        return client.completions.create(model="alpha", prompt="The quick", max_tokens=20, temperature=1.0, top_p=0.9,
+                                          seed=seed, logit_bias=no_eos).choices[0].text
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_strings(client, no_eos):
+    args = dict(model="alpha", prompt="Call me", max_tokens=40, temperature=0, logit_bias=no_eos)
+    full = client.completions.create(**args).choices[0].text
+    stop = full[12:15]
+    assert len(stop) == 3
+    expected = full[: full.find(stop)]
+    r = client.completions.create(**args, stop=[stop, "never-there"])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stop=stop, stream=True) if c.choices)
+    assert streamed == expected
+
+
+def test_sixteen_concurrent_streams_match_one_by_one(server, client, no_eos):
+    prompts = [f"{word} {i}" for i, word in enumerate(["It was", "Call me", "The quick", "In the", "café", "emoji"] * 3)][:16]
+
+    def one(prompt):
+        stream = client.completions.create(model="alpha", prompt=prompt, max_tokens=24, temperature=0, stream=True, logit_bias=no_eos)
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    alone = [one(p) for p in prompts]
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        async def stream(prompt):
+            s = await aclient.completions.create(model="alpha", prompt=prompt, max_tokens=24, temperature=0, stream=True, logit_bias=no_eos)
+            return "".join([c.choices[0].text async for c in s if c.choices])
+
+        try:
+            return await asyncio.gather(*(stream(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(together()) == alone
+    assert engine(server).peak_active > 1  # they really shared decode steps
+
+
+def test_disconnect_frees_the_slot(server, client, no_eos):
+    eng = engine(server)
+    assert wait_until(lambda: eng.active_count == 0)
+    stream = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=200, temperature=0, stream=True, logit_bias=no_eos)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert eng.active_count == 1
+    stream.close()
+    assert wait_until(lambda: eng.active_count == 0, timeout=5)
+    # and the server goes on serving
+    assert client.completions.create(model="alpha", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_queue_limit_returns_429(model_paths, no_eos):
+    pool = ModelPool(model_paths, max_batch=1, max_queue=1)
+    with ServerThread(create_app(pool)) as small:
+        c = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        eng = pool.get("alpha")
+        long = dict(model="alpha", messages=MESSAGES, max_tokens=200, temperature=0, stream=True, logit_bias=no_eos)
+        running = c.chat.completions.create(**long)
+        next(iter(running))
+        queued = c.chat.completions.create(**long)
+        assert wait_until(lambda: eng.active_count == 1 and eng.queue_depth == 1)
+        with pytest.raises(openai.RateLimitError) as info:
+            c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2)
+        assert info.value.status_code == 429
+        assert int(info.value.response.headers["retry-after"]) >= 1
+        assert info.value.body["code"] == "rate_limit_exceeded"
+        running.close()
+        queued.close()
+        assert wait_until(lambda: eng.active_count == 0 and eng.queue_depth == 0)
+        assert c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices
+
+
+# ----------------------------------------------------------------------------- auth and bad input
+
+
+def test_api_key(server):
+    for key in ("wrong-key", KEY + "x"):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.models.list()
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "alpha", "messages": MESSAGES})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # /health needs no key
+
+
+def _error(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_get_openai_errors_and_server_goes_on(server, client):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = server.url + "/v1/chat/completions"
+    assert "parse the JSON" in _error(httpx.post(url, content=b'{"model": "alpha", "messages": [', headers=auth), 400)["message"]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gamma", messages=MESSAGES)
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=-5)
+    assert info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="alpha", prompt="hello", max_tokens=1000)
+    assert "256" in info.value.body["message"] and "1000" in info.value.body["message"]  # the numbers
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="alpha", messages=MESSAGES, temperature=5)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}])
+    big = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    assert _error(httpx.post(url, content=big, headers=auth), 413)["code"] == "request_too_large"
+    assert _error(httpx.get(server.url + "/v1/nothing", headers=auth), 404)
+    assert _error(httpx.get(url, headers=auth), 405)
+    # still serving
+    r = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=3)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- models, health, metrics
+
+
+def test_models_health_metrics(server, client):
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta"]
+    assert client.models.retrieve("beta").id == "beta"
+    health = httpx.get(server.url + "/health").json()
+    assert health["models"]["alpha"]["loaded"]
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    for family in ("scribe_requests_total", "scribe_generated_tokens_total", "scribe_prompt_tokens_total",
+                   "scribe_queue_depth", "scribe_active_sequences", "scribe_tokens_per_second",
+                   "scribe_time_to_first_token_seconds_bucket"):
+        assert family in text
+    generated = [line for line in text.splitlines() if line.startswith('scribe_generated_tokens_total{model="alpha"}')]
+    assert int(generated[0].split()[-1]) > 0
+
+
+def test_models_load_lazily_and_unload_when_idle(model_paths):
+    import time
+
+    pool = ModelPool(model_paths, idle_unload=0.2)
+    assert pool.engines == {}
+    engine = pool.get("beta")
+    assert list(pool.engines) == ["beta"] and pool.get("beta") is engine
+    time.sleep(0.3)
+    assert pool.unload_idle() == ["beta"] and pool.engines == {}
+    assert pool.get("beta") is not engine  # loaded again on demand
+    pool.close()
+
+
+def test_page_is_served(server):
+    r = httpx.get(server.url + "/")  # the page holds no data; the API behind it checks the key
+    assert r.status_code == 200 and "<title>scribelm chat</title>" in r.text
