@@ -267,3 +267,18 @@ def test_models_load_lazily_and_unload_when_idle(model_paths):
 def test_page_is_served(server):
     r = httpx.get(server.url + "/")  # the page holds no data; the API behind it checks the key
     assert r.status_code == 200 and "<title>scribelm chat</title>" in r.text
+
+
+def test_server_matches_lm_generate(server, client, model_paths, no_eos):
+    """The engine's batched, slot-cached decoding gives what the library's own generation loop gives."""
+    import scribelm
+
+    lm = scribelm.load(model_paths["beta"])
+    bias = {int(k): v for k, v in no_eos.items()}
+    for prompt, settings in (("Call me", dict(temperature=0)), ("The quick", dict(temperature=0.9, top_p=0.9, seed=11))):
+        expected = lm.generate(prompt, max_new_tokens=15, logit_bias=bias, **settings)
+        api = {k.replace("max_new_tokens", "max_tokens"): v for k, v in settings.items()}
+        got = client.completions.create(model="beta", prompt=prompt, max_tokens=15, logit_bias=no_eos, **api)
+        assert got.choices[0].text == expected
+    reply = lm.chat(MESSAGES, max_new_tokens=20, temperature=0)
+    assert client.chat.completions.create(model="beta", messages=MESSAGES, max_tokens=20, temperature=0).choices[0].message.content == reply

@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scribelm.errors import ScribeError
+from scribelm.generate import chat_stop_ids, encode_prompt
 from scribelm.sampling import SamplingError, SamplingSettings
 from scribelm.serve.engine import (
     ContextLengthError,
@@ -204,14 +205,15 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def _prompts(body: dict, tokenizer) -> list[list[int]]:
-    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+def _prompts(body: dict, lm) -> list[list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+    Text is encoded as `LM.generate` encodes it (BOS if the checkpoint asks for one)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [encode_prompt(lm, prompt)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [tokenizer.encode(p) for p in prompt]
+            return [encode_prompt(lm, p) for p in prompt]
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return [list(prompt)]
         if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
@@ -386,7 +388,7 @@ def create_app(
             if chat:
                 prompts = [tokenizer.encode_chat(_messages(body))]
             else:
-                prompts = _prompts(body, tokenizer)
+                prompts = _prompts(body, engine.lm)
         except ScribeError as err:
             raise ApiError(400, str(err), param="messages" if chat else "prompt") from None
         for ids in prompts:
@@ -405,9 +407,7 @@ def create_app(
         echo = bool(_get(body, "echo", (bool,), False)) if not chat else False
         stop_ids = set(_int_list(engine.lm.generation_config.get("eos_token_id")))
         if chat:
-            end = tokenizer.token_to_id("<|end|>")
-            if end is not None:
-                stop_ids.add(end)
+            stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
