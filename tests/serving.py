@@ -11,18 +11,24 @@ import torch
 from tests.conftest import tiny_config
 
 
-def save_tiny_models(root, tokenizer) -> dict[str, str]:
-    """Two small chat models that differ (to test switching): alpha (RoPE, RMSNorm), beta (learned positions, LayerNorm)."""
+def save_tiny_models(root, tokenizer, *, context_length: int = 256, text_only: bool = False) -> dict[str, str]:
+    """Two small chat models that differ (to test switching): alpha (RoPE, RMSNorm), beta (learned positions, LayerNorm).
+
+    text_only: the special tokens' unembedding rows are zero, so their logits are 0 while
+    the best other token's is positive: greedy decoding writes text and never ends early."""
     from scribelm.lm import LM
     from scribelm.model import Transformer
 
     paths = {}
     for name, seed, overrides in (
-        ("alpha", 1, dict(context_length=256)),
-        ("beta", 2, dict(context_length=256, position="learned", norm="layernorm", activation="gelu", n_kv_heads=4)),
+        ("alpha", 1, dict()),
+        ("beta", 2, dict(position="learned", norm="layernorm", activation="gelu", n_kv_heads=4)),
     ):
         torch.manual_seed(seed)
-        model = Transformer(tiny_config(**overrides)).eval()
+        model = Transformer(tiny_config(context_length=context_length, tie_embeddings=not text_only, **overrides)).eval()
+        if text_only:
+            with torch.no_grad():
+                model.unembedding.weight[sorted(tokenizer.special_ids)] = 0.0
         paths[name] = str(LM(model, tokenizer).save(root / name))
     return paths
 
