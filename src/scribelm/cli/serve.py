@@ -23,6 +23,7 @@ def register(subparsers) -> None:
                    help="unload a model after this many idle seconds; loaded again on the next request (0: never; default 900)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--store", help="model store directory (default: $SCRIBE_MODELS_DIR or ~/.cache/scribelm/models)")
     p.set_defaults(handler=run)
 
@@ -50,9 +51,13 @@ def served_models(specs: list[str], store=None) -> dict[str, str]:
 
 
 def run(args) -> int:
-    import uvicorn
-
     from scribelm.errors import ScribeError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as err:
+        raise ScribeError(f"scribe serve needs {err.name}: pip install 'scribelm[serve]'") from None
     from scribelm.serve.api import create_app
     from scribelm.serve.engine import ModelPool
     from scribelm.serve.registry import ModelStore
@@ -60,6 +65,12 @@ def run(args) -> int:
     if args.max_batch < 1 or args.max_queue < 1:
         raise ScribeError("--max-batch and --max-queue must be at least 1")
     models = served_models(args.models, ModelStore(args.store))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ScribeError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                      idle_unload=args.idle_unload, device=args.device)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes)

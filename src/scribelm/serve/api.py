@@ -474,14 +474,22 @@ def create_app(
                     for i in range(total_choices):
                         yield call.chunk_line({"index": i, "text": tokenizer.decode(prompts[i // n]), "logprobs": None, "finish_reason": None}, include_usage)
                 while call.finished < total_choices:
-                    event = await next_event()
-                    if isinstance(event, ErrorEvent):
-                        yield "data: " + json.dumps({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}) + "\n\n"
-                        return
-                    call.record(event)
-                    choice = call.stream_choice(event)
-                    if choice is not None:
-                        yield call.chunk_line(choice, include_usage)
+                    # Everything that arrived since the last write goes out in one write.
+                    batch = [await next_event()]
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                    lines = []
+                    for event in batch:
+                        if isinstance(event, ErrorEvent):
+                            error = {"message": event.message, "type": "server_error", "param": None, "code": None}
+                            yield "".join(lines) + "data: " + json.dumps({"error": error}) + "\n\n"
+                            return
+                        call.record(event)
+                        choice = call.stream_choice(event)
+                        if choice is not None:
+                            lines.append(call.chunk_line(choice, include_usage))
+                    if lines:
+                        yield "".join(lines)
                 if include_usage:
                     yield call.chunk_line(None, include_usage, usage=call.usage(prompt_tokens))
                 yield "data: [DONE]\n\n"

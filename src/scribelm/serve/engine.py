@@ -87,11 +87,11 @@ class SlotCache:
         self._write: torch.Tensor | None = None  # (B,) write position of each row this step
         self._row_index: torch.Tensor | None = None
 
-    def slot_writer(self, slot: int) -> KVCache:
-        """A batch-1 KVCache whose storage is slot `slot`, for prefilling one prompt in place."""
+    def slot_writer(self, slot: int, count: int = 1) -> KVCache:
+        """A KVCache whose storage is slots slot..slot+count-1, for prefilling prompts in place."""
         writer = KVCache.__new__(KVCache)
-        writer.keys = self.keys[:, slot : slot + 1]  # views: the prefill writes into the slot
-        writer.values = self.values[:, slot : slot + 1]
+        writer.keys = self.keys[:, slot : slot + count]  # views: the prefill writes into the slots
+        writer.values = self.values[:, slot : slot + count]
         writer.max_length = self.max_length
         writer.length = 0
         return writer
@@ -183,12 +183,26 @@ class GenerationRequest:
         self.cancelled = True
 
     def emit(self, event) -> None:
-        if self.loop is None or self.events is None:
-            return
+        _deliver([(self, event)])
+
+
+def _deliver(items: list[tuple[GenerationRequest, Any]]) -> None:
+    """Hand events to their requests' event loops: one wake-up per loop, however many events."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, Any]]] = {}
+    for request, event in items:
+        if request.loop is not None and request.events is not None:
+            by_loop.setdefault(request.loop, []).append((request, event))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the event loop closed: nobody is listening any more
-            self.cancelled = True
+            for request, _ in batch:
+                request.cancelled = True
+
+
+def _put_all(batch: list[tuple[GenerationRequest, Any]]) -> None:
+    for request, event in batch:
+        request.events.put_nowait(event)
 
 
 @dataclass
@@ -207,6 +221,8 @@ class _Sequence:
 
 class Engine:
     """Continuous batching over one model; `start()` runs the loop in a daemon thread."""
+
+    PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass
 
     def __init__(
         self,
@@ -343,8 +359,8 @@ class Engine:
                         admitted.append(self._waiting.popleft())
                         free -= head.n
                 try:
-                    for request in admitted:
-                        self._prefill(request)
+                    for group in self._prefill_groups(admitted):
+                        self._prefill(group)
                     self._drop_finished()
                     if self._active:
                         self._decode_step()
@@ -365,19 +381,48 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, stop=s.stop, skip_ids=self.special_ids)
         return _Sequence(request=request, index=request.choice_offset + index, sampler=sampler, detokenizer=detok)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        """Run the prompt alone into a free slot, copy it to the other choices' slots, pick first tokens."""
-        if request.cancelled:
-            return
-        first = len(self._active)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
-        logits = self.model(ids, cache=self.cache.slot_writer(first))[:, -1]  # (1, V)
-        self.cache.set_length(first, len(request.prompt_ids))
-        sequences = [self._new_sequence(request, i) for i in range(request.n)]
-        for i in range(1, request.n):
-            self.cache.copy_slot(first, first + i)
+    def _prefill_groups(self, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
+        """Split newly admitted requests into prefill batches of at most PREFILL_TOKENS padded tokens."""
+        groups: list[list[GenerationRequest]] = []
+        for request in (r for r in requests if not r.cancelled):
+            if groups:
+                group = groups[-1]
+                longest = max(len(request.prompt_ids), *(len(r.prompt_ids) for r in group))
+                if longest * (len(group) + 1) <= self.PREFILL_TOKENS:
+                    group.append(request)
+                    continue
+            groups.append([request])
+        return groups
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Run new prompts together into free slots and pick their first tokens.
+
+        Prompts are right-padded: with the causal mask a real token never sees the
+        padding after it, and each slot's length is its own prompt's, so the padded
+        keys are never read. Request j prefills slot first+j; its other choices get
+        copies of that slot."""
+        first, k = len(self._active), len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
+        ids = torch.zeros(k, max(lengths), dtype=torch.long, device=self.device)  # (k, P)
+        for j, r in enumerate(requests):
+            ids[j, : lengths[j]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        hidden = self.model.hidden_states(ids, cache=self.cache.slot_writer(first, k))  # (k, P, C)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model.unembedding(hidden[torch.arange(k, device=self.device), last])  # (k, V): each prompt's last position
+        sequences, rows = [], []
+        for j, r in enumerate(requests):
+            self.cache.set_length(first + j, lengths[j])
+            sequences.append(self._new_sequence(r, 0))
+            rows.append(j)
         self._active.extend(sequences)
-        self._choose(sequences, logits.expand(request.n, -1))
+        for j, r in enumerate(requests):
+            for i in range(1, r.n):
+                self.cache.copy_slot(first + j, len(self._active))
+                extra = self._new_sequence(r, i)
+                self._active.append(extra)
+                sequences.append(extra)
+                rows.append(j)
+        self._choose(sequences, logits[rows])
 
     def _decode_step(self) -> None:
         B = len(self._active)
@@ -404,6 +449,7 @@ class Engine:
             chosen_lp, top_ids, top_lp = token_logprobs(logits, chosen, want_top)
         now = time.monotonic()
         chosen_list = chosen.tolist()
+        outbox: list[tuple[GenerationRequest, Any]] = []
         for b, s in enumerate(rows):
             token = chosen_list[b]
             s.sampler.observe(token)
@@ -429,11 +475,12 @@ class Engine:
                     reason = "length"
                 elif len(request.prompt_ids) + s.generated >= self.context_length:
                     reason = "length"
-            request.emit(event)
+            outbox.append((request, event))
             if reason is not None:
                 tail = s.detokenizer.flush() if not s.detokenizer.stopped else ""
-                request.emit(FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated))
+                outbox.append((request, FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated)))
                 s.done = True
+        _deliver(outbox)
         self._recent.append((now, len(rows)))
         while self._recent and now - self._recent[0][0] > 30.0:
             self._recent.popleft()
