@@ -150,39 +150,68 @@ def test_sixteen_concurrent_streams_match_one_by_one(server, client, no_eos):
     assert engine(server).peak_active > 1  # they really shared decode steps
 
 
-def test_disconnect_frees_the_slot(server, client, no_eos):
-    eng = engine(server)
-    assert wait_until(lambda: eng.active_count == 0)
-    stream = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=200, temperature=0, stream=True, logit_bias=no_eos)
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, tokenizer):
+    """One slot, a queue of one, and models with a long context whose answers run long."""
+    paths = save_tiny_models(tmp_path_factory.mktemp("long-models"), tokenizer, context_length=4096, text_only=True)
+    pool = ModelPool(paths, max_batch=1, max_queue=1)
+    with ServerThread(create_app(pool)) as running:
+        yield running
+
+
+LONG = dict(model="alpha", messages=MESSAGES, max_tokens=4000, temperature=0, stream=True)
+
+
+def test_disconnect_frees_the_slot(small_server):
+    c = openai.OpenAI(base_url=small_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    eng = engine(small_server)
+    stream = c.chat.completions.create(**LONG)
     for i, _ in enumerate(stream):
         if i == 3:
             break
     assert eng.active_count == 1
     stream.close()
     assert wait_until(lambda: eng.active_count == 0, timeout=5)
+    assert eng.generated_tokens < 4000
     # and the server goes on serving
-    assert client.completions.create(model="alpha", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    assert c.completions.create(model="alpha", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_queue_limit_returns_429(model_paths, no_eos):
-    pool = ModelPool(model_paths, max_batch=1, max_queue=1)
-    with ServerThread(create_app(pool)) as small:
-        c = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        eng = pool.get("alpha")
-        long = dict(model="alpha", messages=MESSAGES, max_tokens=200, temperature=0, stream=True, logit_bias=no_eos)
-        running = c.chat.completions.create(**long)
-        next(iter(running))
-        queued = c.chat.completions.create(**long)
-        assert wait_until(lambda: eng.active_count == 1 and eng.queue_depth == 1)
-        with pytest.raises(openai.RateLimitError) as info:
-            c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2)
-        assert info.value.status_code == 429
-        assert int(info.value.response.headers["retry-after"]) >= 1
-        assert info.value.body["code"] == "rate_limit_exceeded"
-        running.close()
-        queued.close()
-        assert wait_until(lambda: eng.active_count == 0 and eng.queue_depth == 0)
-        assert c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices
+def test_queue_limit_returns_429_and_gone_clients_leave_the_queue(small_server):
+    import threading
+
+    c = openai.OpenAI(base_url=small_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    eng = engine(small_server)
+    assert wait_until(lambda: eng.active_count == 0)
+    before = eng.generated_tokens
+    running = c.chat.completions.create(**LONG)
+    next(iter(running))
+    assert wait_until(lambda: eng.active_count == 1)
+
+    # a non-streamed request whose client gives up while it waits leaves the queue
+    def impatient():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(small_server.url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 5}, timeout=1.0)
+
+    waiter = threading.Thread(target=impatient)
+    waiter.start()
+    assert wait_until(lambda: eng.queue_depth == 1)
+    waiter.join()
+    assert wait_until(lambda: eng.queue_depth == 0, timeout=5)
+
+    # one slot busy, one request waiting: the next one is turned away
+    queued = c.chat.completions.create(**LONG)
+    assert wait_until(lambda: eng.active_count == 1 and eng.queue_depth == 1)
+    with pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2)
+    assert info.value.status_code == 429
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    assert info.value.body["code"] == "rate_limit_exceeded"
+    running.close()
+    queued.close()
+    assert wait_until(lambda: eng.active_count == 0 and eng.queue_depth == 0)
+    assert c.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices
+    assert eng.generated_tokens - before < 4000  # both long answers were cut short by their clients leaving
 
 
 # ----------------------------------------------------------------------------- auth and bad input

@@ -53,6 +53,7 @@ from scribelm.serve.engine import (
 )
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: plenty for prompts, small enough to refuse abuse
+DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -452,7 +453,12 @@ def create_app(
         if not stream:
             try:
                 while call.finished < total_choices:
-                    event = await next_event()
+                    try:
+                        event = await asyncio.wait_for(next_event(), timeout=DISCONNECT_POLL_SECONDS)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():  # nobody waits for the answer: free the slots
+                            return JSONResponse({}, status_code=499)
+                        continue
                     if isinstance(event, ErrorEvent):
                         raise ApiError(500, event.message, type="server_error")
                     call.record(event)
