@@ -6,8 +6,9 @@ Here requests join and leave the running batch between decode steps:
 
     loop (a background thread):
       admit waiting requests while there are free slots:
-          prefill the prompt alone, writing its keys/values straight into a free
-          slot of the SlotCache, and sample the first token (time to first token)
+          prefill their prompts together (right-padded), writing keys/values
+          straight into free slots of the SlotCache, and sample each first token
+          (time to first token); a request with n choices copies its slot n-1 times
       one decode step for every active sequence together:
           ids (B, 1), positions (B, 1), mask (B, 1, 1, S) -> logits (B, V)
           each row sampled with its own settings and seed
@@ -253,6 +254,7 @@ class Engine:
         self._stopping = False
         self.last_used = time.monotonic()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
+        self._stats_lock = threading.Lock()
         self.steps = 0
         self.generated_tokens = 0
         self.peak_active = 0  # most sequences ever decoded in one step
@@ -273,7 +275,8 @@ class Engine:
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        with self._stats_lock:  # the engine thread appends while the HTTP side reads
+            recent = [(t, n) for t, n in self._recent if now - t <= window]
         if not recent:
             return 0.0
         span = max(now - recent[0][0], 1e-3)
@@ -481,9 +484,10 @@ class Engine:
                 outbox.append((request, FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated)))
                 s.done = True
         _deliver(outbox)
-        self._recent.append((now, len(rows)))
-        while self._recent and now - self._recent[0][0] > 30.0:
-            self._recent.popleft()
+        with self._stats_lock:
+            self._recent.append((now, len(rows)))
+            while self._recent and now - self._recent[0][0] > 30.0:
+                self._recent.popleft()
         self.steps += 1
         self.generated_tokens += len(rows)
 
