@@ -97,6 +97,8 @@ def test_models_cli(tmp_path, models, capsys, monkeypatch):
     assert "parameters" in text and "chat template" in text
     code, _, err = run_cli(capsys, monkeypatch, store, "models", "show", "nope")
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    params = json.loads(run_cli(capsys, monkeypatch, store, "params", "alpha", "--json")[1])  # other verbs take store names
+    assert params["config"]["d_model"] == 32
     assert run_cli(capsys, monkeypatch, store, "models", "rm", "alpha")[0] == 0
     assert [m["name"] for m in json.loads(run_cli(capsys, monkeypatch, store, "models", "list", "--json")[1])] == ["beta"]
     code, _, err = run_cli(capsys, monkeypatch, store, "serve", "no-such-model")
