@@ -254,6 +254,9 @@ def test_bad_requests_get_openai_errors_and_server_goes_on(server, client):
         client.chat.completions.create(model="alpha", messages=MESSAGES, temperature=5)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as info:  # refused, not silently ignored
+        client.chat.completions.create(model="alpha", messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert info.value.body["param"] == "tools"
     big = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "x" * 100_000}]})
     assert _error(httpx.post(url, content=big, headers=auth), 413)["code"] == "request_too_large"
     assert _error(httpx.get(server.url + "/v1/nothing", headers=auth), 404)

@@ -402,7 +402,15 @@ def create_app(
         settings, n = _settings(body, chat=chat, prompt_tokens=longest, context=engine.context_length, defaults=engine.lm.generation_config)
         if n * len(prompts) > engine.max_batch:
             raise ApiError(400, f"n x prompts = {n * len(prompts)} exceeds the server's batch of {engine.max_batch} sequences", param="n")
+        for unsupported in ("tools", "functions", "tool_choice", "function_call"):
+            if body.get(unsupported) not in (None, [], "none"):
+                raise ApiError(400, f"'{unsupported}' is not supported by this server; call without tools", param=unsupported)
+        response_format = body.get("response_format")
+        if response_format not in (None, {"type": "text"}):
+            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
         stream = bool(_get(body, "stream", (bool,), False))
+        if body.get("stream_options") is not None and not stream:
+            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
         options = _get(body, "stream_options", (dict,), {}) or {}
         include_usage = bool(options.get("include_usage", False))
         echo = bool(_get(body, "echo", (bool,), False)) if not chat else False
