@@ -657,6 +657,11 @@ def _load_tokenizer(path: Path):
 
 # --------------------------------------------------------------------------- load
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
 
 def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a Hugging Face model directory as an `LM` (weights memory-mapped, dtype kept unless `dtype`)."""
@@ -718,10 +723,20 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
                         f"weight {file_name} in {files[file_name].name} has shape {got} but config.json implies {want}; "
                         "the weights and config.json disagree"
                     )
-                tensor = f.get_tensor(file_name)  # a view of the memory-mapped file
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
-                for ours, part in zip(rule.ours, _to_ours(rule, tensor, config)):
+                stored = _SAFETENSORS_DTYPES.get(f.get_slice(file_name).get_dtype())
+                if rule.kind == "same" and (dtype is None or dtype == stored):
+                    state[rule.ours[0]] = f.get_tensor(file_name)  # a view of the memory-mapped file
+                    continue
+                # A tensor that is copied (transposed, split, cast) is read through its own short-lived
+                # mapping: pages touched by the copy leave memory with it, so the peak stays near one
+                # copy of the weights instead of the copies plus the whole mapped file.
+                with safe_open(str(files[file_name]), framework="pt", device="cpu") as once:
+                    tensor = once.get_tensor(file_name)
+                    if dtype is not None:
+                        tensor = tensor.to(dtype)
+                    parts = _to_ours(rule, tensor, config)
+                    del tensor
+                for ours, part in zip(rule.ours, parts):
                     state[ours] = part
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"a weight file in {path} is corrupt or truncated ({err}); download it again") from None
