@@ -159,6 +159,24 @@ def test_config_mapping_is_exact_and_named(hf_dirs):
     assert (gpt2.activation, gpt2.position, gpt2.norm, gpt2.d_mlp, gpt2.tie_embeddings) == ("relu", "learned", "layernorm", 80, False)
 
 
+def test_original_gpt2_layout_loads(hf_dirs, tmp_path):
+    """OpenAI's GPT-2 files name tensors without the 'transformer.' prefix and carry each
+    layer's causal-mask buffer ('h.{i}.attn.bias'), which holds no weights."""
+    from safetensors.torch import save_file
+
+    source = hf_dirs["gpt2_tied"]
+    path = tmp_path / "gpt2-original"
+    path.mkdir()
+    (path / "config.json").write_text((source / "config.json").read_text())
+    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors_dir(source).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert (scribelm.load(path).model(ids) - hf_logits(source, ids)).abs().max().item() <= 1e-4
+
+
 def test_sliding_window_caps_context_exactly(tmp_path):
     model = make_hf_model("mistral_gqa", sliding_window=16)
     path = save_hf_model(model, tmp_path / "mistral-window")
@@ -348,6 +366,13 @@ def test_tokenizer_chat_template_and_eos_carry_over(tmp_path, corpus):
     exported = transformers.AutoTokenizer.from_pretrained(out)
     assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == lm.tokenizer.apply_chat_template(messages)
     assert exported.encode(corpus[0], add_special_tokens=False) == lm.tokenizer.encode(corpus[0])
+
+    # transformers >= 4.43 may keep the template in chat_template.jinja instead
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert scribelm.load(path).tokenizer.apply_chat_template(messages) == transformers.AutoTokenizer.from_pretrained(
+        path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------- bad input
