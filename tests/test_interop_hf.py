@@ -135,7 +135,6 @@ def test_logits_match_transformers(hf_dirs, kind):
 
 @pytest.mark.parametrize("kind", list(FAMILY_CONFIGS))
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
-    # LM.generate lives in the generation module; the loop here drives the model and KV cache directly.
     path = hf_dirs[kind]
     lm = scribelm.load(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
@@ -144,7 +143,10 @@ def test_greedy_generation_matches_transformers(hf_dirs, kind):
     with torch.no_grad():
         expected = reference.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, 8:].tolist()
     assert len(expected) == 32
-    assert greedy(lm.model, prompt, 32) == expected
+    assert lm.generation_config["temperature"] == 0.0  # no do_sample in generation_config.json: greedy, as transformers
+    completion = lm.generate(prompt[0].tolist(), max_new_tokens=32, stop_token_ids=[], return_details=True)
+    assert completion.token_ids == expected
+    assert greedy(lm.model, prompt, 32) == expected  # and the bare model + KV cache loop agrees
 
 
 def test_config_mapping_is_exact_and_named(hf_dirs):
@@ -230,7 +232,7 @@ def test_round_trip_scribelm_hf_scribelm_is_identical(tmp_path, tokenizer, kind)
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    lm = LM(model=model, tokenizer=tokenizer, generation_config={"eos_token_id": tokenizer.eos_id, "temperature": 0.7})
+    lm = LM(model=model, tokenizer=tokenizer, generation_config={"stop_token_ids": [tokenizer.eos_id], "temperature": 0.7})
     out = lm.save(tmp_path / "hf", format="hf")
     assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
 
@@ -240,8 +242,8 @@ def test_round_trip_scribelm_hf_scribelm_is_identical(tmp_path, tokenizer, kind)
     for name in original:
         assert torch.equal(original[name], restored[name]), name
     assert back.config.tie_embeddings == model.config.tie_embeddings
-    assert back.generation_config["eos_token_id"] == tokenizer.eos_id
-    assert back.generation_config["temperature"] == 0.7
+    assert back.generation_config == {"stop_token_ids": [tokenizer.eos_id], "temperature": 0.7, "top_k": 0, "top_p": 1.0,
+                                      "add_bos_token": False}
 
     ids = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -325,8 +327,12 @@ def write_tokenizer(path: Path, corpus: list[str]) -> None:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = ["<|begin|>", "<|end_of_text|>", "<|start|>", "<|eot|>"]
+    # as Llama 3: encoding with special tokens puts BOS in front
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin|> $A", pair="<|begin|> $A <|begin|> $B", special_tokens=[("<|begin|>", 0)]),
+    ])
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4 + 300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(corpus, trainer)
@@ -354,15 +360,23 @@ def test_tokenizer_chat_template_and_eos_carry_over(tmp_path, corpus):
     reference = transformers.AutoTokenizer.from_pretrained(path)
     for text in corpus[:5] + ["  leading spaces and\ttabs\n", "emoji 🎉 and ∑ math"]:
         assert lm.tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
+        assert reference.encode(text) == [0] + lm.tokenizer.encode(text)
         assert lm.tokenizer.decode(lm.tokenizer.encode(text)) == text
     messages = [{"role": "user", "content": "Call me Ishmael."}]
     assert lm.tokenizer.apply_chat_template(messages) == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert (lm.tokenizer.bos_id, lm.tokenizer.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (0, 1)
-    assert lm.generation_config == {"bos_token_id": 0, "eos_token_id": [1, 3], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    # transformers' defaults made explicit: both eos ids stop, top_k=50 when sampling, BOS added
+    assert lm.generation_config == {"stop_token_ids": [1, 3], "temperature": 0.6, "top_k": 50, "top_p": 0.9, "add_bos_token": True}
+    from scribelm.generate import encode_prompt, resolve_settings, stop_ids_for
+
+    assert encode_prompt(lm, corpus[0]) == reference.encode(corpus[0])
+    assert stop_ids_for(lm.tokenizer, resolve_settings(lm)) == {1, 3}
 
     out = lm.save(tmp_path / "exported", format="hf")
     generation = transformers.GenerationConfig.from_pretrained(out)
-    assert generation.eos_token_id == [1, 3] and generation.temperature == 0.6
+    assert (generation.eos_token_id, generation.do_sample, generation.temperature, generation.top_k, generation.top_p) == (
+        [1, 3], True, 0.6, 50, 0.9)
+    assert scribelm.load(out).generation_config == lm.generation_config
     exported = transformers.AutoTokenizer.from_pretrained(out)
     assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == lm.tokenizer.apply_chat_template(messages)
     assert exported.encode(corpus[0], add_special_tokens=False) == lm.tokenizer.encode(corpus[0])

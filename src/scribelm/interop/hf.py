@@ -66,14 +66,6 @@ GENERATION_CONFIG = "generation_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; Hugging Face's customary 5GB
 
-# generation_config.json fields carried over (Hugging Face names, which LM.generation_config uses too)
-GENERATION_KEYS = (
-    "bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "min_p",
-    "typical_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "max_length", "num_beams",
-    "length_penalty", "early_stopping", "num_return_sequences",
-)
-
-
 # --------------------------------------------------------------------------- weight tables
 
 
@@ -627,20 +619,94 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def _read_generation_config(path: Path, hf: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json as it is (Hugging Face names), with config.json's token ids filled in."""
     generation: dict[str, Any] = {}
     file = path / GENERATION_CONFIG
     if file.is_file():
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            generation = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-        if not isinstance(data, dict):
+        if not isinstance(generation, dict):
             raise CheckpointError(f"{file} must hold a JSON object")
-        generation = {k: v for k, v in data.items() if k in GENERATION_KEYS}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # config.json's ids, as transformers falls back
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # transformers falls back to config.json
         if generation.get(key) is None and hf.get(key) is not None:
             generation[key] = hf[key]
-    return {k: v for k, v in generation.items() if v is not None}
+    return generation
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def generation_from_hf(generation: dict[str, Any], tokenizer=None) -> dict[str, Any]:
+    """Hugging Face generation settings -> scribelm's (`LM.generation_config`, read by
+    `LM.generate`), so that decoding behaves as `transformers.generate` does by default:
+    every eos id stops, do_sample=false means greedy, sampling keeps transformers' top_k=50
+    unless the file sets it, and BOS is prepended when the tokenizer would add it."""
+    out: dict[str, Any] = {}
+    stops = _ids(generation.get("eos_token_id"))
+    if stops:
+        out["stop_token_ids"] = stops
+    if generation.get("do_sample"):
+        out["temperature"] = float(generation.get("temperature") if generation.get("temperature") is not None else 1.0)
+        out["top_k"] = int(generation.get("top_k") if generation.get("top_k") is not None else 50)
+        out["top_p"] = float(generation.get("top_p") if generation.get("top_p") is not None else 1.0)
+        if generation.get("min_p"):
+            out["min_p"] = float(generation["min_p"])
+    else:
+        out["temperature"] = 0.0  # greedy (or beam search when num_beams > 1)
+    for key, kind in (("repetition_penalty", float), ("max_new_tokens", int), ("num_beams", int), ("length_penalty", float)):
+        if generation.get(key) is not None:
+            out[key] = kind(generation[key])
+    if isinstance(generation.get("early_stopping"), bool):
+        out["early_stopping"] = generation["early_stopping"]
+    if tokenizer is not None:
+        out["add_bos_token"] = _tokenizer_adds_bos(tokenizer)
+    return out
+
+
+def generation_to_hf(generation: dict[str, Any], tokenizer=None) -> dict[str, Any]:
+    """scribelm's generation settings -> generation_config.json, the inverse of `generation_from_hf`
+    (an unset temperature is scribelm's default 1.0: sampling, no top-k)."""
+    out: dict[str, Any] = {}
+    stops = _ids(generation.get("stop_token_ids"))
+    if tokenizer is not None:
+        if tokenizer.bos_id is not None:
+            out["bos_token_id"] = tokenizer.bos_id
+        if tokenizer.eos_id is not None and tokenizer.eos_id not in stops:
+            stops.insert(0, tokenizer.eos_id)  # scribelm always stops at the tokenizer's EOS
+        if tokenizer.pad_id is not None:
+            out["pad_token_id"] = tokenizer.pad_id
+    if stops:
+        out["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    temperature = float(generation.get("temperature", 1.0))
+    if temperature == 0:
+        out["do_sample"] = False
+    else:
+        out.update(do_sample=True, temperature=temperature, top_k=int(generation.get("top_k", 0)),
+                   top_p=float(generation.get("top_p", 1.0)))
+        if generation.get("min_p"):
+            out["min_p"] = float(generation["min_p"])
+    for key in ("repetition_penalty", "max_new_tokens", "num_beams", "length_penalty", "early_stopping"):
+        if generation.get(key) is not None:
+            out[key] = generation[key]
+    return out
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether transformers' tokenizer puts BOS in front of encoded text: the
+    tokenizer_config.json flag when present, else what tokenizer.json's post-processor does."""
+    flag = tokenizer.extra_config.get("add_bos_token")
+    if isinstance(flag, bool):
+        return flag
+    bos = tokenizer.bos_id
+    if bos is None:
+        return False
+    ids = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos
 
 
 def _load_tokenizer(path: Path):
@@ -746,7 +812,9 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
         model.unembedding.weight = model.token_embedding.weight
     model = model.to(device)
     model.eval()
-    return LM(model=model, tokenizer=_load_tokenizer(path), generation_config=_read_generation_config(path, hf))
+    tokenizer = _load_tokenizer(path)
+    generation = generation_from_hf(_read_generation_config(path, hf), tokenizer)
+    return LM(model=model, tokenizer=tokenizer, generation_config=generation)
 
 
 # --------------------------------------------------------------------------- export
@@ -814,12 +882,8 @@ def save_hf(
     max_bytes = parse_size(max_shard_size)
     tensors = hf_state_dict(lm.model, family)
 
-    generation = {k: v for k, v in (lm.generation_config or {}).items() if k in GENERATION_KEYS and v is not None}
     tokenizer = lm.tokenizer
-    if tokenizer is not None:
-        for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id)):
-            if generation.get(key) is None and value is not None:
-                generation[key] = value
+    generation = generation_to_hf(lm.generation_config or {}, tokenizer)
     hf = family.to_hf(config, family)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         hf[key] = generation.get(key)
@@ -846,6 +910,7 @@ def save_hf(
 
 
 __all__ = [
-    "FAMILIES", "Family", "WeightRule", "config_from_hf", "family_for", "family_of", "hf_state_dict",
+    "FAMILIES", "Family", "WeightRule", "config_from_hf", "family_for", "family_of", "generation_from_hf",
+    "generation_to_hf", "hf_state_dict",
     "is_hf_directory", "load_hf", "parse_size", "read_hf_config", "save_hf",
 ]
