@@ -262,6 +262,10 @@ def test_unmappable_config_is_refused_with_reason(tmp_path):
         lm.save(tmp_path / "x", format="hf")
     with pytest.raises(ScribeError, match="cannot be exported as GPT2LMHeadModel"):
         LM(model=Transformer(tiny_config()), tokenizer=None).save(tmp_path / "x", format="hf", architecture="GPT2LMHeadModel")
+    model = Transformer(tiny_config())
+    model.blocks[0].attention.q.register_parameter("lora_a", torch.nn.Parameter(torch.zeros(2, 32)))
+    with pytest.raises(ScribeError, match="no place for: blocks.0.attention.q.lora_a"):
+        LM(model=model, tokenizer=None).save(tmp_path / "x", format="hf")
     assert not (tmp_path / "x").exists()
 
 

@@ -856,8 +856,12 @@ def hf_state_dict(model: torch.nn.Module, family: Family) -> dict[str, torch.Ten
     state = {k: v.detach() for k, v in model.state_dict().items()}
     present = {k for k in state if not (config.tie_embeddings and k == "unembedding.weight")}
     rules = _expand(family.weights, config, present)
-    covered = {o for r in rules for o in r.ours}
-    assert covered == present, f"the {family.title} table misses {sorted(present - covered)}"
+    uncovered = sorted(present - {o for r in rules for o in r.ours})
+    if uncovered:  # adapters, quantized layers, anything a plain Transformer does not have
+        raise ScribeError(
+            f"the model holds tensors a {family.architecture} has no place for: {', '.join(uncovered[:4])}"
+            f"{' ...' if len(uncovered) > 4 else ''}; merge adapters and undo quantization before exporting"
+        )
     return {r.hf: _to_hf(r, [state[o].cpu() for o in r.ours]) for r in rules}
 
 
