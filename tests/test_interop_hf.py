@@ -393,6 +393,31 @@ def test_tokenizer_chat_template_and_eos_carry_over(tmp_path, corpus):
         path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def test_gpt2_vocab_and_merges_tokenizer_matches_transformers(hf_dirs, tmp_path, corpus):
+    """Older GPT-2 directories carry vocab.json + merges.txt instead of tokenizer.json."""
+    import shutil
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    path = Path(shutil.copytree(hf_dirs["gpt2_tied"], tmp_path / "gpt2-files"))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(path))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "add_prefix_space": False,
+    }))
+    lm = scribelm.load(path)
+    reference = transformers.AutoTokenizer.from_pretrained(path)
+    for text in corpus[:5] + ["  two spaces, tab\t and newline\n"]:
+        assert lm.tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
+        assert lm.tokenizer.decode(lm.tokenizer.encode(text)) == reference.decode(reference.encode(text))
+    assert lm.tokenizer.eos_id == reference.eos_token_id == 0
+    assert lm.tokenizer.encode("<|endoftext|>", allow_special=True) == reference.encode("<|endoftext|>")
+    out = lm.save(tmp_path / "exported", format="hf")  # written as tokenizer.json from here on
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(corpus[3]) == reference.encode(corpus[3])
+
+
 # --------------------------------------------------------------------------- bad input
 
 
