@@ -284,12 +284,12 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         layer_types = hf.get("layer_types")
         if layer_types is not None and "sliding_attention" not in layer_types:
             window = None
-        if window is not None and layer_types is None and hf.get("max_window_layers", 0) >= hf["num_hidden_layers"]:
+        if window is not None and layer_types is None and hf.get("max_window_layers", 28) >= hf["num_hidden_layers"]:
             window = None  # only layers from max_window_layers on slide
         context = _window_context(context, window, family)
     else:  # mistral
         qkv_bias = out_bias = mlp_bias = False
-        context = _window_context(context, hf.get("sliding_window"), family)
+        context = _window_context(context, hf.get("sliding_window", 4096), family)  # transformers' default: 4096
     return ModelConfig(
         vocab_size=int(_require(hf, "vocab_size", family)),
         context_length=context,
@@ -595,6 +595,8 @@ def _weight_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
+        if not isinstance(weight_map, dict) or any(not isinstance(v, str) or Path(v).name != v for v in weight_map.values()):
+            raise CheckpointError(f"{index} must map tensor names to shard file names inside {path}")
         missing = sorted({shard for shard in weight_map.values() if not (path / shard).is_file()})
         if missing:
             raise CheckpointError(
