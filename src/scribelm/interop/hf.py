@@ -815,18 +815,19 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
 
     state: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+        handles: dict[Path, tuple[Any, set[str]]] = {}  # one open mapping per file, with its tensor names
 
         def handle(file: Path):
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                opened = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                handles[file] = (opened, set(opened.keys()))
             return handles[file]
 
         try:
             for rule in rules:
                 file_name = by_name[rule.hf]
-                f = handle(files[file_name])
-                if file_name not in f.keys():
+                f, names = handle(files[file_name])
+                if file_name not in names:
                     raise CheckpointError(f"{files[file_name]} does not hold {file_name}, though {INDEX_FILE} says so")
                 got = tuple(f.get_slice(file_name).get_shape())
                 want = _hf_shape(rule, [expected[o] for o in rule.ours])
