@@ -319,9 +319,13 @@ def test_weights_are_memory_mapped_not_copied(hf_dirs):
 # --------------------------------------------------------------------------- tokenizer and generation defaults
 
 
+# Uses what real templates use: tools test, loop controls, tojson, strftime_now, a trailing newline.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+    "{{ bos_token }}{% if tools is not none %}[tools]{% endif %}"
+    "{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}"
+    "<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
+    "{{ {'year': strftime_now('%Y') | length, 'text': '<é>'} | tojson }}"
+    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}\n"
 )
 
 
@@ -366,7 +370,8 @@ def test_tokenizer_chat_template_and_eos_carry_over(tmp_path, corpus):
         assert lm.tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
         assert reference.encode(text) == [0] + lm.tokenizer.encode(text)
         assert lm.tokenizer.decode(lm.tokenizer.encode(text)) == text
-    messages = [{"role": "user", "content": "Call me Ishmael."}]
+    messages = [{"role": "user", "content": "Call me Ishmael."}, {"role": "assistant", "content": "Aye."},
+                {"role": "user", "content": "<b>x</b>"}, {"role": "assistant", "content": "dropped by break"}]
     assert lm.tokenizer.apply_chat_template(messages) == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert (lm.tokenizer.bos_id, lm.tokenizer.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (0, 1)
     # transformers' defaults made explicit: both eos ids stop, top_k=50 when sampling, BOS added
