@@ -537,6 +537,13 @@ def test_cli_convert_round_trip(hf_dirs, tmp_path, capsys):
     assert "error: no model at" in capsys.readouterr().err
 
 
+def test_cli_params_reads_hf_directory(hf_dirs, capsys):
+    path = hf_dirs["llama3_gqa_tied"]
+    assert main(["params", str(path), "--json"]) == 0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert json.loads(capsys.readouterr().out)["total"] == reference.num_parameters()
+
+
 def test_cli_convert_to_gguf_and_onnx_dispatch(hf_dirs, tmp_path, capsys):
     import importlib.util
 
