@@ -213,6 +213,8 @@ def test_round_trip_hf_scribelm_hf_is_identical(hf_dirs, tmp_path, kind):
 
 SCRIBE_CONFIGS = {
     "tiny_llama": (dict(), "LlamaForCausalLM"),
+    "geglu_head_dim_biases": (dict(activation="geglu", head_dim=16, qkv_bias=True, attn_out_bias=True, mlp_bias=True),
+                              "LlamaForCausalLM"),
     "llama3_untied": (dict(tie_embeddings=False, rope_theta=500000.0, rope_scaling={
         "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 16}),
         "LlamaForCausalLM"),
