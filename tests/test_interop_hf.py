@@ -179,6 +179,63 @@ def test_original_gpt2_layout_loads(hf_dirs, tmp_path):
         assert (scribelm.load(path).model(ids) - hf_logits(source, ids)).abs().max().item() <= 1e-4
 
 
+# config.json files as published (written by transformers 4: rope_theta + rope_scaling, torch_dtype)
+REAL_CONFIGS = {
+    "Llama-3.2-1B": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256,
+    },
+    "Qwen2.5-0.5B": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+        "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936,
+    },
+    "Mistral-7B-v0.1": {
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000,
+    },
+    "gpt2": {
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
+        "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+        "summary_type": "cls_index", "summary_use_proj": True, "vocab_size": 50257,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_published_configs_map_tensor_for_tensor(tmp_path, name):
+    """The published shapes, built on the meta device by both: every tensor transformers
+    has, scribelm's export produces under the same name with the same shape."""
+    from scribelm.interop.hf import config_from_hf, family_for, hf_state_dict
+
+    (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS[name]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = config_from_hf(REAL_CONFIGS[name])
+    assert bool(caught) == (name == "Mistral-7B-v0.1")  # only the sliding window is adapted, loudly
+    with torch.device("meta"):
+        ours = Transformer(config)
+        reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()
+                if not (config.tie_embeddings and k == "lm_head.weight") and not k.endswith(".attn.bias")}
+    exported = {k: tuple(v.shape) for k, v in hf_state_dict(ours, family_for(config)).items()}
+    assert exported == expected
+    assert ours.num_parameters() == reference.num_parameters()
+
+
 def test_sliding_window_caps_context_exactly(tmp_path):
     model = make_hf_model("mistral_gqa", sliding_window=16)
     path = save_hf_model(model, tmp_path / "mistral-window")

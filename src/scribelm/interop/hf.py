@@ -909,7 +909,8 @@ def hf_state_dict(model: torch.nn.Module, family: Family) -> dict[str, torch.Ten
             f"the model holds tensors a {family.architecture} has no place for: {', '.join(uncovered[:4])}"
             f"{' ...' if len(uncovered) > 4 else ''}; merge adapters and undo quantization before exporting"
         )
-    return {r.hf: _to_hf(r, [state[o].cpu() for o in r.ours]) for r in rules}
+    on_cpu = {k: v if v.is_meta else v.cpu() for k, v in state.items()}  # meta: names and shapes only
+    return {r.hf: _to_hf(r, [on_cpu[o] for o in r.ours]) for r in rules}
 
 
 def _dtype_name(model: torch.nn.Module) -> str:
