@@ -578,8 +578,9 @@ def test_corrupt_weights_are_refused(hf_dirs, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_convert_round_trip(hf_dirs, tmp_path, capsys):
-    source = hf_dirs["qwen2_qkv_bias_tied"]
+@pytest.mark.parametrize("kind", ["qwen2_qkv_bias_tied", "gpt2_untied_relu"])
+def test_cli_convert_round_trip(hf_dirs, tmp_path, capsys, kind):
+    source = hf_dirs[kind]
     native, back = tmp_path / "native", tmp_path / "back"
     assert main(["convert", str(source), str(native), "--to", "scribe"]) == 0
     assert json.loads((native / "config.json").read_text())["format"] == "scribelm"
