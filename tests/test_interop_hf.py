@@ -236,12 +236,14 @@ def test_published_configs_map_tensor_for_tensor(tmp_path, name):
     assert ours.num_parameters() == reference.num_parameters()
 
 
-def test_sliding_window_caps_context_exactly(tmp_path):
+def test_sliding_window_caps_context_exactly(tmp_path, capsys):
     model = make_hf_model("mistral_gqa", sliding_window=16)
     path = save_hf_model(model, tmp_path / "mistral-window")
     with pytest.warns(UserWarning, match="sliding-window"):
         lm = scribelm.load(path)
     assert lm.config.context_length == 16
+    assert main(["convert", str(path), str(tmp_path / "native"), "--to", "scribe"]) == 0
+    assert "warning: this Mistral model uses sliding-window attention (16 tokens)" in capsys.readouterr().err
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (lm.model(ids) - model(ids).logits).abs().max().item() <= 1e-4

@@ -9,9 +9,10 @@ only with --force.
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 
-from scribelm.cli.common import console, human_bytes
+from scribelm.cli.common import console, err_console, human_bytes
 from scribelm.errors import ScribeError
 
 FORMATS = ("scribe", "hf", "gguf", "onnx")
@@ -77,9 +78,13 @@ def _size(path: Path) -> int:
 
 
 def run(args) -> int:
-    out = convert(
-        args.src, args.dst, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
-        architecture=args.architecture, gguf_type=args.gguf_type, force=args.force,
-    )
+    with warnings.catch_warnings(record=True) as caught:  # one readable line each, not Python's format
+        warnings.simplefilter("always", UserWarning)
+        out = convert(
+            args.src, args.dst, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            architecture=args.architecture, gguf_type=args.gguf_type, force=args.force,
+        )
+    for warning in caught:
+        err_console.print(f"warning: {warning.message}")
     console.print(f"wrote {out} ({args.to}, {human_bytes(_size(Path(out)))})")
     return 0
