@@ -236,6 +236,23 @@ def test_published_configs_map_tensor_for_tensor(tmp_path, name):
     assert ours.num_parameters() == reference.num_parameters()
 
 
+@pytest.mark.parametrize("preset", sorted(scribelm.PRESETS))
+def test_every_preset_exports_to_a_family_transformers_builds(preset):
+    from scribelm.config import ModelConfig
+    from scribelm.interop.hf import family_for
+
+    config = ModelConfig.from_preset(preset)
+    family = family_for(config)
+    hf = transformers.AutoConfig.for_model(**family.to_hf(config, family))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(hf)
+        ours = Transformer(config)
+    assert type(reference).__name__ == family.architecture
+    assert reference.num_parameters() == ours.num_parameters()
+    expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM"}
+    assert family.architecture == expected_family.get(preset[:3], "LlamaForCausalLM")
+
+
 def test_sliding_window_caps_context_exactly(tmp_path, capsys):
     model = make_hf_model("mistral_gqa", sliding_window=16)
     path = save_hf_model(model, tmp_path / "mistral-window")
