@@ -459,6 +459,20 @@ def test_tokenizer_chat_template_and_eos_carry_over(tmp_path, corpus):
     assert encode_prompt(lm, corpus[0]) == reference.encode(corpus[0])
     assert stop_ids_for(lm.tokenizer, resolve_settings(lm)) == {1, 3}
 
+    # a chat turn, greedy, stops where transformers stops (at either eos id) with the same text
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = reference(reference.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False, return_tensors="pt").input_ids
+    budget = lm.config.context_length - prompt.shape[1]  # transformers runs past the context; scribelm stops there
+    assert budget >= 12
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=budget, do_sample=False)[0, prompt.shape[1]:].tolist()
+    if expected and expected[-1] in (1, 3):
+        expected = expected[:-1]  # scribelm does not return the stop token
+    reply = lm.chat(messages[:1], max_new_tokens=budget, temperature=0, return_details=True)
+    assert reply.token_ids == expected
+    assert reply.text == reference.decode(expected, skip_special_tokens=True)
+
     out = lm.save(tmp_path / "exported", format="hf")
     generation = transformers.GenerationConfig.from_pretrained(out)
     assert (generation.eos_token_id, generation.do_sample, generation.temperature, generation.top_k, generation.top_p) == (
