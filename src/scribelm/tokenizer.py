@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
