@@ -314,3 +314,30 @@ def test_server_matches_lm_generate(server, client, model_paths, no_eos):
         assert got.choices[0].text == expected
     reply = lm.chat(MESSAGES, max_new_tokens=20, temperature=0)
     assert client.chat.completions.create(model="beta", messages=MESSAGES, max_tokens=20, temperature=0).choices[0].message.content == reply
+
+
+def test_hugging_face_directory_is_served_like_transformers_generates(tmp_path, tokenizer):
+    """A transformers Llama directory served by name answers with what transformers' own greedy generate gives."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path / "hf-llama"
+    hf.save_pretrained(path)
+    tokenizer.save(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id], "do_sample": False}))
+    with ServerThread(create_app(ModelPool({"llama": str(path)}))) as hf_server:
+        c = openai.OpenAI(base_url=hf_server.url + "/v1", api_key="unused", max_retries=0)
+        prompt = "The quick brown fox"
+        ids = tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_id,
+                              pad_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
+        if tokenizer.eos_id in out:
+            out = out[: out.index(tokenizer.eos_id)]
+        r = c.completions.create(model="llama", prompt=prompt, max_tokens=12)  # greedy: the model's generation_config
+        assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)

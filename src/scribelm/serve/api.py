@@ -269,6 +269,8 @@ def _settings(body: dict, *, chat: bool, prompt_tokens: int, context: int, defau
     for key, kinds in (("top_k", (int,)), ("min_p", (int, float)), ("repetition_penalty", (int, float))):
         if body.get(key) is not None:
             extra[key] = _get(body, key, kinds)
+        elif defaults.get(key) is not None:  # the model's own default (generation.json), as for temperature
+            extra[key] = defaults[key]
     try:
         settings = SamplingSettings(
             max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
@@ -414,7 +416,7 @@ def create_app(
         options = _get(body, "stream_options", (dict,), {}) or {}
         include_usage = bool(options.get("include_usage", False))
         echo = bool(_get(body, "echo", (bool,), False)) if not chat else False
-        stop_ids = set(_int_list(engine.lm.generation_config.get("eos_token_id")))
+        stop_ids = set(_int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
 
