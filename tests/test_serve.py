@@ -71,6 +71,8 @@ def test_completion_non_stream_and_logprobs(client, tokenizer, no_eos):
         assert len(top) <= 3 and chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the top one
     # logprobs' tokens are the tokens of the text
     assert "".join(lp.tokens).replace("\ufffd", "") == choice.text.replace("\ufffd", "")
+    echoed = client.completions.create(model="alpha", prompt=prompt, max_tokens=10, temperature=0, echo=True, logit_bias=no_eos)
+    assert echoed.choices[0].text == prompt + choice.text
 
 
 def test_chat_stream_equals_non_stream_and_reports_usage(client, no_eos):
@@ -341,3 +343,11 @@ def test_hugging_face_directory_is_served_like_transformers_generates(tmp_path, 
             out = out[: out.index(tokenizer.eos_id)]
         r = c.completions.create(model="llama", prompt=prompt, max_tokens=12)  # greedy: the model's generation_config
         assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_a_cache_that_cannot_fit_is_a_clear_error(model_paths):
+    import scribelm
+    from scribelm.serve.engine import Engine
+
+    with pytest.raises(scribelm.ScribeError, match="lower --max-batch or --max-context"):
+        Engine(scribelm.load(model_paths["alpha"]), max_batch=10**9)

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $SCRIBE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
-    p.add_argument("--max-context", type=int, default=None, help="cap each sequence's context (default: the model's)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="positions per sequence: the KV cache holds max-batch x this many (default 8192, or the model's context if smaller)")
     p.add_argument("--idle-unload", type=float, default=900.0,
                    help="unload a model after this many idle seconds; loaded again on the next request (0: never; default 900)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)")
@@ -62,8 +63,8 @@ def run(args) -> int:
     from scribelm.serve.engine import ModelPool
     from scribelm.serve.registry import ModelStore
 
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise ScribeError("--max-batch and --max-queue must be at least 1")
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
+        raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
     models = served_models(args.models, ModelStore(args.store))
     if args.threads is not None:
         if args.threads < 1:

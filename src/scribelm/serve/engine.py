@@ -49,6 +49,11 @@ from scribelm.errors import ScribeError
 from scribelm.sampling import IncrementalDetokenizer, RowSampler, SamplingSettings, choose_tokens, token_logprobs
 
 
+#: Positions per cache slot unless asked otherwise: the cache holds max_batch x this many,
+#: and a model's full context (128k for Llama 3) would not fit in memory at any useful batch.
+DEFAULT_MAX_CONTEXT = 8192
+
+
 class QueueFullError(ScribeError):
     """The engine's waiting line is full; try again later."""
 
@@ -232,7 +237,7 @@ class Engine:
         name: str = "model",
         max_batch: int = 8,
         max_queue: int = 64,
-        max_context: int | None = None,
+        max_context: int | None = DEFAULT_MAX_CONTEXT,
     ) -> None:
         if lm.tokenizer is None:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
@@ -244,7 +249,15 @@ class Engine:
         self.context_length = min(self.config.context_length, max_context or self.config.context_length)
         self.device = lm.device
         dtype = next(self.model.parameters()).dtype
-        self.cache = SlotCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+        try:
+            self.cache = SlotCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+        except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
+            need = 2 * self.config.n_layers * max_batch * self.config.n_kv_heads * self.context_length * self.config.head_dim
+            raise ScribeError(
+                f"the KV cache of {max_batch} slots x {self.context_length} positions needs "
+                f"{need * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB and could not be allocated ({err}); "
+                "lower --max-batch or --max-context"
+            ) from None
         self.eos_ids = frozenset(i for i in (self.tokenizer.eos_id,) if i is not None)
         self.special_ids = frozenset(i for i in self.tokenizer.special_ids if i is not None)
         self._waiting: deque[GenerationRequest] = deque()
@@ -522,7 +535,7 @@ class ModelPool:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        max_context: int | None = None,
+        max_context: int | None = DEFAULT_MAX_CONTEXT,
         idle_unload: float = 0.0,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
