@@ -54,39 +54,33 @@ def test_chat_page_streams_stops_and_switches_model(server, page):
     assert page.locator("#model option").all_inner_texts() == ["alpha", "beta"]
     page.fill("#system", "Answer briefly.")
     page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
-    page.fill("#max-tokens", "300")
-    # Record every text the answer shows while it streams.
-    page.evaluate("""() => {
-        window.seen = new Set();
-        new MutationObserver(() => {
-            const m = document.querySelector('.msg.assistant[data-state=streaming] .content');
-            if (m) window.seen.add(m.textContent);
-        }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
-    }""")
-
-    # 1. type a message, see the answer stream in
+    page.fill("#max-tokens", "60")
+    # 1. type a message, get an answer with its token count and speed
     page.fill("#prompt", "It was the best of times")
     page.press("#prompt", "Enter")
     page.wait_for_selector(".msg.assistant[data-state=done]", timeout=30_000)
     first = assistant(page, 0)
     answer = first.locator(".content").inner_text()
     assert answer.strip()
-    assert page.evaluate("window.seen.size") > 2  # shown piece by piece, not at once
     meta = first.locator(".meta").inner_text()
-    assert "alpha" in meta and "300 tokens" in meta and "tok/s" in meta
+    assert "alpha" in meta and "60 tokens" in meta and "tok/s" in meta
 
-    # 2. stop a long answer: the page marks it stopped and the server frees the slot
-    page.fill("#max-tokens", "3500")
+    # 2. a long answer streams in (its text grows while it is still streaming); stop it:
+    #    the page marks it stopped and the server frees the slot
+    page.fill("#max-tokens", "3000")
     page.fill("#prompt", "Tell me a very long story")
     page.click("#send")
-    page.wait_for_function("(document.querySelector('.msg.assistant[data-state=streaming] .content') || {}).textContent?.length > 0")
-    assert page.locator("#stop").is_visible()
+    streaming = ".msg.assistant[data-state=streaming] .content"
+    page.wait_for_function(f"(document.querySelector('{streaming}') || {{}}).textContent?.length > 0")
+    shown = page.evaluate(f"document.querySelector('{streaming}').textContent.length")
+    page.wait_for_function(f"(document.querySelector('{streaming}') || {{}}).textContent?.length > {shown}")
+    assert page.locator("#stop").is_visible(), assistant(page, 1).inner_text()
     page.click("#stop")
     page.wait_for_selector(".msg.assistant[data-state=stopped]")
     assert "stopped" in assistant(page, 1).locator(".meta").inner_text()
     assert page.locator("#send").is_visible()
     assert wait_until(lambda: pool.engines["alpha"].active_count == 0, timeout=10)
-    assert pool.engines["alpha"].generated_tokens < 3000  # it really stopped early
+    assert pool.engines["alpha"].generated_tokens < 2500  # it really stopped early
 
     # 3. switch model and talk to the other one
     page.fill("#max-tokens", "20")
