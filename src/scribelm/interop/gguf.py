@@ -33,7 +33,6 @@ requested GGUF type.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
