@@ -106,6 +106,20 @@ class _LogitsWithPast(nn.Module):
         return m.unembedding(x), torch.stack(presents_k), torch.stack(presents_v)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress on stdout and notes on its logger; library code stays quiet."""
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration_log.setLevel(level)
+
+
 def export_onnx(
     lm,
     out_path: str | os.PathLike,
@@ -122,7 +136,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (the dynamo exporter's translator)
     except ImportError:
         raise ONNXExportError("ONNX export needs onnx and onnxscript: pip install 'scribelm[onnx]'") from None
-    from scribelm.quant import set_kernel
+    from scribelm.quant import set_kernel, weight_bytes
 
     model = lm.model
     c = lm.config
@@ -155,18 +169,11 @@ def export_onnx(
             wrapper, args = _Logits(model), (example_ids,)
             dynamic = {"input_ids": {0: batch, 1: sequence}}
             inputs, outputs = ["input_ids"], ["logits"]
-        from scribelm.quant import weight_bytes
-
         big = weight_bytes(model) > 1.5 * 2**30
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=out_path.parent)
         os.close(fd)
         try:
-            # The exporter reports progress on stdout; library code stays quiet.
-            registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-            level = registration_log.level
-            registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" notes
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
+            with _quiet_exporter():
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, input_names=inputs, output_names=outputs,
                     dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False,
@@ -176,13 +183,10 @@ def export_onnx(
                 else:
                     program.save(tmp_name, external_data=False)
                     os.replace(tmp_name, out_path)
-            registration_log.setLevel(level)
-        except BaseException as err:
-            registration_log.setLevel(level)
+        except Exception as err:
+            raise ONNXExportError(f"torch.onnx.export could not export this model: {str(err).splitlines()[0]}") from err
+        finally:
             Path(tmp_name).unlink(missing_ok=True)
-            if isinstance(err, Exception) and not isinstance(err, ScribeError):
-                raise ONNXExportError(f"torch.onnx.export could not export this model: {str(err).splitlines()[0]}") from err
-            raise
     finally:
         if quantized:
             set_kernel(model, "auto")

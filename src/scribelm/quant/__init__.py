@@ -282,7 +282,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
         if bad:
             name, width = bad[0]
             fits = [g for g in SUPPORTED_GROUP_SIZES if all(w % g == 0 for _, w in bad)]
-            hint = f"use --group-size {fits[0]}" if fits else "use int8 (--bits 8), which has no groups"
+            hint = f"choose group size {fits[0]}" if fits else "quantize to 8 bits, which has no groups"
             raise QuantizationError(
                 f"layer {name} has {width} inputs, which group size {group_size} does not divide; {hint}"
             )
@@ -364,3 +364,23 @@ def bits_per_byte(model: nn.Module, tokenizer, text: str, *, window: int | None 
         "tokens": count,
         "bytes": n_bytes,
     }
+
+
+#: Held-out English prose (public domain: Austen, Melville, Dickens, Carroll) for
+#: `scribe quantize` when no --eval-text is given.
+DEFAULT_EVAL_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters.\n"
+    "Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; "
+    "whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every "
+    "funeral I meet, then, I account it high time to get to sea as soon as I can.\n"
+    "There were a king with a large jaw and a queen with a plain face, on the throne of England; there were a "
+    "king with a large jaw and a queen with a fair face, on the throne of France. In both countries it was "
+    "clearer than crystal to the lords of the State preserves of loaves and fishes, that things in general were "
+    "settled for ever.\n"
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
+    "once or twice she had peeped into the book her sister was reading, but it had no pictures or conversations "
+    "in it, and what is the use of a book, thought Alice, without pictures or conversations?\n"
+)
