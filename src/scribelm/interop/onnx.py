@@ -17,8 +17,10 @@ as past_*. The graph runs the model's own modules (norms, projections, RoPE,
 MLP); only the cache handling differs from `Transformer.forward`, which writes
 into a preallocated `KVCache` in place and so does not trace.
 
-A weight-only quantized model exports through its reference kernel: the int8 /
-int4 codes are graph constants, dequantized by ordinary ONNX ops.
+A weight-only quantized model exports through its reference kernel; the
+exporter's optimizer folds the dequantization of the constant codes, so the
+file holds the dequantized float weights: the quantized model's numerics at
+float size (onnxruntime's own int4 operators are a different format).
 
     from scribelm.interop.onnx import export_onnx
     export_onnx(lm, "model.onnx")                         # plain
