@@ -89,6 +89,17 @@ def test_kernels_compute_the_dequantized_matmul(bits, group_size):
     assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
 
 
+def test_int8_kernel_runs_on_unaligned_weights():
+    # safetensors hands out tensors at any byte offset; the packed int8 kernel needs alignment.
+    linear = torch.nn.Linear(64, 32, bias=False)
+    layer = QuantizedLinear.from_linear(linear, 8)
+    buffer = torch.empty(64 * 32 + 1, dtype=torch.int8)
+    layer.qweight = buffer[1:].view(32, 64).copy_(layer.qweight)
+    assert layer.qweight.data_ptr() % 64 != 0
+    x = torch.randn(3, 64)
+    assert relative_error(layer(x), x @ layer.dequantized_weight().t()) < 1e-2
+
+
 def test_quantize_dequantize_error_is_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(32, 256) * torch.rand(32, 1)  # rows of different scales
@@ -147,6 +158,19 @@ def test_quantized_checkpoint_saves_and_loads(tmp_path, lm, held_out_ids, bits, 
     # A loaded quantized model refuses a second quantization.
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize_model(loaded.model, 8)
+
+
+def test_quantized_unembedding_of_a_tied_model(tmp_path, lm, held_out_ids):
+    q = quantize_model(copy.deepcopy(lm.model), 8, unembedding=True)
+    assert isinstance(q.unembedding, QuantizedLinear) and isinstance(q.token_embedding, torch.nn.Embedding)
+    assert q.quantization["unembedding"] is True
+    with torch.no_grad():
+        assert relative_error(q(held_out_ids), lm.model(held_out_ids)) < LOGIT_BOUNDS[(8, None)]
+    scribelm.LM(q, lm.tokenizer).save(tmp_path / "q")
+    loaded = scribelm.load(tmp_path / "q").model
+    assert isinstance(loaded.unembedding, QuantizedLinear) and "weight" not in dict(loaded.unembedding.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(held_out_ids), q(held_out_ids))
 
 
 def test_quantized_model_decodes_with_the_kv_cache(lm):

@@ -195,6 +195,6 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
 
         state = {k: v if is_quantized_tensor(k) else v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and isinstance(model.unembedding, torch.nn.Linear):  # (a quantized one has its own copy)
         model.unembedding.weight = model.token_embedding.weight
     return model.to(device)

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8: per-channel int8; 4: per-group int4")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 only: inputs sharing one scale (32, 64 or 128; default 32)")
+    p.add_argument("--unembedding", action="store_true",
+                   help="also quantize the output projection (read in full for every generated token)")
     p.add_argument("-o", "--output", required=True, help="directory to write the quantized checkpoint to")
     p.add_argument("--eval-text", default=None,
                    help="UTF-8 text file to measure bits per byte on (default: a built-in English sample)")
@@ -54,7 +56,7 @@ def run(args) -> int:
     report = {"bits": args.bits, "group_size": args.group_size, "bytes_before": weight_bytes(lm.model)}
     if evaluate:
         report["before"] = bits_per_byte(lm.model, lm.tokenizer, text)
-    quantize_model(lm.model, args.bits, args.group_size)
+    quantize_model(lm.model, args.bits, args.group_size, unembedding=args.unembedding)
     report["group_size"] = lm.model.quantization["group_size"]
     report["bytes_after"] = weight_bytes(lm.model)
     if evaluate:

@@ -14,9 +14,11 @@ smaller; activations stay in floating point ("weight-only").
            4.5 bits a weight at group 64, 5 at group 32
 
 Every `nn.Linear` inside the transformer blocks (q, k, v, o, up, gate, down)
-is replaced by a `QuantizedLinear`; the embedding and unembedding stay in
-floating point (they are a small share of a model's weights except for tiny
-ones, and a tied unembedding shares the embedding's matrix).
+is replaced by a `QuantizedLinear`; the embedding stays in floating point (a
+lookup reads one row per token), and so does the unembedding unless
+`unembedding=True` asks for it too (it is read in full for every token, so it
+matters for small models with large vocabularies; a tied unembedding then gets
+its own quantized copy).
 
     from scribelm.quant import quantize_model
     quantize_model(lm.model, bits=4, group_size=32)   # in place
@@ -205,6 +207,10 @@ class QuantizedLinear(nn.Module):
         if self._use_packed(x):
             xb = x2.to(torch.bfloat16)
             if self.bits == 8:
+                if self.qweight.data_ptr() % 64:
+                    # The int8 kernel crashes on weights that are not 64-byte aligned, which
+                    # tensors read from a safetensors file at an arbitrary offset can be.
+                    self.qweight = self.qweight.clone()
                 y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self._bf16_scales())
             else:
                 packed, scale_zero = self._packed_int4()
@@ -238,20 +244,24 @@ def check_scheme(bits: int, group_size: int | None) -> None:
         )
 
 
-def scheme_record(bits: int, group_size: int | None) -> dict[str, Any]:
+def scheme_record(bits: int, group_size: int | None, unembedding: bool = False) -> dict[str, Any]:
     """What config.json records under "quantization"."""
     return {
         "method": "weight-only",
         "bits": bits,
         "group_size": group_size,
         "scheme": "int8-per-channel-symmetric" if bits == 8 else "int4-per-group-asymmetric",
-        "modules": "linear layers of the transformer blocks",
+        "modules": "linear layers of the transformer blocks" + (" and the unembedding" if unembedding else ""),
+        "unembedding": unembedding,
     }
 
 
-def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear inside the transformer blocks, with its qualified name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+def quantizable_linears(model: nn.Module, unembedding: bool = True) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear inside the transformer blocks (and the unembedding if asked), with its name."""
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (name.startswith("blocks.") or (unembedding and name == "unembedding"))
+    ]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -259,8 +269,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = None, *, kernel: str = "auto") -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    bits: int = 8,
+    group_size: int | None = None,
+    *,
+    unembedding: bool = False,
+    kernel: str = "auto",
+) -> nn.Module:
     """Replace the block linear layers of `model` by `QuantizedLinear`, in place; returns `model`.
+
+    unembedding: quantize the output projection too. It is read once per generated
+    token like every block weight, so for small models with large vocabularies it
+    is a large share of decode time; a tied unembedding gets its own quantized copy
+    and the embedding (read one row per token) stays in floating point.
 
     bits 8: per-channel int8 (group_size must be None). bits 4: int4 with one scale and
     min per `group_size` inputs (32, 64 or 128; default 32)."""
@@ -274,7 +296,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
     if bits == 4 and group_size is None:
         group_size = DEFAULT_GROUP_SIZE
     check_scheme(bits, group_size)
-    linears = quantizable_linears(model)
+    linears = quantizable_linears(model, unembedding)
     if not linears:
         raise QuantizationError("the model has no linear layers in transformer blocks to quantize")
     if bits == 4:
@@ -289,7 +311,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
     with torch.no_grad():
         for name, linear in linears:
             _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size, kernel))
-    model.quantization = scheme_record(bits, group_size)
+    model.quantization = scheme_record(bits, group_size, unembedding)
     return model
 
 
