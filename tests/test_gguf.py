@@ -95,6 +95,44 @@ def test_llama_cpp_tokenizes_like_scribelm(llama_f32, llama_lm):
         assert llm.detokenize(ids).decode("utf-8", errors="replace") == llama_lm.tokenizer.decode(ids)
 
 
+def byte_level_tokenizer(split_regex):
+    """A byte-level BPE tokenizer whose text split is `split_regex` (as Llama 3's and Qwen2's are)."""
+    from tokenizers import Regex, decoders, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    texts = corpus()[0].splitlines()[:800] + STRINGS * 3
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2))
+    return scribelm.Tokenizer(backend)
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
+def test_llama3_and_qwen2_pre_tokenizers_match_llama_cpp(tmp_path, name):
+    from scribelm.interop.gguf import _LLAMA3_REGEX, _QWEN2_REGEX
+
+    tok = byte_level_tokenizer(_LLAMA3_REGEX if name == "llama-bpe" else _QWEN2_REGEX)
+    path = export_gguf(scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=512)), tok), tmp_path / "t.gguf")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.pre"].parts[-1].tobytes().decode() == name
+    llm = llama(path, vocab_only=True)
+    for text in STRINGS + ["hello   world\n\n\nnext", "I'LL DO IT, you're 123456 ok", "a\r\nb"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    tok = byte_level_tokenizer(r"\s+|\S+")
+    with pytest.raises(GGUFExportError, match="pre-tokenizer is not one llama.cpp knows"):
+        export_gguf(scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=512)), tok), tmp_path / "t.gguf")
+
+
 def test_llama_cpp_logits_match_f32(llama_f32, llama_lm):
     llm = llama(llama_f32)
     for n in (1, 17, 100):
