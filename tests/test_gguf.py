@@ -127,6 +127,37 @@ def test_llama3_and_qwen2_pre_tokenizers_match_llama_cpp(tmp_path, name):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
 
 
+def sentencepiece_style_tokenizer():
+    """A Llama 2 / Mistral style tokenizer: BPE over "▁"-joined text with byte fallback."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    backend.train_from_iterator(corpus()[0].splitlines()[:800] + STRINGS * 3,
+                                trainers.BpeTrainer(vocab_size=600, special_tokens=specials, min_frequency=2))
+    spec = json.loads(backend.to_str())
+    spec["pre_tokenizer"] = None  # the split was for training only, as in Llama 2's tokenizer.json
+    return scribelm.Tokenizer(Backend.from_str(json.dumps(spec)))
+
+
+def test_sentencepiece_style_tokenizer_matches_llama_cpp(tmp_path):
+    tok = sentencepiece_style_tokenizer()
+    path = export_gguf(scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=600)), tok), tmp_path / "spm.gguf")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].parts[-1].tobytes().decode() == "llama"
+    llm = llama(path, vocab_only=True)
+    texts = STRINGS + ["<s> typed </s>", "hello   world\n\n\nnext", "Ωmega ψ ऄ"]  # the last ones need byte fallback
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+    assert any(tok.id_to_token(i).startswith("<0x") for i in tok.encode("ऄ"))
+
+
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
     tok = byte_level_tokenizer(r"\s+|\S+")
     with pytest.raises(GGUFExportError, match="pre-tokenizer is not one llama.cpp knows"):

@@ -17,9 +17,12 @@ Three details decide whether llama.cpp computes what we compute:
   so the rows of W_q and W_k are permuted within each head to interleave the
   two halves; q·k products are unchanged. `qwen2` uses the rotate-half
   ("NEOX") layout itself, so its weights go in unpermuted.
-* The tokenizer travels inside the file: every token string, the BPE merges,
-  token types (special tokens are "control"), bos/eos/pad ids, the
-  pre-tokenizer name llama.cpp knows for our split regex, the chat template.
+* The tokenizer travels inside the file: every token string, token types
+  (special tokens are "control"), bos/eos/pad ids, the chat template, and
+  either the BPE merges with the name llama.cpp knows for the pre-tokenizer
+  regex (byte-level BPE: scribelm, GPT-2, Llama 3, Qwen2) or token scores for
+  llama.cpp's SentencePiece tokenizer (Llama 2 / Mistral style BPE with byte
+  fallback).
 * Tensor types: f32, f16, or q8_0 (blocks of 32 int8 with one f16 scale) for
   the matrices; norms and biases always stay f32, as llama.cpp expects.
 
@@ -210,37 +213,71 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     )
 
 
+def _sentencepiece_style(spec: dict[str, Any]) -> bool:
+    """True for a Llama 2 / Mistral tokenizer: BPE over "▁"-joined text with byte fallback,
+    which llama.cpp runs as its SentencePiece ("llama") tokenizer."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    prepends = any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in steps)
+    replaces = any(n.get("type") == "Replace" and n.get("content") == "▁" for n in steps)
+    metaspace = pre.get("type") == "Metaspace" and pre.get("prepend_scheme") in ("first", "always") and not pre.get("split", False)
+    return (prepends and replaces and not pre) or (metaspace and not normalizer)
+
+
 def _write_tokenizer(writer, tokenizer, vocab_size: int, gguf) -> None:
     spec = json.loads(tokenizer.backend.to_str())
     model_spec = spec.get("model") or {}
-    if model_spec.get("type") != "BPE" or model_spec.get("byte_fallback"):
+    sentencepiece = _sentencepiece_style(spec)
+    if model_spec.get("type") != "BPE" or (model_spec.get("byte_fallback") and not sentencepiece):
         raise GGUFExportError(
-            "GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen2 / scribelm); "
-            "this tokenizer is not one"
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen2 / scribelm) and "
+            "SentencePiece-style BPE (Llama 2 / Mistral); this tokenizer is neither"
         )
-    pre = _pre_tokenizer_name(spec)
+    pre = None if sentencepiece else _pre_tokenizer_name(spec)
     n = tokenizer.vocab_size
     if n > vocab_size:
         raise GGUFExportError(f"the tokenizer has {n} tokens but the model only {vocab_size} embeddings")
     added = tokenizer.backend.get_added_tokens_decoder()  # id -> AddedToken
-    tokens, types = [], []
+    unk = model_spec.get("unk_token")
+    tokens, types, scores = [], [], []
     for i in range(vocab_size):
         piece = tokenizer.backend.id_to_token(i) if i < n else None
         if piece is None:  # embedding rows the tokenizer never produces
             tokens.append(f"<|unused_{i}|>")
             types.append(gguf.TokenType.UNUSED)
+        elif sentencepiece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            tokens.append(piece)
+            types.append(gguf.TokenType.BYTE)
+        elif sentencepiece and piece == unk:
+            tokens.append(piece)
+            types.append(gguf.TokenType.UNKNOWN)
         elif i in added:
             tokens.append(piece)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(piece)
             types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+        # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest;
+        # BPE vocabularies list merge results in merge order, so -id ranks them the same way.
+        scores.append(-float(i))
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(True)
+        if unk is not None and tokenizer.backend.token_to_id(unk) is not None:
+            writer.add_unk_token_id(tokenizer.backend.token_to_id(unk))
+    else:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
     for token_id, add in ((tokenizer.bos_id, writer.add_bos_token_id), (tokenizer.eos_id, writer.add_eos_token_id),
                           (tokenizer.pad_id, writer.add_pad_token_id)):
         if token_id is not None:
