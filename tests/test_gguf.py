@@ -269,3 +269,40 @@ def test_bad_export_requests(tmp_path):
     with pytest.raises(GGUFExportError, match="512 tokens but the model only 400"):
         export_gguf(scribelm.LM(scribelm.Transformer(tiny_config()), tokenizer()), tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+HF_FAMILIES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False, max_position_embeddings=128)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_imported_hugging_face_models_run_in_llama_cpp(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    config_class, model_class, options = HF_FAMILIES[family]
+    if family != "gpt2":
+        options = dict(options, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=512, initializer_range=0.1, **options)
+    hf = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # initialised biases are zero; make them count so a dropped one would show
+        for name, param in hf.named_parameters():
+            if name.endswith("bias") and "ln" not in name and "norm" not in name:
+                param.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer().save(tmp_path / "hf")
+    lm = scribelm.load(tmp_path / "hf")
+    path = export_gguf(lm, tmp_path / f"{family}.gguf")
+    ids = held_out_ids(lm, 64)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(expected).max() > 1
+    np.testing.assert_allclose(llama_logits(llama(path), ids), expected, atol=1e-3, rtol=0)
