@@ -306,3 +306,26 @@ def test_imported_hugging_face_models_run_in_llama_cpp(tmp_path, family):
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(expected).max() > 1
     np.testing.assert_allclose(llama_logits(llama(path), ids), expected, atol=1e-3, rtol=0)
+
+
+def test_scribe_convert_to_gguf(tmp_path, llama_lm, capsys):
+    from scribelm.cli import main
+
+    llama_lm.save(tmp_path / "model")
+    assert main(["convert", str(tmp_path / "model"), str(tmp_path / "model.gguf"), "--to", "gguf", "--type", "q8_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ids = held_out_ids(llama_lm, 50)
+    theirs, ours = llama_logits(llama(tmp_path / "model.gguf"), ids), our_logits(llama_lm, ids)
+    assert 1e-6 < np.linalg.norm(theirs - ours) / np.linalg.norm(ours) < 0.05  # q8_0, and close
+    # A quantized checkpoint converts too (its weights dequantized).
+    scribelm.LM(quantize_model(copy.deepcopy(llama_lm.model), 8), llama_lm.tokenizer).save(tmp_path / "int8")
+    assert main(["convert", str(tmp_path / "int8"), str(tmp_path / "int8.gguf"), "--to", "gguf"]) == 0
+    # Bad requests are one line each.
+    scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=512, norm_position="post")), tokenizer()).save(tmp_path / "post")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "post.gguf"), "--to", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "post-norm blocks" in err and len(err.strip().splitlines()) == 1
+    assert main(["convert", str(tmp_path / "model"), str(tmp_path / "x.gguf"), "--to", "gguf", "--type", "q4_k"]) == 2
+    assert "unknown GGUF type 'q4_k'" in capsys.readouterr().err
+    assert not (tmp_path / "post.gguf").exists() and not (tmp_path / "x.gguf").exists()

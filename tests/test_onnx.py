@@ -36,9 +36,14 @@ def batch_of(lm, batch, length):
     return torch.tensor([ids[i * 50 : i * 50 + length] for i in range(batch)])  # (B, T)
 
 
-def test_onnxruntime_logits_match_for_several_lengths(tmp_path):
+def test_onnxruntime_logits_match_for_several_lengths(tmp_path, capsys):
+    from scribelm.cli import main
+
     lm = trained_lm("llama")  # grouped-query attention, RoPE, tied embeddings
-    path = export_onnx(lm, tmp_path / "tiny.onnx")
+    lm.save(tmp_path / "model")
+    assert main(["convert", str(tmp_path / "model"), str(tmp_path / "tiny.onnx"), "--to", "onnx"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    path = tmp_path / "tiny.onnx"
     assert (tmp_path / "tiny.tokenizer.json").is_file()
     sess = session(path)
     assert [i.name for i in sess.get_inputs()] == ["input_ids"]
