@@ -185,6 +185,22 @@ def test_loaded_quantized_checkpoint_generates_like_the_original(tmp_path, lm):
             assert text.split()[:4] == original.split()[:4]
 
 
+def test_dequantize_gives_a_float_model_with_the_same_numerics(tmp_path, lm, held_out_ids):
+    from scribelm.quant import dequantize_model
+
+    q = quantized_copy(lm.model, 4, 32)
+    set_kernel(q, "reference")
+    with torch.no_grad():
+        expected = q(held_out_ids)
+        back = dequantize_model(q)
+        assert not any(isinstance(m, QuantizedLinear) for m in back.modules())
+        assert torch.allclose(back(held_out_ids), expected, atol=1e-5)
+    scribelm.LM(back, lm.tokenizer).save(tmp_path / "float-again")
+    assert "quantization" not in json.loads((tmp_path / "float-again" / "config.json").read_text())
+    with pytest.raises(QuantizationError, match="not quantized"):
+        dequantize_model(back)
+
+
 def test_quantized_model_decodes_with_the_kv_cache(lm):
     q = quantized_copy(lm.model, 8)
     ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])

@@ -315,6 +315,26 @@ def quantize_model(
     return model
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every `QuantizedLinear` by an `nn.Linear` holding its dequantized weight, in place;
+    returns `model` (for formats that store float weights, e.g. Hugging Face). The result
+    computes what the quantized model computed with the reference kernel; the precision lost
+    in quantization stays lost."""
+    if not getattr(model, "quantization", None):
+        raise QuantizationError("this model is not quantized; there is nothing to dequantize")
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=layer.qweight.device, dtype=dtype)
+            linear.weight.copy_(layer.dequantized_weight(dtype))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+            _set_submodule(model, name, linear)
+    model.quantization = None
+    return model
+
+
 def prepare_quantized_skeleton(model: nn.Module, record: Any, state_keys: set[str]) -> nn.Module:
     """Swap in empty `QuantizedLinear` layers where a saved state dict holds quantized
     tensors, so that the checkpoint's weights load into the right shapes."""
