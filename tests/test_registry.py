@@ -132,3 +132,14 @@ def test_scribe_serve_prints_addresses_and_serves_store_names(tmp_path, models):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_quantized_checkpoint_shows_its_scheme(tmp_path, models):
+    from scribelm import load
+    from scribelm.quant import quantize_model
+
+    lm = load(models["alpha"])
+    quantize_model(lm.model, bits=4, group_size=32)
+    info = describe_model(lm.save(tmp_path / "alpha-int4"))
+    assert info.quantization == "int4-per-group-asymmetric (groups of 32)"
+    assert describe_model(models["alpha"]).quantization == "none"

@@ -376,3 +376,18 @@ def test_slot_cache_rows_of_different_lengths_decode_as_if_alone(position):
             alone = model(torch.tensor([ids]))[0, -1]
             torch.testing.assert_close(step[b], alone, rtol=1e-5, atol=1e-5)
     assert cache.lengths[:3].tolist() == [3, 7, 5]
+
+
+def test_quantized_model_is_served(tmp_path, model_paths):
+    """A weight-only int8 checkpoint runs in the engine and answers as its own LM.generate does."""
+    import scribelm
+    from scribelm.quant import quantize_model
+
+    lm = scribelm.load(model_paths["alpha"])
+    quantize_model(lm.model, bits=8)
+    path = lm.save(tmp_path / "alpha-int8")
+    quantized = scribelm.load(path)
+    with ServerThread(create_app(ModelPool({"alpha-int8": str(path)}))) as q_server:
+        c = openai.OpenAI(base_url=q_server.url + "/v1", api_key="unused", max_retries=0)
+        got = c.completions.create(model="alpha-int8", prompt="Call me", max_tokens=10, temperature=0).choices[0].text
+    assert got == quantized.generate("Call me", max_new_tokens=10, temperature=0)

@@ -181,10 +181,12 @@ def describe_model(path: str | os.PathLike) -> ModelInfo:
         dtypes |= kinds
     quantization = "none"
     q = config.get("quantization") or config.get("quantization_config")
-    if isinstance(q, dict):
-        quantization = str(q.get("method") or q.get("quant_method") or q.get("bits") or "custom")
-        if q.get("bits"):
-            quantization = f"{quantization} ({q['bits']}-bit)" if str(q["bits"]) not in quantization else quantization
+    if isinstance(q, dict):  # scribelm's record ("scheme", "bits", "group_size") or Hugging Face's quantization_config
+        name = str(q.get("scheme") or q.get("method") or q.get("quant_method") or "custom")
+        details = [f"{q['bits']}-bit"] if q.get("bits") and str(q["bits"]) not in name else []
+        if q.get("group_size"):
+            details.append(f"groups of {q['group_size']}")
+        quantization = name + (f" ({', '.join(details)})" if details else "")
     elif isinstance(q, str):
         quantization = q
     template = None
