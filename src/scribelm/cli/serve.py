@@ -54,11 +54,12 @@ def served_models(specs: list[str], store=None) -> dict[str, str]:
 def run(args) -> int:
     from scribelm.errors import ScribeError
 
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ModuleNotFoundError as err:
-        raise ScribeError(f"scribe serve needs {err.name}: pip install 'scribelm[serve]'") from None
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ScribeError(f"scribe serve needs {' and '.join(missing)}: pip install 'scribelm[serve]'")
+    import uvicorn
     from scribelm.serve.api import create_app
     from scribelm.serve.engine import ModelPool
     from scribelm.serve.registry import ModelStore
