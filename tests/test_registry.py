@@ -143,3 +143,23 @@ def test_quantized_checkpoint_shows_its_scheme(tmp_path, models):
     info = describe_model(lm.save(tmp_path / "alpha-int4"))
     assert info.quantization == "int4-per-group-asymmetric (groups of 32)"
     assert describe_model(models["alpha"]).quantization == "none"
+
+
+def test_scribelm_load_accepts_a_store_name(tmp_path, monkeypatch):
+    import torch
+
+    import scribelm
+    from scribelm.model import Transformer
+    from tests.conftest import tiny_config
+
+    monkeypatch.setenv("SCRIBE_MODELS_DIR", str(tmp_path / "store"))
+    model = Transformer(tiny_config()).eval()
+    scribelm.LM(model, None).save(tmp_path / "ckpt")
+    from scribelm.serve.registry import ModelStore
+
+    ModelStore().add("named-model", tmp_path / "ckpt")
+    lm = scribelm.load("named-model")
+    ids = torch.randint(0, 400, (1, 6))
+    assert torch.equal(lm.model(ids), model(ids))
+    with pytest.raises(scribelm.ScribeError, match="scribe models list"):
+        scribelm.load("not-a-stored-model")
