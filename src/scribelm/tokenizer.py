@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ class Tokenizer:
         )
         if files is None:
             files = isinstance(texts_or_files, (list, tuple)) and all(
-                isinstance(f, (os.PathLike, str)) and Path(f).is_file() for f in texts_or_files
+                isinstance(f, (os.PathLike, str)) and _is_file(f) for f in texts_or_files
             ) and len(texts_or_files) > 0
         if files:
             paths = [str(p) for p in texts_or_files]
@@ -294,6 +295,16 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
 
+def _is_file(candidate: str | os.PathLike) -> bool:
+    """True for an existing file; False for text that merely looks like a path (or is too long for one)."""
+    if isinstance(candidate, str) and ("\n" in candidate or len(candidate) > 4096):
+        return False
+    try:
+        return Path(candidate).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):  # HF's AddedToken serialisation
         return value.get("content")
@@ -307,8 +318,17 @@ def _render_template(template: str, **context: Any) -> str:
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    def tojson(x: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # The environment transformers renders chat templates in (loop controls, unescaped tojson,
+    # strftime_now, tools/documents defined), so a model's own template gives the same prompt.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    context.setdefault("tools", None)
+    context.setdefault("documents", None)
     try:
         return env.from_string(template).render(**context)
     except TemplateError as err:
