@@ -149,8 +149,11 @@ def run_quickstart(
     LM(model=trainer.model.eval(), tokenizer=tokenizer, generation_config=generation).save(model_dir)
     say("sampling from the trained model")
     lm = load(model_dir)
-    texts = lm.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed)
-    continuations = list(zip(prompts, texts))
+    # One call per prompt, each with its own seed: one seed for a batch would draw the same random numbers for every row.
+    continuations = [
+        (prompt, lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed + i))
+        for i, prompt in enumerate(prompts)
+    ]
     return QuickstartResult(
         model_dir=model_dir, run_dir=run_dir, data_dir=data_dir,
         val_bpb=result.final_eval.get("val_bpb", float("nan")), val_loss=result.final_eval.get("val_loss", float("nan")),
