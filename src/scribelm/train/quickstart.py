@@ -130,7 +130,7 @@ def run_quickstart(
 
     # What is left of the budget trains; keep a reserve for the final evaluation, saving and sampling.
     remaining = deadline - time.perf_counter()
-    reserve = min(max(0.06 * minutes * 60, 2.0), 0.3 * max(remaining, 0.0))
+    reserve = min(max(0.1 * minutes * 60, 2.0), 0.3 * max(remaining, 0.0))
     budget = max(remaining - reserve, 1.0)
     train_config = TrainConfig(
         time_budget_s=budget, eval_every=0, checkpoint_every=0, keep_last=1, keep_best=False, seed=seed, **s["train"]
