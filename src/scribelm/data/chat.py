@@ -58,8 +58,12 @@ class DatasetError(ScribeError, ValueError):
 # --------------------------------------------------------------------------- reading records
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """All records of a JSONL file as (line number, parsed value); blank lines are skipped."""
+def read_jsonl(path: str | os.PathLike, validate=None) -> list[tuple[int, Any]]:
+    """All records of a JSONL file as (line number, record); blank lines are skipped.
+
+    `validate(record, where)` checks (and may convert) each record as it is read,
+    so the first bad line is the one reported, whatever is wrong with it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"data file not found: {path}")
@@ -73,10 +77,11 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                records.append((lineno, json.loads(line)))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DatasetError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
                                    "each line must hold one JSON object") from None
+            records.append((lineno, validate(record, f"{path}:{lineno}") if validate else record))
     if not records:
         raise DatasetError(f"{path} holds no records; write one JSON object per line")
     return records
@@ -240,7 +245,7 @@ class ChatDataset:
         Conversations longer than `max_length` tokens are truncated (or skipped, or
         refused: `overflow`), and counted in `stats`; a warning says how many.
         """
-        records = read_jsonl(path)
+        records = read_jsonl(path, validate=lambda record, where: (record_to_messages(record, where), record)[1])
         return cls.from_records([r for _, r in records], tokenizer, max_length=max_length, overflow=overflow,
                                 train_on=train_on, lines=[n for n, _ in records], source=str(path))
 

@@ -93,7 +93,7 @@ class PreferenceDataset:
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, tokenizer, *, max_length: int,
                    overflow: str = "truncate") -> "PreferenceDataset":
-        records = read_jsonl(path)
+        records = read_jsonl(path, validate=lambda record, where: (record_to_pair(record, where), record)[1])
         return cls.from_records([r for _, r in records], tokenizer, max_length=max_length, overflow=overflow,
                                 lines=[n for n, _ in records], source=str(path))
 
