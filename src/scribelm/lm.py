@@ -3,6 +3,11 @@
     lm = scribelm.load("my-model")      # a checkpoint directory
     lm.model, lm.tokenizer, lm.config   # the parts
     lm.save("copy-of-my-model")         # atomic, safetensors
+    lm.generate("Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0)  # -> str
+    lm.generate(["a", "b"], temperature=0)           # -> [str, str], batched
+    for delta in lm.stream("Once"): ...              # text deltas
+    lm.chat([{"role": "user", "content": "Hi"}])     # chat template applied
+    (settings: scribelm.sampling.SamplingSettings; loop: scribelm.generate)
 """
 
 from __future__ import annotations
@@ -35,6 +40,24 @@ class LM:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def generate(self, prompt_or_prompts, *, return_details: bool = False, **settings: Any):
+        """A string in, a string out; a list in, a list out (see `scribelm.generate.generate`)."""
+        from scribelm.generate import generate
+
+        return generate(self, prompt_or_prompts, return_details=return_details, **settings)
+
+    def stream(self, prompt, **settings: Any):
+        """Yield text deltas of one generation (see `scribelm.generate.stream`)."""
+        from scribelm.generate import stream
+
+        return stream(self, prompt, **settings)
+
+    def chat(self, messages, *, stream: bool = False, **settings: Any):
+        """The assistant's reply to [{role, content}, ...] (see `scribelm.generate.chat`)."""
+        from scribelm.generate import chat
+
+        return chat(self, messages, stream=stream, **settings)
 
     def save(self, path: str | os.PathLike, format: str = "scribe") -> Path:
         if format != "scribe":
