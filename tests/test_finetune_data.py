@@ -156,18 +156,19 @@ def test_loader_packs_shuffles_and_resumes(tokenizer):
     targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in SFTLoader(ds, 2, max_length=64, seed=3))
     assert targets == ds.stats["target_tokens"]
     # resume mid-epoch: a fresh loader with the saved state continues with the same batches
-    fresh = SFTLoader(ds, batch_size=2, max_length=64, pack=True, seed=3)
+    fresh = SFTLoader(ds, batch_size=2, max_length=64, pack=True, seed=3, epochs=None)
     it = iter(fresh)
     next(it)
     state = fresh.state_dict()
-    resumed = SFTLoader(ds, batch_size=2, max_length=64, pack=True, seed=3)
+    resumed = SFTLoader(ds, batch_size=2, max_length=64, pack=True, seed=3, epochs=2)
     resumed.load_state_dict(state)
     rest = [b["ids"] for b in resumed]
-    assert len(rest) == len(first_epoch) - 1
-    assert all(torch.equal(a, b) for a, b in zip(rest, first_epoch[1:]))
-    second_epoch = [b["ids"] for b in resumed]  # the next epoch is shuffled differently
-    assert len(second_epoch) == len(first_epoch)
+    n = len(first_epoch)
+    assert len(rest) == 2 * n - 1
+    assert all(torch.equal(a, b) for a, b in zip(rest[: n - 1], first_epoch[1:]))
+    second_epoch = rest[n - 1:]  # the next epoch is shuffled differently
     assert any(not torch.equal(a, b) for a, b in zip(second_epoch, first_epoch))
+    assert torch.equal(next(it)["ids"], first_epoch[1])  # the same order as the first loader
     unpacked = next(iter(SFTLoader(ds, batch_size=4, pack=False)))
     assert "attention_mask" not in unpacked and unpacked["ids"].shape[0] == 4
 

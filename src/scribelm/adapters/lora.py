@@ -219,8 +219,12 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
-                  extra: dict[str, Any] | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json atomically; returns the directory."""
+                  extra: dict[str, Any] | None = None, extra_files: dict[str, bytes | str] | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (+ `extra_files`) atomically; returns the directory.
+
+    `base_model` (a path or name) is recorded so the adapters can be merged later
+    without naming the base again; `extra` adds keys to the config.
+    """
     from scribelm.checkpoint import atomic_directory
 
     modules = lora_modules(model)
@@ -244,6 +248,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, *, base_model:
     with atomic_directory(directory) as tmp:
         save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     return directory
 
 

@@ -376,20 +376,25 @@ class SFTLoader:
 
     pack=True packs examples into rows of `max_length` tokens (fixed once);
     otherwise each row holds one example. Rows are shuffled each epoch with
-    (seed, epoch), so a resumed run sees the same order as an uninterrupted one.
+    (seed, epoch), so a resumed run sees the same order as an uninterrupted
+    one. Iteration runs for `epochs` epochs (None: without end, for a trainer
+    that stops after a number of steps) from the current position.
     """
 
     def __init__(self, dataset: ChatDataset, batch_size: int, *, max_length: int | None = None, pack: bool = True,
-                 shuffle: bool = True, seed: int = 0, pad_id: int = 0) -> None:
+                 shuffle: bool = True, seed: int = 0, pad_id: int = 0, epochs: int | None = 1) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.pad_id = dataset, batch_size, shuffle, seed, pad_id
+        self.epochs = epochs
         lengths = [len(e) for e in dataset.examples]
         self.max_length = max_length or max(lengths)
+        self.sequence_length = self.max_length  # what the trainer's FLOP estimate reads
         self.rows = pack_examples(lengths, self.max_length) if pack else [[i] for i in range(len(lengths))]
         self.epoch, self.batch_index = 0, 0
 
     def __len__(self) -> int:
+        """Batches per epoch."""
         return math.ceil(len(self.rows) / self.batch_size)
 
     @property
@@ -405,13 +410,13 @@ class SFTLoader:
         return order
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch (the rest of it, after a resume); the next call starts the next epoch."""
-        order = self._order(self.epoch)
-        while self.batch_index < len(self):
-            chosen = order[self.batch_index * self.batch_size: (self.batch_index + 1) * self.batch_size]
-            self.batch_index += 1
-            yield collate([[self.dataset.examples[i] for i in self.rows[r]] for r in chosen], pad_id=self.pad_id)
-        self.epoch, self.batch_index = self.epoch + 1, 0
+        while self.epochs is None or self.epoch < self.epochs:
+            order = self._order(self.epoch)
+            while self.batch_index < len(self):
+                chosen = order[self.batch_index * self.batch_size: (self.batch_index + 1) * self.batch_size]
+                self.batch_index += 1
+                yield collate([[self.dataset.examples[i] for i in self.rows[r]] for r in chosen], pad_id=self.pad_id)
+            self.epoch, self.batch_index = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed}

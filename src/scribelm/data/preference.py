@@ -154,24 +154,28 @@ class PreferenceLoader:
     """Batches of preference pairs, shuffled per epoch with (seed, epoch), resumable."""
 
     def __init__(self, dataset: PreferenceDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, epochs: int | None = 1) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.pad_id = dataset, batch_size, shuffle, seed, pad_id
+        self.epochs = epochs
+        self.sequence_length = max(max(len(p.chosen), len(p.rejected)) for p in dataset.pairs)
         self.epoch, self.batch_index = 0, 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = list(range(len(self.dataset)))
-        if self.shuffle:
-            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
-        while self.batch_index < len(self):
-            chosen = order[self.batch_index * self.batch_size: (self.batch_index + 1) * self.batch_size]
-            self.batch_index += 1
-            yield collate_pairs([self.dataset.pairs[i] for i in chosen], pad_id=self.pad_id)
-        self.epoch, self.batch_index = self.epoch + 1, 0
+        """The rest of this epoch, then further epochs up to `epochs` (None: without end)."""
+        while self.epochs is None or self.epoch < self.epochs:
+            order = list(range(len(self.dataset)))
+            if self.shuffle:
+                random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+            while self.batch_index < len(self):
+                chosen = order[self.batch_index * self.batch_size: (self.batch_index + 1) * self.batch_size]
+                self.batch_index += 1
+                yield collate_pairs([self.dataset.pairs[i] for i in chosen], pad_id=self.pad_id)
+            self.epoch, self.batch_index = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed}
