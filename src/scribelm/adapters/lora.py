@@ -107,8 +107,11 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        device = _weight_of(base).device
-        dtype = _weight_of(base).dtype if _weight_of(base).is_floating_point() else torch.float32
+        from scribelm.adapters.quant4 import Linear4bit
+
+        # adapters train in the base's dtype, or in float32 over a 4-bit base (QLoRA's higher precision)
+        device = base.scales.device if isinstance(base, Linear4bit) else base.weight.device
+        dtype = torch.float32 if isinstance(base, Linear4bit) else base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))  # (out, r)
         # A as nn.Linear's default init (Kaiming-uniform), B zero: the product starts at exactly zero.
@@ -147,13 +150,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
-
-
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight
-    return module.scales  # Linear4bit: its compute-dtype tensor
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -63,7 +63,8 @@ def quantize_4bit(weight: torch.Tensor, kind: str = "nf4", group_size: int = 64)
     n = flat.numel()
     pad = (-n) % group_size
     groups = F.pad(flat, (0, pad)).view(-1, group_size)  # (G, group)
-    scales = groups.abs().amax(dim=1).clamp(min=1e-12).to(torch.float16)  # (G,)
+    scales = groups.abs().amax(dim=1).to(torch.float16)  # (G,)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # an all-zero group: any scale works
     normed = groups / scales.float()[:, None]  # in [-1, 1]
     # nearest level: compare with the midpoints between sorted levels
     sorted_levels, order = levels.sort()
