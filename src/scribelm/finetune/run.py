@@ -102,6 +102,7 @@ class FinetuneResult:
 def prepare_model(model: torch.nn.Module, options: FinetuneOptions) -> list[str]:
     """Make `model` ready for its method, in place: all trainable (full), LoRA-wrapped, or
     4-bit base + LoRA (qlora). Returns the wrapped layer names (empty for full)."""
+    torch.manual_seed(options.seed)  # adapter initialisation: the same run gives the same adapters
     if options.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scribelm.adapters import LoRAConfig
+from scribelm.finetune.run import FinetuneOptions, finetune_sft
+from scribelm.lm import LM
+from scribelm.model import Transformer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scribe(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "scribelm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+CHAT = [{"instruction": f"say {w}", "output": f"{w} {w}"} for w in
+        ["best", "times", "worst", "wisdom", "earth", "heaven", "money", "fox", "dog", "lazy", "quick", "brown"]]
+PREFS = [{"prompt": f"say {w}", "chosen": w, "rejected": "no"} for w in
+         ["best", "times", "worst", "wisdom", "earth", "heaven", "money", "fox", "dog", "lazy", "quick", "brown"]]
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    base = LM(Transformer(tiny_config()), tokenizer, {}).save(tmp_path / "base")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in CHAT))
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps(r) for r in PREFS))
+    return tmp_path, base, chat, prefs
+
+
+def test_cli_lora_and_dpo_runs_write_adapters_and_report(workspace):
+    tmp, base, chat, prefs = workspace
+    result = scribe("finetune", "lora", base, "--data", chat, "-o", tmp / "lora", "--max-steps", 3, "--batch-size", 4,
+                    "--targets", "attention", "--rank", 4, "--quantize", "nf4", "--group-size", 32)
+    assert result.returncode == 0, result.stderr
+    assert "12 examples used of 12 records (0 truncated, 0 skipped" in result.stdout
+    assert "frozen weights take" in result.stdout and "adapter" in result.stdout
+    meta = json.loads((tmp / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert meta["rank"] == 4 and meta["method"] == "qlora" and meta["base_model"] == str(base)
+    assert set(load_file(str(tmp / "lora" / "adapter" / "adapter_model.safetensors"))) == {
+        f"blocks.{i}.attention.{p}.lora_{x}" for i in range(2) for p in "qkvo" for x in "AB"}
+    assert (tmp / "lora" / "metrics.jsonl").is_file() and (tmp / "lora" / "loss.png").is_file()
+
+    result = scribe("finetune", "dpo", base, "--data", prefs, "-o", tmp / "dpo", "--max-steps", 4, "--batch-size", 4,
+                    "--lora", "--lr", "5e-3", "--beta", "0.5", "--val-fraction", "0.25")
+    assert result.returncode == 0, result.stderr
+    assert "held-out pairs (3): reward margin +0.0000 ->" in result.stdout and "accuracy 0.0% ->" in result.stdout
+    assert (tmp / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lora", "--targets", "attn.c_attn"], "LoRA target 'attn.c_attn' matches no linear layer"),
+        (["sft", "--max-length", "4096"], "exceeds the model's context of 64"),
+        (["sft", "--data-line", '{"messages": [{"role": "robot", "content": "x"}]}'], "bad.jsonl:2: message 0 has role 'robot'"),
+        (["sft", "--data-line", '{"instruction": "hi", "output": ""}'], "bad.jsonl:2: message 1 is an empty assistant turn"),
+        (["dpo", "--data-line", '{"prompt": "hi", "chosen": "a"}'], "bad.jsonl:2: a preference record needs"),
+        (["sft", "--data-line", "not json"], "bad.jsonl:2: not valid JSON"),
+    ],
+)
+def test_cli_errors_are_one_line(workspace, capsys, args, message):
+    from scribelm.cli import main
+
+    tmp, base, chat, prefs = workspace
+    data = chat
+    if "--data-line" in args:
+        i = args.index("--data-line")
+        first = json.dumps(PREFS[0] if args[0] == "dpo" else CHAT[0])
+        data = tmp / "bad.jsonl"
+        data.write_text(first + "\n" + args[i + 1] + "\n")
+        args = args[:i] + args[i + 2:]
+    code = main(["finetune", args[0], str(base), "--data", str(data), "-o", str(tmp / "out"), *args[1:],
+                 "--max-steps", "1"])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert stderr.startswith("error: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_an_adapter_run_resumes_exactly(workspace):
+    tmp, base, chat, _ = workspace
+    import scribelm
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_step_4(event, info):
+        if event == "checkpoint" and info["step"] == 4:
+            raise Interrupted
+
+    def run(out, resume=False, progress=None):
+        # dropout 0: the Trainer measures peak FLOPs with torch.randn after restoring the RNG on resume
+        options = FinetuneOptions(method="lora", lora=LoRAConfig(rank=4, dropout=0.0), max_steps=6, batch_size=4,
+                                  lr=1e-2, warmup_steps=1, checkpoint_every=2, val_fraction=0.0, device="cpu",
+                                  resume=resume)
+        return finetune_sft(scribelm.load(base), chat, out, options, progress=progress)
+
+    straight = run(tmp / "straight")
+    with pytest.raises(Interrupted):
+        run(tmp / "split", progress=stop_after_step_4)
+    # the interrupted run's checkpoints hold only adapters and training state
+    step4 = tmp / "split" / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in step4.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "run_config.json", "training_state.pt"]
+    assert not (tmp / "split" / "adapter").exists()
+    resumed = run(tmp / "split", resume=True)
+    assert resumed.steps == 6
+    a = load_file(str(straight.output / "adapter_model.safetensors"))
+    b = load_file(str(resumed.output / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attention.q.lora_B"], load_file(str(step4 / "adapter_model.safetensors"))[
+        "blocks.0.attention.q.lora_B"])
