@@ -76,14 +76,19 @@ def quantize_4bit(weight: torch.Tensor, kind: str = "nf4", group_size: int = 64)
 
 def dequantize_4bit(codes: torch.Tensor, scales: torch.Tensor, shape: torch.Size | tuple[int, ...], kind: str = "nf4",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of quantize_4bit, in `dtype`."""
+    """The inverse of quantize_4bit, in `dtype`. Written into one output buffer, with
+    int32 lookups, so the transient memory is about twice the dequantized matrix."""
     levels = _levels(kind, codes.device).to(dtype)
-    unpacked = torch.stack((codes >> 4, codes & 0x0F), dim=-1).reshape(-1).long()  # (G·group,)
-    values = levels[unpacked].view(scales.numel(), -1) * scales.to(dtype)[:, None]  # (G, group)
+    n_groups = scales.numel()
+    pairs = codes.view(n_groups, -1)  # (G, group/2): two codes per byte
+    out = torch.empty(n_groups, pairs.shape[1], 2, dtype=dtype, device=codes.device)  # (G, group/2, 2)
+    out[..., 0] = levels[(pairs >> 4).int()]
+    out[..., 1] = levels[(pairs & 0x0F).int()]
+    out = out.view(n_groups, -1).mul_(scales.to(dtype)[:, None])  # (G, group)
     n = 1
     for s in shape:
         n *= s
-    return values.reshape(-1)[:n].view(*shape)
+    return out.view(-1)[:n].view(*shape)
 
 
 class _Matmul4bit(torch.autograd.Function):
