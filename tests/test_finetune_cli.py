@@ -128,3 +128,42 @@ def test_an_adapter_run_resumes_exactly(workspace):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["blocks.0.attention.q.lora_B"], load_file(str(step4 / "adapter_model.safetensors"))[
         "blocks.0.attention.q.lora_B"])
+
+
+def test_lora_on_an_imported_hf_base_merges_and_exports_to_hf(tmp_path, tokenizer, capsys):
+    """Adapters trained on a Hugging Face directory merge (scribe convert --merge-lora) into a model that
+    transformers loads and that computes what base + adapters computed."""
+    import scribelm
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from scribelm.cli import main
+    from scribelm.finetune.run import load_with_adapters
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False))
+    hf_dir = tmp_path / "hf-base"
+    hf.save_pretrained(hf_dir)
+    tokenizer.save(hf_dir)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in CHAT))
+    options = FinetuneOptions(method="lora", lora=LoRAConfig(rank=4, targets="all-linear"), max_steps=3,
+                              batch_size=4, lr=1e-2, val_fraction=0.0, device="cpu")
+    result = finetune_sft(scribelm.load(hf_dir), chat, tmp_path / "run", options, base_name=str(hf_dir))
+    adapter = result.output
+
+    ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": "say fox"}])])
+    with torch.no_grad():
+        adapted = load_with_adapters(hf_dir, adapter, merge=False).model(ids)
+        assert not torch.allclose(adapted, hf(ids).logits, atol=1e-4)  # the adapters changed the model
+    assert main(["convert", str(hf_dir), str(tmp_path / "merged-hf"), "--to", "hf", "--merge-lora", str(adapter)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-hf")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-4)
+    capsys.readouterr()
+    # adapters for another base are refused in one line
+    other = tmp_path / "other"
+    LM(Transformer(tiny_config(d_model=64)), tokenizer, {}).save(other)
+    assert main(["convert", str(other), str(tmp_path / "x"), "--to", "scribe", "--merge-lora", str(adapter)]) == 2
+    assert "load it onto the base model it was trained on" in capsys.readouterr().err
