@@ -45,24 +45,33 @@ def workspace(tmp_path, tokenizer):
     return tmp_path, base, chat, prefs
 
 
-def test_cli_lora_and_dpo_runs_write_adapters_and_report(workspace):
+def test_cli_lora_and_dpo_runs_write_adapters_and_report(workspace, capsys):
+    from scribelm.cli import main
+
     tmp, base, chat, prefs = workspace
-    result = scribe("finetune", "lora", base, "--data", chat, "-o", tmp / "lora", "--max-steps", 3, "--batch-size", 4,
-                    "--targets", "attention", "--rank", 4, "--quantize", "nf4", "--group-size", 32)
-    assert result.returncode == 0, result.stderr
-    assert "12 examples used of 12 records (0 truncated, 0 skipped" in result.stdout
-    assert "frozen weights take" in result.stdout and "adapter" in result.stdout
+    code = main(["finetune", "lora", str(base), "--data", str(chat), "-o", str(tmp / "lora"), "--max-steps", "3",
+                 "--batch-size", "4", "--targets", "attention", "--rank", "4", "--quantize", "nf4", "--group-size", "32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "12 examples used of 12 records (0 truncated, 0 skipped" in out
+    assert "frozen weights take" in out and "adapter" in out
     meta = json.loads((tmp / "lora" / "adapter" / "adapter_config.json").read_text())
     assert meta["rank"] == 4 and meta["method"] == "qlora" and meta["base_model"] == str(base)
     assert set(load_file(str(tmp / "lora" / "adapter" / "adapter_model.safetensors"))) == {
         f"blocks.{i}.attention.{p}.lora_{x}" for i in range(2) for p in "qkvo" for x in "AB"}
     assert (tmp / "lora" / "metrics.jsonl").is_file() and (tmp / "lora" / "loss.png").is_file()
 
-    result = scribe("finetune", "dpo", base, "--data", prefs, "-o", tmp / "dpo", "--max-steps", 4, "--batch-size", 4,
-                    "--lora", "--lr", "5e-3", "--beta", "0.5", "--val-fraction", "0.25")
-    assert result.returncode == 0, result.stderr
-    assert "held-out pairs (3): reward margin +0.0000 ->" in result.stdout and "accuracy 0.0% ->" in result.stdout
+    code = main(["finetune", "dpo", str(base), "--data", str(prefs), "-o", str(tmp / "dpo"), "--max-steps", "4",
+                 "--batch-size", "4", "--lora", "--lr", "5e-3", "--beta", "0.5", "--val-fraction", "0.25"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "held-out pairs (3): reward margin +0.0000 ->" in out and "accuracy 0.0% ->" in out
     assert (tmp / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_help_lists_the_methods():
+    result = scribe("finetune", "--help")
+    assert result.returncode == 0 and all(m in result.stdout for m in ("sft", "lora", "dpo"))
 
 
 @pytest.mark.parametrize(
