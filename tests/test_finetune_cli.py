@@ -176,3 +176,40 @@ def test_lora_on_an_imported_hf_base_merges_and_exports_to_hf(tmp_path, tokenize
     LM(Transformer(tiny_config(d_model=64)), tokenizer, {}).save(other)
     assert main(["convert", str(other), str(tmp_path / "x"), "--to", "scribe", "--merge-lora", str(adapter)]) == 2
     assert "load it onto the base model it was trained on" in capsys.readouterr().err
+
+
+def test_adapters_export_to_peft_and_load_onto_the_transformers_model(tmp_path, tokenizer):
+    """The real peer: peft reads our adapters onto the Hugging Face model and computes the same logits."""
+    peft = pytest.importorskip("peft")
+    import scribelm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scribelm.adapters import apply_lora
+    from scribelm.adapters.lora import LoRALinear
+    from scribelm.adapters.peft_format import save_peft_adapters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    lm = scribelm.load(tmp_path / "hf")
+    apply_lora(lm.model, LoRAConfig(rank=4, alpha=8, targets="q,v,down"))
+    with torch.no_grad():
+        for m in lm.model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.1)
+    out = save_peft_adapters(lm.model, tmp_path / "peft-adapter", base_model=str(tmp_path / "hf"))
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    hf = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), out).eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, lm.model.eval()(ids), atol=1e-5, rtol=1e-4)
+    # GPT-2 fuses q, k, v: refused with the way out
+    from scribelm.adapters import AdapterError
+
+    gpt2_like = Transformer(tiny_config(activation="gelu", norm="layernorm", position="learned", qkv_bias=True,
+                                        attn_out_bias=True, mlp_bias=True, n_kv_heads=4))
+    apply_lora(gpt2_like, LoRAConfig(rank=2))
+    with pytest.raises(AdapterError, match="merge-lora"):
+        save_peft_adapters(gpt2_like, tmp_path / "x", architecture="GPT2LMHeadModel")

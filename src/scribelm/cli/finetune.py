@@ -54,6 +54,8 @@ def _lora(p, optional: bool = False) -> None:
     p.add_argument("--quantize", choices=("none", "nf4", "int4"), default="none",
                    help="QLoRA: hold the frozen base in 4 bits")
     p.add_argument("--group-size", type=int, default=64, help="4-bit quantization group size")
+    p.add_argument("--peft", action="store_true",
+                   help="also write the adapters in peft's format to OUT/adapter-peft (Llama, Mistral, Qwen2 bases)")
 
 
 def register(subparsers) -> None:
@@ -106,7 +108,7 @@ def _options(args):
         checkpoint_every=args.checkpoint_every, precision=args.precision, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume,
         beta=getattr(args, "beta", 0.1), reference=getattr(args, "reference", "precomputed"),
-        label_smoothing=getattr(args, "label_smoothing", 0.0),
+        label_smoothing=getattr(args, "label_smoothing", 0.0), export_peft=getattr(args, "peft", False),
     )
 
 

@@ -11,7 +11,7 @@ A run directory holds what the Trainer writes (checkpoints/step-N/ to resume
 from, best/, metrics.jsonl, loss.png) plus the result: `model/` after full
 fine-tuning (a complete checkpoint directory) or `adapter/` after LoRA and
 QLoRA (adapter_model.safetensors + adapter_config.json, which names the
-base). Checkpoints of an adapter run hold only the adapters and the training
+base; with export_peft also `adapter-peft/` for Hugging Face's peft). Checkpoints of an adapter run hold only the adapters and the training
 state, so they stay small.
 """
 
@@ -68,6 +68,7 @@ class FinetuneOptions:
     gradient_checkpointing: bool = False
     seed: int = 0
     resume: bool = False
+    export_peft: bool = False  # also write the adapters in peft's format (out_dir/adapter-peft)
     # DPO
     beta: float = 0.1
     reference: str = "precomputed"  # precomputed | model (a frozen copy, or the base without adapters)
@@ -171,8 +172,13 @@ def _save_output(lm, model, options: FinetuneOptions, out_dir: Path, base_name: 
         from scribelm.checkpoint import save_checkpoint
 
         return save_checkpoint(out_dir / "model", model, model.config, lm.tokenizer, lm.generation_config)
-    return save_adapters(model, out_dir / "adapter", base_model=base_name,
-                         extra={"method": options.method, "quant": options.quant if options.method == "qlora" else None})
+    out = save_adapters(model, out_dir / "adapter", base_model=base_name,
+                        extra={"method": options.method, "quant": options.quant if options.method == "qlora" else None})
+    if options.export_peft:
+        from scribelm.adapters.peft_format import save_peft_adapters
+
+        save_peft_adapters(model, out_dir / "adapter-peft", base_model=base_name)
+    return out
 
 
 def _check_context(lm, options: FinetuneOptions) -> int:
