@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args()
     if args.worker:
