@@ -79,7 +79,7 @@ def test_cli_help_lists_the_methods():
     [
         (["lora", "--targets", "attn.c_attn"], "LoRA target 'attn.c_attn' matches no linear layer"),
         (["sft", "--max-length", "4096"], "exceeds the model's context of 64"),
-        (["sft", "--data-line", '{"messages": [{"role": "robot", "content": "x"}]}'], "bad.jsonl:2: message 0 has role 'robot'"),
+        (["sft", "--data-line", '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}'], "bad.jsonl:2: chat template: unknown role robot"),
         (["sft", "--data-line", '{"instruction": "hi", "output": ""}'], "bad.jsonl:2: message 1 is an empty assistant turn"),
         (["dpo", "--data-line", '{"prompt": "hi", "chosen": "a"}'], "bad.jsonl:2: a preference record needs"),
         (["sft", "--data-line", "not json"], "bad.jsonl:2: not valid JSON"),

@@ -76,7 +76,7 @@ def test_instruction_records_render_as_a_user_turn(tokenizer):
     "bad, message",
     [
         ("{not json", "not valid JSON"),
-        ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}, "role 'narrator'"),
+        ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role narrator; the chat template knows system, user and assistant"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
         ({"instruction": "hi"}, "needs a string 'output'"),

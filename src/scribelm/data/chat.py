@@ -87,7 +87,7 @@ def read_jsonl(path: str | os.PathLike, validate=None) -> list[tuple[int, Any]]:
     return records
 
 
-def record_to_messages(record: Any, where: str = "record") -> list[dict[str, str]]:
+def record_to_messages(record: Any, where: str = "record", tokenizer=None) -> list[dict[str, str]]:
     """A chat or instruction record -> a validated list of {role, content} messages."""
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -117,20 +117,27 @@ def record_to_messages(record: Any, where: str = "record") -> list[dict[str, str
             f"{where}: unknown record shape (keys: {', '.join(sorted(record)) or 'none'}); "
             "expected {\"messages\": [...]} or {\"instruction\", \"input\", \"output\"}"
         )
-    check_messages(out, where)
+    check_messages(out, where, tokenizer)
     return out
 
 
-def check_messages(messages: Sequence[dict[str, str]], where: str = "record") -> None:
-    """Refuse conversations the trainer cannot learn from: unknown roles, empty or missing assistant turns."""
+def check_messages(messages: Sequence[dict[str, str]], where: str = "record", tokenizer=None) -> None:
+    """Refuse conversations the trainer cannot learn from: empty or missing assistant turns, and
+    roles the chat template does not know (it is rendered once to find out; without a tokenizer,
+    the roles of the default template are the known ones)."""
     for i, m in enumerate(messages):
-        if m["role"] not in ROLES:
+        if tokenizer is None and m["role"] not in ROLES:
             raise DatasetError(f"{where}: message {i} has role {m['role']!r}; the chat template knows "
                                f"{', '.join(ROLES)}")
         if m["role"] == "assistant" and not m["content"].strip():
             raise DatasetError(f"{where}: message {i} is an empty assistant turn; remove the record or fill in the reply")
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: no assistant turn, so there is nothing to learn; add the reply")
+    if tokenizer is not None:
+        try:
+            _render(tokenizer, messages, add_generation_prompt=False)
+        except TokenizerError as err:
+            raise DatasetError(f"{where}: {err}") from None
 
 
 # --------------------------------------------------------------------------- tokenizing with a loss mask
@@ -245,7 +252,7 @@ class ChatDataset:
         Conversations longer than `max_length` tokens are truncated (or skipped, or
         refused: `overflow`), and counted in `stats`; a warning says how many.
         """
-        records = read_jsonl(path, validate=lambda record, where: (record_to_messages(record, where), record)[1])
+        records = read_jsonl(path, validate=lambda record, where: (record_to_messages(record, where, tokenizer), record)[1])
         return cls.from_records([r for _, r in records], tokenizer, max_length=max_length, overflow=overflow,
                                 train_on=train_on, lines=[n for n, _ in records], source=str(path))
 
@@ -260,7 +267,7 @@ class ChatDataset:
                                "tokens": 0, "target_tokens": 0}
         for line, record in zip(lines, records):
             where = f"{source}:{line}" if source != "record" else f"record {line}"
-            messages = record_to_messages(record, where)
+            messages = record_to_messages(record, where, tokenizer)
             try:
                 ids, trainable = tokenize_conversation(tokenizer, messages, train_on=train_on)
             except TokenizerError as err:

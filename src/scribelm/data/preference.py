@@ -47,7 +47,7 @@ class PreferencePair:
     reference_logps: tuple[float, float] | None = None
 
 
-def record_to_pair(record: Any, where: str = "record") -> tuple[list[dict[str, str]], str, str]:
+def record_to_pair(record: Any, where: str = "record", tokenizer=None) -> tuple[list[dict[str, str]], str, str]:
     """A preference record -> (prompt messages, chosen text, rejected text), validated."""
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -74,7 +74,7 @@ def record_to_pair(record: Any, where: str = "record") -> tuple[list[dict[str, s
         if not value.strip():
             raise DatasetError(f"{where}: '{key}' is an empty assistant turn; fill in the reply or drop the record")
         replies.append(value)
-    check_messages(messages + [{"role": "assistant", "content": replies[0]}], where)
+    check_messages(messages + [{"role": "assistant", "content": replies[0]}], where, tokenizer)
     return messages, replies[0], replies[1]
 
 
@@ -93,7 +93,7 @@ class PreferenceDataset:
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, tokenizer, *, max_length: int,
                    overflow: str = "truncate") -> "PreferenceDataset":
-        records = read_jsonl(path, validate=lambda record, where: (record_to_pair(record, where), record)[1])
+        records = read_jsonl(path, validate=lambda record, where: (record_to_pair(record, where, tokenizer), record)[1])
         return cls.from_records([r for _, r in records], tokenizer, max_length=max_length, overflow=overflow,
                                 lines=[n for n, _ in records], source=str(path))
 
@@ -105,7 +105,7 @@ class PreferenceDataset:
         pairs, stats = [], {"records": len(records), "examples": 0, "truncated": 0, "skipped": 0}
         for line, record in zip(lines, records):
             where = f"{source}:{line}" if source != "record" else f"record {line}"
-            prompt, chosen, rejected = record_to_pair(record, where)
+            prompt, chosen, rejected = record_to_pair(record, where, tokenizer)
             made = []
             for reply in (chosen, rejected):
                 try:
