@@ -202,3 +202,17 @@ def test_preference_pairs_learn_only_the_reply(tmp_path, tokenizer):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "chosen": "", "rejected": "c"}])
     with pytest.raises(DatasetError, match="empty.jsonl:1: 'chosen' is an empty assistant turn"):
         PreferenceDataset.from_jsonl(empty, tokenizer, max_length=64)
+
+
+def test_each_process_reads_its_own_share(tokenizer):
+    records = [{"instruction": f"count to {i}", "output": " ".join(str(j) for j in range(i % 6 + 1))} for i in range(30)]
+    ds = ChatDataset.from_records(records, tokenizer, max_length=64)
+    shards = [SFTLoader(ds, 1, pack=False, seed=1, rank=r, world_size=3) for r in range(3)]
+    seen = [[tuple(b["ids"][0].tolist()) for b in loader] for loader in shards]
+    assert [len(s) for s in seen] == [10, 10, 10]
+    assert len(set(seen[0]) | set(seen[1]) | set(seen[2])) == 30  # disjoint, together the whole epoch
+    prefs = PreferenceDataset.from_records([{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(5)],
+                                           tokenizer, max_length=32)
+    from scribelm.data.preference import PreferenceLoader
+
+    assert [len(PreferenceLoader(prefs, 1, rank=r, world_size=2)) for r in range(2)] == [2, 2]

@@ -321,6 +321,25 @@ def _split(dataset, val_fraction: float, seed: int):
 # --------------------------------------------------------------------------- packing and batching
 
 
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's slice of the data under torchrun (RANK / WORLD_SIZE), or (0, 1)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    return rank, max(world_size, 1)
+
+
+def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """Indices for one epoch: shuffled with (seed, epoch), then every world_size-th from rank,
+    the same count on every process so they step together."""
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    per_rank = n // world_size
+    if per_rank == 0:
+        raise DatasetError(f"{n} rows cannot be shared among {world_size} processes; add data or use fewer processes")
+    return order[rank::world_size][:per_rank]
+
+
 def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """Group example indices into rows of at most `max_length` tokens (first-fit decreasing).
 
@@ -389,11 +408,13 @@ class SFTLoader:
     """
 
     def __init__(self, dataset: ChatDataset, batch_size: int, *, max_length: int | None = None, pack: bool = True,
-                 shuffle: bool = True, seed: int = 0, pad_id: int = 0, epochs: int | None = 1) -> None:
+                 shuffle: bool = True, seed: int = 0, pad_id: int = 0, epochs: int | None = 1,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.pad_id = dataset, batch_size, shuffle, seed, pad_id
         self.epochs = epochs
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
         lengths = [len(e) for e in dataset.examples]
         self.max_length = max_length or max(lengths)
         self.sequence_length = self.max_length  # what the trainer's FLOP estimate reads
@@ -401,8 +422,8 @@ class SFTLoader:
         self.epoch, self.batch_index = 0, 0
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return math.ceil(len(self.rows) / self.batch_size)
+        """Batches per epoch (on this process)."""
+        return math.ceil(len(self.rows) // self.world_size / self.batch_size)
 
     @property
     def fill(self) -> float:
@@ -411,10 +432,7 @@ class SFTLoader:
         return used / (len(self.rows) * self.max_length)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        if self.shuffle:
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        return order
+        return _epoch_order(len(self.rows), self.shuffle, self.seed, epoch, self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.epochs is None or self.epoch < self.epochs:

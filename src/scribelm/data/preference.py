@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,8 @@ from scribelm.data.chat import (
     DatasetError,
     Example,
     _check_overflow,
+    _epoch_order,
+    _rank_and_world,
     _split,
     _warn_overflow,
     check_messages,
@@ -154,23 +155,24 @@ class PreferenceLoader:
     """Batches of preference pairs, shuffled per epoch with (seed, epoch), resumable."""
 
     def __init__(self, dataset: PreferenceDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 pad_id: int = 0, epochs: int | None = 1) -> None:
+                 pad_id: int = 0, epochs: int | None = 1, rank: int | None = None,
+                 world_size: int | None = None) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.pad_id = dataset, batch_size, shuffle, seed, pad_id
         self.epochs = epochs
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.sequence_length = max(max(len(p.chosen), len(p.rejected)) for p in dataset.pairs)
         self.epoch, self.batch_index = 0, 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
+        """Batches per epoch (on this process)."""
+        return math.ceil(len(self.dataset) // self.world_size / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of this epoch, then further epochs up to `epochs` (None: without end)."""
         while self.epochs is None or self.epoch < self.epochs:
-            order = list(range(len(self.dataset)))
-            if self.shuffle:
-                random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+            order = _epoch_order(len(self.dataset), self.shuffle, self.seed, self.epoch, self.rank, self.world_size)
             while self.batch_index < len(self):
                 chosen = order[self.batch_index * self.batch_size: (self.batch_index + 1) * self.batch_size]
                 self.batch_index += 1
