@@ -28,7 +28,7 @@ def _common(p) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, help="peak learning rate (default depends on the method)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: SFT 2e-5, LoRA 2e-4, DPO 1e-6, DPO+LoRA 5e-6; tiny models want more)")
     p.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-length", type=int, help="tokens per example (default: the model's context)")
