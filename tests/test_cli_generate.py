@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import select
@@ -136,29 +137,27 @@ def test_chat_drops_oldest_turns_to_fit_context(tokenizer):
     torch.manual_seed(0)
     lm = LM(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64)).eval(), tokenizer)
     session = ChatSession(lm, system="s", settings={"temperature": 0, "max_new_tokens": 4})
-    for i in range(12):
+    for i in range(7):
         session.respond(f"message number {i}", lambda d: None)
         assert len(tokenizer.encode_chat(session.messages())) <= 64
     assert session.messages()[0]["role"] == "system"
-    assert session.history[-2]["content"] == "message number 11"
+    assert session.history[-2]["content"] == "message number 6"
     assert not any(m["content"] == "message number 0" for m in session.history)
     with pytest.raises(ScribeError, match="does not fit the model's context"):
         session.respond("long " * 80, lambda d: None)
 
 
-def test_chat_piped_stdin(talker_dir, tmp_path):
-    script = "hello\n/system short\n/save " + str(tmp_path / "chat.json") + "\n/reset\nhi\n"
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "scribelm.cli", "chat", str(talker_dir), "--temperature", "0",
-                           "--max-new-tokens", "5"],
-                          input=script, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_chat_piped_stdin(talker_dir, tmp_path, monkeypatch, capsys):
+    script = "hello\n/system short\n/save " + str(tmp_path / "chat.json") + "\n/reset\nhi\n/nope\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", str(talker_dir), "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
     saved = json.loads((tmp_path / "chat.json").read_text())["messages"]
     assert [m["role"] for m in saved] == ["system", "user", "assistant"]
     assert saved[1]["content"] == "hello"
-    lines = proc.stdout.splitlines()
+    lines = out.splitlines()
     assert len(lines) == 2 and lines[0] == saved[2]["content"] and len(lines[0]) == 5 and set(lines[0]) <= set("abcdefgh")
-    assert "conversation cleared" in proc.stderr
+    assert "conversation cleared" in err and "error: unknown command /nope" in err
 
 
 def test_chat_sigint_stops_answer_not_chat(talker_dir, tmp_path):

@@ -101,12 +101,12 @@ def test_batched_equals_one_by_one(tokenizer, position):
 
 
 def test_seeds_reproduce(random_lm):
-    a = random_lm.generate("It was", max_new_tokens=20, seed=11, temperature=1.2)
-    assert random_lm.generate("It was", max_new_tokens=20, seed=11, temperature=1.2) == a
-    others = {random_lm.generate("It was", max_new_tokens=20, seed=s, temperature=1.2) for s in range(4)}
+    a = random_lm.generate("It was", max_new_tokens=12, seed=11, temperature=1.2)
+    assert random_lm.generate("It was", max_new_tokens=12, seed=11, temperature=1.2) == a
+    others = {random_lm.generate("It was", max_new_tokens=12, seed=s, temperature=1.2) for s in range(3)}
     assert len(others) > 1
     # a seeded prompt gives the same text inside a batch
-    batch = random_lm.generate(["Call me", "It was"], max_new_tokens=20, seed=11, temperature=1.2)
+    batch = random_lm.generate(["Call me", "It was"], max_new_tokens=12, seed=11, temperature=1.2)
     assert batch[1] == a
     # several return sequences differ from each other and reproduce too
     three = random_lm.generate("It was", max_new_tokens=10, seed=3, num_return_sequences=3)
@@ -136,17 +136,21 @@ def test_beam_search_finds_the_exhaustive_optimum(length_penalty):
         model.unembedding.weight.mul_(40)
     prompt = [1, 2]
 
-    def score(seq):
-        with torch.no_grad():
-            lp = model(torch.tensor([prompt + seq])).log_softmax(-1)[0]
-        total = sum(lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq))
-        return total / len(seq) ** length_penalty
-
     candidates = []
     for n in range(1, max_new + 1):
         for body in itertools.product(range(1, V), repeat=n - 1):
             candidates.append(list(body) + [EOS])  # ends with EOS
     candidates += [list(s) for s in itertools.product(range(1, V), repeat=max_new)]  # runs out of tokens
+    # every candidate's log-probabilities from one batched forward (right-padded: causal, so harmless)
+    padded = torch.tensor([prompt + c + [1] * (max_new - len(c)) for c in candidates])
+    with torch.no_grad():
+        table = model(padded).log_softmax(-1)  # (N, T, V)
+    totals = {
+        tuple(c): sum(table[n, len(prompt) - 1 + i, t].item() for i, t in enumerate(c)) for n, c in enumerate(candidates)
+    }
+
+    def score(seq):
+        return totals[tuple(seq)] / len(seq) ** length_penalty
     best = max(candidates, key=score)
     settings = SamplingSettings(num_beams=40, max_new_tokens=max_new, stop_token_ids=[EOS],
                                 length_penalty=length_penalty, num_return_sequences=3)
@@ -158,7 +162,7 @@ def test_beam_search_finds_the_exhaustive_optimum(length_penalty):
     assert [c.token_ids for c in found] == ranked[:3]
     greedy = BatchGeneration(model, None, [prompt], SamplingSettings(temperature=0, max_new_tokens=max_new,
                                                                      stop_token_ids=[EOS])).run()[0]
-    assert score(best) >= score(greedy.token_ids)
+    assert score(best) >= score(greedy.token_ids) - 1e-6
 
 
 def test_beam_search_details_through_lm(random_lm):
