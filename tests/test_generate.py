@@ -276,12 +276,12 @@ def test_bad_input_through_lm(random_lm, settings, message):
     with pytest.raises(ScribeError, match=message):
         random_lm.generate("It was", max_new_tokens=3, **settings)
     with pytest.raises(ScribeError, match=message):
-        list(random_lm.stream("It was", max_new_tokens=3, **settings))
+        random_lm.stream("It was", max_new_tokens=3, **settings)  # raises before iteration
 
 
 def test_streaming_refuses_beams(random_lm):
     with pytest.raises(ScribeError, match="streaming gives one sequence"):
-        list(random_lm.stream("It was", num_beams=2))
+        random_lm.stream("It was", num_beams=2)
 
 
 def test_checkpoint_generation_defaults_apply(tmp_path, random_lm):
