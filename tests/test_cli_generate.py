@@ -190,3 +190,12 @@ def test_chat_sigint_stops_answer_not_chat(talker_dir, tmp_path):
     assert saved[0] == {"role": "user", "content": "go"}
     assert saved[1]["role"] == "assistant" and len(saved[1]["content"]) >= 100
     assert set(saved[1]["content"]) <= set("abcdefgh")
+
+
+def test_generate_reads_prompt_from_stdin(random_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("It was"))
+    assert main(["generate", str(random_dir), "-", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    lm = __import__("scribelm").load(random_dir)
+    assert data["text"] == lm.generate("It was", max_new_tokens=5, temperature=0)
+    assert data["prompt_tokens"] == len(lm.tokenizer.encode("It was"))

@@ -91,3 +91,30 @@ def test_greedy_and_beam_equal_transformers(build):
     # and batched (left padding) gives the same rows
     both = BatchGeneration(ours, None, prompts, SamplingSettings(temperature=0, max_new_tokens=16)).run()
     assert [c.token_ids for c in both] == expected
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_beam_search_with_eos_equals_transformers(early_stopping):
+    torch.manual_seed(0)
+    hf, ours = llama_pair()
+    with torch.no_grad():
+        hf.get_output_embeddings().weight.mul_(10)
+        ours.unembedding.weight.copy_(hf.get_output_embeddings().weight)
+    prompt = [5, 17, 3, 44]
+    greedy = BatchGeneration(ours, None, [prompt], SamplingSettings(temperature=0, max_new_tokens=12)).run()[0].token_ids
+    eos = greedy[2]  # a token the model likes, so that hypotheses do finish
+    ids = torch.tensor([prompt])
+    for length_penalty in (1.0, 0.5):
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, num_beams=3,
+                              num_return_sequences=3, eos_token_id=eos, pad_token_id=eos, early_stopping=early_stopping,
+                              length_penalty=length_penalty, output_scores=True, return_dict_in_generate=True)
+        theirs = []
+        for row in out.sequences[:, len(prompt):].tolist():
+            theirs.append(row[: row.index(eos) + 1] if eos in row else row)
+        mine = beam_search(ours, None, prompt, SamplingSettings(
+            num_beams=3, num_return_sequences=3, max_new_tokens=10, stop_token_ids=[eos],
+            early_stopping=early_stopping, length_penalty=length_penalty))
+        assert any(t[-1] == eos for t in theirs)  # some hypotheses did finish on EOS
+        assert [c.token_ids for c in mine] == theirs
+        assert [c.score for c in mine] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)

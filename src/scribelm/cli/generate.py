@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from scribelm.cli.common import console, err_console, print_json
+from scribelm.errors import ScribeError
 
 
 def add_sampling_arguments(p) -> None:
@@ -65,7 +66,12 @@ def load_model(path: str, device: str = "cpu"):
 def run(args) -> int:
     from scribelm.generate import BatchGeneration, encode_prompt, generate, resolve_settings
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        if sys.stdin.isatty():
+            raise ScribeError('give a prompt: scribe generate MODEL "text" (or pipe it in with "-")')
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt
     lm = load_model(args.model, args.device)
     overrides = sampling_overrides(args)
     if args.beams is not None:
