@@ -96,7 +96,7 @@ class TokenEvent:
     finished: bool = False
 
 
-def _token_text(tokenizer, token_id: int) -> str:
+def token_text(tokenizer, token_id: int) -> str:
     if tokenizer is None:
         return ""
     return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
@@ -240,8 +240,8 @@ class BatchGeneration:
                     top = list(zip(top_ids[b][:n], top_lps[b][:n])) if n else []
                     event.logprob, event.top = lp[b], top
                     self.logprobs[b].append(TokenLogprob(
-                        token, _token_text(self.tokenizer, token), lp[b],
-                        [{"token_id": i, "token": _token_text(self.tokenizer, i), "logprob": v} for i, v in top],
+                        token, token_text(self.tokenizer, token), lp[b],
+                        [{"token_id": i, "token": token_text(self.tokenizer, i), "logprob": v} for i, v in top],
                     ))
                 detok = self.detokenizers[b]
                 if token in self.stop_ids[b]:

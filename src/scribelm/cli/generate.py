@@ -139,14 +139,14 @@ def _completion_json(c, with_logprobs: bool) -> dict[str, Any]:
 
 def _print_probs(gen, tokenizer, top_n: int) -> None:
     """One line per generated token: the token, its probability, and the top candidates."""
-    from scribelm.generate import _token_text
+    from scribelm.generate import token_text
 
     console.print(f"[dim]{'token':>16}  {'prob':>6}   top candidates[/dim]")
     for events in gen:
         for e in events:
-            token = _token_text(tokenizer, e.token_id)
+            token = token_text(tokenizer, e.token_id)
             alternatives = "  ".join(
-                f"{_token_text(tokenizer, i)!r} {math.exp(lp):.3f}" for i, lp in (e.top or [])[:top_n]
+                f"{token_text(tokenizer, i)!r} {math.exp(lp):.3f}" for i, lp in (e.top or [])[:top_n]
             )
             prob = math.exp(e.logprob) if e.logprob is not None else float("nan")
             console.print(f"{token!r:>16}  {prob:6.3f}   {alternatives}", markup=False)
