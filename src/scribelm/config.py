@@ -49,7 +49,7 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm has none)
     position: str = "learned"  # one of POSITIONS
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"}
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"} or {"type": "linear", "factor"}
     qkv_bias: bool = True  # biases on the query, key and value projections
     attn_out_bias: bool = True  # bias on the attention output projection
     mlp_bias: bool = True  # biases on the MLP projections
@@ -124,11 +124,15 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
-            if kind != "llama3":
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3'")
-            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"):
+            required = {
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
+                "linear": ("factor",),  # position interpolation: every frequency divided by `factor`
+            }
+            if kind not in required:
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'linear'")
+            for key in required[kind]:
                 if key not in self.rope_scaling:
-                    raise ConfigError(f"rope_scaling of type 'llama3' needs the key '{key}'")
+                    raise ConfigError(f"rope_scaling of type {kind!r} needs the key '{key}'")
 
     # -- derived --------------------------------------------------------------
     @property

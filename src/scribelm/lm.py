@@ -59,22 +59,34 @@ class LM:
 
         return chat(self, messages, stream=stream, **settings)
 
-    def save(self, path: str | os.PathLike, format: str = "scribe") -> Path:
+    def save(self, path: str | os.PathLike, format: str = "scribe", **options: Any) -> Path:
+        """Write a checkpoint directory: format "scribe" (native) or "hf" (Hugging Face; options:
+        max_shard_size, architecture — see `scribelm.interop.hf.save_hf`)."""
+        if format == "hf":
+            from scribelm.interop.hf import save_hf
+
+            return save_hf(self, path, **options)
         if format != "scribe":
-            raise ScribeError(f"unknown save format {format!r}; supported: 'scribe'")
+            raise ScribeError(f"unknown save format {format!r}; supported: 'scribe', 'hf'")
+        if options:
+            raise ScribeError(f"unknown option(s) for the scribe format: {', '.join(sorted(options))}")
         return save_checkpoint(path, self.model, self.config, self.tokenizer, self.generation_config)
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
-    """Load a scribelm checkpoint directory as an `LM`."""
+    """Load a scribelm checkpoint directory, or a Hugging Face model directory
+    (GPT-2, Llama, Mistral, Qwen2; converted on the fly), as an `LM`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no model at {path}: give a checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; give the checkpoint directory that holds config.json")
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
-        # read_config gives the precise reason (corrupt JSON, foreign format, ...)
-        pass
+        from scribelm.interop.hf import is_hf_directory, load_hf
+
+        if is_hf_directory(path):
+            return load_hf(path, device=device, dtype=dtype)
+        # otherwise read_config gives the precise reason (corrupt JSON, foreign format, ...)
     model = load_model(path, device=device, dtype=dtype)
     model.eval()
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None

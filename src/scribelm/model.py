@@ -82,6 +82,8 @@ def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = 
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(is_medium, blended, scaled)
+    elif scaling is not None and scaling["type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]  # positions interpolated: angle(t) = t/factor · θ_i
     return inv_freq
 
 

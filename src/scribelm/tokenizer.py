@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -307,8 +308,17 @@ def _render_template(template: str, **context: Any) -> str:
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    def tojson(x: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # The environment transformers renders chat templates in (loop controls, unescaped tojson,
+    # strftime_now, tools/documents defined), so a model's own template gives the same prompt.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    context.setdefault("tools", None)
+    context.setdefault("documents", None)
     try:
         return env.from_string(template).render(**context)
     except TemplateError as err:

@@ -41,6 +41,10 @@ def resolve_config(name_or_path: str):
     if name_or_path in PRESETS:
         return ModelConfig.from_preset(name_or_path)
     if path.is_dir():
+        from scribelm.interop.hf import config_from_hf, is_hf_directory, read_hf_config
+
+        if is_hf_directory(path):  # a Hugging Face model directory
+            return config_from_hf(read_hf_config(path))
         return read_config(path)
     if path.is_file():
         try:

@@ -1,0 +1,90 @@
+"""`scribe convert SRC DST --to scribe|hf|gguf|onnx`: one model, another format.
+
+SRC is anything `scribelm.load` reads (a scribelm checkpoint or a Hugging Face
+directory). `scribe` and `hf` write directories; `gguf` and `onnx` write one
+file. Every output is written atomically, and an existing DST is replaced
+only with --force.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+from scribelm.cli.common import console, err_console, human_bytes
+from scribelm.errors import ScribeError
+
+FORMATS = ("scribe", "hf", "gguf", "onnx")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a model between scribelm, Hugging Face, GGUF and ONNX")
+    p.add_argument("src", help="scribelm checkpoint or Hugging Face model directory")
+    p.add_argument("dst", help="output directory (scribe, hf) or file (gguf, onnx)")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the source's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf: largest weight file before sharding (default 5GB)")
+    p.add_argument("--architecture", help="hf: force the family, e.g. LlamaForCausalLM (default: picked from the config)")
+    p.add_argument("--gguf-type", default="f32", help="gguf: tensor type (default f32)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(handler=run)
+
+
+def _exporter(module: str, function: str, what: str):
+    """The export function of an optional interop module, or a clear error if it is absent."""
+    try:
+        return getattr(importlib.import_module(f"scribelm.interop.{module}"), function)
+    except ModuleNotFoundError as err:
+        if err.name == f"scribelm.interop.{module}":
+            raise ScribeError(f"{what} export is not available in this scribelm installation") from None
+        raise ScribeError(f"{what} export needs the package '{err.name}': pip install 'scribelm[{module}]'") from None
+
+
+def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, max_shard_size: str = "5GB",
+            architecture: str | None = None, gguf_type: str = "f32", force: bool = False) -> Path:
+    import torch
+
+    import scribelm
+
+    src, dst = Path(src), Path(dst)
+    if to not in FORMATS:
+        raise ScribeError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ScribeError("DST is the same as SRC; write the converted model somewhere else")
+    if dst.exists() and not force:
+        raise ScribeError(f"{dst} already exists; choose another DST or pass --force to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise ScribeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    lm = scribelm.load(src, dtype=getattr(torch, dtype) if dtype else None)
+    if to == "scribe":
+        return lm.save(dst)
+    if to == "hf":
+        return lm.save(dst, format="hf", max_shard_size=max_shard_size, architecture=architecture)
+    if dst.is_dir():
+        raise ScribeError(f"{dst} is a directory; {to} export writes a single file")
+    if to == "gguf":
+        _exporter("gguf", "export_gguf", "GGUF")(lm, dst, type=gguf_type)
+    else:
+        _exporter("onnx", "export_onnx", "ONNX")(lm, dst)
+    return dst
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def run(args) -> int:
+    with warnings.catch_warnings(record=True) as caught:  # one readable line each, not Python's format
+        warnings.simplefilter("always", UserWarning)
+        out = convert(
+            args.src, args.dst, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            architecture=args.architecture, gguf_type=args.gguf_type, force=args.force,
+        )
+    for warning in caught:
+        err_console.print(f"warning: {warning.message}")
+    console.print(f"wrote {out} ({args.to}, {human_bytes(_size(Path(out)))})")
+    return 0
