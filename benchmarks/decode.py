@@ -13,8 +13,9 @@ same logits, then times, side by side in one run:
               prefill is excluded); also reported as GB/s of weights read
               (every decode step reads every weight once)
 
-and prints scribelm / transformers ratios. Timings are medians of a few
-repeats; on a shared machine they move, so compare ratios from one run.
+and prints scribelm / transformers ratios. The two take turns within each
+repeat; timings are medians. On a shared machine they move, so compare
+ratios from one run.
 """
 
 from __future__ import annotations
@@ -66,15 +67,6 @@ def build_pair(args, dtype):
     return hf, ours
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=32000)
@@ -85,7 +77,7 @@ def main() -> None:
     p.add_argument("--mlp", type=int, default=2048)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prompt", type=int, default=64, help="prompt length in tokens")
-    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    p.add_argument("--new-tokens", type=int, default=24, help="new tokens per timed generation")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -158,16 +150,24 @@ def main() -> None:
         a = [c.token_ids for c in ours_generate(batch_ids, 4)]
         b = hf_generate(batch_ids, 4)[:, args.prompt:].tolist()
         same = a == b
-        for name, prefill, gen in (("scribelm", ours_prefill, ours_generate), ("transformers", hf_prefill, hf_generate)):
+        impls = {"scribelm": (ours_prefill, ours_generate), "transformers": (hf_prefill, hf_generate)}
+        prefill_times = {name: [] for name in impls}
+        gaps = {name: [] for name in impls}
+        for name, (prefill, _) in impls.items():
             prefill(batch_ids)  # warm-up
-            t_prefill = median_time(lambda: prefill(batch_ids), args.repeats)
-            # decode: the median gap between consecutive new tokens over one long generation
-            gaps = []
-            for _ in range(max(1, args.repeats // 2)):
+        # The two take turns, repeat after repeat, so that a change in the machine's load
+        # hits both alike.
+        for _ in range(args.repeats):
+            for name, (prefill, gen) in impls.items():
+                start = time.perf_counter()
+                prefill(batch_ids)
+                prefill_times[name].append(time.perf_counter() - start)
                 stamps: list[float] = []
                 gen(batch_ids, args.new_tokens, stamps)
-                gaps += [b - a for a, b in zip(stamps, stamps[1:])]
-            step = statistics.median(gaps)
+                gaps[name] += [b - a for a, b in zip(stamps, stamps[1:])]  # time between new tokens
+        for name in impls:
+            t_prefill = statistics.median(prefill_times[name])
+            step = statistics.median(gaps[name])
             rows.append(dict(name=name, batch=B, prefill=B * args.prompt / t_prefill, decode=B / step,
                              gbs=weight_bytes / step / 1e9, ms=step * 1e3, same=same))
 
