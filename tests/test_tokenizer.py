@@ -146,3 +146,9 @@ def test_sentencepiece_style_hf_tokenizer_json(tmp_path, corpus):
     ids = tok.encode("the earth")
     assert ids == sp.encode("the earth").ids
     assert tok.decode_bytes(ids).strip() == b"the earth"
+
+
+def test_long_strings_train_as_text_not_paths():
+    long_text = "a long line of training text " * 500
+    tok = Tokenizer.train([long_text, long_text], vocab_size=300, min_frequency=1)
+    assert tok.decode(tok.encode(long_text)) == long_text

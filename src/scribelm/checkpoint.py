@@ -101,6 +101,8 @@ def save_checkpoint(
     path = Path(path)
     with atomic_directory(path) as tmp:
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **config.to_dict()}
+        if getattr(model, "quantization", None):  # weight-only quantized (scribelm.quant)
+            data["quantization"] = model.quantization
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2))
         save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -133,11 +135,17 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(
             f"{path} was written by a newer scribelm (format {data['format_version']}); upgrade scribelm to read it"
         )
-    fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    fields = {k: v for k, v in data.items() if k not in ("format", "format_version", "quantization")}
     try:
         return ModelConfig.from_dict(fields)
     except ConfigError as err:
         raise CheckpointError(f"{file}: {err}") from None
+
+
+def read_quantization(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The "quantization" entry of a checkpoint's config.json (None for a float model)."""
+    read_config(path)  # the same checks, the same messages
+    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
 
 
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -156,9 +164,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     from scribelm.model import Transformer
 
     config = read_config(path)
+    quantization = read_quantization(path)
     state = read_weights(path)
     with torch.device("meta"):
         model = Transformer(config)
+    if quantization is not None:
+        from scribelm.quant import QuantizationError, prepare_quantized_skeleton
+
+        try:
+            prepare_quantized_skeleton(model, quantization, set(state))
+        except QuantizationError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "unembedding.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -174,9 +190,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
             raise CheckpointError(
                 f"weight {name} in {path} has shape {tuple(tensor.shape)} but config.json implies {tuple(expected[name].shape)}"
             )
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    if dtype is not None:  # integer codes and their scales keep their own dtypes
+        from scribelm.quant import is_quantized_tensor
+
+        state = {k: v if is_quantized_tensor(k) else v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and isinstance(model.unembedding, torch.nn.Linear):  # (a quantized one has its own copy)
         model.unembedding.weight = model.token_embedding.weight
     return model.to(device)

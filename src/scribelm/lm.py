@@ -76,9 +76,19 @@ class LM:
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
     """Load a scribelm checkpoint directory, or a Hugging Face model directory
     (GPT-2, Llama, Mistral, Qwen2; converted on the fly), as an `LM`."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"no model at {path}: give a checkpoint directory")
+        # A MODEL argument may also name a model in the local store (`scribe models add`).
+        from scribelm.serve.registry import ModelStore
+
+        store = ModelStore()
+        if str(path) in store.names():
+            path = store.path(str(path))
+        else:
+            raise CheckpointError(
+                f"no model at {path}: give a checkpoint directory, a Hugging Face model directory "
+                "or a name from `scribe models list`"
+            )
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; give the checkpoint directory that holds config.json")
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():

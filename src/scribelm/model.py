@@ -283,7 +283,8 @@ class Transformer(nn.Module):
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding (S counts
         cached positions plus the T new ones), or (B, T, S) booleans saying which
-        keys each query may see (combined with the causal mask).
+        keys each query may see (combined with the causal mask),
+        or (B, 1, T, S) booleans used as they are (the caller owns causality).
         """
         B, T = ids.shape
         start = cache.length if cache is not None else 0
@@ -315,7 +316,9 @@ class Transformer(nn.Module):
         # Cheapest correct mask: SDPA's built-in causal mask for a fresh full sequence,
         # no mask for one new token attending everything cached, explicit otherwise.
         mask, is_causal = None, False
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()  # (B, 1, T, S) final: rows whose caches differ in length (serving slots)
+        elif attention_mask is not None:
             mask = self._attention_mask(T, S, start, attention_mask, ids.device)
         elif start == 0 and T > 1:
             is_causal = True

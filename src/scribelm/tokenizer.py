@@ -118,7 +118,7 @@ class Tokenizer:
         )
         if files is None:
             files = isinstance(texts_or_files, (list, tuple)) and all(
-                isinstance(f, (os.PathLike, str)) and Path(f).is_file() for f in texts_or_files
+                isinstance(f, (os.PathLike, str)) and _is_file(f) for f in texts_or_files
             ) and len(texts_or_files) > 0
         if files:
             paths = [str(p) for p in texts_or_files]
@@ -293,6 +293,16 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _is_file(candidate: str | os.PathLike) -> bool:
+    """True for an existing file; False for text that merely looks like a path (or is too long for one)."""
+    if isinstance(candidate, str) and ("\n" in candidate or len(candidate) > 4096):
+        return False
+    try:
+        return Path(candidate).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _token_name(value: Any) -> str | None:

@@ -32,7 +32,7 @@ def human_bytes(n: float) -> str:
 
 
 def resolve_config(name_or_path: str):
-    """A preset name, a checkpoint directory, or a config.json file -> ModelConfig."""
+    """A preset name, a checkpoint directory, a config.json file, or a store name -> ModelConfig."""
     from scribelm.checkpoint import read_config
     from scribelm.config import PRESETS, ModelConfig
     from scribelm.errors import ConfigError
@@ -53,4 +53,9 @@ def resolve_config(name_or_path: str):
             raise ConfigError(f"{path} is not valid JSON ({err})") from None
         data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
         return ModelConfig.from_dict(data)
-    raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    from scribelm.serve.registry import ModelStore
+
+    store = ModelStore()
+    if name_or_path in store:  # a name in the local model store
+        return read_config(store.path(name_or_path))
+    raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a model directory, nor a stored model")

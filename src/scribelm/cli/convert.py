@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the source's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="hf: largest weight file before sharding (default 5GB)")
     p.add_argument("--architecture", help="hf: force the family, e.g. LlamaForCausalLM (default: picked from the config)")
-    p.add_argument("--gguf-type", default="f32", help="gguf: tensor type (default f32)")
+    p.add_argument("--gguf-type", "--type", dest="gguf_type", default="f32",
+                   help="gguf: tensor type f32, f16 or q8_0 (default f32)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(handler=run)
 

@@ -1,0 +1,197 @@
+"""Batch-1 decode speed of quantized scribelm models against llama.cpp, same weights.
+
+    python benchmarks/decode_quant.py                       # ~110M-parameter Llama-style model
+    python benchmarks/decode_quant.py --layers 4 --new-tokens 16 --threads 1
+
+Decoding one token at a time reads every weight once per token, so its speed
+is bounded by memory bandwidth: tokens/s ≤ bandwidth / bytes of weights. This
+script measures, in one run:
+
+    roofline      the machine's copy bandwidth (a large tensor copy: read + write)
+    scribelm      fp32, bf16, int8 and int4 (group 32) weights, unembedding
+                  quantized too, greedy decode with the KV cache
+    llama.cpp     the same weights exported with scribelm's GGUF writer as
+                  f32, f16 and q8_0, decoded through llama-cpp-python
+
+Each row gives decode tokens/s (prefill excluded), the weight bytes a step
+reads, the resulting GB/s, its share of the roofline, and speed ratios
+against scribelm fp32 and llama.cpp q8_0. Timings are medians of a few
+repeats; on a shared machine they move, so compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import scribelm  # noqa: E402
+from scribelm.config import ModelConfig  # noqa: E402
+from scribelm.interop.gguf import export_gguf  # noqa: E402
+from scribelm.quant import quantize_model  # noqa: E402
+
+
+def copy_bandwidth(megabytes: int, repeats: int) -> float:
+    """GB/s of a large tensor copy, counting the bytes read and the bytes written."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_bytes(model) -> int:
+    """Bytes a decode step reads: everything except the embedding table (one row per token)."""
+    total, seen = 0, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name.startswith(("token_embedding", "position_embedding")):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    if model.config.tie_embeddings and isinstance(model.unembedding, torch.nn.Linear):
+        total += model.token_embedding.weight.numel() * model.token_embedding.weight.element_size()
+    return total
+
+
+@torch.no_grad()
+def scribelm_decode(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
+    """Seconds per decoded token (greedy, batch 1, KV cache), median over repeats."""
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up kernels and caches
+        cache = scribelm.KVCache(model.config, 1, len(prompt) + new_tokens + 1, dtype=next(model.parameters()).dtype)
+        logits = model(torch.tensor([prompt]), cache=cache)
+        token = int(logits[0, -1].argmax())
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([[token]]), cache=cache)
+            token = int(logits[0, -1].argmax())
+        times.append((time.perf_counter() - start) / new_tokens)
+    return statistics.median(times[1:])
+
+
+def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> float:
+    import numpy as np
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    times = []
+    for _ in range(repeats + 1):
+        llm.reset()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        times.append((time.perf_counter() - start) / new_tokens)
+    llm.close()
+    return statistics.median(times[1:])
+
+
+def gguf_matmul_bytes(path: Path) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    total = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue  # only one row is read per token
+        total += int(t.n_bytes)
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=2048)
+    p.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--copy-mb", type=int, default=512, help="size of the roofline copy")
+    p.add_argument("--skip-llama-cpp", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = ModelConfig(
+        vocab_size=args.vocab, context_length=args.prompt + args.new_tokens + 16, d_model=args.width,
+        n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads, d_mlp=args.mlp, activation="swiglu",
+        norm="rmsnorm", norm_bias=False, position="rope", qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+        tie_embeddings=True, name="bench-llama",
+    )
+    torch.manual_seed(0)
+    base = scribelm.Transformer(config).eval()
+    tokenizer = scribelm.Tokenizer.train(
+        ["In the beginning God created the heaven and the earth. " * 20, "And the earth was without form."],
+        vocab_size=300, min_frequency=1, files=False,
+    )
+    prompt = [int(i) for i in torch.randint(0, args.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1))]
+    print(f"model: {base.num_parameters() / 1e6:.1f}M parameters ({args.layers} layers, width {args.width}, "
+          f"MLP {args.mlp}, vocab {args.vocab}); batch 1, prompt {args.prompt}, {args.new_tokens} decode steps; "
+          f"{args.threads} threads; torch {torch.__version__}")
+
+    bandwidth = copy_bandwidth(args.copy_mb, 5)
+    print(f"roofline: {bandwidth:.1f} GB/s ({args.copy_mb} MiB tensor copy, read + write)")
+
+    rows = []
+    variants = [
+        ("scribelm fp32", lambda: base),
+        ("scribelm bf16", lambda: copy.deepcopy(base).to(torch.bfloat16)),
+        ("scribelm int8", lambda: quantize_model(copy.deepcopy(base), 8, unembedding=True)),
+        ("scribelm int4 g32", lambda: quantize_model(copy.deepcopy(base), 4, 32, unembedding=True)),
+    ]
+    for name, build in variants:
+        model = build()
+        seconds = scribelm_decode(model, prompt, args.new_tokens, args.repeats)
+        rows.append((name, 1 / seconds, matmul_bytes(model)))
+        print(f"  {name}: {1 / seconds:.1f} tokens/s", flush=True)
+        del model
+
+    if not args.skip_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install 'scribelm[llama]'); llama.cpp rows skipped")
+        else:
+            lm = scribelm.LM(base, tokenizer)
+            with tempfile.TemporaryDirectory() as tmp:
+                for kind in ("f32", "f16", "q8_0"):
+                    path = export_gguf(lm, Path(tmp) / f"bench-{kind}.gguf", type=kind)
+                    seconds = llama_cpp_decode(path, prompt, args.new_tokens, args.repeats, args.threads)
+                    rows.append((f"llama.cpp {kind}", 1 / seconds, gguf_matmul_bytes(path)))
+                    print(f"  llama.cpp {kind}: {1 / seconds:.1f} tokens/s", flush=True)
+                    path.unlink()
+
+    speed = {name: tps for name, tps, _ in rows}
+    fp32, q8 = speed["scribelm fp32"], speed.get("llama.cpp q8_0")
+    header = f"{'':<20}{'tokens/s':>10}{'MB/token':>10}{'GB/s':>8}{'roofline':>10}{'vs fp32':>9}{'vs llama.cpp q8_0':>19}"
+    print()
+    print(header)
+    for name, tps, nbytes in rows:
+        gbs = tps * nbytes / 1e9
+        vs_q8 = f"{tps / q8:.2f}×" if q8 else "-"
+        print(f"{name:<20}{tps:>10.1f}{nbytes / 1e6:>10.1f}{gbs:>8.1f}{gbs / bandwidth:>9.0%} {tps / fp32:>8.2f}×{vs_q8:>19}")
+
+
+if __name__ == "__main__":
+    main()

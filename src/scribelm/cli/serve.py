@@ -1,0 +1,96 @@
+"""`scribe serve MODEL...`: an OpenAI-compatible API and a chat page for one or more models."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from scribelm.cli.common import console, err_console
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API with a web chat page")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="checkpoint directory, Hugging Face directory or store name; NAME=MODEL serves it under NAME")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("SCRIBE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $SCRIBE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="positions per sequence: the KV cache holds max-batch x this many (default 8192, or the model's context if smaller)")
+    p.add_argument("--idle-unload", type=float, default=900.0,
+                   help="unload a model after this many idle seconds; loaded again on the next request (0: never; default 900)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--store", help="model store directory (default: $SCRIBE_MODELS_DIR or ~/.cache/scribelm/models)")
+    p.set_defaults(handler=run)
+
+
+def served_models(specs: list[str], store=None) -> dict[str, str]:
+    """MODEL arguments -> {served name: directory}; a store name is served under that name."""
+    from pathlib import Path
+
+    from scribelm.errors import ScribeError
+    from scribelm.serve.registry import check_name, is_model_directory, resolve_model_path
+
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, target = spec.partition("=")
+        if not sep:
+            name, target = "", spec
+        path = resolve_model_path(target, store)
+        if not is_model_directory(path):
+            raise ScribeError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
+        name = check_name(name or (target if not Path(target).expanduser().is_dir() else Path(path).resolve().name))
+        if name in models:
+            raise ScribeError(f"two models would be served as {name!r}; name them with NAME=MODEL")
+        models[name] = str(path)
+    return models
+
+
+def run(args) -> int:
+    from scribelm.errors import ScribeError
+
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ScribeError(f"scribe serve needs {' and '.join(missing)}: pip install 'scribelm[serve]'")
+    import uvicorn
+    from scribelm.serve.api import create_app
+    from scribelm.serve.engine import ModelPool
+    from scribelm.serve.registry import ModelStore
+
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
+        raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
+    models = served_models(args.models, ModelStore(args.store))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ScribeError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                     idle_unload=args.idle_unload, device=args.device)
+    app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as err:
+        raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port") from None
+    port = sock.getsockname()[1]
+    shown_host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    base = f"http://{shown_host}:{port}"
+    console.print(f"serving {', '.join(models)} (OpenAI-compatible API) at [bold]{base}/v1[/bold]")
+    console.print(f"chat page: [bold]{base}/[/bold]   health: {base}/health   metrics: {base}/metrics")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        err_console.print("warning: listening beyond this machine without --api-key; anyone who can reach it can use it")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

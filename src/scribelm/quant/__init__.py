@@ -1,0 +1,428 @@
+"""Weight-only quantization: int8 and int4 linear layers.
+
+Decoding one token at a time reads every weight once per token and does two
+floating-point operations with it, so on a CPU (and on a GPU at batch 1) the
+speed is set by how many bytes of weights stream out of memory, not by
+arithmetic. Storing weights in fewer bits makes decoding faster and the model
+smaller; activations stay in floating point ("weight-only").
+
+    int8   per output channel, symmetric:   w ≈ q · scale          q ∈ [-127, 127]
+           one float32 scale per row; 8 bits a weight (+ 32 bits a row)
+    int4   per group of `group_size` consecutive inputs, asymmetric:
+                                            w ≈ q · scale + min    q ∈ [0, 15]
+           two weights packed per byte, float16 scale and min per group:
+           4.5 bits a weight at group 64, 5 at group 32
+
+Every `nn.Linear` inside the transformer blocks (q, k, v, o, up, gate, down)
+is replaced by a `QuantizedLinear`; the embedding stays in floating point (a
+lookup reads one row per token), and so does the unembedding unless
+`unembedding=True` asks for it too (it is read in full for every token, so it
+matters for small models with large vocabularies; a tied unembedding then gets
+its own quantized copy).
+
+    from scribelm.quant import quantize_model
+    quantize_model(lm.model, bits=4, group_size=32)   # in place
+    lm.save("my-model-int4")                          # config.json records the scheme
+
+Two kernels sit behind one interface:
+
+    reference  dequantize on the fly in plain PyTorch: y = x · (q · scale)ᵀ,
+               exact in the activations' dtype; runs on any device
+    packed     PyTorch's CPU kernels `aten._weight_int8pack_mm` and
+               `aten._weight_int4pack_mm_for_cpu`, which read the int8 / int4
+               weights directly. They compute with bfloat16 activations, so
+               float32 inputs are rounded to bfloat16 first (about 3 significant
+               digits); benchmarks/decode_quant.py measures the speed.
+
+`kernel="auto"` (the default) uses the packed kernel on CPU where its shape
+rules hold (int4: out_features a multiple of 16) and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scribelm.errors import ScribeError
+
+SUPPORTED_BITS = (8, 4)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+KERNELS = ("auto", "packed", "reference")
+#: Names of the tensors a quantized linear layer stores (suffixes of state-dict keys).
+QUANTIZED_TENSORS = ("qweight", "scales", "mins")
+
+
+class QuantizationError(ScribeError, ValueError):
+    """A model or setting that cannot be quantized as asked."""
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight (N, K) -> q int8 (N, K), scales float32 (N,)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scales.float()[:, None]).to(dtype)  # (N, K)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group int4: weight (N, K) -> packed uint8 (N, K/2) (low nibble = even
+    input, high nibble = odd input), scales and mins float16 (N, K/group_size)."""
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
+    # Round the parameters to their stored dtype first so the codes are chosen for them.
+    scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
+    mins = lo.to(torch.float16)
+    q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K/2)
+    return packed.contiguous(), scales, mins
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> codes uint8 (N, K) in 0..15."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q = unpack_int4(packed)  # (N, K)
+    N, K = q.shape
+    G = scales.shape[1]
+    w = q.view(N, G, K // G).float() * scales.float()[..., None] + mins.float()[..., None]  # (N, G, g)
+    return w.view(N, K).to(dtype)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored in int8 (per channel) or int4 (per group)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int | None = None,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_scheme(bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.kernel = bits, group_size, kernel
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+            self.mins = None
+        else:
+            if in_features % group_size != 0 or in_features % 2 != 0:
+                raise QuantizationError(
+                    f"a layer with {in_features} inputs cannot be split into int4 groups of {group_size}; "
+                    f"choose a group size that divides {in_features}"
+                )
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
+            self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._packed: dict[Any, Any] = {}  # kernel-specific layouts, made on first use per device
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None, kernel: str = "auto") -> "QuantizedLinear":
+        layer = cls(linear.in_features, linear.out_features, bits=bits, group_size=group_size,
+                    bias=linear.bias is not None, device=linear.weight.device, kernel=kernel)
+        if bits == 8:
+            layer.qweight, layer.scales = quantize_int8(linear.weight)
+        else:
+            layer.qweight, layer.scales, layer.mins = quantize_int4(linear.weight, group_size)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out, in) that this layer multiplies by, in floating point."""
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int4(self.qweight, self.scales, self.mins, dtype)
+
+    # -- kernels ----------------------------------------------------------------
+    def _use_packed(self, x: torch.Tensor) -> bool:
+        if self.kernel == "reference" or x.device.type != "cpu" or not x.dtype.is_floating_point:
+            return False
+        if self.bits == 8:
+            ok = _has_op("_weight_int8pack_mm")
+        else:
+            ok = _has_op("_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+        if self.kernel == "packed" and not ok:
+            raise QuantizationError(
+                f"the packed int{self.bits} kernel is not available for this layer ({self.out_features} outputs, "
+                f"torch {torch.__version__}); use kernel='reference'"
+            )
+        return ok
+
+    def _packed_int4(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("int4", self.qweight.device)
+        if key not in self._packed:
+            codes = unpack_int4(self.qweight).to(torch.int32)  # (N, K)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            # The kernel computes (q - 8) · scale + zero, so zero = min + 8 · scale.
+            scales, mins = self.scales.float(), self.mins.float()
+            scale_zero = torch.stack((scales, mins + 8 * scales), dim=-1)  # (N, G, 2)
+            self._packed[key] = (packed, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, N, 2)
+        return self._packed[key]
+
+    def _bf16_scales(self) -> torch.Tensor:
+        key = ("int8", self.scales.device)
+        if key not in self._packed:
+            self._packed[key] = self.scales.to(torch.bfloat16)
+        return self._packed[key]
+
+    def _apply(self, fn, recurse=True):
+        self._packed = {}  # a move or cast invalidates the cached layouts
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self._use_packed(x):
+            xb = x2.to(torch.bfloat16)
+            if self.bits == 8:
+                if self.qweight.data_ptr() % 64:
+                    # The int8 kernel crashes on weights that are not 64-byte aligned, which
+                    # tensors read from a safetensors file at an arbitrary offset can be.
+                    self.qweight = self.qweight.clone()
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self._bf16_scales())
+            else:
+                packed, scale_zero = self._packed_int4()
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scale_zero)
+            y = y.to(x.dtype)
+        elif self.bits == 8:
+            # Scale after the matmul: one multiply per output instead of per weight.
+            y = (x2 @ self.qweight.to(x.dtype).t()) * self.scales.to(x.dtype)
+        else:
+            y = x2 @ self.dequantized_weight(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}"
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def check_scheme(bits: int, group_size: int | None) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"cannot quantize to {bits} bits; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+    if bits == 8 and group_size is not None:
+        raise QuantizationError("int8 uses one scale per output channel; a group size applies only to 4 bits")
+    if bits == 4 and group_size not in SUPPORTED_GROUP_SIZES:
+        raise QuantizationError(
+            f"unsupported int4 group size {group_size}; choose one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+        )
+
+
+def scheme_record(bits: int, group_size: int | None, unembedding: bool = False) -> dict[str, Any]:
+    """What config.json records under "quantization"."""
+    return {
+        "method": "weight-only",
+        "bits": bits,
+        "group_size": group_size,
+        "scheme": "int8-per-channel-symmetric" if bits == 8 else "int4-per-group-asymmetric",
+        "modules": "linear layers of the transformer blocks" + (" and the unembedding" if unembedding else ""),
+        "unembedding": unembedding,
+    }
+
+
+def quantizable_linears(model: nn.Module, unembedding: bool = True) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear inside the transformer blocks (and the unembedding if asked), with its name."""
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (name.startswith("blocks.") or (unembedding and name == "unembedding"))
+    ]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int = 8,
+    group_size: int | None = None,
+    *,
+    unembedding: bool = False,
+    kernel: str = "auto",
+) -> nn.Module:
+    """Replace the block linear layers of `model` by `QuantizedLinear`, in place; returns `model`.
+
+    unembedding: quantize the output projection too. It is read once per generated
+    token like every block weight, so for small models with large vocabularies it
+    is a large share of decode time; a tied unembedding gets its own quantized copy
+    and the embedding (read one row per token) stays in floating point.
+
+    bits 8: per-channel int8 (group_size must be None). bits 4: int4 with one scale and
+    min per `group_size` inputs (32, 64 or 128; default 32)."""
+    if getattr(model, "quantization", None):
+        q = model.quantization
+        raise QuantizationError(
+            f"this model is already quantized (int{q['bits']}); quantize the original floating-point checkpoint instead"
+        )
+    if kernel not in KERNELS:
+        raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if bits == 4 and group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    check_scheme(bits, group_size)
+    linears = quantizable_linears(model, unembedding)
+    if not linears:
+        raise QuantizationError("the model has no linear layers in transformer blocks to quantize")
+    if bits == 4:
+        bad = [(n, m.in_features) for n, m in linears if m.in_features % group_size != 0]
+        if bad:
+            name, width = bad[0]
+            fits = [g for g in SUPPORTED_GROUP_SIZES if all(w % g == 0 for _, w in bad)]
+            hint = f"choose group size {fits[0]}" if fits else "quantize to 8 bits, which has no groups"
+            raise QuantizationError(
+                f"layer {name} has {width} inputs, which group size {group_size} does not divide; {hint}"
+            )
+    with torch.no_grad():
+        for name, linear in linears:
+            _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size, kernel))
+    model.quantization = scheme_record(bits, group_size, unembedding)
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every `QuantizedLinear` by an `nn.Linear` holding its dequantized weight, in place;
+    returns `model` (for formats that store float weights, e.g. Hugging Face). The result
+    computes what the quantized model computed with the reference kernel; the precision lost
+    in quantization stays lost."""
+    if not getattr(model, "quantization", None):
+        raise QuantizationError("this model is not quantized; there is nothing to dequantize")
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=layer.qweight.device, dtype=dtype)
+            linear.weight.copy_(layer.dequantized_weight(dtype))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+            _set_submodule(model, name, linear)
+    model.quantization = None
+    return model
+
+
+def prepare_quantized_skeleton(model: nn.Module, record: Any, state_keys: set[str]) -> nn.Module:
+    """Swap in empty `QuantizedLinear` layers where a saved state dict holds quantized
+    tensors, so that the checkpoint's weights load into the right shapes."""
+    if not isinstance(record, dict) or record.get("bits") not in SUPPORTED_BITS:
+        raise QuantizationError(
+            f"config.json has an unreadable \"quantization\" entry {record!r}; it needs \"bits\" 8 or 4"
+        )
+    bits, group_size = record["bits"], record.get("group_size")
+    check_scheme(bits, group_size)
+    device = next(model.parameters()).device
+    for name, linear in quantizable_linears(model):
+        if f"{name}.qweight" in state_keys:
+            _set_submodule(model, name, QuantizedLinear(
+                linear.in_features, linear.out_features, bits=bits, group_size=group_size,
+                bias=linear.bias is not None, device=device,
+            ))
+    model.quantization = dict(record)
+    return model
+
+
+def is_quantized_tensor(name: str) -> bool:
+    return name.rpartition(".")[2] in QUANTIZED_TENSORS
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Choose the matmul kernel of every quantized layer ('auto', 'packed', 'reference')."""
+    if kernel not in KERNELS:
+        raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.kernel = kernel
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (a tied matrix counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- how much was lost
+
+
+@torch.no_grad()
+def bits_per_byte(model: nn.Module, tokenizer, text: str, *, window: int | None = None) -> dict[str, float]:
+    """Next-token loss of `model` on `text`, in bits per UTF-8 byte (tokenizer-independent)
+    and as perplexity per token. The text is cut into non-overlapping windows of the
+    model's context (or `window`); each window predicts its tokens after the first."""
+    ids = tokenizer.encode(text)
+    n_bytes = len(text.encode("utf-8"))
+    window = min(window or model.config.context_length, model.config.context_length)
+    if len(ids) < 2 or n_bytes == 0:
+        raise QuantizationError("the evaluation text is too short; give at least a sentence")
+    device = next(model.parameters()).device
+    total_nats, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor(ids[start : start + window + 1], device=device)[None]  # (1, T+1)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1])  # (1, T, V)
+        total_nats += F.cross_entropy(logits.float()[0], chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    return {
+        "bits_per_byte": total_nats / math.log(2) / n_bytes,
+        "perplexity": math.exp(total_nats / count),
+        "tokens": count,
+        "bytes": n_bytes,
+    }
+
+
+#: Held-out English prose (public domain: Austen, Melville, Dickens, Carroll) for
+#: `scribe quantize` when no --eval-text is given.
+DEFAULT_EVAL_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters.\n"
+    "Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; "
+    "whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every "
+    "funeral I meet, then, I account it high time to get to sea as soon as I can.\n"
+    "There were a king with a large jaw and a queen with a plain face, on the throne of England; there were a "
+    "king with a large jaw and a queen with a fair face, on the throne of France. In both countries it was "
+    "clearer than crystal to the lords of the State preserves of loaves and fishes, that things in general were "
+    "settled for ever.\n"
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
+    "once or twice she had peeped into the book her sister was reading, but it had no pictures or conversations "
+    "in it, and what is the use of a book, thought Alice, without pictures or conversations?\n"
+)

@@ -1,0 +1,165 @@
+"""The local model store and the `scribe models` / `scribe serve` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from scribelm.serve.registry import ModelStore, RegistryError, describe_model, resolve_model_path
+from tests.serving import save_tiny_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    return save_tiny_models(tmp_path_factory.mktemp("registry-models"), tokenizer)
+
+
+def test_add_copy_link_show_remove(tmp_path, models):
+    store = ModelStore(tmp_path / "store")
+    assert store.names() == []
+    store.add("alpha", models["alpha"])
+    store.add("beta-link", models["beta"], link=True)
+    assert store.names() == ["alpha", "beta-link"]
+    assert not (store.root / "alpha").is_symlink() and (store.root / "beta-link").is_symlink()
+    info = store.info("alpha")
+    from scribelm import load
+
+    lm = load(models["alpha"])
+    assert info.parameters == sum(p.numel() for p in lm.model.state_dict().values()) - lm.model.unembedding.weight.numel()  # tied: stored once
+    assert info.format == "scribelm" and info.quantization == "none" and info.chat_template == lm.tokenizer.chat_template
+    assert info.config["d_model"] == 32 and info.size_bytes > 0
+    assert resolve_model_path("alpha", store) == (store.root / "alpha").resolve()
+    assert str(resolve_model_path(models["beta"], store)) == models["beta"]  # a directory path wins
+    with pytest.raises(RegistryError, match="already stored"):
+        store.add("alpha", models["beta"])
+    store.remove("beta-link")
+    assert os.path.isdir(models["beta"])  # removing a link leaves the model where it was
+    store.remove("alpha")
+    assert store.names() == []
+    with pytest.raises(RegistryError, match="neither a model directory nor a model in the store"):
+        resolve_model_path("alpha", store)
+
+
+def test_bad_names_and_sources(tmp_path, models):
+    store = ModelStore(tmp_path / "store")
+    for name in ("../evil", "a/b", "", ".hidden"):
+        with pytest.raises(RegistryError, match="not a valid model name"):
+            store.add(name, models["alpha"])
+    with pytest.raises(RegistryError, match="not a model directory"):
+        store.add("empty", tmp_path)
+    with pytest.raises(RegistryError, match="no model at"):
+        store.add("gone", tmp_path / "missing")
+    with pytest.raises(RegistryError, match="not a model directory"):
+        describe_model(tmp_path)
+
+
+def test_hf_style_directory_is_described(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({"c": torch.zeros(2, 2, 2)}, str(d / "model-00002-of-00002.safetensors"))
+    info = describe_model(d)
+    assert info.format == "huggingface" and info.parameters == 12 + 5 + 8 and info.quantization == "gptq (4-bit)"
+
+
+def run_cli(capsys, monkeypatch, store, *args):
+    """`scribe ARGS...` in this process (the subprocess test below covers the real entry point)."""
+    from scribelm.cli import main
+
+    monkeypatch.setenv("SCRIBE_MODELS_DIR", str(store))
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_models_cli(tmp_path, models, capsys, monkeypatch):
+    store = tmp_path / "store"
+    code, _, err = run_cli(capsys, monkeypatch, store, "models", "add", "alpha", models["alpha"])
+    assert code == 0, err
+    assert run_cli(capsys, monkeypatch, store, "models", "add", "beta", models["beta"], "--link")[0] == 0
+    listed = json.loads(run_cli(capsys, monkeypatch, store, "models", "list", "--json")[1])
+    assert [m["name"] for m in listed] == ["alpha", "beta"] and listed[1]["linked"]
+    table = run_cli(capsys, monkeypatch, store, "models", "list")[1]
+    assert "alpha" in table and "link" in table
+    shown = json.loads(run_cli(capsys, monkeypatch, store, "models", "show", "alpha", "--json")[1])
+    assert shown["parameters"] > 0 and shown["config"]["n_layers"] == 2 and "<|assistant|>" in shown["chat_template"]
+    text = run_cli(capsys, monkeypatch, store, "models", "show", "alpha")[1]
+    assert "parameters" in text and "chat template" in text
+    code, _, err = run_cli(capsys, monkeypatch, store, "models", "show", "nope")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    params = json.loads(run_cli(capsys, monkeypatch, store, "params", "alpha", "--json")[1])  # other verbs take store names
+    assert params["config"]["d_model"] == 32
+    assert run_cli(capsys, monkeypatch, store, "models", "rm", "alpha")[0] == 0
+    assert [m["name"] for m in json.loads(run_cli(capsys, monkeypatch, store, "models", "list", "--json")[1])] == ["beta"]
+    code, _, err = run_cli(capsys, monkeypatch, store, "serve", "no-such-model")
+    assert code == 2 and "no-such-model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scribe_serve_prints_addresses_and_serves_store_names(tmp_path, models):
+    store = tmp_path / "store"
+    ModelStore(store).add("alpha", models["alpha"])
+    env = dict(os.environ, SCRIBE_MODELS_DIR=str(store))
+    proc = subprocess.Popen([sys.executable, "-m", "scribelm.cli", "serve", "alpha", f"b={models['beta']}", "--port", "0",
+                             "--api-key", "k", "--max-batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        second = proc.stdout.readline()
+        assert "/v1" in first and "chat page" in second, (first, second, proc.stderr.read() if proc.poll() is not None else "")
+        base = second.split("chat page:")[1].split()[0].rstrip("/")
+        assert base.startswith("http://127.0.0.1:")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(base + "/health").json()
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert sorted(health["models"]) == ["alpha", "b"]
+        r = httpx.post(base + "/v1/completions", headers={"Authorization": "Bearer k"},
+                       json={"model": "alpha", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == "alpha"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_quantized_checkpoint_shows_its_scheme(tmp_path, models):
+    from scribelm import load
+    from scribelm.quant import quantize_model
+
+    lm = load(models["alpha"])
+    quantize_model(lm.model, bits=4, group_size=32)
+    info = describe_model(lm.save(tmp_path / "alpha-int4"))
+    assert info.quantization == "int4-per-group-asymmetric (groups of 32)"
+    assert describe_model(models["alpha"]).quantization == "none"
+
+
+def test_scribelm_load_accepts_a_store_name(tmp_path, monkeypatch):
+    import torch
+
+    import scribelm
+    from scribelm.model import Transformer
+    from tests.conftest import tiny_config
+
+    monkeypatch.setenv("SCRIBE_MODELS_DIR", str(tmp_path / "store"))
+    model = Transformer(tiny_config()).eval()
+    scribelm.LM(model, None).save(tmp_path / "ckpt")
+    from scribelm.serve.registry import ModelStore
+
+    ModelStore().add("named-model", tmp_path / "ckpt")
+    lm = scribelm.load("named-model")
+    ids = torch.randint(0, 400, (1, 6))
+    assert torch.equal(lm.model(ids), model(ids))
+    with pytest.raises(scribelm.ScribeError, match="scribe models list"):
+        scribelm.load("not-a-stored-model")
