@@ -96,7 +96,7 @@ class TokenEvent:
     finished: bool = False
 
 
-def _token_text(tokenizer, token_id: int) -> str:
+def token_text(tokenizer, token_id: int) -> str:
     if tokenizer is None:
         return ""
     return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
@@ -240,8 +240,8 @@ class BatchGeneration:
                     top = list(zip(top_ids[b][:n], top_lps[b][:n])) if n else []
                     event.logprob, event.top = lp[b], top
                     self.logprobs[b].append(TokenLogprob(
-                        token, _token_text(self.tokenizer, token), lp[b],
-                        [{"token_id": i, "token": _token_text(self.tokenizer, i), "logprob": v} for i, v in top],
+                        token, token_text(self.tokenizer, token), lp[b],
+                        [{"token_id": i, "token": token_text(self.tokenizer, i), "logprob": v} for i, v in top],
                     ))
                 detok = self.detokenizers[b]
                 if token in self.stop_ids[b]:
@@ -487,8 +487,9 @@ def generate(
     extra_stop_ids: Sequence[int] = (),
     **overrides: Any,
 ):
-    """Text in, text out; a list in, a list out. With num_return_sequences > 1 each
-    prompt gives a list. return_details=True gives `Completion`s instead of str."""
+    """Text in, text out; a list in, a list out (a list of ints is one prompt of token
+    ids). With num_return_sequences > 1 each prompt gives a list. return_details=True
+    gives `Completion`s instead of str."""
     s = resolve_settings(lm, settings, **overrides)
     single = isinstance(prompt_or_prompts, str) or (
         isinstance(prompt_or_prompts, Sequence) and len(prompt_or_prompts) > 0
@@ -526,7 +527,8 @@ def stream(
     extra_stop_ids: Sequence[int] = (),
     **overrides: Any,
 ) -> Iterator[str]:
-    """Yield the text of one generation piece by piece; concatenated, it equals `generate`'s text."""
+    """Yield the text of one generation piece by piece; concatenated, it equals `generate`'s text.
+    Bad settings or prompts raise here, before the first piece is asked for."""
     s = resolve_settings(lm, settings, **overrides)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise SamplingError("streaming gives one sequence; use generate() for beam search or several return sequences")
@@ -534,10 +536,17 @@ def stream(
     lm.model.eval()
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
                           extra_stop_ids=extra_stop_ids)
+    return _text_deltas(gen)
+
+
+def _text_deltas(gen: BatchGeneration) -> Iterator[str]:
     for events in gen:
         for e in events:
             if e.text:
                 yield e.text
+
+
+_stream = stream  # `chat` has a parameter of the same name
 
 
 def chat_stop_ids(tokenizer) -> list[int]:
@@ -555,5 +564,5 @@ def chat(lm, messages: Sequence[dict[str, str]], *, stream: bool = False, **sett
     ids = lm.tokenizer.encode_chat(messages, add_generation_prompt=True)
     stops = chat_stop_ids(lm.tokenizer)
     if stream:
-        return globals()["stream"](lm, ids, extra_stop_ids=stops, **settings)
+        return _stream(lm, ids, extra_stop_ids=stops, **settings)
     return generate(lm, ids, extra_stop_ids=stops, **settings)

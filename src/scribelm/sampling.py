@@ -376,6 +376,8 @@ def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None] | 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     """Process logits (B, V) with each row's settings and pick each row's next token (B,)."""
+    if all(r.settings.is_greedy and r.seen is None and r.counts is None and r.bias is None for r in rows):
+        return greedy(logits)  # plain greedy: nothing to process, no copy
     processed = process_logits(logits, rows)
     if all(r.settings.is_greedy for r in rows):
         return greedy(processed)

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--gguf-type", "--type", dest="gguf_type", default="f32",
                    help="gguf: tensor type f32, f16 or q8_0 (default f32)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--merge-lora", metavar="ADAPTER_DIR",
+                   help="fold LoRA adapters (from `scribe finetune lora`) into SRC's weights before writing")
     p.set_defaults(handler=run)
 
 
@@ -44,7 +46,8 @@ def _exporter(module: str, function: str, what: str):
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, max_shard_size: str = "5GB",
-            architecture: str | None = None, gguf_type: str = "f32", force: bool = False) -> Path:
+            architecture: str | None = None, gguf_type: str = "f32", force: bool = False,
+            merge_lora: str | Path | None = None) -> Path:
     import torch
 
     import scribelm
@@ -59,6 +62,12 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
     if dtype is not None and dtype not in DTYPES:
         raise ScribeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     lm = scribelm.load(src, dtype=getattr(torch, dtype) if dtype else None)
+    if merge_lora is not None:
+        from scribelm.adapters import load_adapters
+        from scribelm.adapters import merge_lora as merge
+
+        load_adapters(lm.model, merge_lora)
+        merge(lm.model)
     if to == "scribe":
         return lm.save(dst)
     if to == "hf":
@@ -83,7 +92,7 @@ def run(args) -> int:
         warnings.simplefilter("always", UserWarning)
         out = convert(
             args.src, args.dst, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            architecture=args.architecture, gguf_type=args.gguf_type, force=args.force,
+            architecture=args.architecture, gguf_type=args.gguf_type, force=args.force, merge_lora=args.merge_lora,
         )
     for warning in caught:
         err_console.print(f"warning: {warning.message}")

@@ -1,4 +1,4 @@
-"""Data: corpora in, token shards and batches out.
+"""Data: corpora in, token shards and batches out; chat and preference datasets for fine-tuning.
 
     from scribelm.data import prepare, TokenBatchLoader
     manifest = prepare(["corpus/"], "data/my-corpus", tokenizer)       # shards + manifest.json

@@ -1,0 +1,199 @@
+"""`scribe finetune sft|lora|dpo MODEL --data FILE -o OUT`: adapt a model to chat data or preferences.
+
+    scribe finetune sft  my-model --data chat.jsonl -o runs/sft           # all weights train
+    scribe finetune lora my-model --data chat.jsonl -o runs/lora --rank 16 --targets all-linear
+    scribe finetune lora my-model --data chat.jsonl -o runs/qlora --quantize nf4
+    scribe finetune dpo  my-model --data prefs.jsonl -o runs/dpo --beta 0.1 [--lora]
+
+MODEL is a scribelm checkpoint or a Hugging Face model directory. OUT gets
+the Trainer's checkpoints (resume with --resume), metrics.jsonl, loss.png,
+and the result: OUT/model (full) or OUT/adapter (LoRA; merge it with
+`scribe convert BASE DST --merge-lora OUT/adapter`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from scribelm.cli.common import console, err_console, human_bytes, human_count
+
+
+def _common(p) -> None:
+    p.add_argument("model", help="scribelm checkpoint or Hugging Face model directory")
+    p.add_argument("--data", required=True, help="JSONL training file")
+    p.add_argument("-o", "--output", required=True, help="run directory (checkpoints, metrics, result)")
+    p.add_argument("--val-data", help="JSONL validation file (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out when no --val-data (0: none)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: SFT 2e-5, LoRA 2e-4, DPO 1e-6, DPO+LoRA 5e-6; tiny models want more)")
+    p.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the model's context)")
+    p.add_argument("--overflow", choices=("truncate", "skip", "error"), default="truncate",
+                   help="what to do with examples longer than --max-length (counted in the report)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+
+
+def _lora(p, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", default="attention-qv",
+                   help="attention-qv | attention | mlp | all-linear | comma-separated layer names or globs")
+    p.add_argument("--quantize", choices=("none", "nf4", "int4"), default="none",
+                   help="QLoRA: hold the frozen base in 4 bits")
+    p.add_argument("--group-size", type=int, default=64, help="4-bit quantization group size")
+    p.add_argument("--peft", action="store_true",
+                   help="also write the adapters in peft's format to OUT/adapter-peft (Llama, Mistral, Qwen2 bases)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="supervised fine-tuning (full, LoRA, QLoRA) and DPO")
+    verbs = p.add_subparsers(dest="finetune_verb", metavar="METHOD", required=True)
+
+    sft = verbs.add_parser("sft", help="supervised fine-tuning of all weights on chat / instruction data")
+    _common(sft)
+    p_no_pack(sft)
+    sft.set_defaults(handler=run_sft, method="full")
+
+    lora = verbs.add_parser("lora", help="LoRA (or QLoRA with --quantize nf4) on chat / instruction data")
+    _common(lora)
+    p_no_pack(lora)
+    _lora(lora)
+    lora.set_defaults(handler=run_sft, method="lora")
+
+    dpo = verbs.add_parser("dpo", help="preference tuning (DPO) on {prompt, chosen, rejected} data")
+    _common(dpo)
+    _lora(dpo, optional=True)
+    dpo.add_argument("--beta", type=float, default=0.1, help="strength of the tether to the reference")
+    dpo.add_argument("--reference", choices=("precomputed", "model"), default="precomputed",
+                     help="precomputed: run the reference once before training (saves memory); "
+                          "model: keep a frozen copy (with --lora: the base without adapters)")
+    dpo.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed share of flipped labels")
+    dpo.set_defaults(handler=run_dpo, method="full")
+
+
+def p_no_pack(p) -> None:
+    p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing several")
+
+
+def _options(args):
+    from scribelm.adapters.lora import LoRAConfig
+    from scribelm.finetune.run import FinetuneOptions
+
+    method = args.method
+    if getattr(args, "lora", False):
+        method = "lora"
+    if method == "lora" and getattr(args, "quantize", "none") != "none":
+        method = "qlora"
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=args.targets) \
+        if method != "full" else LoRAConfig()
+    return FinetuneOptions(
+        method=method, lora=lora, quant=getattr(args, "quantize", "nf4") if method == "qlora" else "nf4",
+        quant_group_size=getattr(args, "group_size", 64), epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum_steps=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, max_length=args.max_length, pack=not getattr(args, "no_pack", False),
+        overflow=args.overflow, val_data=args.val_data, val_fraction=args.val_fraction, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, precision=args.precision, device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume,
+        beta=getattr(args, "beta", 0.1), reference=getattr(args, "reference", "precomputed"),
+        label_smoothing=getattr(args, "label_smoothing", 0.0), export_peft=getattr(args, "peft", False),
+    )
+
+
+class _Progress:
+    """A rich progress bar fed by the Trainer's progress events."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console,
+                            transient=True)
+        self.task = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "start":
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=info.get("max_steps"), completed=info.get("step", 0), info="")
+        elif event == "step" and self.task is not None:
+            self.bar.update(self.task, completed=info["step"],
+                            info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:.0f} tok/s")
+        elif event == "eval":
+            self.bar.console.print(f"step {info['step']}: validation loss {info.get('val_loss', float('nan')):.4f}")
+        elif event == "end":
+            self.bar.stop()
+
+
+def _load(args):
+    import scribelm
+
+    return scribelm.load(args.model)
+
+
+def _report_data(stats: dict) -> None:
+    console.print(
+        f"data: {stats.get('examples', 0)} examples used of {stats.get('records', 0)} records"
+        f" ({stats.get('truncated', 0)} truncated, {stats.get('skipped', 0)} skipped as too long)"
+        + (f"; packing fills {100 * stats['packing_fill']:.1f}% of each row" if "packing_fill" in stats else "")
+    )
+
+
+def _report_model(result) -> None:
+    frozen = f"; frozen weights take {human_bytes(result.base_bytes)}" if result.base_bytes else ""
+    console.print(
+        f"trained {human_count(result.trainable_parameters)} of {human_count(result.total_parameters)} parameters"
+        f" ({100 * result.trainable_parameters / max(result.total_parameters, 1):.2f}%){frozen}"
+    )
+
+
+def run_sft(args) -> int:
+    from scribelm.finetune.run import finetune_sft
+
+    options = _options(args)
+    lm = _load(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = finetune_sft(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
+    for w in caught:
+        err_console.print(f"warning: {w.message}")
+    _report_data(result.data)
+    _report_model(result)
+    if result.final_eval.get("val_loss") is not None:
+        console.print(f"validation loss {result.final_eval['val_loss']:.4f} after {result.steps} steps")
+    console.print(f"wrote {result.output}")
+    return 0
+
+
+def run_dpo(args) -> int:
+    from scribelm.finetune.run import finetune_dpo
+
+    options = _options(args)
+    lm = _load(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = finetune_dpo(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
+    for w in caught:
+        err_console.print(f"warning: {w.message}")
+    _report_data(result.data)
+    _report_model(result)
+    before, after = result.extra.get("held_out_before"), result.extra.get("held_out_after")
+    if after:
+        console.print(
+            f"held-out pairs ({int(after['pairs'])}): reward margin {before['reward_margin']:+.4f} -> "
+            f"{after['reward_margin']:+.4f}, accuracy {100 * before['reward_accuracy']:.1f}% -> "
+            f"{100 * after['reward_accuracy']:.1f}%, loss {before['loss']:.4f} -> {after['loss']:.4f}"
+        )
+    console.print(f"wrote {result.output}")
+    return 0

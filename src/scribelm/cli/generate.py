@@ -1,0 +1,156 @@
+"""`scribe generate MODEL "prompt"`: write a continuation, streamed to the terminal.
+
+    scribe generate my-model "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
+    scribe generate my-model "Once" --beams 4 --max-new-tokens 40
+    scribe generate my-model "Once" --json --logprobs 3      # text, ids, finish reason, log-probs
+    scribe generate my-model "Once" --show-probs             # each token with its top candidates
+    echo "Once" | scribe generate my-model -                 # prompt from stdin
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from scribelm.cli.common import console, err_console, print_json
+from scribelm.errors import ScribeError
+
+
+def add_sampling_arguments(p) -> None:
+    """The sampling flags `generate` and `chat` share (None = the model's default)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with mass >= p")
+    g.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty, in [-2, 2]")
+    g.add_argument("--seed", type=int, default=None, help="make a sampled generation reproducible")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--slide", action="store_true", help="when the context fills, drop the oldest tokens instead of stopping")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
+
+
+def sampling_overrides(args) -> dict[str, Any]:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "stop")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "slide", False):
+        out["context_overflow"] = "slide"
+    return out
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="continue a prompt (streams to the terminal)")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or nothing: read standard input)")
+    add_sampling_arguments(p)
+    p.add_argument("--beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam score = logprob sum / length ** this")
+    p.add_argument("-n", "--num-return-sequences", type=int, default=None, help="how many outputs")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N", help="report each token's log-probability and N alternatives")
+    p.add_argument("--json", action="store_true", help="print text, token ids, finish reason (and log-probs) as JSON")
+    p.add_argument("--show-probs", action="store_true", help="print each generated token with its top candidates")
+    p.set_defaults(handler=run)
+
+
+def load_model(path: str, device: str = "cpu"):
+    from scribelm import load
+
+    return load(path, device=device)
+
+
+def run(args) -> int:
+    from scribelm.generate import BatchGeneration, encode_prompt, generate, resolve_settings
+
+    if args.prompt == "-":
+        if sys.stdin.isatty():
+            raise ScribeError('give a prompt: scribe generate MODEL "text" (or pipe it in with "-")')
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt
+    lm = load_model(args.model, args.device)
+    overrides = sampling_overrides(args)
+    if args.beams is not None:
+        overrides["num_beams"] = args.beams
+    if args.length_penalty is not None:
+        overrides["length_penalty"] = args.length_penalty
+    if args.num_return_sequences is not None:
+        overrides["num_return_sequences"] = args.num_return_sequences
+    top_n = args.logprobs if args.logprobs is not None else (5 if args.show_probs else 0)
+    if args.logprobs is not None or args.show_probs:
+        overrides.update(logprobs=True, top_logprobs=top_n)
+    settings = resolve_settings(lm, **overrides)
+    one_stream = settings.num_beams == 1 and settings.num_return_sequences == 1
+
+    if args.json or not one_stream:
+        out = generate(lm, prompt, settings=settings, return_details=True)
+        choices = out if isinstance(out, list) else [out]
+        if args.json:
+            dicts = [_completion_json(c, settings.logprobs) for c in choices]
+            print_json(dicts[0] if len(dicts) == 1 else {"choices": dicts})
+            return 0
+        for i, c in enumerate(choices):
+            label = f"[{i + 1}]" + (f" score {c.score:.4f}" if c.score is not None else "")
+            console.print(f"[bold]{label}[/bold] " if len(choices) > 1 else "", end="")
+            sys.stdout.write(c.text + "\n")
+        sys.stdout.flush()
+        return 0
+
+    ids = encode_prompt(lm, prompt)
+    lm.model.eval()
+    gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings)
+    if args.show_probs or args.logprobs is not None:
+        _print_probs(gen, lm.tokenizer, top_n)
+        return 0
+    if sys.stdout.isatty():
+        console.print(prompt, style="dim", end="")
+    for events in gen:
+        for e in events:
+            if e.text:
+                sys.stdout.write(e.text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    c = gen.completions[0]
+    if c is not None and sys.stderr.isatty():
+        err_console.print(f"[dim]{len(c.token_ids)} tokens, finish reason: {c.finish_reason}[/dim]")
+    return 0
+
+
+def _completion_json(c, with_logprobs: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
+        "prompt_tokens": c.prompt_tokens,
+    }
+    if c.score is not None:
+        d["score"] = c.score
+    if with_logprobs and c.logprobs is not None:
+        d["logprobs"] = [
+            {"token_id": t.token_id, "token": t.token, "logprob": t.logprob, "top_logprobs": t.top} for t in c.logprobs
+        ]
+    return d
+
+
+def _print_probs(gen, tokenizer, top_n: int) -> None:
+    """One line per generated token: the token, its probability, and the top candidates."""
+    from scribelm.generate import token_text
+
+    console.print(f"[dim]{'token':>16}  {'prob':>6}   top candidates[/dim]")
+    for events in gen:
+        for e in events:
+            token = token_text(tokenizer, e.token_id)
+            alternatives = "  ".join(
+                f"{token_text(tokenizer, i)!r} {math.exp(lp):.3f}" for i, lp in (e.top or [])[:top_n]
+            )
+            prob = math.exp(e.logprob) if e.logprob is not None else float("nan")
+            console.print(f"{token!r:>16}  {prob:6.3f}   {alternatives}", markup=False)
+    c = gen.completions[0]
+    console.print("[bold]text:[/bold] ", end="")
+    sys.stdout.write(c.text + "\n")
+    console.print(f"[dim]finish reason: {c.finish_reason}[/dim]")

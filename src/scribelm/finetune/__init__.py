@@ -1,0 +1,1 @@
+"""Fine-tuning: supervised chat tuning (full or LoRA / QLoRA) and preference tuning with DPO."""

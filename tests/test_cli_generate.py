@@ -1,0 +1,201 @@
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scribelm import LM, Transformer
+from scribelm.cli import main
+from scribelm.cli.chat import INTERRUPTED, ChatSession
+from scribelm.errors import ScribeError
+from tests.conftest import tiny_config
+from tests.test_generate import as_byte_tokens, scripted_lm
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random") / "model"
+    LM(Transformer(tiny_config(vocab_size=tokenizer.vocab_size)).eval(), tokenizer).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(tmp_path_factory, tokenizer):
+    """Says 'Hi there 你好' (byte by byte) then <|end|> after a one-token prompt."""
+    path = tmp_path_factory.mktemp("scripted") / "model"
+    script = as_byte_tokens(tokenizer, "Hi there 你好") + [tokenizer.token_to_id("<|end|>")]
+    scripted_lm(tokenizer, script).save(path)
+    return path
+
+
+def test_generate_streams_text(random_dir, capsys):
+    assert main(["generate", str(random_dir), "It was", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    lm = __import__("scribelm").load(random_dir)
+    assert out == lm.generate("It was", max_new_tokens=12, temperature=0) + "\n"
+
+
+def test_generate_json_with_logprobs_and_stop(scripted_dir, tokenizer, capsys):
+    bos = tokenizer.bos_token
+    assert main(["generate", str(scripted_dir), "", "--json", "--temperature", "0", "--logprobs", "2",
+                 "--stop", "there"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["text"] == "Hi " and data["finish_reason"] == "stop" and data["stop_reason"] == "there"
+    assert data["prompt_tokens"] == 1 and bos
+    assert len(data["token_ids"]) == len("Hi there") == len(data["logprobs"])
+    first = data["logprobs"][0]
+    assert first["token"] == "H" and first["logprob"] > -0.01 and len(first["top_logprobs"]) == 2
+    assert first["top_logprobs"][0]["token_id"] == first["token_id"]
+
+
+def test_generate_beams_and_show_probs(random_dir, capsys):
+    assert main(["generate", str(random_dir), "It was", "--beams", "3", "-n", "2", "--max-new-tokens", "5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["choices"]) == 2 and data["choices"][0]["score"] >= data["choices"][1]["score"]
+    assert main(["generate", str(random_dir), "It was", "--show-probs", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "top candidates" in lines[0]
+    assert len([line for line in lines[1:] if line.startswith(" ")]) == 4  # one line per generated token
+    assert "text:" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--temperature", "nan"], "temperature is NaN"),
+        (["--top-p", "1.5"], "top_p must be in"),
+        (["--top-k", "-1"], "top_k must be >= 0"),
+    ],
+)
+def test_generate_bad_flags_are_one_line_errors(random_dir, capsys, flags, message):
+    assert main(["generate", str(random_dir), "It was", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_generate_prompt_longer_than_context(random_dir, capsys):
+    assert main(["generate", str(random_dir), "It was the best of times " * 40]) == 2
+    assert "context" in capsys.readouterr().err
+    assert main(["generate", str(random_dir) + "-missing", "x"]) == 2
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+@pytest.fixture(scope="module")
+def talker_dir(tmp_path_factory, tokenizer):
+    """A model that never stops talking: every position predicts a letter."""
+    path = tmp_path_factory.mktemp("talker") / "model"
+    scripted_lm(tokenizer, as_byte_tokens(tokenizer, "abcdefgh" * 8)).save(path)
+    return path
+
+
+def test_chat_session_commands_and_interrupt(talker_dir, tmp_path):
+    lm = __import__("scribelm").load(talker_dir)
+    session = ChatSession(lm, system="be brief", settings={"temperature": 0, "max_new_tokens": 30})
+    written = []
+    reply = session.respond("x", written.append)
+    assert reply == "".join(written) and len(reply) == 30
+    assert session.history[-1] == {"role": "assistant", "content": reply}
+
+    # Ctrl-C while the answer streams: the answer stops, the session goes on
+    def interrupting_write(delta):
+        written.append(delta)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    written.clear()
+    partial = session.respond("again", interrupting_write)
+    assert written[-1] == " " + INTERRUPTED
+    assert session.history[-1]["content"] == partial == "".join(written[:3])
+    assert session.history[-2] == {"role": "user", "content": "again"}
+    assert session.command("/system terse") == (True, "system prompt set")
+    assert session.messages()[0] == {"role": "system", "content": "terse"}
+    keep, message = session.command(f"/save {tmp_path / 'c.json'}")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["messages"] == session.messages() and keep
+    assert session.command("/reset") == (True, "conversation cleared")
+    assert session.messages() == [{"role": "system", "content": "terse"}]
+    with pytest.raises(ScribeError, match="unknown command /frobnicate"):
+        session.command("/frobnicate")
+    assert session.command("/exit")[0] is False
+
+
+def test_chat_drops_oldest_turns_to_fit_context(tokenizer):
+    torch.manual_seed(0)
+    lm = LM(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64)).eval(), tokenizer)
+    session = ChatSession(lm, system="s", settings={"temperature": 0, "max_new_tokens": 4})
+    for i in range(7):
+        session.respond(f"message number {i}", lambda d: None)
+        assert len(tokenizer.encode_chat(session.messages())) <= 64
+    assert session.messages()[0]["role"] == "system"
+    assert session.history[-2]["content"] == "message number 6"
+    assert not any(m["content"] == "message number 0" for m in session.history)
+    with pytest.raises(ScribeError, match="does not fit the model's context"):
+        session.respond("long " * 80, lambda d: None)
+
+
+def test_chat_piped_stdin(talker_dir, tmp_path, monkeypatch, capsys):
+    script = "hello\n/system short\n/save " + str(tmp_path / "chat.json") + "\n/reset\nhi\n/nope\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", str(talker_dir), "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    saved = json.loads((tmp_path / "chat.json").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+    assert saved[1]["content"] == "hello"
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0] == saved[2]["content"] and len(lines[0]) == 5 and set(lines[0]) <= set("abcdefgh")
+    assert "conversation cleared" in err and "error: unknown command /nope" in err
+
+
+def test_chat_sigint_stops_answer_not_chat(talker_dir, tmp_path):
+    # the talker never stops on its own: with --slide the window moves on forever
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scribelm.cli", "chat", str(talker_dir), "--temperature", "0",
+         "--max-new-tokens", "100000000", "--slide"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        seen = b""
+        deadline = time.time() + 60
+        while len(seen) < 200 and time.time() < deadline:  # wait until the answer is streaming
+            if select.select([proc.stdout], [], [], 1)[0]:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        assert len(seen) >= 200, seen
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(f"/save {tmp_path / 'after.json'}\n".encode())
+        proc.stdin.flush()  # communicate() closes stdin: the chat then ends at end of input
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert INTERRUPTED.encode() in seen + rest
+    saved = json.loads((tmp_path / "after.json").read_text())["messages"]
+    assert saved[0] == {"role": "user", "content": "go"}
+    assert saved[1]["role"] == "assistant" and len(saved[1]["content"]) >= 100
+    assert set(saved[1]["content"]) <= set("abcdefgh")
+
+
+def test_generate_reads_prompt_from_stdin(random_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("It was"))
+    assert main(["generate", str(random_dir), "-", "--max-new-tokens", "5", "--temperature", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    lm = __import__("scribelm").load(random_dir)
+    assert data["text"] == lm.generate("It was", max_new_tokens=5, temperature=0)
+    assert data["prompt_tokens"] == len(lm.tokenizer.encode("It was"))
