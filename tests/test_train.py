@@ -285,3 +285,16 @@ def test_recipe_errors_are_one_line(tmp_path, data_dir):
     ):
         result = scribe("pretrain", "--config", recipe, *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (extra, result.stderr)
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-124m"])
+def test_shipped_recipes_are_valid(name):
+    from scribelm.train.pretrain import apply_overrides, load_recipe, model_config_from_recipe
+
+    recipe = apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.yaml"), ["--train.max_steps", "5"])
+    config = TrainConfig.from_dict(recipe["train"])
+    model = model_config_from_recipe(recipe["model"], data_vocab_size=4096)
+    assert config.max_steps == 5 and isinstance(config.lr, float)
+    assert recipe["data"]["sequence_length"] <= model.context_length
+    assert model.vocab_size == 4096  # the data's vocabulary unless the recipe sets one
+    assert model.d_model == (768 if name == "gpt2-124m" else 192)
