@@ -298,3 +298,20 @@ def test_shipped_recipes_are_valid(name):
     assert recipe["data"]["sequence_length"] <= model.context_length
     assert model.vocab_size == 4096  # the data's vocabulary unless the recipe sets one
     assert model.d_model == (768 if name == "gpt2-124m" else 192)
+
+
+def test_mixed_precision_and_gradient_checkpointing_track_fp32(tmp_path):
+    runs = {}
+    for precision, checkpointing in (("fp32", False), ("fp32", True), ("bf16", True), ("fp16", False)):
+        torch.manual_seed(0)
+        cfg = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=0, precision=precision,
+                          gradient_checkpointing=checkpointing, plot=False)
+        name = f"{precision}-{checkpointing}"
+        trainer = Trainer(Transformer(tiny_config()), None, ListLoader(random_batches(4, 2)), None, cfg, tmp_path / name)
+        assert (trainer.scaler is not None) == (precision == "fp16")
+        trainer.fit()
+        runs[name] = [loss for _, loss in losses(tmp_path / name)[0]]
+    reference = runs.pop("fp32-False")
+    assert runs.pop("fp32-True") == pytest.approx(reference, rel=1e-6)  # recomputation changes nothing
+    for name, values in runs.items():
+        assert values == pytest.approx(reference, abs=2e-2), name
