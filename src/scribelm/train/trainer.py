@@ -182,8 +182,21 @@ def resolve_device(name: str) -> torch.device:
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
+_measured_peaks: dict[tuple[str, torch.dtype], float] = {}
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Peak FLOP/s for MFU: a table for known GPUs; on CPU, the best of a few large matmuls."""
+    """Peak FLOP/s for MFU: a table for known GPUs; on CPU, the best of a few large matmuls
+    (measured once per process and device)."""
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # CPUs have no fast fp16 matmul; autocast's fp16 runs near fp32 speed at best
+    key = (str(device), dtype)
+    if key not in _measured_peaks:
+        _measured_peaks[key] = _measure_peak_flops(device, dtype)
+    return _measured_peaks[key]
+
+
+def _measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in _GPU_PEAK_BF16.items():
