@@ -37,3 +37,12 @@ def tiny_config(**overrides):
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, which costs dearly on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from scribelm.model import Transformer
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: a second thread only adds synchronisation, which costs dearly on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dpo_loss_matches_a_hand_computation():

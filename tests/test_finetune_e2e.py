@@ -18,12 +18,7 @@ from scribelm.tokenizer import Tokenizer
 WORDS = "red blue green cat dog sun moon tree fish bird".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reverse_task(n_train=600, n_test=60, seed=0):

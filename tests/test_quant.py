@@ -32,12 +32,7 @@ LOGIT_BOUNDS = {(8, None): 0.01, (4, 32): 0.06, (4, 64): 0.08}
 BPB_FACTORS = {(8, None): 1.02, (4, 32): 1.05}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
