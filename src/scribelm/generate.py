@@ -16,7 +16,7 @@ API (what `LM.generate`, `LM.stream`, `LM.chat` and the serving code use):
     gen = BatchGeneration(model, tokenizer, prompt_ids_list, settings_list)
     for events in gen:                   # one list per decode step
         for e in events:                 # TokenEvent(row, token_id, text, logprob, top, finished)
-            print(e.text, end="")
+            pieces[e.row].append(e.text)
     gen.completions                      # one Completion per row, filled in as rows finish
 
     beam_search(model, tokenizer, prompt_ids, settings) -> list[Completion], best first
