@@ -118,34 +118,53 @@ def save_checkpoint(
     return path
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    path = Path(path)
-    file = path / CONFIG_FILE
+def read_json_object(
+    file: Path, error: type[Exception], *, missing: str, invalid_hint: str = ""
+) -> dict[str, Any]:
+    """A JSON file that must hold an object; each way it can be wrong raises `error`
+    with a one-line message (`missing` when the file is absent, `invalid_hint` appended
+    to the parse error)."""
     if not file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a model directory?")
+        raise error(missing)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err}); the checkpoint is corrupt, restore it from a copy") from None
+        raise error(f"{file} is not valid JSON ({err}){invalid_hint}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object")
+        raise error(f"{file} must hold a JSON object")
+    return data
+
+
+def _read_checkpoint_json(path: Path) -> dict[str, Any]:
+    data = read_json_object(
+        path / CONFIG_FILE, CheckpointError, missing=f"{path} has no {CONFIG_FILE}; is it a model directory?",
+        invalid_hint="; the checkpoint is corrupt, restore it from a copy",
+    )
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a scribelm checkpoint (config.json has no \"format\": \"scribelm\")")
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer scribelm (format {data['format_version']}); upgrade scribelm to read it"
         )
+    return data
+
+
+def _config_from_json(path: Path, data: dict[str, Any]) -> ModelConfig:
     fields = {k: v for k, v in data.items() if k not in ("format", "format_version", "quantization")}
     try:
         return ModelConfig.from_dict(fields)
     except ConfigError as err:
-        raise CheckpointError(f"{file}: {err}") from None
+        raise CheckpointError(f"{path / CONFIG_FILE}: {err}") from None
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    return _config_from_json(path, _read_checkpoint_json(path))
 
 
 def read_quantization(path: str | os.PathLike) -> dict[str, Any] | None:
     """The "quantization" entry of a checkpoint's config.json (None for a float model)."""
-    read_config(path)  # the same checks, the same messages
-    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
+    return _read_checkpoint_json(Path(path)).get("quantization")
 
 
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -163,8 +182,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     """Build the Transformer of a checkpoint directory and fill it with its weights."""
     from scribelm.model import Transformer
 
-    config = read_config(path)
-    quantization = read_quantization(path)
+    data = _read_checkpoint_json(Path(path))  # config.json, read once
+    config, quantization = _config_from_json(Path(path), data), data.get("quantization")
     state = read_weights(path)
     with torch.device("meta"):
         model = Transformer(config)

@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scribelm.checkpoint import read_json_object
 from scribelm.errors import ScribeError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -252,13 +253,11 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, *, base_model:
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     file = directory / ADAPTER_CONFIG_FILE
-    if not file.is_file():
-        raise AdapterError(f"{directory} has no {ADAPTER_CONFIG_FILE}; give a directory written by `scribe finetune lora`")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+    meta = read_json_object(
+        file, AdapterError,
+        missing=f"{directory} has no {ADAPTER_CONFIG_FILE}; give a directory written by `scribe finetune lora`",
+    )
+    if meta.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{file} is not a scribelm LoRA adapter config (no \"format\": \"{ADAPTER_FORMAT}\")")
     return meta
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from scribelm.checkpoint import atomic_directory
+from scribelm.checkpoint import atomic_directory, read_json_object
 from scribelm.errors import ScribeError
 
 MANIFEST_FILE = "manifest.json"
@@ -412,12 +412,10 @@ def prepare(
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     data_dir = Path(data_dir)
     file = data_dir / MANIFEST_FILE
-    if not file.is_file():
-        raise DataError(f"{data_dir} has no {MANIFEST_FILE}; create it with `scribe prepare INPUT... -o {data_dir}`")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{file} is not valid JSON ({err}); re-run `scribe prepare`") from None
+    manifest = read_json_object(
+        file, DataError, missing=f"{data_dir} has no {MANIFEST_FILE}; create it with `scribe prepare INPUT... -o {data_dir}`",
+        invalid_hint="; re-run `scribe prepare`",
+    )
     if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{file} is not a scribelm shard manifest; re-run `scribe prepare`")
     return manifest

@@ -56,7 +56,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from scribelm.checkpoint import CONFIG_FILE, FORMAT, atomic_directory
+from scribelm.checkpoint import CONFIG_FILE, FORMAT, atomic_directory, read_json_object
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ConfigError, ScribeError
 
@@ -560,16 +560,10 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{Path(path)} has no {CONFIG_FILE}; a Hugging Face model directory needs one")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object")
-    return data
+    return read_json_object(
+        Path(path) / CONFIG_FILE, CheckpointError,
+        missing=f"{Path(path)} has no {CONFIG_FILE}; a Hugging Face model directory needs one",
+    )
 
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
