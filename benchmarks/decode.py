@@ -3,9 +3,9 @@
     python benchmarks/decode.py                    # ~110M-parameter Llama-style model, fp32
     python benchmarks/decode.py --dtype bfloat16 --new-tokens 16 --prompt 64
 
-Builds a random-init `transformers.LlamaForCausalLM`, copies its weights into
-a scribelm `Transformer` (the mapping is below), checks that both give the
-same logits, then times, side by side in one run:
+Builds a random-init `transformers.LlamaForCausalLM`, saves it and loads the
+same weights with `scribelm.load` (the Hugging Face import), checks that both
+give the same logits, then times, side by side in one run:
 
     prefill   tokens/s for one forward pass over the prompt (batch 1 and 8)
     decode    tokens/s of greedy generation after the prompt (batch 1 and 8),
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scribelm.config import ModelConfig  # noqa: E402
+import scribelm  # noqa: E402
 from scribelm.generate import BatchGeneration  # noqa: E402
-from scribelm.model import Transformer  # noqa: E402
 from scribelm.sampling import SamplingSettings  # noqa: E402
 
 
@@ -47,23 +47,10 @@ def build_pair(args, dtype):
     )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_config).to(dtype).eval()
-    config = ModelConfig(
-        vocab_size=args.vocab, context_length=args.context, d_model=args.width, n_layers=args.layers,
-        n_heads=args.heads, n_kv_heads=args.kv_heads, d_mlp=args.mlp, activation="swiglu", norm="rmsnorm",
-        norm_eps=1e-5, norm_bias=False, position="rope", rope_theta=10000.0, qkv_bias=False,
-        attn_out_bias=False, mlp_bias=False, tie_embeddings=True, name="bench-llama",
-    )
-    ours = Transformer(config).to(dtype).eval()
-    state = hf.state_dict()
-    mapped = {"token_embedding.weight": state["model.embed_tokens.weight"], "final_norm.weight": state["model.norm.weight"]}
-    names = {"self_attn.q_proj": "attention.q", "self_attn.k_proj": "attention.k", "self_attn.v_proj": "attention.v",
-             "self_attn.o_proj": "attention.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
-             "mlp.down_proj": "mlp.down", "input_layernorm": "attention_norm", "post_attention_layernorm": "mlp_norm"}
-    for i in range(args.layers):
-        for theirs, mine in names.items():
-            mapped[f"blocks.{i}.{mine}.weight"] = state[f"model.layers.{i}.{theirs}.weight"]
-    mapped["unembedding.weight"] = mapped["token_embedding.weight"]
-    ours.load_state_dict(mapped, strict=True)
+    # The same weights through scribelm's own Hugging Face import (scribelm.interop.hf).
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = scribelm.load(tmp, dtype=dtype).model.eval()
     return hf, ours
 
 
