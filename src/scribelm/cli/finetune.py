@@ -158,18 +158,24 @@ def _report_model(result) -> None:
     )
 
 
-def run_sft(args) -> int:
-    from scribelm.finetune.run import finetune_sft
-
+def _run_and_report(finetune, args):
+    """Run a fine-tuning function with warnings shown as one-line messages, then report data and model."""
     options = _options(args)
     lm = _load(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        result = finetune_sft(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
+        result = finetune(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
     for w in caught:
         err_console.print(f"warning: {w.message}")
     _report_data(result.data)
     _report_model(result)
+    return result
+
+
+def run_sft(args) -> int:
+    from scribelm.finetune.run import finetune_sft
+
+    result = _run_and_report(finetune_sft, args)
     if result.final_eval.get("val_loss") is not None:
         console.print(f"validation loss {result.final_eval['val_loss']:.4f} after {result.steps} steps")
     console.print(f"wrote {result.output}")
@@ -179,15 +185,7 @@ def run_sft(args) -> int:
 def run_dpo(args) -> int:
     from scribelm.finetune.run import finetune_dpo
 
-    options = _options(args)
-    lm = _load(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        result = finetune_dpo(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
-    for w in caught:
-        err_console.print(f"warning: {w.message}")
-    _report_data(result.data)
-    _report_model(result)
+    result = _run_and_report(finetune_dpo, args)
     before, after = result.extra.get("held_out_before"), result.extra.get("held_out_after")
     if after:
         console.print(

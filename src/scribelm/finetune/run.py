@@ -191,6 +191,23 @@ def _check_context(lm, options: FinetuneOptions) -> int:
     return max_length
 
 
+def _train_and_val(dataset_type, data, tokenizer, max_length: int, options: FinetuneOptions, *,
+                   min_to_split: int, fraction: float):
+    """The training set, and a held-out set: the user's file, or a split of the training
+    data when it is large enough. Returns (train, val or None, the training file's stats)."""
+    def read(path):
+        return dataset_type.from_jsonl(path, tokenizer, max_length=max_length, overflow=options.overflow)
+
+    train = read(data)
+    stats = dict(train.stats)
+    val = None
+    if options.val_data:
+        val = read(options.val_data)
+    elif options.val_fraction > 0 and len(train) >= min_to_split:
+        train, val = train.split(fraction, options.seed)
+    return train, val, stats
+
+
 # --------------------------------------------------------------------------- SFT
 
 
@@ -202,13 +219,8 @@ def finetune_sft(lm, data: str | os.PathLike, out_dir: str | os.PathLike, option
     out_dir = Path(out_dir)
     max_length = _check_context(lm, options)
     tokenizer = lm.tokenizer
-    train = ChatDataset.from_jsonl(data, tokenizer, max_length=max_length, overflow=options.overflow)
-    stats = dict(train.stats)
-    val = None
-    if options.val_data:
-        val = ChatDataset.from_jsonl(options.val_data, tokenizer, max_length=max_length, overflow=options.overflow)
-    elif options.val_fraction > 0 and len(train) >= 20:
-        train, val = train.split(options.val_fraction, options.seed)
+    train, val, stats = _train_and_val(ChatDataset, data, tokenizer, max_length, options,
+                                       min_to_split=20, fraction=options.val_fraction)
     stats.update(train_examples=len(train), val_examples=len(val) if val else 0)
     pad_id = tokenizer.pad_id or 0
     loader = SFTLoader(train, options.batch_size, max_length=max_length, pack=options.pack, seed=options.seed,
@@ -254,13 +266,8 @@ def finetune_dpo(lm, data: str | os.PathLike, out_dir: str | os.PathLike, option
     out_dir = Path(out_dir)
     max_length = _check_context(lm, options)
     tokenizer = lm.tokenizer
-    train = PreferenceDataset.from_jsonl(data, tokenizer, max_length=max_length, overflow=options.overflow)
-    stats = dict(train.stats)
-    val = None
-    if options.val_data:
-        val = PreferenceDataset.from_jsonl(options.val_data, tokenizer, max_length=max_length, overflow=options.overflow)
-    elif options.val_fraction > 0 and len(train) >= 10:
-        train, val = train.split(max(options.val_fraction, 0.1), options.seed)
+    train, val, stats = _train_and_val(PreferenceDataset, data, tokenizer, max_length, options,
+                                       min_to_split=10, fraction=max(options.val_fraction, 0.1))
     stats.update(train_pairs=len(train), val_pairs=len(val) if val else 0)
 
     model = lm.model
