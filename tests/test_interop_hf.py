@@ -387,11 +387,16 @@ def test_weights_are_memory_mapped_not_copied(hf_dirs):
     lm = scribelm.load(hf_dirs["mistral_gqa"])
     file = hf_dirs["mistral_gqa"] / "model.safetensors"
     with safe_open(str(file), framework="pt") as f:
-        fresh = f.get_tensor("model.layers.0.mlp.up_proj.weight")
-    param = lm.model.blocks[0].mlp.up.weight
-    assert torch.equal(param, fresh)
+        fresh_down = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        fresh_up = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    down = lm.model.blocks[0].mlp.down.weight
+    assert torch.equal(down, fresh_down)
     # safe_open maps the file: the parameter's storage is exactly the tensor's bytes, not a copy of a bigger buffer
-    assert param.untyped_storage().nbytes() == param.numel() * param.element_size()
+    assert down.untyped_storage().nbytes() == down.numel() * down.element_size()
+    # q/k/v and gate/up are the exception: copied once into one buffer per group (kernels.pack_linears)
+    gate, up = lm.model.blocks[0].mlp.gate.weight, lm.model.blocks[0].mlp.up.weight
+    assert torch.equal(up, fresh_up)
+    assert up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
 
 
 # --------------------------------------------------------------------------- tokenizer and generation defaults

@@ -28,6 +28,7 @@ from torch import nn
 
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
+from scribelm.kernels import Linear, fused_linear, pack_linears
 
 # --------------------------------------------------------------------------- norms
 
@@ -115,10 +116,10 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
-        self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.o = nn.Linear(config.q_dim, config.d_model, bias=config.attn_out_bias)
+        self.q = Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o = Linear(config.q_dim, config.d_model, bias=config.attn_out_bias)
 
     def forward(
         self,
@@ -129,9 +130,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k, v = fused_linear(x, (self.q, self.k, self.v))  # one product when packed (kernels.py)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -167,13 +169,14 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation = _ACTIVATIONS[config.activation]
-        self.up = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
-        self.gate = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
-        self.down = nn.Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+        self.up = Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
+        self.gate = Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
+        self.down = Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
-            hidden = self.activation(self.gate(x)) * self.up(x)  # (B, T, d_mlp)
+            gate, up = fused_linear(x, (self.gate, self.up))  # (B, T, d_mlp) each
+            hidden = self.activation(gate) * up  # (B, T, d_mlp)
         else:
             hidden = self.activation(self.up(x))  # (B, T, d_mlp)
         return self.down(hidden)  # (B, T, C)
@@ -218,12 +221,13 @@ class Transformer(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config) if config.norm_position == "pre" else None
-        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.unembedding = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.unembedding.weight = self.token_embedding.weight
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the right device
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
+            self.pack_projections()
 
     # -- init -----------------------------------------------------------------
     @torch.no_grad()
@@ -246,6 +250,25 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.config.tie_embeddings:  # the shared matrix got the unembedding's init last; use the embedding's
             nn.init.normal_(self.token_embedding.weight, mean=0.0, std=std)
+
+    def pack_projections(self) -> "Transformer":
+        """Store each block's q, k and v weights (and gate and up) side by side in memory,
+        so inference computes them with one matrix product each (see kernels.py).
+        Parameters keep their names, shapes and values. A new model is packed when
+        built; loaders call this after filling a model, and moving or casting the
+        model packs it again."""
+        for block in self.blocks:
+            pack_linears((block.attention.q, block.attention.k, block.attention.v))
+            if block.mlp.gate is not None:
+                pack_linears((block.mlp.gate, block.mlp.up))
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give each parameter its own new storage; pack them again.
+        result = super()._apply(fn, recurse)
+        if not any(p.is_meta for p in self.parameters()):
+            self.pack_projections()
+        return result
 
     # -- helpers --------------------------------------------------------------
     def _positions(self, ids: torch.Tensor, start: int, padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -46,6 +46,7 @@ from torch import nn
 
 from scribelm.checkpoint import read_json_object
 from scribelm.errors import ScribeError
+from scribelm.kernels import Linear
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -141,7 +142,7 @@ class LoRALinear(nn.Module):
         base = self.base
         weight = base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach()
         bias = base.bias
-        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+        out = Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
                         dtype=torch.float32 if isinstance(base, Linear4bit) else weight.dtype)
         with torch.no_grad():
             out.weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(out.weight.dtype))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scribelm.errors import ScribeError
+from scribelm.kernels import Linear
 
 # The 16 NF4 levels of QLoRA (normal quantiles, normalized to [-1, 1], with an exact zero).
 NF4_LEVELS = (
@@ -223,7 +224,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         if isinstance(module, Embedding4bit):
             new = nn.Embedding(module.num_embeddings, module.embedding_dim, device=made[key].device, dtype=dtype)
         else:
-            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+            new = Linear(module.in_features, module.out_features, bias=module.bias is not None,
                             device=made[key].device, dtype=dtype)
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().to(dtype))

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scribelm.errors import ScribeError
+from scribelm.kernels import Linear
 
 SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -325,7 +326,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
-            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+            linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=layer.qweight.device, dtype=dtype)
             linear.weight.copy_(layer.dequantized_weight(dtype))
             if layer.bias is not None:

@@ -1,0 +1,158 @@
+"""The linear layer, with the fastest matrix product PyTorch has for inference on a CPU.
+
+Decoding reads every weight once per new token, so a decode step is a chain
+of matrix-vector products whose speed is set by memory bandwidth. In float32
+on a CPU, `torch.nn.functional.linear` goes through the BLAS library (MKL),
+whose matrix-vector product here runs on one core and reaches about 13 GB/s;
+oneDNN's product, which PyTorch ships as `torch.ops.mkldnn._linear_pointwise`,
+runs on every core and reads the same plain (out, in) weight at about 28 GB/s
+on two cores (benchmarks/decode.py measures it on the whole model). It also
+wins for the batched products of prefill. bfloat16 already goes through
+oneDNN, so only float32 changes.
+
+oneDNN's op has no backward, so it is used only where no gradient is wanted
+(`torch.no_grad`, `torch.inference_mode`, or frozen weights and inputs) and
+never while tracing or exporting; training and exports keep `F.linear`. The
+two differ only by float32 rounding (about 1e-6 relative).
+
+Each call also costs a fixed 15-50 µs, a large share of a small product
+(a 256×768 key projection moves 0.8 MB). Layers that read the same input
+(q, k and v; gate and up) are therefore stored one after another in one
+buffer (`pack_linears`): each keeps its own parameter, name and gradient,
+but inference multiplies by all of them at once (`fused_linear`), which
+turns seven products per block into four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_linear_available()
+
+
+def _capturing() -> bool:
+    """True while dynamo / torch.export (and so the ONNX exporter) or TorchScript records
+    the graph: they need the standard op."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` takes oneDNN's path for these operands."""
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32):
+        return False
+    if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or weight.dim() != 2:
+        return False  # tensor subclasses (DTensor, fake tensors) keep their own dispatch
+    if bias is not None and (type(bias) not in _PLAIN_TENSORS or bias.dtype != torch.float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not _capturing()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · weightᵀ + bias, like `F.linear`: x (..., in), weight (out, in) -> (..., out)."""
+    if use_onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose forward is `linear` above; same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# --------------------------------------------------------------------------- packed layers
+
+
+def _packable(layers: Sequence[nn.Module]) -> bool:
+    first = layers[0]
+    if not all(type(layer) is Linear for layer in layers):
+        return False  # a LoRA wrapper or a quantized layer computes its own way
+    weights = [layer.weight for layer in layers]
+    if any(w.is_meta or type(w) is not nn.Parameter or w.dim() != 2 for w in weights):
+        return False
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        return False
+    return all((layer.bias is None) == (first.bias is None) for layer in layers)
+
+
+def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the tensors are contiguous and lie one after another in one storage."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != end:
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
+def pack_linears(layers: Sequence[nn.Module]) -> bool:
+    """Store the weights (and biases) of layers that read the same input side by side
+    in one buffer, so that `fused_linear` can apply them with one product.
+
+    The parameters keep their identity (optimizers holding them stay valid), names,
+    shapes and values; only their storage moves. Returns whether the layers are
+    packed; layers that cannot be (different dtypes, LoRA-wrapped, quantized, on the
+    meta device) are left alone and `fused_linear` applies them one by one.
+    """
+    if not _packable(layers):
+        return False
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers] if layers[0].bias is not None else []
+    for group in (weights, biases):
+        if group and not _adjacent(group):
+            buffer = torch.cat([p.detach().reshape(-1) for p in group])  # one flat buffer, each part in turn
+            offset = 0
+            for p in group:
+                p.data = buffer[offset:offset + p.numel()].view(p.shape)
+                offset += p.numel()
+    return True
+
+
+def _packed_operands(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The (sum of outs, in) weight and bias covering all the layers, if they are still packed."""
+    if not all(type(layer) is Linear for layer in layers):
+        return None
+    weights = [layer.weight for layer in layers]
+    if not _adjacent(weights):
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    in_features = weights[0].shape[1]
+    weight = weights[0].detach().as_strided((rows, in_features), (in_features, 1))  # (ΣN, K)
+    bias = None
+    if layers[0].bias is not None:
+        biases = [layer.bias for layer in layers]
+        if not _adjacent(biases):
+            return None
+        bias = biases[0].detach().as_strided((rows,), (1,))  # (ΣN,)
+    return weight, bias
+
+
+def fused_linear(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for layer in layers), as one product when the layers are packed and no
+    gradient is wanted (a product over the shared buffer would not reach each parameter)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
+    operands = None if needs_grad else _packed_operands(layers)
+    if operands is None:
+        return tuple(layer(x) for layer in layers)
+    weight, bias = operands
+    outputs = linear(x, weight, bias)  # (..., ΣN)
+    return outputs.split([layer.out_features for layer in layers], dim=-1)
