@@ -27,6 +27,9 @@ from tests.trained_tiny import corpus, trained_lm
 # Relative error of the logits, ||quantized - float|| / ||float||, on held-out text with the
 # tiny trained model. Measured: int8 0.2%, int4 group 32 2.3%, group 64 2.7%; bounds leave room.
 LOGIT_BOUNDS = {(8, None): 0.01, (4, 32): 0.06, (4, 64): 0.08}
+# The int8 dynamic kernel rounds the activations to 8 bits as well, with one range per call:
+# measured 1.1% when all 512 held-out tokens go through at once (one range for all of them).
+DYNAMIC_BOUND = 0.02
 # Bits per byte of the quantized model on held-out text, as a factor of the float model's
 # (measured 1.000 for both).
 BPB_FACTORS = {(8, None): 1.02, (4, 32): 1.05}
@@ -54,8 +57,10 @@ def relative_error(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-@pytest.mark.parametrize("bits, group_size", list(LOGIT_BOUNDS))
-@pytest.mark.parametrize("kernel", ["reference", "packed"])
+@pytest.mark.parametrize("bits, group_size, kernel", [
+    (bits, group, kernel) for bits, group in LOGIT_BOUNDS for kernel in ("reference", "packed", "dynamic")
+    if kernel != "dynamic" or bits == 8
+])
 def test_quantized_logits_within_documented_bound(lm, held_out_ids, bits, group_size, kernel):
     with torch.no_grad():
         ref = lm.model(held_out_ids)
@@ -63,7 +68,7 @@ def test_quantized_logits_within_documented_bound(lm, held_out_ids, bits, group_
         set_kernel(q, kernel)
         out = q(held_out_ids)
     err = relative_error(out, ref)
-    assert 0 < err < LOGIT_BOUNDS[(bits, group_size)]
+    assert 0 < err < (DYNAMIC_BOUND if kernel == "dynamic" else LOGIT_BOUNDS[(bits, group_size)])
     # Fewer bits cost more: the bound is not vacuous.
     if bits == 4:
         with torch.no_grad():
@@ -82,6 +87,47 @@ def test_kernels_compute_the_dequantized_matmul(bits, group_size):
     layer.kernel = "packed"  # bfloat16 activations: ~3 significant digits
     assert relative_error(layer(x), exact) < 1e-2
     assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
+    if bits == 8:
+        layer.kernel = "dynamic"  # activations rounded to 8 bits per call
+        with torch.no_grad():
+            assert relative_error(layer(x), exact) < 2e-2
+            assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
+            assert relative_error(layer(x.bfloat16()), exact) < 2e-2
+
+
+def test_joined_int8_layers_equal_separate_ones():
+    from scribelm.kernels import fused_linear
+
+    torch.manual_seed(0)
+    layers = [QuantizedLinear.from_linear(torch.nn.Linear(64, n, bias=True), 8, kernel="dynamic") for n in (64, 32, 32)]
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        joined = fused_linear(x, layers)
+        separate = [layer(x) for layer in layers]
+    for a, b in zip(joined, separate):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5)
+    # a changed weight is noticed: the joined copy is made again
+    with torch.no_grad():
+        layers[1].qweight = -layers[1].qweight
+        assert torch.allclose(fused_linear(x, layers)[1], layers[1](x), atol=1e-5)
+
+
+def test_dynamic_int8_decodes_close_to_the_exact_kernel(lm):
+    exact = quantized_copy(lm.model, 8)
+    set_kernel(exact, "reference")
+    fast = quantized_copy(lm.model, 8)  # "auto": the dynamic kernel for single-token steps
+    ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
+    caches = [scribelm.KVCache(m.config, 1, 48) for m in (exact, fast)]
+    errors = []
+    with torch.no_grad():
+        exact(ids, cache=caches[0]), fast(ids, cache=caches[1])
+        for token in lm.tokenizer.encode(" Go in unto Pharaoh, and tell him"):
+            step = torch.tensor([[token]])
+            ref, out = exact(step, cache=caches[0]), fast(step, cache=caches[1])
+            errors.append(relative_error(out, ref))
+    # One token per call, so one range per token: close to the weight-only bound.
+    assert 0 < max(errors) < LOGIT_BOUNDS[(8, None)], errors
 
 
 def test_int8_kernel_runs_on_unaligned_weights():
@@ -196,8 +242,10 @@ def test_dequantize_gives_a_float_model_with_the_same_numerics(tmp_path, lm, hel
         dequantize_model(back)
 
 
-def test_quantized_model_decodes_with_the_kv_cache(lm):
+@pytest.mark.parametrize("kernel", ["reference", "packed"])  # kernels whose rows do not affect each other
+def test_quantized_model_decodes_with_the_kv_cache(lm, kernel):
     q = quantized_copy(lm.model, 8)
+    set_kernel(q, kernel)
     ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
     cache = scribelm.KVCache(q.config, 1, 48)
     with torch.no_grad():

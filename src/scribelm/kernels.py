@@ -152,7 +152,10 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Te
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
     operands = None if needs_grad else _packed_operands(layers)
     if operands is None:
-        return tuple(layer(x) for layer in layers)
+        # Other layer types may join their own products (quantized layers do).
+        fused_forward = getattr(type(layers[0]), "fused_forward", None)
+        outputs = None if (needs_grad or fused_forward is None) else fused_forward(x, layers)
+        return outputs if outputs is not None else tuple(layer(x) for layer in layers)
     weight, bias = operands
     outputs = linear(x, weight, bias)  # (..., ΣN)
     return outputs.split([layer.out_features for layer in layers], dim=-1)

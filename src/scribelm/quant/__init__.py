@@ -24,7 +24,7 @@ its own quantized copy).
     quantize_model(lm.model, bits=4, group_size=32)   # in place
     lm.save("my-model-int4")                          # config.json records the scheme
 
-Two kernels sit behind one interface:
+Three kernels sit behind one interface:
 
     reference  dequantize on the fly in plain PyTorch: y = x · (q · scale)ᵀ,
                exact in the activations' dtype; runs on any device
@@ -32,15 +32,31 @@ Two kernels sit behind one interface:
                `aten._weight_int4pack_mm_for_cpu`, which read the int8 / int4
                weights directly. They compute with bfloat16 activations, so
                float32 inputs are rounded to bfloat16 first (about 3 significant
-               digits); benchmarks/decode_quant.py measures the speed.
+               digits).
+    dynamic    int8 only: PyTorch's quantized engine (fbgemm / oneDNN,
+               `quantized::linear_dynamic`) multiplies the int8 weights by the
+               activations rounded to 8 bits on the fly (one scale and zero
+               point per call, chosen from the activations' range), with integer
+               dot products; the activations stay float32 everywhere else. This
+               is what llama.cpp's q8_0 does too (it rounds activations to 8 bits
+               per block of 32). It keeps its own packed copy of the weights.
 
-`kernel="auto"` (the default) uses the packed kernel on CPU where its shape
-rules hold (int4: out_features a multiple of 16) and the reference elsewhere.
+`kernel="auto"` (the default) picks, on CPU: for int8, `dynamic` when at most
+16 rows go through the layer at once (decoding; one range for a long prompt
+would be set by its most extreme token) and `packed` otherwise; for int4,
+`packed` where its shape rule holds (out_features a multiple of 16). Elsewhere
+it uses the reference. benchmarks/decode_quant.py measures the speed.
+
+Layers that read the same input (q, k, v; gate, up) are multiplied together in
+one call when they are all int8 and the dynamic kernel applies
+(`QuantizedLinear.fused_forward`, used by `scribelm.kernels.fused_linear`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,7 +69,9 @@ from scribelm.kernels import Linear
 SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
-KERNELS = ("auto", "packed", "reference")
+KERNELS = ("auto", "dynamic", "packed", "reference")
+#: Most rows (tokens × batch) the int8 dynamic kernel takes under kernel="auto".
+DYNAMIC_MAX_ROWS = 16
 #: Names of the tensors a quantized linear layer stores (suffixes of state-dict keys).
 QUANTIZED_TENSORS = ("qweight", "scales", "mins")
 
@@ -64,6 +82,44 @@ class QuantizationError(ScribeError, ValueError):
 
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
+
+
+def _cpu_has_vnni() -> bool:
+    """AVX-512 VNNI / AVX-VNNI multiply 8-bit pairs straight into 32-bit sums. Without
+    them the engine's 16-bit intermediate sums can saturate on full-range 8-bit
+    activations, so activations get one bit less range (`reduce_range`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_vnni" in flags or "avx_vnni" in flags
+    except OSError:
+        pass
+    return False
+
+
+def _dynamic_int8_available() -> bool:
+    try:
+        return (hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch.ops.quantized, "linear_prepack")
+                and any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "onednn")))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_DYNAMIC_INT8 = _dynamic_int8_available()
+_REDUCE_RANGE = not _cpu_has_vnni()
+
+
+def _prepack_dynamic_int8(qweight: torch.Tensor, scales: torch.Tensor):
+    """The quantized engine's packed form of int8 rows with per-row scales (zero points 0)."""
+    with warnings.catch_warnings():
+        # PyTorch marks quantized tensors for a future removal; the engine still needs one as input.
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(
+            qweight.contiguous(), scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(weight, None)
 
 
 # --------------------------------------------------------------------------- quantize / dequantize
@@ -167,6 +223,55 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scales, self.mins, dtype)
 
     # -- kernels ----------------------------------------------------------------
+    def _use_dynamic(self, x: torch.Tensor, rows: int) -> bool:
+        if self.bits != 8 or self.kernel not in ("auto", "dynamic"):
+            return False
+        ok = _DYNAMIC_INT8 and x.device.type == "cpu" and x.dtype.is_floating_point and not _needs_grad(x, (self,))
+        if self.kernel == "dynamic":
+            if not ok:
+                raise QuantizationError(
+                    "the dynamic int8 kernel runs on CPU, without gradients, with PyTorch's quantized engine; "
+                    "use kernel='packed' or 'reference'"
+                )
+            return True
+        return ok and rows <= DYNAMIC_MAX_ROWS
+
+    def _cached(self, kind: str, make):
+        """A kernel's layout of this layer's tensors, made once and made again when a
+        tensor is replaced (a move, a cast, a load). In-place edits are not noticed."""
+        key = (kind, self.qweight.data_ptr(), self.scales.data_ptr(), None if self.mins is None else self.mins.data_ptr())
+        entry = self._packed.get(kind)
+        if entry is None or entry[0] != key:
+            entry = self._packed[kind] = (key, make())
+        return entry[1]
+
+    def _dynamic_weight(self):
+        return self._cached("dynamic", lambda: _prepack_dynamic_int8(self.qweight, self.scales))
+
+    @staticmethod
+    def fused_forward(x: torch.Tensor, layers: Sequence["QuantizedLinear"]) -> tuple[torch.Tensor, ...] | None:
+        """All layers (which read the same x) in one dynamic int8 product, or None when
+        that kernel does not apply; the engine's packed copy of the joined rows lives
+        on the first layer."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not all(type(layer) is QuantizedLinear and layer._use_dynamic(x, rows) for layer in layers):
+            return None
+        first = layers[0]
+        key = tuple((layer.qweight.data_ptr(), layer.scales.data_ptr()) for layer in layers)
+        entry = first._packed.get("dynamic-fused")
+        if entry is None or entry[0] != key:
+            joined = _prepack_dynamic_int8(
+                torch.cat([layer.qweight for layer in layers]), torch.cat([layer.scales for layer in layers])
+            )
+            entry = first._packed["dynamic-fused"] = (key, joined)
+        y = _dynamic_int8_matmul(x.reshape(-1, x.shape[-1]), entry[1])  # (M, ΣN)
+        outputs = []
+        for layer, part in zip(layers, y.split([layer.out_features for layer in layers], dim=-1)):
+            if layer.bias is not None:
+                part = part + layer.bias.to(part.dtype)
+            outputs.append(part.view(*x.shape[:-1], layer.out_features).to(x.dtype))
+        return tuple(outputs)
+
     def _use_packed(self, x: torch.Tensor) -> bool:
         if self.kernel == "reference" or x.device.type != "cpu" or not x.dtype.is_floating_point:
             return False
@@ -182,21 +287,18 @@ class QuantizedLinear(nn.Module):
         return ok
 
     def _packed_int4(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("int4", self.qweight.device)
-        if key not in self._packed:
+        def make():
             codes = unpack_int4(self.qweight).to(torch.int32)  # (N, K)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             # The kernel computes (q - 8) · scale + zero, so zero = min + 8 · scale.
             scales, mins = self.scales.float(), self.mins.float()
             scale_zero = torch.stack((scales, mins + 8 * scales), dim=-1)  # (N, G, 2)
-            self._packed[key] = (packed, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, N, 2)
-        return self._packed[key]
+            return packed, scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
+
+        return self._cached("int4", make)
 
     def _bf16_scales(self) -> torch.Tensor:
-        key = ("int8", self.scales.device)
-        if key not in self._packed:
-            self._packed[key] = self.scales.to(torch.bfloat16)
-        return self._packed[key]
+        return self._cached("int8", lambda: self.scales.to(torch.bfloat16))
 
     def _apply(self, fn, recurse=True):
         self._packed = {}  # a move or cast invalidates the cached layouts
@@ -205,7 +307,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self._use_packed(x):
+        if self._use_dynamic(x, x2.shape[0]):
+            y = _dynamic_int8_matmul(x2, self._dynamic_weight()).to(x.dtype)
+        elif self._use_packed(x):
             xb = x2.to(torch.bfloat16)
             if self.bits == 8:
                 if self.qweight.data_ptr() % 64:
@@ -229,6 +333,17 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}"
+
+
+def _dynamic_int8_matmul(x2: torch.Tensor, packed) -> torch.Tensor:
+    """x2 (M, K) float -> (M, N) float32 through the quantized engine."""
+    return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, _REDUCE_RANGE)
+
+
+def _needs_grad(x: torch.Tensor, layers: Sequence[nn.Module]) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
+    )
 
 
 # --------------------------------------------------------------------------- whole models
@@ -361,7 +476,7 @@ def is_quantized_tensor(name: str) -> bool:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Choose the matmul kernel of every quantized layer ('auto', 'packed', 'reference')."""
+    """Choose the matmul kernel of every quantized layer ('auto', 'dynamic', 'packed', 'reference')."""
     if kernel not in KERNELS:
         raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     for m in model.modules():
