@@ -224,10 +224,14 @@ class QuantizedLinear(nn.Module):
 
     # -- kernels ----------------------------------------------------------------
     def _use_dynamic(self, x: torch.Tensor, rows: int) -> bool:
-        if self.bits != 8 or self.kernel not in ("auto", "dynamic"):
+        # Checked on every call of every layer while decoding, so cheapest tests first.
+        kernel = self.kernel
+        if self.bits != 8 or (kernel != "auto" and kernel != "dynamic"):
             return False
-        ok = _DYNAMIC_INT8 and x.device.type == "cpu" and x.dtype.is_floating_point and not _needs_grad(x, (self,))
-        if self.kernel == "dynamic":
+        bias = self.bias
+        ok = (_DYNAMIC_INT8 and x.is_cpu and x.dtype.is_floating_point
+              and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))))
+        if kernel == "dynamic":
             if not ok:
                 raise QuantizationError(
                     "the dynamic int8 kernel runs on CPU, without gradients, with PyTorch's quantized engine; "
@@ -239,10 +243,10 @@ class QuantizedLinear(nn.Module):
     def _cached(self, kind: str, make):
         """A kernel's layout of this layer's tensors, made once and made again when a
         tensor is replaced (a move, a cast, a load). In-place edits are not noticed."""
-        key = (kind, self.qweight.data_ptr(), self.scales.data_ptr(), None if self.mins is None else self.mins.data_ptr())
+        tensors = (self.qweight, self.scales, self.mins)
         entry = self._packed.get(kind)
-        if entry is None or entry[0] != key:
-            entry = self._packed[kind] = (key, make())
+        if entry is None or any(a is not b for a, b in zip(entry[0], tensors)):
+            entry = self._packed[kind] = (tensors, make())
         return entry[1]
 
     def _dynamic_weight(self):
@@ -251,26 +255,29 @@ class QuantizedLinear(nn.Module):
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: Sequence["QuantizedLinear"]) -> tuple[torch.Tensor, ...] | None:
         """All layers (which read the same x) in one dynamic int8 product, or None when
-        that kernel does not apply; the engine's packed copy of the joined rows lives
-        on the first layer."""
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not all(type(layer) is QuantizedLinear and layer._use_dynamic(x, rows) for layer in layers):
-            return None
+        that kernel does not apply. The caller (`kernels.fused_linear`) has checked that
+        no gradient is wanted. The engine's packed copy of the joined rows lives on the
+        first layer and is made again when any layer's tensors are replaced."""
         first = layers[0]
-        key = tuple((layer.qweight.data_ptr(), layer.scales.data_ptr()) for layer in layers)
+        if not first._use_dynamic(x, x.numel() // first.in_features):
+            return None
+        for layer in layers[1:]:
+            if type(layer) is not QuantizedLinear or layer.bits != 8 or layer.kernel != first.kernel:
+                return None
+        tensors = tuple(t for layer in layers for t in (layer.qweight, layer.scales))
         entry = first._packed.get("dynamic-fused")
-        if entry is None or entry[0] != key:
+        if entry is None or len(entry[0]) != len(tensors) or any(a is not b for a, b in zip(entry[0], tensors)):
             joined = _prepack_dynamic_int8(
                 torch.cat([layer.qweight for layer in layers]), torch.cat([layer.scales for layer in layers])
             )
-            entry = first._packed["dynamic-fused"] = (key, joined)
-        y = _dynamic_int8_matmul(x.reshape(-1, x.shape[-1]), entry[1])  # (M, ΣN)
-        outputs = []
-        for layer, part in zip(layers, y.split([layer.out_features for layer in layers], dim=-1)):
-            if layer.bias is not None:
-                part = part + layer.bias.to(part.dtype)
-            outputs.append(part.view(*x.shape[:-1], layer.out_features).to(x.dtype))
-        return tuple(outputs)
+            entry = first._packed["dynamic-fused"] = (tensors, joined)
+        y = _dynamic_int8_matmul(x, entry[1])  # (..., ΣN) float32
+        parts = y.split([layer.out_features for layer in layers], dim=-1)  # (..., N) each
+        if any(layer.bias is not None for layer in layers):
+            parts = [p if layer.bias is None else p + layer.bias.to(p.dtype) for p, layer in zip(parts, layers)]
+        if x.dtype != y.dtype:
+            parts = [p.to(x.dtype) for p in parts]
+        return tuple(parts)
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         if self.kernel == "reference" or x.device.type != "cpu" or not x.dtype.is_floating_point:
@@ -305,11 +312,14 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_dynamic(x, x.numel() // self.in_features):
+            y = _dynamic_int8_matmul(x, self._dynamic_weight())  # (..., N) float32
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self._use_dynamic(x, x2.shape[0]):
-            y = _dynamic_int8_matmul(x2, self._dynamic_weight()).to(x.dtype)
-        elif self._use_packed(x):
+        if self._use_packed(x):
             xb = x2.to(torch.bfloat16)
             if self.bits == 8:
                 if self.qweight.data_ptr() % 64:
@@ -335,15 +345,9 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}"
 
 
-def _dynamic_int8_matmul(x2: torch.Tensor, packed) -> torch.Tensor:
-    """x2 (M, K) float -> (M, N) float32 through the quantized engine."""
-    return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, _REDUCE_RANGE)
-
-
-def _needs_grad(x: torch.Tensor, layers: Sequence[nn.Module]) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
-    )
+def _dynamic_int8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (..., K) float -> (..., N) float32 through the quantized engine."""
+    return torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), packed, _REDUCE_RANGE)
 
 
 # --------------------------------------------------------------------------- whole models
