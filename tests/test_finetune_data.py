@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scribelm.data.chat import IGNORE_INDEX, ChatDataset, DatasetError, SFTLoader, collate, pack_examples, tokenize_conversation
+from scribelm.data.chat import IGNORE_INDEX, ChatDataset, DatasetError, SFTLoader, collate, pack_examples
 from scribelm.data.preference import PreferenceDataset, collate_pairs
 from scribelm.model import Transformer
 from tests.conftest import tiny_config
@@ -84,7 +84,7 @@ def test_first_malformed_line_is_reported_with_its_number(tmp_path, tokenizer, b
     path = write_jsonl(tmp_path / "data.jsonl", [good, good, bad, "{also bad"])
     with pytest.raises(DatasetError) as err:
         ChatDataset.from_jsonl(path, tokenizer, max_length=64)
-    assert f"data.jsonl:3:" in str(err.value) and message in str(err.value)
+    assert "data.jsonl:3:" in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
 

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from scribelm.config import PRESETS, ModelConfig
 from scribelm.inspect.params import parameter_breakdown

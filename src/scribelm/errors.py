@@ -7,8 +7,23 @@ and exits non-zero; it never shows a traceback for these.
 """
 
 
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+
 class ScribeError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+def reject_unknown_fields(names: Iterable[str], dataclass_type: type, what: str, error: type[ScribeError]) -> None:
+    """Raise `error` naming the entries of `names` that are not fields of `dataclass_type`
+    (a typo in a config file or a keyword), with the fields that exist."""
+    known = {f.name for f in dataclasses.fields(dataclass_type)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise error(f"unknown {what}(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 class ConfigError(ScribeError, ValueError):

@@ -39,7 +39,6 @@ dropped and the rest is run through the model again (positions restart at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 
 from scribelm.cache import ContextOverflowError, KVCache
-from scribelm.errors import ScribeError
+from scribelm.errors import ScribeError, reject_unknown_fields
 from scribelm.sampling import (
     IncrementalDetokenizer,
     RowSampler,
@@ -442,14 +441,12 @@ def beam_search(
 
 def resolve_settings(lm, settings: SamplingSettings | None = None, **overrides: Any) -> SamplingSettings:
     """The checkpoint's generation.json defaults, then `settings`, then keyword overrides."""
-    known = {f.name for f in fields(SamplingSettings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SamplingError(f"unknown generation setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    reject_unknown_fields(overrides, SamplingSettings, "generation setting", SamplingError)
     if settings is not None:
         base = settings.to_dict()
     else:
         defaults = getattr(lm, "generation_config", None) or {}
+        known = {f.name for f in fields(SamplingSettings)}  # generation.json may hold other keys too
         base = {k: v for k, v in defaults.items() if k in known} if isinstance(defaults, Mapping) else {}
     base.update({k: v for k, v in overrides.items() if v is not None or k in ("seed", "logit_bias")})
     return SamplingSettings(**base)

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from scribelm.errors import ScribeError
+from scribelm.errors import ScribeError, reject_unknown_fields
 
 
 class SamplingError(ScribeError, ValueError):
@@ -198,10 +198,7 @@ class SamplingSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SamplingSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SamplingError(f"unknown generation setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown_fields(data, cls, "generation setting", SamplingError)
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:

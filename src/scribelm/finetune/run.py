@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,7 @@ import torch
 
 from scribelm.adapters.lora import LoRAConfig, apply_lora, load_adapters, lora_modules, save_adapters
 from scribelm.adapters.quant4 import quantize_base, storage_bytes
-from scribelm.data.chat import ChatDataset, DatasetError, SFTLoader
+from scribelm.data.chat import ChatDataset, SFTLoader
 from scribelm.data.preference import PreferenceDataset, PreferenceLoader
 from scribelm.errors import ConfigError, ScribeError
 from scribelm.finetune.dpo import DPOObjective, evaluate_preferences, precompute_reference_logps

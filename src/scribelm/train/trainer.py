@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from scribelm.checkpoint import read_weights, save_checkpoint
-from scribelm.errors import CheckpointError, ConfigError, ScribeError
+from scribelm.errors import CheckpointError, ConfigError, ScribeError, reject_unknown_fields
 from scribelm.train import distributed as dist_utils
 from scribelm.train.objectives import NextTokenObjective
 from scribelm.train.schedule import LRSchedule
@@ -145,10 +145,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown_fields(data, cls, "train setting", ConfigError)
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
