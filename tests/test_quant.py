@@ -356,3 +356,14 @@ def test_cli_refuses_an_already_quantized_model(tmp_path, lm, capsys):
     code, _, err = scribe(capsys, "quantize", tmp_path / "q", "--bits", "4", "-o", tmp_path / "qq")
     assert code == 2 and "already quantized" in err
     assert not (tmp_path / "qq").exists()
+
+
+def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm):
+    # The dynamic kernel takes one activation range per call, so "auto" keeps it to single rows.
+    q = quantized_copy(lm.model, 8)
+    first = torch.tensor(lm.tokenizer.encode("And God said unto Moses"))
+    others = [torch.randint(0, lm.model.config.vocab_size, first.shape, generator=torch.Generator().manual_seed(s))
+              for s in range(2)]
+    with torch.no_grad():
+        outs = [q(torch.stack([first, other]))[0] for other in others]
+    assert torch.equal(outs[0], outs[1])

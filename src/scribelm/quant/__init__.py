@@ -41,9 +41,11 @@ Three kernels sit behind one interface:
                is what llama.cpp's q8_0 does too (it rounds activations to 8 bits
                per block of 32). It keeps its own packed copy of the weights.
 
-`kernel="auto"` (the default) picks, on CPU: for int8, `dynamic` when at most
-16 rows go through the layer at once (decoding; one range for a long prompt
-would be set by its most extreme token) and `packed` otherwise; for int4,
+`kernel="auto"` (the default) picks, on CPU: for int8, `dynamic` when one row
+goes through the layer (decoding one sequence) and `packed` otherwise, because
+the engine takes one range for all rows of a call: a row's result would depend
+on the other rows of a batch, and a long prompt's range would be set by its
+most extreme token; for int4,
 `packed` where its shape rule holds (out_features a multiple of 16). Elsewhere
 it uses the reference. benchmarks/decode_quant.py measures the speed.
 
@@ -70,8 +72,9 @@ SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
 KERNELS = ("auto", "dynamic", "packed", "reference")
-#: Most rows (tokens × batch) the int8 dynamic kernel takes under kernel="auto".
-DYNAMIC_MAX_ROWS = 16
+#: Most rows (tokens × batch) the int8 dynamic kernel takes under kernel="auto": one, so that
+#: a row's result never depends on the rest of its batch (the engine uses one range per call).
+DYNAMIC_MAX_ROWS = 1
 #: Names of the tensors a quantized linear layer stores (suffixes of state-dict keys).
 QUANTIZED_TENSORS = ("qweight", "scales", "mins")
 
