@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import scribelm  # noqa: E402
-from scribelm.generate import BatchGeneration  # noqa: E402
+from scribelm.generate import BatchGeneration, weight_bytes_per_token  # noqa: E402
 from scribelm.sampling import SamplingSettings  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def main() -> None:
 
     hf, ours = build_pair(args, dtype)
     n_params = ours.num_parameters()
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in ours.parameters()}.values())
+    weight_bytes = weight_bytes_per_token(ours)  # what one decode step reads
     print(f"model: Llama-style, {n_params / 1e6:.1f}M parameters ({weight_bytes / 1e9:.3f} GB of {args.dtype} weights), "
           f"{args.layers} layers, width {args.width}, {args.heads} heads / {args.kv_heads} kv heads, vocab {args.vocab}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import scribelm  # noqa: E402
 from scribelm.config import ModelConfig  # noqa: E402
+from scribelm.generate import weight_bytes_per_token  # noqa: E402
 from scribelm.interop.gguf import export_gguf  # noqa: E402
 from scribelm.quant import quantize_model  # noqa: E402
 
@@ -52,19 +53,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def matmul_bytes(model) -> int:
-    """Bytes a decode step reads: everything except the embedding table (one row per token)."""
-    total, seen = 0, set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or name.startswith(("token_embedding", "position_embedding")):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    if model.config.tie_embeddings and isinstance(model.unembedding, torch.nn.Linear):
-        total += model.token_embedding.weight.numel() * model.token_embedding.weight.element_size()
-    return total
 
 
 @torch.no_grad()
@@ -163,7 +151,7 @@ def main() -> None:
     for name, build in variants:
         model = build()
         seconds = scribelm_decode(model, prompt, args.new_tokens, args.repeats)
-        rows.append((name, 1 / seconds, matmul_bytes(model)))
+        rows.append((name, 1 / seconds, weight_bytes_per_token(model)))
         print(f"  {name}: {1 / seconds:.1f} tokens/s", flush=True)
         del model
 

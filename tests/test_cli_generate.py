@@ -199,3 +199,29 @@ def test_generate_reads_prompt_from_stdin(random_dir, monkeypatch, capsys):
     lm = __import__("scribelm").load(random_dir)
     assert data["text"] == lm.generate("It was", max_new_tokens=5, temperature=0)
     assert data["prompt_tokens"] == len(lm.tokenizer.encode("It was"))
+
+
+def test_generate_stats_reports_speed(random_dir, capsys):
+    assert main(["generate", str(random_dir), "It was", "--max-new-tokens", "6", "--temperature", "0", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "tokens/s" not in captured.out  # the text stays clean for pipes
+    lines = captured.err.strip().splitlines()
+    assert lines[0].startswith("prefill: ") and "; decode: 5 tokens at " in lines[0] and "GB/s of weights" in lines[0]
+    assert lines[1] == "6 tokens, finish reason: length"
+
+
+def test_weight_bytes_per_token_counts_what_a_step_reads():
+    from scribelm.generate import weight_bytes_per_token
+    from scribelm.quant import quantize_model
+
+    tied = Transformer(tiny_config(tie_embeddings=True))
+    untied = Transformer(tiny_config(tie_embeddings=False))
+    table = tied.token_embedding.weight
+    everything = sum(p.numel() * p.element_size() for p in untied.parameters())
+    # Untied: the embedding table is read one row at a time, the unembedding in full.
+    assert weight_bytes_per_token(untied) == everything - table.numel() * table.element_size()
+    # Tied: the one shared table is read in full by the unembedding, and counted once.
+    assert weight_bytes_per_token(tied) == sum(p.numel() * p.element_size() for p in tied.parameters())
+    # int8 blocks and unembedding: about a quarter of the float bytes.
+    quantized = quantize_model(Transformer(tiny_config(tie_embeddings=True)), 8, unembedding=True)
+    assert 0.2 < weight_bytes_per_token(quantized) / weight_bytes_per_token(tied) < 0.35

@@ -101,6 +101,22 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (a shared
+    tensor once), except the token and position embedding tables, of which a step reads
+    one row, unless the unembedding shares the table and so reads all of it."""
+    total, seen = 0, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name.startswith(("token_embedding", "position_embedding")):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    embedding = model.token_embedding.weight
+    if getattr(getattr(model, "unembedding", None), "weight", None) is embedding:
+        total += embedding.numel() * embedding.element_size()
+    return total
+
+
 def stop_ids_for(tokenizer, settings: SamplingSettings, extra: Sequence[int] = ()) -> set[int]:
     ids = set(settings.stop_token_ids) | set(extra)
     if tokenizer is not None and tokenizer.eos_id is not None:

@@ -5,12 +5,14 @@
     scribe generate my-model "Once" --json --logprobs 3      # text, ids, finish reason, log-probs
     scribe generate my-model "Once" --show-probs             # each token with its top candidates
     echo "Once" | scribe generate my-model -                 # prompt from stdin
+    scribe generate my-model "Once" --stats                  # prefill and decode speed, GB/s of weights
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any
 
 from scribelm.cli.common import console, err_console, print_json
@@ -54,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="report each token's log-probability and N alternatives")
     p.add_argument("--json", action="store_true", help="print text, token ids, finish reason (and log-probs) as JSON")
     p.add_argument("--show-probs", action="store_true", help="print each generated token with its top candidates")
+    p.add_argument("--stats", action="store_true",
+                   help="after the text, print prefill and decode speed (tokens/s, GB/s of weights read) to stderr")
     p.set_defaults(handler=run)
 
 
@@ -108,16 +112,35 @@ def run(args) -> int:
         return 0
     if sys.stdout.isatty():
         console.print(prompt, style="dim", end="")
+    stamps = [time.perf_counter()]  # start, then one per generated token
     for events in gen:
+        stamps.append(time.perf_counter())
         for e in events:
             if e.text:
                 sys.stdout.write(e.text)
                 sys.stdout.flush()
     sys.stdout.write("\n")
     c = gen.completions[0]
-    if c is not None and sys.stderr.isatty():
+    if c is not None and args.stats:
+        err_console.print(_speed_line(lm.model, len(ids), stamps), markup=False, soft_wrap=True)
+    if c is not None and (args.stats or sys.stderr.isatty()):
         err_console.print(f"[dim]{len(c.token_ids)} tokens, finish reason: {c.finish_reason}[/dim]")
     return 0
+
+
+def _speed_line(model, prompt_tokens: int, stamps: list[float]) -> str:
+    """Prefill is the time to the first token; decode the time per token after it (every
+    decode step reads every weight once, hence GB/s)."""
+    from scribelm.generate import weight_bytes_per_token
+
+    prefill = stamps[1] - stamps[0]
+    line = f"prefill: {prompt_tokens} tokens in {prefill * 1e3:.0f} ms ({prompt_tokens / prefill:.0f} tokens/s)"
+    steps = len(stamps) - 2
+    if steps > 0:
+        per_token = (stamps[-1] - stamps[1]) / steps
+        gbs = weight_bytes_per_token(model) / per_token / 1e9
+        line += f"; decode: {steps} tokens at {1 / per_token:.1f} tokens/s ({gbs:.2f} GB/s of weights)"
+    return line
 
 
 def _completion_json(c, with_logprobs: bool) -> dict[str, Any]:
