@@ -367,9 +367,16 @@ def beam_search(
     device = next(model.parameters()).device
     max_new = settings.max_new_tokens
     lp_exp = settings.length_penalty
-    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device, dtype=_model_dtype(model))
-    ids = torch.tensor([prompt], device=device).expand(K, -1)
-    logits = model.unembedding(model.hidden_states(ids, cache=cache)[:, -1])  # (K, V)
+    dtype = _model_dtype(model)
+    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device, dtype=dtype)
+    # Every beam starts from the same prompt: prefill it once, then give each beam a copy of its keys and values.
+    prompt_cache = KVCache(config, 1, len(prompt), device=device, dtype=dtype)
+    hidden = model.hidden_states(torch.tensor([prompt], device=device), cache=prompt_cache)[:, -1]  # (1, C)
+    logits = model.unembedding(hidden).expand(K, -1)  # (K, V)
+    cache.keys[:, :, :, :len(prompt)] = prompt_cache.keys  # (L, 1, KV, P, hd) broadcast to (L, K, KV, P, hd)
+    cache.values[:, :, :, :len(prompt)] = prompt_cache.values
+    cache.advance(len(prompt))
+    del prompt_cache
     samplers = [RowSampler(settings, V, prompt_ids=prompt, device=device) for _ in range(K)]
     beam_scores = torch.full((K,), float("-inf"), device=device)
     beam_scores[0] = 0.0  # all beams start identical: let only the first one expand
