@@ -56,6 +56,7 @@ one call when they are all int8 and the dynamic kernel applies
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
+@functools.cache
 def _cpu_has_vnni() -> bool:
     """AVX-512 VNNI / AVX-VNNI multiply 8-bit pairs straight into 32-bit sums. Without
     them the engine's 16-bit intermediate sums can saturate on full-range 8-bit
@@ -111,7 +113,6 @@ def _dynamic_int8_available() -> bool:
 
 
 _DYNAMIC_INT8 = _dynamic_int8_available()
-_REDUCE_RANGE = not _cpu_has_vnni()
 
 
 def _prepack_dynamic_int8(qweight: torch.Tensor, scales: torch.Tensor):
@@ -243,12 +244,13 @@ class QuantizedLinear(nn.Module):
             return True
         return ok and rows <= DYNAMIC_MAX_ROWS
 
-    def _cached(self, kind: str, make):
-        """A kernel's layout of this layer's tensors, made once and made again when a
-        tensor is replaced (a move, a cast, a load). In-place edits are not noticed."""
-        tensors = (self.qweight, self.scales, self.mins)
+    def _cached(self, kind: str, make, tensors: tuple | None = None):
+        """A kernel's layout made from `tensors` (this layer's own by default), made once
+        and made again when one of them is replaced (a move, a cast, a load). In-place
+        edits are not noticed."""
+        tensors = (self.qweight, self.scales, self.mins) if tensors is None else tensors
         entry = self._packed.get(kind)
-        if entry is None or any(a is not b for a, b in zip(entry[0], tensors)):
+        if entry is None or len(entry[0]) != len(tensors) or any(a is not b for a, b in zip(entry[0], tensors)):
             entry = self._packed[kind] = (tensors, make())
         return entry[1]
 
@@ -267,14 +269,12 @@ class QuantizedLinear(nn.Module):
         for layer in layers[1:]:
             if type(layer) is not QuantizedLinear or layer.bits != 8 or layer.kernel != first.kernel:
                 return None
-        tensors = tuple(t for layer in layers for t in (layer.qweight, layer.scales))
-        entry = first._packed.get("dynamic-fused")
-        if entry is None or len(entry[0]) != len(tensors) or any(a is not b for a, b in zip(entry[0], tensors)):
-            joined = _prepack_dynamic_int8(
-                torch.cat([layer.qweight for layer in layers]), torch.cat([layer.scales for layer in layers])
-            )
-            entry = first._packed["dynamic-fused"] = (tensors, joined)
-        y = _dynamic_int8_matmul(x, entry[1])  # (..., ΣN) float32
+        qweights, scales = [layer.qweight for layer in layers], [layer.scales for layer in layers]
+        joined = first._cached(
+            "dynamic-fused", lambda: _prepack_dynamic_int8(torch.cat(qweights), torch.cat(scales)),
+            tensors=(*qweights, *scales),
+        )
+        y = _dynamic_int8_matmul(x, joined)  # (..., ΣN) float32
         parts = y.split([layer.out_features for layer in layers], dim=-1)  # (..., N) each
         if any(layer.bias is not None for layer in layers):
             parts = [p if layer.bias is None else p + layer.bias.to(p.dtype) for p, layer in zip(parts, layers)]
@@ -350,7 +350,8 @@ class QuantizedLinear(nn.Module):
 
 def _dynamic_int8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
     """x (..., K) float -> (..., N) float32 through the quantized engine."""
-    return torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), packed, _REDUCE_RANGE)
+    reduce_range = not _cpu_has_vnni()  # read from /proc/cpuinfo on first use, not at import
+    return torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
 
 
 # --------------------------------------------------------------------------- whole models
