@@ -47,6 +47,7 @@ import torch
 
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.errors import ScribeError, reject_unknown_fields
+from scribelm.quant import weight_bytes
 from scribelm.sampling import (
     IncrementalDetokenizer,
     RowSampler,
@@ -102,18 +103,14 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer once (a shared
-    tensor once), except the token and position embedding tables, of which a step reads
-    one row, unless the unembedding shares the table and so reads all of it."""
-    total, seen = 0, set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or name.startswith(("token_embedding", "position_embedding")):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    embedding = model.token_embedding.weight
-    if getattr(getattr(model, "unembedding", None), "weight", None) is embedding:
-        total += embedding.numel() * embedding.element_size()
+    """Bytes of weights one decode step reads: all of them (`quant.weight_bytes`) but the
+    token and position embedding tables, of which a step reads one row, unless the
+    unembedding shares the table and so reads all of it."""
+    total = weight_bytes(model)
+    unembedding = getattr(model.unembedding, "weight", None)  # a quantized unembedding has its own tensors
+    for table in (model.token_embedding, model.position_embedding):
+        if table is not None and table.weight is not unembedding:
+            total -= table.weight.numel() * table.weight.element_size()
     return total
 
 
