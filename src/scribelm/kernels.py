@@ -149,13 +149,13 @@ def _packed_operands(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.T
 def fused_linear(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
     """(layer(x) for layer in layers), as one product when the layers are packed and no
     gradient is wanted (a product over the shared buffer would not reach each parameter)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
-    operands = None if needs_grad else _packed_operands(layers)
-    if operands is None:
-        # Other layer types may join their own products (quantized layers do).
-        fused_forward = getattr(type(layers[0]), "fused_forward", None)
-        outputs = None if (needs_grad or fused_forward is None) else fused_forward(x, layers)
-        return outputs if outputs is not None else tuple(layer(x) for layer in layers)
-    weight, bias = operands
-    outputs = linear(x, weight, bias)  # (..., ΣN)
-    return outputs.split([layer.out_features for layer in layers], dim=-1)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())):
+        return tuple(layer(x) for layer in layers)
+    operands = _packed_operands(layers)
+    if operands is not None:
+        outputs = linear(x, *operands)  # (..., ΣN)
+        return outputs.split([layer.out_features for layer in layers], dim=-1)
+    # Other layer types may join their own products (quantized layers do).
+    fused_forward = getattr(type(layers[0]), "fused_forward", None)
+    outputs = fused_forward(x, layers) if fused_forward is not None else None
+    return outputs if outputs is not None else tuple(layer(x) for layer in layers)

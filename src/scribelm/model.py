@@ -255,8 +255,8 @@ class Transformer(nn.Module):
         """Store each block's q, k and v weights (and gate and up) side by side in memory,
         so inference computes them with one matrix product each (see kernels.py).
         Parameters keep their names, shapes and values. A new model is packed when
-        built; loaders call this after filling a model, and moving or casting the
-        model packs it again."""
+        built, and again whenever it is moved or cast (`_apply`), which is how loaders,
+        which fill a meta-device model and then move it, get packed models."""
         for block in self.blocks:
             pack_linears((block.attention.q, block.attention.k, block.attention.v))
             if block.mlp.gate is not None:
@@ -264,10 +264,10 @@ class Transformer(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() give each parameter its own new storage; pack them again.
+        # .to() / .half() / .cuda() give each parameter its own new storage; pack them again
+        # (meta-device parameters are left alone by pack_linears).
         result = super()._apply(fn, recurse)
-        if not any(p.is_meta for p in self.parameters()):
-            self.pack_projections()
+        self.pack_projections()
         return result
 
     # -- helpers --------------------------------------------------------------
