@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from scribelm.config import ModelConfig
-from scribelm.kernels import Linear, _packed_operands, fused_linear, linear, pack_linears, use_onednn
+from scribelm.kernels import Linear, _packed_operands, fused_linear, linear, pack_linears, inference_on_cpu
 from scribelm.model import Transformer
 
 
@@ -40,15 +40,15 @@ def test_linear_matches_f_linear(shape, bias):
         assert torch.allclose(linear(xt, weight, b), F.linear(xt, weight, b), atol=1e-5, rtol=1e-5)
 
 
-def test_onednn_only_where_no_gradient_is_wanted():
+def test_fast_paths_only_where_no_gradient_is_wanted():
     layer = Linear(8, 4)
     x = torch.randn(2, 8)
-    onednn_available = use_onednn(x, layer.weight.detach(), None)
-    assert not use_onednn(x, layer.weight, layer.bias)  # grad enabled and the weight requires it
+    fast_path_available = inference_on_cpu(x, layer.weight.detach(), None)
+    assert not inference_on_cpu(x, layer.weight, layer.bias)  # grad enabled and the weight requires it
     with torch.no_grad():
-        assert use_onednn(x, layer.weight, layer.bias) == onednn_available
-    assert not use_onednn(x.double(), layer.weight.double(), None)  # float32 only
-    assert not use_onednn(x.bfloat16(), layer.weight.bfloat16(), None)
+        assert inference_on_cpu(x, layer.weight, layer.bias) == fast_path_available
+    assert not inference_on_cpu(x.double(), layer.weight.double(), None)  # float32 only
+    assert not inference_on_cpu(x.bfloat16(), layer.weight.bfloat16(), None)
 
 
 def test_linear_trains_like_nn_linear():

@@ -58,7 +58,7 @@ def relative_error(out, ref):
 
 
 @pytest.mark.parametrize("bits, group_size, kernel", [
-    (bits, group, kernel) for bits, group in LOGIT_BOUNDS for kernel in ("reference", "packed", "dynamic")
+    (bits, group, kernel) for bits, group in LOGIT_BOUNDS for kernel in ("reference", "native", "packed", "dynamic")
     if kernel != "dynamic" or bits == 8
 ])
 def test_quantized_logits_within_documented_bound(lm, held_out_ids, bits, group_size, kernel):
@@ -66,6 +66,8 @@ def test_quantized_logits_within_documented_bound(lm, held_out_ids, bits, group_
         ref = lm.model(held_out_ids)
         q = quantized_copy(lm.model, bits, group_size)
         set_kernel(q, kernel)
+        if kernel == "native" and scribelm.native.library() is None:
+            pytest.skip(f"native kernels: {scribelm.native.status()}")
         out = q(held_out_ids)
     err = relative_error(out, ref)
     assert 0 < err < (DYNAMIC_BOUND if kernel == "dynamic" else LOGIT_BOUNDS[(bits, group_size)])
@@ -87,6 +89,12 @@ def test_kernels_compute_the_dequantized_matmul(bits, group_size):
     layer.kernel = "packed"  # bfloat16 activations: ~3 significant digits
     assert relative_error(layer(x), exact) < 1e-2
     assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
+    if scribelm.native.library() is not None:
+        layer.kernel = "native"  # float32 activations, codes widened in registers: the reference up to rounding
+        with torch.no_grad():
+            assert relative_error(layer(x), exact) < 1e-6
+            assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
+            assert relative_error(layer(x.bfloat16()), exact) < 1e-2
     if bits == 8:
         layer.kernel = "dynamic"  # activations rounded to 8 bits per call
         with torch.no_grad():
@@ -116,7 +124,8 @@ def test_joined_int8_layers_equal_separate_ones():
 def test_dynamic_int8_decodes_close_to_the_exact_kernel(lm):
     exact = quantized_copy(lm.model, 8)
     set_kernel(exact, "reference")
-    fast = quantized_copy(lm.model, 8)  # "auto": the dynamic kernel for single-token steps
+    fast = quantized_copy(lm.model, 8)
+    set_kernel(fast, "dynamic")
     ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
     caches = [scribelm.KVCache(m.config, 1, 48) for m in (exact, fast)]
     errors = []
@@ -242,8 +251,10 @@ def test_dequantize_gives_a_float_model_with_the_same_numerics(tmp_path, lm, hel
         dequantize_model(back)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "packed"])  # kernels whose rows do not affect each other
+@pytest.mark.parametrize("kernel", ["reference", "packed", "native"])  # kernels whose rows do not affect each other
 def test_quantized_model_decodes_with_the_kv_cache(lm, kernel):
+    if kernel == "native" and scribelm.native.library() is None:
+        pytest.skip(f"native kernels: {scribelm.native.status()}")
     q = quantized_copy(lm.model, 8)
     set_kernel(q, kernel)
     ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
@@ -358,8 +369,12 @@ def test_cli_refuses_an_already_quantized_model(tmp_path, lm, capsys):
     assert not (tmp_path / "qq").exists()
 
 
-def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm):
-    # The dynamic kernel takes one activation range per call, so "auto" keeps it to single rows.
+@pytest.mark.parametrize("native_on", [True, False])
+def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm, monkeypatch, native_on):
+    # The dynamic kernel takes one activation range per call, so "auto" keeps it to single rows
+    # (it is what "auto" uses where the native kernels cannot be built).
+    if not native_on:
+        monkeypatch.setattr(scribelm.native, "library", lambda: None)
     q = quantized_copy(lm.model, 8)
     first = torch.tensor(lm.tokenizer.encode("And God said unto Moses"))
     others = [torch.randint(0, lm.model.config.vocab_size, first.shape, generator=torch.Generator().manual_seed(s))
@@ -367,3 +382,29 @@ def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm):
     with torch.no_grad():
         outs = [q(torch.stack([first, other]))[0] for other in others]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, 32)])
+def test_native_kernel_decodes_like_the_reference(lm, bits, group_size):
+    if scribelm.native.library() is None:
+        pytest.skip(f"native kernels: {scribelm.native.status()}")
+    exact, fast = quantized_copy(lm.model, bits, group_size), quantized_copy(lm.model, bits, group_size)
+    set_kernel(exact, "reference")
+    set_kernel(fast, "native")
+    ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
+    caches = [scribelm.KVCache(m.config, 1, 48) for m in (exact, fast)]
+    with torch.no_grad():
+        exact(ids, cache=caches[0]), fast(ids, cache=caches[1])
+        for token in lm.tokenizer.encode(" Go in unto Pharaoh"):
+            step = torch.tensor([[token]])
+            assert relative_error(fast(step, cache=caches[1]), exact(step, cache=caches[0])) < 1e-5
+
+
+def test_native_kernel_asked_for_where_it_cannot_run(monkeypatch):
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), 8, kernel="native")
+    monkeypatch.setattr(scribelm.native, "library", lambda: None)
+    with torch.no_grad(), pytest.raises(QuantizationError, match="use kernel='auto'"):
+        layer(torch.randn(1, 64))
+    layer.kernel = "auto"  # falls back to PyTorch's kernels
+    with torch.no_grad():
+        assert layer(torch.randn(1, 64)).shape == (1, 32)

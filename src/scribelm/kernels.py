@@ -1,21 +1,28 @@
-"""The linear layer, with the fastest matrix product PyTorch has for inference on a CPU.
+"""The linear layer, with the fastest matrix product at hand for inference on a CPU.
 
 Decoding reads every weight once per new token, so a decode step is a chain
 of matrix-vector products whose speed is set by memory bandwidth. In float32
 on a CPU, `torch.nn.functional.linear` goes through the BLAS library (MKL),
-whose matrix-vector product here runs on one core and reaches about 13 GB/s;
-oneDNN's product, which PyTorch ships as `torch.ops.mkldnn._linear_pointwise`,
-runs on every core and reads the same plain (out, in) weight at about 28 GB/s
-on two cores (benchmarks/decode.py measures it on the whole model). It also
-wins for the batched products of prefill. bfloat16 already goes through
-oneDNN, so only float32 changes.
+whose matrix-vector product here runs on one core and reaches about 13 GB/s.
+Two faster paths are used where no gradient is wanted:
 
-oneDNN's op has no backward, so it is used only where no gradient is wanted
+    native   a few rows (up to NATIVE_MAX_ROWS: decoding, small batches):
+             scribelm.native's C loop, compiled on first use, which streams the
+             weight on every core with no set-up cost per call (about 29 GB/s
+             over a whole model on two cores, near the machine's ~33 GB/s read
+             bandwidth)
+    oneDNN   more rows (prefill), or where the native kernels cannot be built:
+             `torch.ops.mkldnn._linear_pointwise`, which reads the same plain
+             (out, in) weight on every core (about 25 GB/s for decoding, and
+             faster than MKL for prefill too)
+
+Neither has a backward, so both are used only where no gradient is wanted
 (`torch.no_grad`, `torch.inference_mode`, or frozen weights and inputs) and
-never while tracing or exporting; training and exports keep `F.linear`. The
-two differ only by float32 rounding (about 1e-6 relative).
+never while tracing or exporting; training and exports keep `F.linear`. All
+three differ only by float32 rounding (about 1e-6 relative). bfloat16 already
+goes through oneDNN, so only float32 changes.
 
-Each call also costs a fixed 15-50 µs, a large share of a small product
+oneDNN's call also costs a fixed 15-50 µs, a large share of a small product
 (a 256×768 key projection moves 0.8 MB). Layers that read the same input
 (q, k and v; gate and up) are therefore stored one after another in one
 buffer (`pack_linears`): each keeps its own parameter, name and gradient,
@@ -30,6 +37,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scribelm import native
+
+#: Most rows (tokens × batch) a float32 product sends to the native kernel; beyond it
+#: oneDNN's blocked matrix product wins (benchmarks/decode.py, batch 8, is still native).
+NATIVE_MAX_ROWS = 8
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
@@ -50,9 +63,10 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `linear` takes oneDNN's path for these operands."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32):
+def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether these float32 CPU operands may skip `F.linear`: plain tensors, no gradient
+    wanted, no graph being captured."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32):
         return False
     if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or weight.dim() != 2:
         return False  # tensor subclasses (DTensor, fake tensors) keep their own dispatch
@@ -65,8 +79,14 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · weightᵀ + bias, like `F.linear`: x (..., in), weight (out, in) -> (..., out)."""
-    if use_onednn(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if inference_on_cpu(x, weight, bias):
+        if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[1] and weight.is_contiguous()
+                and (bias is None or bias.is_contiguous())):
+            lib = native.library()
+            if lib is not None:
+                return native.linear_f32(lib, x, weight, bias)
+        if _ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

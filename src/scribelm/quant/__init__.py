@@ -24,10 +24,15 @@ its own quantized copy).
     quantize_model(lm.model, bits=4, group_size=32)   # in place
     lm.save("my-model-int4")                          # config.json records the scheme
 
-Three kernels sit behind one interface:
+Four kernels sit behind one interface:
 
     reference  dequantize on the fly in plain PyTorch: y = x · (q · scale)ᵀ,
                exact in the activations' dtype; runs on any device
+    native     a few rows on CPU: scribelm.native's C loops, compiled on first
+               use, read the int8 / int4 codes once, widen them to float32 in
+               registers and multiply by the float32 activations: the reference's
+               numbers up to rounding order, at memory speed, one row at a time
+               (no row depends on another)
     packed     PyTorch's CPU kernels `aten._weight_int8pack_mm` and
                `aten._weight_int4pack_mm_for_cpu`, which read the int8 / int4
                weights directly. They compute with bfloat16 activations, so
@@ -41,13 +46,14 @@ Three kernels sit behind one interface:
                is what llama.cpp's q8_0 does too (it rounds activations to 8 bits
                per block of 32). It keeps its own packed copy of the weights.
 
-`kernel="auto"` (the default) picks, on CPU: for int8, `dynamic` when one row
-goes through the layer (decoding one sequence) and `packed` otherwise, because
-the engine takes one range for all rows of a call: a row's result would depend
-on the other rows of a batch, and a long prompt's range would be set by its
-most extreme token; for int4,
-`packed` where its shape rule holds (out_features a multiple of 16). Elsewhere
-it uses the reference. benchmarks/decode_quant.py measures the speed.
+`kernel="auto"` (the default) picks, on CPU: `native` for up to
+NATIVE_MAX_ROWS rows (decoding, small batches) where it can be built; otherwise,
+for int8, `dynamic` when one row goes through the layer and `packed` for more,
+because the engine takes one range for all rows of a call: a row's result would
+depend on the other rows of a batch, and a long prompt's range would be set by
+its most extreme token; for int4, `packed` where its shape rule holds
+(out_features a multiple of 16). Elsewhere it uses the reference.
+benchmarks/decode_quant.py measures the speed.
 
 Layers that read the same input (q, k, v; gate, up) are multiplied together in
 one call when they are all int8 and the dynamic kernel applies
@@ -66,15 +72,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scribelm import native
 from scribelm.errors import ScribeError
-from scribelm.kernels import Linear
+from scribelm.kernels import Linear, _capturing
 
 SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
-KERNELS = ("auto", "dynamic", "packed", "reference")
-#: Most rows (tokens × batch) the int8 dynamic kernel takes under kernel="auto": one, so that
-#: a row's result never depends on the rest of its batch (the engine uses one range per call).
+KERNELS = ("auto", "native", "dynamic", "packed", "reference")
+#: Most rows (tokens × batch) the native kernels take under kernel="auto", by bits; beyond
+#: it PyTorch's packed kernels, which multiply many rows at once, win.
+NATIVE_MAX_ROWS = {8: 8, 4: 1}
+#: Most rows the int8 dynamic kernel takes under kernel="auto" (where native is unavailable):
+#: one, so that a row's result never depends on the rest of its batch (the engine uses one
+#: range per call).
 DYNAMIC_MAX_ROWS = 1
 #: Names of the tensors a quantized linear layer stores (suffixes of state-dict keys).
 QUANTIZED_TENSORS = ("qweight", "scales", "mins")
@@ -227,22 +238,32 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scales, self.mins, dtype)
 
     # -- kernels ----------------------------------------------------------------
-    def _use_dynamic(self, x: torch.Tensor, rows: int) -> bool:
-        # Checked on every call of every layer while decoding, so cheapest tests first.
+    def _choose(self, x: torch.Tensor) -> str:
+        """The kernel this call runs: 'native', 'dynamic', 'packed' or 'reference'. Checked on
+        every call of every layer while decoding, so cheapest tests first."""
         kernel = self.kernel
-        if self.bits != 8 or (kernel != "auto" and kernel != "dynamic"):
-            return False
+        if kernel == "reference":
+            return kernel
+        rows = x.numel() // self.in_features
+        on_cpu = x.device.type == "cpu" and x.dtype.is_floating_point
         bias = self.bias
-        ok = (_DYNAMIC_INT8 and x.is_cpu and x.dtype.is_floating_point
-              and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))))
-        if kernel == "dynamic":
-            if not ok:
+        no_grad = not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        if kernel == "native" or (kernel == "auto" and rows <= NATIVE_MAX_ROWS[self.bits]):
+            usable = on_cpu and no_grad and self.qweight.is_cpu and not _capturing()
+            if usable and native.library() is not None:
+                return "native"
+            if kernel == "native":
+                why = "runs on CPU, without gradients" if not usable else f"is {native.status()}"
+                raise QuantizationError(f"the native kernel {why}; use kernel='auto'")
+        if self.bits == 8 and (kernel == "dynamic" or (kernel == "auto" and rows <= DYNAMIC_MAX_ROWS)):
+            if _DYNAMIC_INT8 and on_cpu and no_grad:
+                return "dynamic"
+            if kernel == "dynamic":
                 raise QuantizationError(
                     "the dynamic int8 kernel runs on CPU, without gradients, with PyTorch's quantized engine; "
                     "use kernel='packed' or 'reference'"
                 )
-            return True
-        return ok and rows <= DYNAMIC_MAX_ROWS
+        return "packed" if self._use_packed(x) else "reference"
 
     def _cached(self, kind: str, make, tensors: tuple | None = None):
         """A kernel's layout made from `tensors` (this layer's own by default), made once
@@ -264,7 +285,7 @@ class QuantizedLinear(nn.Module):
         no gradient is wanted. The engine's packed copy of the joined rows lives on the
         first layer and is made again when any layer's tensors are replaced."""
         first = layers[0]
-        if not first._use_dynamic(x, x.numel() // first.in_features):
+        if first._choose(x) != "dynamic":
             return None
         for layer in layers[1:]:
             if type(layer) is not QuantizedLinear or layer.bits != 8 or layer.kernel != first.kernel:
@@ -314,15 +335,35 @@ class QuantizedLinear(nn.Module):
         self._packed = {}  # a move or cast invalidates the cached layouts
         return super()._apply(fn, recurse)
 
+    def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) float32 through scribelm.native, bias included."""
+        lib = native.library()
+        bias = self.bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.detach().float().contiguous()
+        x32 = x if x.dtype == torch.float32 else x.float()
+        qweight = self.qweight if self.qweight.is_contiguous() else self.qweight.contiguous()
+        if self.bits == 8:
+            scales = self._cached("native", lambda: self.scales.float().contiguous())  # float32 (N,)
+            return native.linear_int8(lib, x32, qweight, scales, bias)
+        # float16 scale and min per group, as stored (made again if a cast changed them)
+        scales, mins = self._cached("native", lambda: (self.scales.to(torch.float16).contiguous(),
+                                                        self.mins.to(torch.float16).contiguous()))
+        return native.linear_int4(lib, x32, qweight, scales, mins, self.group_size, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_dynamic(x, x.numel() // self.in_features):
+        kernel = self._choose(x)
+        if kernel == "native":
+            y = self._native_matmul(x)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        if kernel == "dynamic":
             y = _dynamic_int8_matmul(x, self._dynamic_weight())  # (..., N) float32
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self._use_packed(x):
+        if kernel == "packed":
             xb = x2.to(torch.bfloat16)
             if self.bits == 8:
                 if self.qweight.data_ptr() % 64:
@@ -484,7 +525,7 @@ def is_quantized_tensor(name: str) -> bool:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Choose the matmul kernel of every quantized layer ('auto', 'dynamic', 'packed', 'reference')."""
+    """Choose the matmul kernel of every quantized layer ('auto', 'native', 'dynamic', 'packed', 'reference')."""
     if kernel not in KERNELS:
         raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     for m in model.modules():
