@@ -43,10 +43,23 @@ class KVCache:
                 f"a cache of {max_length} positions exceeds the model's context of {config.context_length}"
             )
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, S_max, hd)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_length = max_length
+        self._set_storage(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
         self.length = 0
+
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor) -> "KVCache":
+        """An empty cache whose storage is the given (L, B, n_kv, S_max, hd) tensors, for
+        instance views of some rows of a larger cache, which the model then fills in place."""
+        cache = cls.__new__(cls)
+        cache._set_storage(keys, values)
+        cache.length = 0
+        return cache
+
+    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # (L, B, n_kv, S_max, hd)
+        self.max_length = keys.shape[3]
+        # One view per layer, made once: a decode step then writes by position with no indexing.
+        self._layers = [(keys[i], values[i]) for i in range(keys.shape[0])]  # (B, n_kv, S_max, hd) each
 
     @property
     def batch_size(self) -> int:
@@ -62,9 +75,10 @@ class KVCache:
                 f"the sequence reached {end} tokens but the cache holds {self.max_length}; "
                 "generate fewer tokens or shorten the prompt"
             )
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        layer_keys, layer_values = self._layers[layer]
+        layer_keys.narrow(2, start, steps).copy_(keys)
+        layer_values.narrow(2, start, steps).copy_(values)
+        return layer_keys.narrow(2, 0, end), layer_values.narrow(2, 0, end)
 
     def advance(self, steps: int) -> None:
         self.length += steps

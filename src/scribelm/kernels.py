@@ -93,23 +93,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """`nn.Linear` whose forward is `linear` above; same parameters, same state dict."""
 
+    packed_fields = ("weight", "bias")  # see pack_linears
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
 # --------------------------------------------------------------------------- packed layers
+# A layer type lists, in `packed_fields`, the tensors whose rows are its output features
+# (Linear: weight and bias; quant.QuantizedLinear: codes, scales, mins and bias). Layers of
+# one type that read the same input are packed field by field.
 
 
 def _packable(layers: Sequence[nn.Module]) -> bool:
-    first = layers[0]
-    if not all(type(layer) is Linear for layer in layers):
-        return False  # a LoRA wrapper or a quantized layer computes its own way
-    weights = [layer.weight for layer in layers]
-    if any(w.is_meta or type(w) is not nn.Parameter or w.dim() != 2 for w in weights):
+    kind = type(layers[0])
+    fields = getattr(kind, "packed_fields", None)
+    if fields is None or not all(type(layer) is kind for layer in layers):
+        return False  # a LoRA wrapper, a mix of types: each computes its own way
+    if len({layer.in_features for layer in layers}) != 1:
         return False
-    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
-        return False
-    return all((layer.bias is None) == (first.bias is None) for layer in layers)
+    for field in fields:
+        tensors = [getattr(layer, field) for layer in layers]
+        if all(t is None for t in tensors):
+            continue
+        if any(t is None or type(t) not in _PLAIN_TENSORS or t.is_meta or t.dim() == 0 for t in tensors):
+            return False
+        if len({(t.dtype, t.device, t.shape[1:]) for t in tensors}) != 1:
+            return False
+    return True
 
 
 def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
@@ -125,44 +136,51 @@ def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def pack_linears(layers: Sequence[nn.Module]) -> bool:
-    """Store the weights (and biases) of layers that read the same input side by side
-    in one buffer, so that `fused_linear` can apply them with one product.
+    """Store the weights (and biases, and any other `packed_fields`) of layers that read
+    the same input side by side in one buffer each, so that `fused_linear` can apply them
+    with one product.
 
-    The parameters keep their identity (optimizers holding them stay valid), names,
-    shapes and values; only their storage moves. Returns whether the layers are
-    packed; layers that cannot be (different dtypes, LoRA-wrapped, quantized, on the
-    meta device) are left alone and `fused_linear` applies them one by one.
+    The tensors keep their identity (optimizers holding them stay valid), names, shapes
+    and values; only their storage moves. Returns whether the layers are packed; layers
+    that cannot be (different dtypes, LoRA-wrapped, on the meta device) are left alone
+    and `fused_linear` applies them one by one.
     """
     if not _packable(layers):
         return False
-    weights = [layer.weight for layer in layers]
-    biases = [layer.bias for layer in layers] if layers[0].bias is not None else []
-    for group in (weights, biases):
-        if group and not _adjacent(group):
-            buffer = torch.cat([p.detach().reshape(-1) for p in group])  # one flat buffer, each part in turn
+    for field in type(layers[0]).packed_fields:
+        group = [getattr(layer, field) for layer in layers]
+        if group[0] is not None and not _adjacent(group):
+            buffer = torch.cat([t.detach().reshape(-1) for t in group])  # one flat buffer, each part in turn
             offset = 0
-            for p in group:
-                p.data = buffer[offset:offset + p.numel()].view(p.shape)
-                offset += p.numel()
+            for t in group:
+                t.data = buffer[offset:offset + t.numel()].view(t.shape)
+                offset += t.numel()
     return True
 
 
+def packed_view(layers: Sequence[nn.Module], field: str) -> torch.Tensor | None:
+    """The tensor `field` of all the layers as one (ΣN, ...) view of their shared buffer, if
+    they are packed; None otherwise (or if the field is None)."""
+    tensors = [getattr(layer, field) for layer in layers]
+    if tensors[0] is None or not _adjacent(tensors):
+        return None
+    rows = sum(t.shape[0] for t in tensors)
+    first = tensors[0].detach()
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
 def _packed_operands(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The (sum of outs, in) weight and bias covering all the layers, if they are still packed."""
+    """The (ΣN, K) weight and (ΣN,) bias covering all the float layers, if still packed."""
     if not all(type(layer) is Linear for layer in layers):
         return None
-    weights = [layer.weight for layer in layers]
-    if not _adjacent(weights):
+    weight = packed_view(layers, "weight")
+    if weight is None:
         return None
-    rows = sum(w.shape[0] for w in weights)
-    in_features = weights[0].shape[1]
-    weight = weights[0].detach().as_strided((rows, in_features), (in_features, 1))  # (ΣN, K)
     bias = None
     if layers[0].bias is not None:
-        biases = [layer.bias for layer in layers]
-        if not _adjacent(biases):
+        bias = packed_view(layers, "bias")
+        if bias is None:
             return None
-        bias = biases[0].detach().as_strided((rows,), (1,))  # (ΣN,)
     return weight, bias
 
 

@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic as below, in one fused operation
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Computed in float32 so bf16 activations do not lose the small variance.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,20 +91,24 @@ def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = 
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency) angle: positions (B, T) -> (B, 1, T, head_dim) each."""
+    """cos and signed sin of every (position, frequency) angle, for `apply_rope`:
+    positions (B, T) -> (B, 1, T, head_dim) each; the sin is negated on the first half."""
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd): halves layout, as Llama/HF
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.cat((cos, cos), dim=-1)  # (B, T, hd): halves layout, as Llama/HF
+    sin = torch.cat((-sin, sin), dim=-1)  # (B, T, hd)
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair of features (i, i + hd/2) by its position's angle. x (B, H, T, hd)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate each pair of features (i, i + hd/2) by its position's angle θ:
+
+        (x_i, x_j) -> (x_i·cos θ - x_j·sin θ,  x_j·cos θ + x_i·sin θ),   j = i + hd/2
+
+    that is x·cos + swap_halves(x)·(-sin, +sin), with the sign carried by `sin`
+    (rope_cos_sin). x (B, H, T, hd)."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (B, H, T, hd): second half first
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # --------------------------------------------------------------------------- attention
@@ -197,12 +203,15 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, is_causal, cache):
         if self.pre_norm:
-            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, cache))
-            x = x + self.residual_dropout(self.mlp(self.mlp_norm(x)))
+            x = x + self.dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, cache))
+            x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         else:
-            x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, mask, is_causal, cache)))
-            x = self.mlp_norm(x + self.residual_dropout(self.mlp(x)))
+            x = self.attention_norm(x + self.dropout(self.attention(x, rope, mask, is_causal, cache)))
+            x = self.mlp_norm(x + self.dropout(self.mlp(x)))
         return x
+
+    def dropout(self, h: torch.Tensor) -> torch.Tensor:
+        return self.residual_dropout(h) if self.training else h  # eval: not even a call
 
 
 # --------------------------------------------------------------------------- transformer
@@ -328,7 +337,8 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(positions)  # (B, T, C)
         elif self.config.position == "sinusoidal":
             x = x + sinusoidal_encoding(positions, self.config.d_model).to(x.dtype)
-        x = self.embedding_dropout(x)
+        if self.training:
+            x = self.embedding_dropout(x)
 
         rope = None
         if self.config.position == "rope":

@@ -163,9 +163,9 @@ def library() -> _Native | None:
 # memory layout, which decide whether raw pointers may be handed over at all.
 
 
-def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    x2 = x.reshape(-1, in_features)  # (M, K)
-    return x2 if x2.is_contiguous() else x2.contiguous()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with its rows (..., K) one after another in memory, read as (M, K)."""
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -175,9 +175,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 def linear_f32(lib: _Native, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), all float32, weight and bias contiguous."""
     N, K = weight.shape
-    x2 = _rows(x, K)
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    lib.linear_f32(x2.data_ptr(), x2.shape[0], K, weight.data_ptr(), N, _pointer(bias), y.data_ptr(),
+    x = _rows(x)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    lib.linear_f32(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, _pointer(bias), y.data_ptr(),
                    torch.get_num_threads())
     return y
 
@@ -186,9 +186,9 @@ def linear_int8(lib: _Native, x: torch.Tensor, qweight: torch.Tensor, scales: to
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., K) float32 · (qweight (N, K) int8 · scales (N,) float32)ᵀ + bias -> (..., N) float32."""
     N, K = qweight.shape
-    x2 = _rows(x, K)
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    lib.linear_i8(x2.data_ptr(), x2.shape[0], K, qweight.data_ptr(), scales.data_ptr(), N, _pointer(bias),
+    x = _rows(x)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    lib.linear_i8(x.data_ptr(), x.numel() // K, K, qweight.data_ptr(), scales.data_ptr(), N, _pointer(bias),
                   y.data_ptr(), torch.get_num_threads())
     return y
 
@@ -198,9 +198,9 @@ def linear_int4(lib: _Native, x: torch.Tensor, packed: torch.Tensor, scales: tor
     """x (..., K) float32 · int4 weight ᵀ + bias -> (..., N) float32. packed uint8 (N, K/2),
     scales and mins float16 (N, K/group_size); w = code · scale + min."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    x2 = _rows(x, K)
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    failed = lib.linear_i4(x2.data_ptr(), x2.shape[0], K, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+    x = _rows(x)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    failed = lib.linear_i4(x.data_ptr(), x.numel() // K, K, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
                            group_size, N, _pointer(bias), y.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError("out of memory for the int4 kernel's scratch space")

@@ -74,7 +74,7 @@ from torch import nn
 
 from scribelm import native
 from scribelm.errors import ScribeError
-from scribelm.kernels import Linear, _capturing
+from scribelm.kernels import Linear, _capturing, packed_view
 
 SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -187,6 +187,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored in int8 (per channel) or int4 (per group)."""
 
+    packed_fields = ("qweight", "scales", "mins", "bias")  # see kernels.pack_linears
+
     def __init__(
         self,
         in_features: int,
@@ -245,11 +247,10 @@ class QuantizedLinear(nn.Module):
         if kernel == "reference":
             return kernel
         rows = x.numel() // self.in_features
-        on_cpu = x.device.type == "cpu" and x.dtype.is_floating_point
-        bias = self.bias
-        no_grad = not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        on_cpu = x.is_cpu and x.dtype.is_floating_point
+        no_grad = not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))
         if kernel == "native" or (kernel == "auto" and rows <= NATIVE_MAX_ROWS[self.bits]):
-            usable = on_cpu and no_grad and self.qweight.is_cpu and not _capturing()
+            usable = on_cpu and no_grad and not _capturing()
             if usable and native.library() is not None:
                 return "native"
             if kernel == "native":
@@ -265,38 +266,50 @@ class QuantizedLinear(nn.Module):
                 )
         return "packed" if self._use_packed(x) else "reference"
 
-    def _cached(self, kind: str, make, tensors: tuple | None = None):
+    def _cached(self, kind: str, make, tensors: tuple | None = None, stamp: Any = None):
         """A kernel's layout made from `tensors` (this layer's own by default), made once
-        and made again when one of them is replaced (a move, a cast, a load). In-place
-        edits are not noticed."""
+        and made again when one of them is replaced (a move, a cast, a load) or `stamp`
+        changes. In-place edits are not noticed."""
         tensors = (self.qweight, self.scales, self.mins) if tensors is None else tensors
         entry = self._packed.get(kind)
-        if entry is None or len(entry[0]) != len(tensors) or any(a is not b for a, b in zip(entry[0], tensors)):
-            entry = self._packed[kind] = (tensors, make())
-        return entry[1]
+        if (entry is None or entry[1] != stamp or len(entry[0]) != len(tensors)
+                or any(a is not b for a, b in zip(entry[0], tensors))):
+            entry = self._packed[kind] = (tensors, stamp, make())
+        return entry[2]
 
     def _dynamic_weight(self):
         return self._cached("dynamic", lambda: _prepack_dynamic_int8(self.qweight, self.scales))
 
     @staticmethod
     def fused_forward(x: torch.Tensor, layers: Sequence["QuantizedLinear"]) -> tuple[torch.Tensor, ...] | None:
-        """All layers (which read the same x) in one dynamic int8 product, or None when
-        that kernel does not apply. The caller (`kernels.fused_linear`) has checked that
-        no gradient is wanted. The engine's packed copy of the joined rows lives on the
-        first layer and is made again when any layer's tensors are replaced."""
+        """All layers (which read the same x) in one product, or None when no joined kernel
+        applies. The caller (`kernels.fused_linear`) has checked that no gradient is wanted.
+
+        native: one call over the layers' codes, scales and mins where they lie side by side
+        in memory (`kernels.pack_linears`, which `Transformer` applies to q/k/v and gate/up).
+        dynamic: the engine's packed copy of the joined rows, kept on the first layer and
+        made again when any layer's tensors are replaced."""
         first = layers[0]
-        if first._choose(x) != "dynamic":
+        kernel = first._choose(x)
+        if kernel not in ("native", "dynamic"):
             return None
         for layer in layers[1:]:
-            if type(layer) is not QuantizedLinear or layer.bits != 8 or layer.kernel != first.kernel:
+            if type(layer) is not QuantizedLinear or (layer.bits, layer.group_size, layer.kernel) != (first.bits, first.group_size, first.kernel):
                 return None
+        sizes = [layer.out_features for layer in layers]
+        if kernel == "native":
+            joined = first._joined_operands(layers)
+            if joined is None:
+                return None
+            y = _native_product(x, first.bits, first.group_size, *joined)  # (..., ΣN) float32, bias included
+            return tuple(part if part.dtype == x.dtype else part.to(x.dtype) for part in y.split(sizes, dim=-1))
         qweights, scales = [layer.qweight for layer in layers], [layer.scales for layer in layers]
         joined = first._cached(
             "dynamic-fused", lambda: _prepack_dynamic_int8(torch.cat(qweights), torch.cat(scales)),
             tensors=(*qweights, *scales),
         )
         y = _dynamic_int8_matmul(x, joined)  # (..., ΣN) float32
-        parts = y.split([layer.out_features for layer in layers], dim=-1)  # (..., N) each
+        parts = y.split(sizes, dim=-1)  # (..., N) each
         if any(layer.bias is not None for layer in layers):
             parts = [p if layer.bias is None else p + layer.bias.to(p.dtype) for p, layer in zip(parts, layers)]
         if x.dtype != y.dtype:
@@ -335,21 +348,36 @@ class QuantizedLinear(nn.Module):
         self._packed = {}  # a move or cast invalidates the cached layouts
         return super()._apply(fn, recurse)
 
+    def _joined_operands(self, layers: Sequence["QuantizedLinear"]) -> tuple | None:
+        """(codes, scales, mins, bias) of all the layers as views of their shared buffers, or
+        None when they are not packed side by side (or their scales are not in the dtype the
+        native kernels read). Kept on the first layer; made again when a layer's tensors
+        are replaced or moved to other memory."""
+        tensors = tuple(t for layer in layers for t in (layer.qweight, layer.scales, layer.mins, layer.bias))
+        where = tuple(t.data_ptr() for t in tensors if t is not None)
+
+        def make():
+            joined = tuple(packed_view(layers, field) for field in QuantizedLinear.packed_fields)
+            qweight, scales, mins, bias = joined
+            if qweight is None or scales is None or (self.bits == 4 and mins is None) or scales.dtype != self._scale_dtype:
+                return None
+            if self.bias is not None and bias is None:
+                return None
+            return joined
+
+        return self._cached("native-joined", make, tensors=tensors, stamp=where)
+
+    @property
+    def _scale_dtype(self) -> torch.dtype:
+        """What the native kernels read: float32 scales for int8, float16 scales and mins for int4."""
+        return torch.float32 if self.bits == 8 else torch.float16
+
     def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) float32 through scribelm.native, bias included."""
-        lib = native.library()
-        bias = self.bias
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-            bias = bias.detach().float().contiguous()
-        x32 = x if x.dtype == torch.float32 else x.float()
-        qweight = self.qweight if self.qweight.is_contiguous() else self.qweight.contiguous()
-        if self.bits == 8:
-            scales = self._cached("native", lambda: self.scales.float().contiguous())  # float32 (N,)
-            return native.linear_int8(lib, x32, qweight, scales, bias)
-        # float16 scale and min per group, as stored (made again if a cast changed them)
-        scales, mins = self._cached("native", lambda: (self.scales.to(torch.float16).contiguous(),
-                                                        self.mins.to(torch.float16).contiguous()))
-        return native.linear_int4(lib, x32, qweight, scales, mins, self.group_size, bias)
+        dtype = self._scale_dtype
+        scales, mins = self._cached("native", lambda: (  # as stored, unless a cast changed them
+            self.scales.to(dtype).contiguous(), None if self.mins is None else self.mins.to(dtype).contiguous()))
+        return _native_product(x, self.bits, self.group_size, self.qweight, scales, mins, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._choose(x)
@@ -387,6 +415,19 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         scheme = "int8 per-channel" if self.bits == 8 else f"int4 group {self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}"
+
+
+def _native_product(x: torch.Tensor, bits: int, group_size: int | None, qweight: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) float -> (..., N) float32 through scribelm.native, bias included."""
+    lib = native.library()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    x32 = x if x.dtype == torch.float32 else x.float()
+    qweight = qweight if qweight.is_contiguous() else qweight.contiguous()
+    if bits == 8:
+        return native.linear_int8(lib, x32, qweight, scales, bias)
+    return native.linear_int4(lib, x32, qweight, scales, mins, group_size, bias)
 
 
 def _dynamic_int8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
@@ -477,6 +518,8 @@ def quantize_model(
         for name, linear in linears:
             _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size, kernel))
     model.quantization = scheme_record(bits, group_size, unembedding)
+    if hasattr(model, "pack_projections"):
+        model.pack_projections()  # q/k/v and gate/up codes side by side: one product each
     return model
 
 

@@ -95,12 +95,8 @@ class SlotCache:
 
     def slot_writer(self, slot: int, count: int = 1) -> KVCache:
         """A KVCache whose storage is slots slot..slot+count-1, for prefilling prompts in place."""
-        writer = KVCache.__new__(KVCache)
-        writer.keys = self.keys[:, slot : slot + count]  # views: the prefill writes into the slots
-        writer.values = self.values[:, slot : slot + count]
-        writer.max_length = self.max_length
-        writer.length = 0
-        return writer
+        # views: the prefill writes into the slots
+        return KVCache.over(self.keys[:, slot : slot + count], self.values[:, slot : slot + count])
 
     def set_length(self, slot: int, length: int) -> None:
         self.lengths[slot] = length
