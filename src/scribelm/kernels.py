@@ -126,13 +126,13 @@ def _packable(layers: Sequence[nn.Module]) -> bool:
 def _adjacent(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the tensors are contiguous and lie one after another in one storage."""
     first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
     end = first.data_ptr()
     for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != end:
+        if not t.is_contiguous() or t.data_ptr() != end:
             return False
         end += t.numel() * t.element_size()
-    return True
+    storage = first.untyped_storage()  # consecutive addresses, and all inside the first one's storage
+    return storage.data_ptr() + storage.nbytes() >= end
 
 
 def pack_linears(layers: Sequence[nn.Module]) -> bool:
@@ -169,19 +169,45 @@ def packed_view(layers: Sequence[nn.Module], field: str) -> torch.Tensor | None:
     return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
+def _addresses(layers: Sequence[nn.Module], fields: Sequence[str]) -> tuple[int, ...]:
+    """Where each of the layers' `fields` lies in memory now (0 for an absent one). Read
+    straight from the module's dictionaries: this runs on every decoding call."""
+    addresses = []
+    for layer in layers:
+        parameters, buffers = layer._parameters, layer._buffers
+        for field in fields:
+            t = parameters.get(field)
+            if t is None:
+                t = buffers.get(field)
+            addresses.append(0 if t is None else t.data_ptr())
+    return tuple(addresses)
+
+
+def joined_fields(layers: Sequence[nn.Module]) -> tuple[torch.Tensor | None, ...] | None:
+    """Each of the layers' `packed_fields` as one (ΣN, ...) view of its shared buffer (None
+    for a field the layers do not have), or None when they are not packed side by side.
+
+    The views are kept on the first layer with the addresses they were made from, and made
+    again when any tensor has moved: a replaced tensor cannot come back at its old address,
+    because the kept views hold the old memory."""
+    first = layers[0]
+    fields = type(first).packed_fields
+    addresses = _addresses(layers, fields)
+    kept = first.__dict__.get("_joined_fields")
+    if kept is not None and kept[0] == addresses:
+        return kept[1]
+    views = tuple(packed_view(layers, field) for field in fields)
+    present = [getattr(first, field) is not None for field in fields]
+    joined = None if any(p and v is None for p, v in zip(present, views)) else views
+    first.__dict__["_joined_fields"] = (addresses, joined)
+    return joined
+
+
 def _packed_operands(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The (ΣN, K) weight and (ΣN,) bias covering all the float layers, if still packed."""
     if not all(type(layer) is Linear for layer in layers):
         return None
-    weight = packed_view(layers, "weight")
-    if weight is None:
-        return None
-    bias = None
-    if layers[0].bias is not None:
-        bias = packed_view(layers, "bias")
-        if bias is None:
-            return None
-    return weight, bias
+    return joined_fields(layers)  # (weight, bias)
 
 
 def fused_linear(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:

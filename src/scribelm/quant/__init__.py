@@ -74,7 +74,7 @@ from torch import nn
 
 from scribelm import native
 from scribelm.errors import ScribeError
-from scribelm.kernels import Linear, _capturing, packed_view
+from scribelm.kernels import Linear, _capturing, joined_fields
 
 SUPPORTED_BITS = (8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -350,22 +350,12 @@ class QuantizedLinear(nn.Module):
 
     def _joined_operands(self, layers: Sequence["QuantizedLinear"]) -> tuple | None:
         """(codes, scales, mins, bias) of all the layers as views of their shared buffers, or
-        None when they are not packed side by side (or their scales are not in the dtype the
-        native kernels read). Kept on the first layer; made again when a layer's tensors
-        are replaced or moved to other memory."""
-        tensors = tuple(t for layer in layers for t in (layer.qweight, layer.scales, layer.mins, layer.bias))
-        where = tuple(t.data_ptr() for t in tensors if t is not None)
-
-        def make():
-            joined = tuple(packed_view(layers, field) for field in QuantizedLinear.packed_fields)
-            qweight, scales, mins, bias = joined
-            if qweight is None or scales is None or (self.bits == 4 and mins is None) or scales.dtype != self._scale_dtype:
-                return None
-            if self.bias is not None and bias is None:
-                return None
-            return joined
-
-        return self._cached("native-joined", make, tensors=tensors, stamp=where)
+        None when they are not packed side by side or their scales are not in the dtype the
+        native kernels read."""
+        joined = joined_fields(layers)
+        if joined is None or joined[1].dtype != self._scale_dtype:
+            return None
+        return joined
 
     @property
     def _scale_dtype(self) -> torch.dtype:
@@ -374,10 +364,13 @@ class QuantizedLinear(nn.Module):
 
     def _native_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) float32 through scribelm.native, bias included."""
-        dtype = self._scale_dtype
-        scales, mins = self._cached("native", lambda: (  # as stored, unless a cast changed them
-            self.scales.to(dtype).contiguous(), None if self.mins is None else self.mins.to(dtype).contiguous()))
-        return _native_product(x, self.bits, self.group_size, self.qweight, scales, mins, self.bias)
+        operands = self._joined_operands((self,))  # this layer's own tensors, checked cheaply
+        if operands is None:  # a cast changed the scales' dtype, or a tensor is not contiguous
+            dtype = self._scale_dtype
+            scales, mins = self._cached("native", lambda: (
+                self.scales.to(dtype).contiguous(), None if self.mins is None else self.mins.to(dtype).contiguous()))
+            operands = (self.qweight, scales, mins, self.bias)
+        return _native_product(x, self.bits, self.group_size, *operands)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._choose(x)
