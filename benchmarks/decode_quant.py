@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import scribelm  # noqa: E402
 from scribelm.config import ModelConfig  # noqa: E402
-from scribelm.generate import weight_bytes_per_token  # noqa: E402
+from scribelm.generate import BatchGeneration, weight_bytes_per_token  # noqa: E402
 from scribelm.interop.gguf import export_gguf  # noqa: E402
 from scribelm.quant import quantize_model  # noqa: E402
+from scribelm.sampling import SamplingSettings  # noqa: E402
 
 
 def copy_bandwidth(megabytes: int, repeats: int) -> float:
@@ -55,20 +56,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def scribelm_decode(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Seconds per decoded token (greedy, batch 1, KV cache), median over repeats."""
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up kernels and caches
-        cache = scribelm.KVCache(model.config, 1, len(prompt) + new_tokens + 1, dtype=next(model.parameters()).dtype)
-        logits = model(torch.tensor([prompt]), cache=cache)
-        token = int(logits[0, -1].argmax())
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = model(torch.tensor([[token]]), cache=cache)
-            token = int(logits[0, -1].argmax())
-        times.append((time.perf_counter() - start) / new_tokens)
-    return statistics.median(times[1:])
+    """Seconds per decoded token through scribelm's own generation loop (greedy, batch 1,
+    KV cache): the median time between consecutive new tokens, over repeats."""
+    settings = SamplingSettings(temperature=0, max_new_tokens=new_tokens)
+    gaps = []
+    for repeat in range(repeats + 1):  # the first run warms up kernels and caches
+        stamps = [time.perf_counter() for _ in BatchGeneration(model, None, [prompt], settings)]
+        if repeat:
+            gaps += [b - a for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps)
 
 
 def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> float:

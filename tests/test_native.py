@@ -137,3 +137,15 @@ def test_no_compiler_means_pytorch_kernels(tmp_path):
     code = ("from scribelm import native; print(native.library() is None, native.status())")
     out = run_python(code, CC="", PATH=str(tmp_path), SCRIBELM_CACHE_DIR=str(tmp_path))
     assert out.startswith("True off: no C compiler found")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 100), (8, 7)])
+def test_rms_norm_matches_pytorch(lib, shape):
+    torch.manual_seed(5)
+    x, weight = torch.randn(*shape) * 3, torch.rand(shape[-1]) + 0.5
+    expected = F.rms_norm(x.double(), (shape[-1],), weight.double(), 1e-5)
+    assert relative_error(native.rms_norm(lib, x, weight, 1e-5), expected) < 1e-6
+    with torch.no_grad():
+        from scribelm.kernels import rms_norm
+        assert torch.equal(rms_norm(x, weight, 1e-5), native.rms_norm(lib, x, weight, 1e-5))

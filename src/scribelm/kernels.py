@@ -64,11 +64,11 @@ def _capturing() -> bool:
 
 
 def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether these float32 CPU operands may skip `F.linear`: plain tensors, no gradient
-    wanted, no graph being captured."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32):
+    """Whether these float32 CPU operands may skip PyTorch's autograd-aware functions: plain
+    tensors, no gradient wanted, no graph being captured."""
+    if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32):
         return False
-    if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or weight.dim() != 2:
+    if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS:
         return False  # tensor subclasses (DTensor, fake tensors) keep their own dispatch
     if bias is not None and (type(bias) not in _PLAIN_TENSORS or bias.dtype != torch.float32):
         return False
@@ -79,7 +79,7 @@ def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · weightᵀ + bias, like `F.linear`: x (..., in), weight (out, in) -> (..., out)."""
-    if inference_on_cpu(x, weight, bias):
+    if weight.dim() == 2 and inference_on_cpu(x, weight, bias):
         if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[1] and weight.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
             lib = native.library()
@@ -88,6 +88,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _ONEDNN:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dimension, float32, like `F.rms_norm`;
+    a few rows without gradient go to the native kernel (one call instead of PyTorch's
+    composite of several operations)."""
+    if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[0] and inference_on_cpu(x, weight, None)
+            and weight.is_contiguous()):
+        lib = native.library()
+        if lib is not None:
+            return native.rms_norm(lib, x, weight, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class Linear(nn.Linear):

@@ -28,7 +28,7 @@ from torch import nn
 
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
-from scribelm.kernels import Linear, fused_linear, pack_linears
+from scribelm.kernels import Linear, fused_linear, pack_linears, rms_norm
 
 # --------------------------------------------------------------------------- norms
 
@@ -42,8 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic as below, in one fused operation
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:  # the same arithmetic as below, in one operation (kernels.py)
+            return rms_norm(x, self.weight, self.eps)
         # Computed in float32 so bf16 activations do not lose the small variance.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -46,6 +46,7 @@ _SIGNATURES = {
     "scribe_linear_f32": ([_P, _I, _I, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i8": ([_P, _I, _I, _P, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i4": ([_P, _I, _I, _P, _P, _P, _I, _I, _P, _P, _INT], ctypes.c_int),
+    "scribe_rms_norm": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
     "scribe_lanes": ([], ctypes.c_int),
 }
 
@@ -62,6 +63,7 @@ class _Native:
         self.linear_f32 = self.dll.scribe_linear_f32
         self.linear_i8 = self.dll.scribe_linear_i8
         self.linear_i4 = self.dll.scribe_linear_i4
+        self.rms_norm = self.dll.scribe_rms_norm
         self.lanes = self.dll.scribe_lanes()
 
 
@@ -114,7 +116,7 @@ def _build(compiler: str, openmp: Path, target: Path) -> None:
         run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, check=True)
         run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
         # Link to PyTorch's own runtime (by path) rather than the compiler's -lgomp: one thread pool.
-        run([compiler, "-shared", str(obj), str(openmp), f"-Wl,-rpath,{openmp.parent}", "-o", str(lib)])
+        run([compiler, "-shared", str(obj), str(openmp), f"-Wl,-rpath,{openmp.parent}", "-lm", "-o", str(lib)])
         os.replace(lib, target)
 
 
@@ -204,4 +206,13 @@ def linear_int4(lib: _Native, x: torch.Tensor, packed: torch.Tensor, scales: tor
                            group_size, N, _pointer(bias), y.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError("out of memory for the int4 kernel's scratch space")
+    return y
+
+
+def rms_norm(lib: _Native, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., K) float32 -> x / sqrt(mean(x²) + eps) · weight (K,), contiguous."""
+    K = weight.shape[0]
+    x = _rows(x)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    lib.rms_norm(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), eps, y.data_ptr())
     return y

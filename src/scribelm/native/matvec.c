@@ -12,6 +12,8 @@
  *   - for several rows of x (a small batch) the same block of W is reused from
  *     cache for each of them.
  *
+ * (And RMSNorm over a few rows, for the same reason: no set-up cost.)
+ *
  * Weights: float32 (N, K); int8 (N, K) with one float32 scale per row (w = q·s);
  * int4 two per byte (low nibble = even input, high = odd input) with float16 scale
  * and min per group of G inputs (w = q·s + min). Arithmetic is written with GCC/Clang
@@ -254,6 +256,27 @@ int scribe_linear_i4(const float *x, int64_t m, int64_t k, const uint8_t *w, con
     }
     free(scratch);
     return 0;
+}
+
+/* ------------------------------------------------------------------ RMSNorm */
+
+/* y = x / sqrt(mean(x²) + eps) · w for each of m rows of k features. A decode step norms one
+ * short row at a time, where PyTorch's rms_norm costs more in dispatch than in arithmetic. */
+void scribe_rms_norm(const float *x, int64_t m, int64_t k, const float *w, float eps, float *y) {
+    int64_t whole = k - k % LANES;
+    for (int64_t j = 0; j < m; j++) {
+        const float *row = x + j * k;
+        float *out = y + j * k;
+        vfloat acc = {0};
+        for (int64_t i = 0; i < whole; i += LANES) {
+            vfloat v = load_floats(row + i);
+            acc += v * v;
+        }
+        float squares = sum_lanes(acc);
+        for (int64_t i = whole; i < k; i++) squares += row[i] * row[i];
+        float scale = 1.0f / __builtin_sqrtf(squares / (float)k + eps);
+        for (int64_t i = 0; i < k; i++) out[i] = w[i] * (row[i] * scale);
+    }
 }
 
 int scribe_lanes(void) { return LANES; }
