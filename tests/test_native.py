@@ -149,3 +149,17 @@ def test_rms_norm_matches_pytorch(lib, shape):
     with torch.no_grad():
         from scribelm.kernels import rms_norm
         assert torch.equal(rms_norm(x, weight, 1e-5), native.rms_norm(lib, x, weight, 1e-5))
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_bfloat16_weights_match_f_linear(lib, m, n, k):
+    torch.manual_seed(6)
+    x, w, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+    y = native.linear_f32(lib, x, w, b)
+    assert y.dtype == torch.bfloat16
+    # float32 sums rounded once to bfloat16: within one bfloat16 rounding (2^-8) of the exact result
+    assert error_per_magnitude(y.float(), x.float(), w.float(), b.float()) < 2**-8
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, b), y)
+        assert relative_error(linear(x, w, b).float(), F.linear(x, w, b).float()) < 2e-2

@@ -19,8 +19,10 @@ Two faster paths are used where no gradient is wanted:
 Neither has a backward, so both are used only where no gradient is wanted
 (`torch.no_grad`, `torch.inference_mode`, or frozen weights and inputs) and
 never while tracing or exporting; training and exports keep `F.linear`. All
-three differ only by float32 rounding (about 1e-6 relative). bfloat16 already
-goes through oneDNN, so only float32 changes.
+three differ only by float32 rounding (about 1e-6 relative). bfloat16 weights
+take the native kernel too (widened to float32 in registers, accumulated in
+float32, rounded to bfloat16 at the end, as oneDNN does); more rows of
+bfloat16 stay with `F.linear`, which already calls oneDNN.
 
 oneDNN's call also costs a fixed 15-50 µs, a large share of a small product
 (a 256×768 key projection moves 0.8 MB). Layers that read the same input
@@ -40,11 +42,12 @@ from torch import nn
 
 from scribelm import native
 
-#: Most rows (tokens × batch) a float32 product sends to the native kernel; beyond it
+#: Most rows (tokens × batch) a product sends to the native kernel; beyond it
 #: oneDNN's blocked matrix product wins (benchmarks/decode.py, batch 8, is still native).
 NATIVE_MAX_ROWS = 8
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _onednn_linear_available() -> bool:
@@ -64,13 +67,13 @@ def _capturing() -> bool:
 
 
 def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether these float32 CPU operands may skip PyTorch's autograd-aware functions: plain
-    tensors, no gradient wanted, no graph being captured."""
-    if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32):
+    """Whether these float32 (or bfloat16) CPU operands may skip PyTorch's autograd-aware
+    functions: plain tensors of one dtype, no gradient wanted, no graph being captured."""
+    if not (x.is_cpu and x.dtype == weight.dtype and x.dtype in _NATIVE_DTYPES):
         return False
     if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS:
         return False  # tensor subclasses (DTensor, fake tensors) keep their own dispatch
-    if bias is not None and (type(bias) not in _PLAIN_TENSORS or bias.dtype != torch.float32):
+    if bias is not None and (type(bias) not in _PLAIN_TENSORS or bias.dtype != x.dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
@@ -85,7 +88,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             lib = native.library()
             if lib is not None:
                 return native.linear_f32(lib, x, weight, bias)
-        if _ONEDNN:
+        if _ONEDNN and x.dtype == torch.float32:  # bfloat16 already goes through oneDNN in F.linear
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -94,8 +97,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) · weight over the last dimension, float32, like `F.rms_norm`;
     a few rows without gradient go to the native kernel (one call instead of PyTorch's
     composite of several operations)."""
-    if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[0] and inference_on_cpu(x, weight, None)
-            and weight.is_contiguous()):
+    if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[0] and x.dtype == torch.float32
+            and inference_on_cpu(x, weight, None) and weight.is_contiguous()):
         lib = native.library()
         if lib is not None:
             return native.rms_norm(lib, x, weight, eps)

@@ -44,6 +44,7 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-Wall")
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "scribe_linear_f32": ([_P, _I, _I, _P, _I, _P, _P, _INT], None),
+    "scribe_linear_bf16": ([_P, _I, _I, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i8": ([_P, _I, _I, _P, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i4": ([_P, _I, _I, _P, _P, _P, _I, _I, _P, _P, _INT], ctypes.c_int),
     "scribe_rms_norm": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
@@ -61,6 +62,7 @@ class _Native:
             function = getattr(self.dll, name)
             function.argtypes, function.restype = argtypes, restype
         self.linear_f32 = self.dll.scribe_linear_f32
+        self.linear_bf16 = self.dll.scribe_linear_bf16
         self.linear_i8 = self.dll.scribe_linear_i8
         self.linear_i4 = self.dll.scribe_linear_i4
         self.rms_norm = self.dll.scribe_rms_norm
@@ -175,13 +177,19 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 
 def linear_f32(lib: _Native, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), all float32, weight and bias contiguous."""
+    """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), all float32, weight and bias contiguous.
+    bfloat16 x, weight and bias give a bfloat16 result, accumulated in float32."""
     N, K = weight.shape
-    x = _rows(x)
+    if weight.dtype == torch.bfloat16:
+        x = _rows(x.float())
+        bias = None if bias is None else bias.float()
+        function = lib.linear_bf16
+    else:
+        x = _rows(x)
+        function = lib.linear_f32
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
-    lib.linear_f32(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, _pointer(bias), y.data_ptr(),
-                   torch.get_num_threads())
-    return y
+    function(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, _pointer(bias), y.data_ptr(), torch.get_num_threads())
+    return y if weight.dtype == torch.float32 else y.to(weight.dtype)
 
 
 def linear_int8(lib: _Native, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

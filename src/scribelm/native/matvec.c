@@ -14,7 +14,7 @@
  *
  * (And RMSNorm over a few rows, for the same reason: no set-up cost.)
  *
- * Weights: float32 (N, K); int8 (N, K) with one float32 scale per row (w = q·s);
+ * Weights: float32 or bfloat16 (N, K); int8 (N, K) with one float32 scale per row (w = q·s);
  * int4 two per byte (low nibble = even input, high = odd input) with float16 scale
  * and min per group of G inputs (w = q·s + min). Arithmetic is written with GCC/Clang
  * vector extensions, one register wide for the machine it is built on (-march=native).
@@ -40,11 +40,14 @@ typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vfloat load_floats(const float *p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
 
-/* LANES int8 weights, or the low / high nibbles of LANES bytes, as floats. Compilers do not
+/* LANES int8 or bfloat16 weights, or the low / high nibbles of LANES bytes, as floats. Compilers do not
  * widen 8-bit vectors well on their own, so x86 gets the instructions spelled out. */
 #if defined(__AVX512F__)
 static inline vfloat load_int8(const int8_t *p) {
     return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vfloat load_bf16(const uint16_t *p) { /* bfloat16 is the top half of a float32 */
+    return (vfloat)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
 }
 static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -55,6 +58,9 @@ static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
 static inline vfloat load_int8(const int8_t *p) {
     return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+static inline vfloat load_bf16(const uint16_t *p) {
+    return (vfloat)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+}
 static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
     __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     *low = (vfloat)_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
@@ -64,6 +70,14 @@ static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
 static inline vfloat load_int8(const int8_t *p) {
     vfloat v;
     for (int l = 0; l < LANES; l++) v[l] = (float)p[l];
+    return v;
+}
+static inline vfloat load_bf16(const uint16_t *p) {
+    vfloat v;
+    for (int l = 0; l < LANES; l++) {
+        uint32_t bits = (uint32_t)p[l] << 16;
+        memcpy(&v[l], &bits, sizeof bits);
+    }
     return v;
 }
 static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
@@ -180,6 +194,52 @@ void scribe_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, con
                 if (rows == ROWS) dot_rows_i8(x + j * k, w + row * k, k, ROWS, out, j == 0 && b + 1 < last ? (const char *)(w + (row + ROWS) * k) : NULL);
                 else for (int r = 0; r < rows; r++) dot_rows_i8(x + j * k, w + (row + r) * k, k, 1, out + r, NULL);
                 for (int r = 0; r < rows; r++) out[r] = out[r] * scales[row + r] + (bias ? bias[row + r] : 0.0f);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ bfloat16 */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) void dot_rows_bf16(const float *x, const uint16_t *w, int64_t k, int rows,
+                                                                 float *out, const char *ahead) {
+    vfloat acc[ROWS] = {0};
+    int64_t whole = k - k % LANES;
+    for (int64_t i = 0; i < whole; i += LANES) {
+        vfloat xv = load_floats(x + i);
+        prefetch_share(ahead, i * ROWS * 2, ROWS * LANES * 2);
+        for (int r = 0; r < rows; r++) acc[r] += load_bf16(w + r * k + i) * xv;
+    }
+    for (int r = 0; r < rows; r++) {
+        float s = sum_lanes(acc[r]);
+        for (int64_t i = whole; i < k; i++) s += bf16_to_float(w[r * k + i]) * x[i];
+        out[r] = s;
+    }
+}
+
+/* bfloat16 weights, float32 activations, bias and result (the caller rounds to bfloat16). */
+void scribe_linear_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, const float *bias, float *y,
+                        int threads) {
+    int64_t blocks = (n + ROWS - 1) / ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t first, last;
+        my_share(blocks, &first, &last);
+        for (int64_t b = first; b < last; b++) {
+            int64_t row = b * ROWS;
+            int rows = n - row < ROWS ? (int)(n - row) : ROWS;
+            for (int64_t j = 0; j < m; j++) {
+                float *out = y + j * n + row;
+                if (rows == ROWS) dot_rows_bf16(x + j * k, w + row * k, k, ROWS, out, j == 0 && b + 1 < last ? (const char *)(w + (row + ROWS) * k) : NULL);
+                else for (int r = 0; r < rows; r++) dot_rows_bf16(x + j * k, w + (row + r) * k, k, 1, out + r, NULL);
+                if (bias) for (int r = 0; r < rows; r++) out[r] += bias[row + r];
             }
         }
     }
