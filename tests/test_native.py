@@ -50,7 +50,7 @@ def test_float32_matches_f_linear(lib, m, n, k, bias):
     torch.manual_seed(0)
     x, w = torch.randn(m, k), torch.randn(n, k)
     b = torch.randn(n) if bias else None
-    assert error_per_magnitude(native.linear_f32(lib, x, w, b), x, w, b) < 1e-6
+    assert error_per_magnitude(native.linear_float(lib, x, w, b), x, w, b) < 1e-6
 
 
 @needs_native
@@ -80,15 +80,15 @@ def test_any_input_layout_and_thread_count(lib):
     w = torch.randn(24, 48)
     x = torch.randn(48, 3).t()  # (3, 48), not contiguous
     expected = F.linear(x, w)
-    assert relative_error(native.linear_f32(lib, x, w, None), expected) < 1e-6
-    assert native.linear_f32(lib, x[None], w, None).shape == (1, 3, 24)  # leading dimensions kept
+    assert relative_error(native.linear_float(lib, x, w, None), expected) < 1e-6
+    assert native.linear_float(lib, x[None], w, None).shape == (1, 3, 24)  # leading dimensions kept
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = native.linear_f32(lib, x, w, None)
+        one_thread = native.linear_float(lib, x, w, None)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one_thread, native.linear_f32(lib, x, w, None))  # rows never straddle threads
+    assert torch.equal(one_thread, native.linear_float(lib, x, w, None))  # rows never straddle threads
 
 
 @needs_native
@@ -97,7 +97,7 @@ def test_linear_sends_a_few_rows_to_the_native_kernel(lib):
     w = torch.randn(40, 64)
     few, many = torch.randn(NATIVE_MAX_ROWS, 64), torch.randn(NATIVE_MAX_ROWS + 1, 64)
     with torch.no_grad():
-        assert torch.equal(linear(few, w), native.linear_f32(lib, few, w, None))
+        assert torch.equal(linear(few, w), native.linear_float(lib, few, w, None))
         assert relative_error(linear(many, w), F.linear(many, w)) < 1e-6
     w.requires_grad_(True)
     y = linear(few, w)  # a gradient is wanted: F.linear, which has a backward
@@ -156,7 +156,7 @@ def test_rms_norm_matches_pytorch(lib, shape):
 def test_bfloat16_weights_match_f_linear(lib, m, n, k):
     torch.manual_seed(6)
     x, w, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
-    y = native.linear_f32(lib, x, w, b)
+    y = native.linear_float(lib, x, w, b)
     assert y.dtype == torch.bfloat16
     # float32 sums rounded once to bfloat16: within one bfloat16 rounding (2^-8) of the exact result
     assert error_per_magnitude(y.float(), x.float(), w.float(), b.float()) < 2**-8

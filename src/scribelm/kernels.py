@@ -87,7 +87,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 and (bias is None or bias.is_contiguous())):
             lib = native.library()
             if lib is not None:
-                return native.linear_f32(lib, x, weight, bias)
+                return native.linear_float(lib, x, weight, bias)
         if _ONEDNN and x.dtype == torch.float32:  # bfloat16 already goes through oneDNN in F.linear
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

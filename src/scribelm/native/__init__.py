@@ -4,8 +4,9 @@ A decode step is a chain of matrix-vector products, one per weight matrix, and
 each is bound by how fast the weights stream out of memory. PyTorch's own
 products are built for matrices: MKL's float32 product runs one core here, and
 oneDNN's costs a fixed ~15 µs a call and starts each small matrix slowly. The
-~150 lines of C in `matvec.c` do only the few-rows case, for float32, int8 (one
-scale per row) and int4 (scale and min per group) weights: each weight is read
+~300 lines of C in `matvec.c` do only the few-rows case, for float32, bfloat16,
+int8 (one scale per row) and int4 (scale and min per group) weights, plus
+RMSNorm over a few rows: each weight is read
 once, in order, by every core of PyTorch's own thread pool, with the next block
 of rows prefetched while the current one is multiplied.
 
@@ -176,7 +177,7 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def linear_f32(lib: _Native, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_float(lib: _Native, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), all float32, weight and bias contiguous.
     bfloat16 x, weight and bias give a bfloat16 result, accumulated in float32."""
     N, K = weight.shape
