@@ -6,9 +6,9 @@ products are built for matrices: MKL's float32 product runs one core here, and
 oneDNN's costs a fixed ~15 µs a call and starts each small matrix slowly. The
 ~300 lines of C in `matvec.c` do only the few-rows case, for float32, bfloat16,
 int8 (one scale per row) and int4 (scale and min per group) weights, plus
-RMSNorm over a few rows: each weight is read
-once, in order, by every core of PyTorch's own thread pool, with the next block
-of rows prefetched while the current one is multiplied.
+RMSNorm over a few rows: each weight is read once, in order, by every core of
+PyTorch's own thread pool, with the next block of rows prefetched while the
+current one is multiplied.
 
 The source ships with the package and is compiled the first time a kernel is
 wanted, with the system's C compiler (`$CC`, else `cc`, `gcc` or `clang`) and
