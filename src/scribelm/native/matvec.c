@@ -124,125 +124,100 @@ static inline void prefetch_share(const char *ahead, int64_t done, int64_t step)
     for (int64_t offset = 0; offset < step; offset += 64) __builtin_prefetch(ahead + done + offset, 0, 3);
 }
 
-/* ------------------------------------------------------------------ float32 */
+/* ------------------------------------------------------------------ float32, bfloat16, int8 */
 
-static inline __attribute__((always_inline)) void dot_rows_f32(const float *x, const float *w, int64_t k, int rows,
-                                                                float *out, const char *ahead) {
+/* The three weight types that are read one element per input. Every function below takes
+ * the type as a constant and is inlined where it is called, so the compiler makes one
+ * specialized loop per type and the switches cost nothing. */
+enum weight_type { FLOAT32, BFLOAT16, INT8 };
+
+static inline __attribute__((always_inline)) int64_t weight_size(enum weight_type type) {
+    return type == FLOAT32 ? 4 : type == BFLOAT16 ? 2 : 1;
+}
+
+/* LANES weights from element `at` of w, as floats. */
+static inline __attribute__((always_inline)) vfloat load_weights(enum weight_type type, const void *w, int64_t at) {
+    switch (type) {
+    case FLOAT32: return load_floats((const float *)w + at);
+    case BFLOAT16: return load_bf16((const uint16_t *)w + at);
+    default: return load_int8((const int8_t *)w + at);
+    }
+}
+
+/* One weight, element `at` of w, as a float (for the tail of a row shorter than LANES). */
+static inline __attribute__((always_inline)) float weight_at(enum weight_type type, const void *w, int64_t at) {
+    switch (type) {
+    case FLOAT32: return ((const float *)w)[at];
+    case BFLOAT16: {
+        uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16; /* bfloat16 is the top half of a float32 */
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    default: return (float)((const int8_t *)w)[at];
+    }
+}
+
+/* out[r] = x · row r of w, for `rows` (at most ROWS) consecutive rows of k weights. */
+static inline __attribute__((always_inline)) void dot_rows(enum weight_type type, const float *x, const void *w,
+                                                           int64_t k, int rows, float *out, const char *ahead) {
     vfloat acc[ROWS] = {0};
-    int64_t whole = k - k % LANES;
+    int64_t whole = k - k % LANES, size = weight_size(type);
     for (int64_t i = 0; i < whole; i += LANES) {
         vfloat xv = load_floats(x + i);
-        prefetch_share(ahead, i * ROWS * sizeof(float), ROWS * LANES * sizeof(float));
-        for (int r = 0; r < rows; r++) acc[r] += load_floats(w + r * k + i) * xv;
+        prefetch_share(ahead, i * ROWS * size, ROWS * LANES * size);
+        for (int r = 0; r < rows; r++) acc[r] += load_weights(type, w, r * k + i) * xv;
     }
     for (int r = 0; r < rows; r++) {
         float s = sum_lanes(acc[r]);
-        for (int64_t i = whole; i < k; i++) s += w[r * k + i] * x[i];
+        for (int64_t i = whole; i < k; i++) s += weight_at(type, w, r * k + i) * x[i];
         out[r] = s;
     }
 }
 
-void scribe_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias, float *y, int threads) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
-    #pragma omp parallel num_threads(threads)
-    {
-        int64_t first, last;
-        my_share(blocks, &first, &last);
-        for (int64_t b = first; b < last; b++) {
-            int64_t row = b * ROWS;
-            int rows = n - row < ROWS ? (int)(n - row) : ROWS;
-            for (int64_t j = 0; j < m; j++) {
-                float *out = y + j * n + row;
-                if (rows == ROWS) dot_rows_f32(x + j * k, w + row * k, k, ROWS, out, j == 0 && b + 1 < last ? (const char *)(w + (row + ROWS) * k) : NULL);
-                else for (int r = 0; r < rows; r++) dot_rows_f32(x + j * k, w + (row + r) * k, k, 1, out + r, NULL);
-                if (bias) for (int r = 0; r < rows; r++) out[r] += bias[row + r];
-            }
+/* This thread's share of y = x · (w · scales)ᵀ + bias, block of ROWS output rows by block.
+ * Called inside the parallel region of each entry point below (OpenMP outlines the region
+ * before inlining, so the region itself must sit where `type` is a literal). */
+static inline __attribute__((always_inline)) void linear_share(enum weight_type type, const float *x, int64_t m,
+                                                               int64_t k, const void *w, int64_t n,
+                                                               const float *scales, const float *bias, float *y) {
+    int64_t first, last, size = weight_size(type);
+    const char *weights = w;
+    my_share((n + ROWS - 1) / ROWS, &first, &last);
+    for (int64_t b = first; b < last; b++) {
+        int64_t row = b * ROWS;
+        int rows = n - row < ROWS ? (int)(n - row) : ROWS;
+        const char *block = weights + row * k * size;
+        for (int64_t j = 0; j < m; j++) {
+            float *out = y + j * n + row;
+            if (rows == ROWS)
+                dot_rows(type, x + j * k, block, k, ROWS, out, j == 0 && b + 1 < last ? block + ROWS * k * size : NULL);
+            else
+                for (int r = 0; r < rows; r++) dot_rows(type, x + j * k, block + r * k * size, k, 1, out + r, NULL);
+            if (scales) for (int r = 0; r < rows; r++) out[r] *= scales[row + r];
+            if (bias) for (int r = 0; r < rows; r++) out[r] += bias[row + r];
         }
     }
 }
 
-/* ------------------------------------------------------------------ int8, one scale per row */
-
-static inline __attribute__((always_inline)) void dot_rows_i8(const float *x, const int8_t *w, int64_t k, int rows,
-                                                               float *out, const char *ahead) {
-    vfloat acc[ROWS] = {0};
-    int64_t whole = k - k % LANES;
-    for (int64_t i = 0; i < whole; i += LANES) {
-        vfloat xv = load_floats(x + i);
-        prefetch_share(ahead, i * ROWS, ROWS * LANES);
-        for (int r = 0; r < rows; r++) acc[r] += load_int8(w + r * k + i) * xv;
-    }
-    for (int r = 0; r < rows; r++) {
-        float s = sum_lanes(acc[r]);
-        for (int64_t i = whole; i < k; i++) s += (float)w[r * k + i] * x[i];
-        out[r] = s;
-    }
-}
-
-void scribe_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scales, int64_t n,
-                      const float *bias, float *y, int threads) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
+void scribe_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias, float *y,
+                       int threads) {
     #pragma omp parallel num_threads(threads)
-    {
-        int64_t first, last;
-        my_share(blocks, &first, &last);
-        for (int64_t b = first; b < last; b++) {
-            int64_t row = b * ROWS;
-            int rows = n - row < ROWS ? (int)(n - row) : ROWS;
-            for (int64_t j = 0; j < m; j++) {
-                float *out = y + j * n + row;
-                if (rows == ROWS) dot_rows_i8(x + j * k, w + row * k, k, ROWS, out, j == 0 && b + 1 < last ? (const char *)(w + (row + ROWS) * k) : NULL);
-                else for (int r = 0; r < rows; r++) dot_rows_i8(x + j * k, w + (row + r) * k, k, 1, out + r, NULL);
-                for (int r = 0; r < rows; r++) out[r] = out[r] * scales[row + r] + (bias ? bias[row + r] : 0.0f);
-            }
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ bfloat16 */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline __attribute__((always_inline)) void dot_rows_bf16(const float *x, const uint16_t *w, int64_t k, int rows,
-                                                                 float *out, const char *ahead) {
-    vfloat acc[ROWS] = {0};
-    int64_t whole = k - k % LANES;
-    for (int64_t i = 0; i < whole; i += LANES) {
-        vfloat xv = load_floats(x + i);
-        prefetch_share(ahead, i * ROWS * 2, ROWS * LANES * 2);
-        for (int r = 0; r < rows; r++) acc[r] += load_bf16(w + r * k + i) * xv;
-    }
-    for (int r = 0; r < rows; r++) {
-        float s = sum_lanes(acc[r]);
-        for (int64_t i = whole; i < k; i++) s += bf16_to_float(w[r * k + i]) * x[i];
-        out[r] = s;
-    }
+    linear_share(FLOAT32, x, m, k, w, n, NULL, bias, y);
 }
 
 /* bfloat16 weights, float32 activations, bias and result (the caller rounds to bfloat16). */
 void scribe_linear_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, const float *bias, float *y,
                         int threads) {
-    int64_t blocks = (n + ROWS - 1) / ROWS;
     #pragma omp parallel num_threads(threads)
-    {
-        int64_t first, last;
-        my_share(blocks, &first, &last);
-        for (int64_t b = first; b < last; b++) {
-            int64_t row = b * ROWS;
-            int rows = n - row < ROWS ? (int)(n - row) : ROWS;
-            for (int64_t j = 0; j < m; j++) {
-                float *out = y + j * n + row;
-                if (rows == ROWS) dot_rows_bf16(x + j * k, w + row * k, k, ROWS, out, j == 0 && b + 1 < last ? (const char *)(w + (row + ROWS) * k) : NULL);
-                else for (int r = 0; r < rows; r++) dot_rows_bf16(x + j * k, w + (row + r) * k, k, 1, out + r, NULL);
-                if (bias) for (int r = 0; r < rows; r++) out[r] += bias[row + r];
-            }
-        }
-    }
+    linear_share(BFLOAT16, x, m, k, w, n, NULL, bias, y);
+}
+
+/* int8 weights with one float32 scale per row. */
+void scribe_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scales, int64_t n,
+                      const float *bias, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    linear_share(INT8, x, m, k, w, n, scales, bias, y);
 }
 
 /* ------------------------------------------------------------------ int4, scale and min per group */
