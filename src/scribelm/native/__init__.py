@@ -59,15 +59,11 @@ class _Native:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.dll = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
-        for name, (argtypes, restype) in _SIGNATURES.items():
+        for name, (argtypes, restype) in _SIGNATURES.items():  # scribe_linear_i8 -> self.linear_i8, ...
             function = getattr(self.dll, name)
             function.argtypes, function.restype = argtypes, restype
-        self.linear_f32 = self.dll.scribe_linear_f32
-        self.linear_bf16 = self.dll.scribe_linear_bf16
-        self.linear_i8 = self.dll.scribe_linear_i8
-        self.linear_i4 = self.dll.scribe_linear_i4
-        self.rms_norm = self.dll.scribe_rms_norm
-        self.lanes = self.dll.scribe_lanes()
+            setattr(self, name.removeprefix("scribe_"), function)
+        self.lanes = self.dll.scribe_lanes()  # a number, not the function
 
 
 _status = "not loaded yet"
