@@ -663,3 +663,32 @@ def test_save_rejects_unknown_format(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert scribelm.load(lm.save(tmp_path / "x")).config == lm.config
+
+
+# --------------------------------------------------------------------------- both RoPE spellings in one config
+
+_ROPE_BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+              "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10}
+
+
+def test_legacy_dynamic_rope_scaling_beside_rope_parameters_is_refused(tmp_path):
+    # transformers runs this config with dynamic NTK scaling: the legacy entry wins
+    config = dict(_ROPE_BASE, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                  rope_scaling={"type": "dynamic", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_type"] == "dynamic"
+    with pytest.raises(ScribeError, match="rope_scaling type 'dynamic'"):
+        scribelm.load(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [{}, {"rope_theta": 20000.0}])
+def test_rope_parameters_and_rope_scaling_read_as_transformers_reads_them(tmp_path, extra):
+    from scribelm.interop.hf import config_from_hf
+
+    config = dict(_ROPE_BASE, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                  rope_scaling={"type": "linear", "factor": 2.0}, **extra)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    ours = config_from_hf(config)
+    assert ours.rope_scaling == {"type": reference["rope_type"], "factor": reference["factor"]}
+    assert ours.rope_theta == reference["rope_theta"]

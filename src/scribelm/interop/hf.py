@@ -199,16 +199,18 @@ def _refuse(option: str, why: str) -> None:
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scribelm rope_scaling) from either transformers 5's `rope_parameters`
-    or the older `rope_theta` + `rope_scaling` pair."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        if any(isinstance(v, dict) for v in params.values()):
-            _refuse("rope_parameters per layer type", "every layer must share one RoPE")
-        spec = params
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    else:
-        spec = hf.get("rope_scaling") or {}
-        theta = hf.get("rope_theta", 10000.0)
+    or the older `rope_theta` + `rope_scaling` pair.
+
+    Read as transformers reads it: a non-empty legacy `rope_scaling` takes the place of
+    `rope_parameters` whole (its own `rope_theta`, else the top-level one, else 10000),
+    so a config holding both is run with the legacy entry, and so is it here."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"config.json: '{key}' must be an object, got {type(hf[key]).__name__}")
+    spec = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in spec.values()):
+        _refuse("rope_parameters per layer type", "every layer must share one RoPE")
+    theta = spec.get("rope_theta", hf.get("rope_theta", 10000.0))
     partial = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         _refuse(f"partial_rotary_factor={partial}", "scribelm rotates every feature of a head")
