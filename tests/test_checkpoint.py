@@ -35,7 +35,8 @@ def test_round_trip_gives_identical_logits(tmp_path, tokenizer, tie):
 def test_files_and_no_leftovers(saved):
     _, path = saved
     assert sorted(p.name for p in path.iterdir()) == [
-        "config.json", "generation.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+        ".scribelm-output.json", "config.json", "generation.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]  # no temp dirs left
     assert json.loads((path / "config.json").read_text())["format"] == "scribelm"

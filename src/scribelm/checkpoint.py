@@ -7,9 +7,10 @@
       tokenizer_config.json  special tokens and chat template (Hugging Face's shape)
       generation.json        default generation settings
 
-Writing goes to a temporary sibling directory that is renamed into place only
-when every file is complete, so a crash mid-save never leaves a half-written
-checkpoint under the final name. Weights are read with safetensors
+Writing goes through `scribelm.io.atomic_directory`: a temporary sibling
+directory swapped into place only when every file is complete, so a crash
+mid-save never leaves a half-written checkpoint under the final name, and a
+directory holding anything scribelm did not write is never replaced. Weights are read with safetensors
 (memory-mapped); nothing is ever unpickled.
 """
 
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ConfigError
+from scribelm.io import atomic_directory, read_json_object  # noqa: F401  (re-exported: older imports)
 
 FORMAT = "scribelm"
 FORMAT_VERSION = 1
@@ -44,38 +44,6 @@ def is_scribe_checkpoint(path: str | os.PathLike) -> bool:
         return json.loads(config.read_text()).get("format") == FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
-
-
-def atomic_directory(final: Path):
-    """Context manager: yields a temp dir beside `final`; on success it replaces `final`."""
-    return _AtomicDirectory(final)
-
-
-class _AtomicDirectory:
-    def __init__(self, final: Path) -> None:
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.iterdir():  # make the bytes durable before the rename publishes them
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,7 +67,7 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint directory atomically; returns its path."""
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint") as tmp:
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **config.to_dict()}
         if getattr(model, "quantization", None):  # weight-only quantized (scribelm.quant)
             data["quantization"] = model.quantization
@@ -116,23 +84,6 @@ def save_checkpoint(
             else:
                 target.write_text(content)
     return path
-
-
-def read_json_object(
-    file: Path, error: type[Exception], *, missing: str, invalid_hint: str = ""
-) -> dict[str, Any]:
-    """A JSON file that must hold an object; each way it can be wrong raises `error`
-    with a one-line message (`missing` when the file is absent, `invalid_hint` appended
-    to the parse error)."""
-    if not file.is_file():
-        raise error(missing)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{file} is not valid JSON ({err}){invalid_hint}") from None
-    if not isinstance(data, dict):
-        raise error(f"{file} must hold a JSON object")
-    return data
 
 
 def _read_checkpoint_json(path: Path) -> dict[str, Any]:
