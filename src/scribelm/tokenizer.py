@@ -9,6 +9,14 @@ The heavy lifting is done by the Hugging Face `tokenizers` library (Rust);
 this module trains and wraps it, adds special tokens that plain text can
 never produce, and renders chat conversations with a Jinja chat template.
 
+A chat template writes control tokens (`<|user|>`, `<|end|>`, ChatML's
+`<|im_start|>` ...) around each message. Only the template may write them:
+the same strings typed inside a message are encoded as the plain text they
+are, so no user can end a turn or open a system turn by typing one. The
+conversation is rendered once with each such string in the messages swapped
+for a private marker; whatever special tokens the output then holds are the
+template's, and the markers turn back into text (`render_chat`, `encode_chat`).
+
 Files: `tokenizer.json` (the `tokenizers` format, so any Hugging Face
 tokenizer loads) and `tokenizer_config.json` (special tokens and chat
 template, in the same shape Hugging Face uses).
@@ -16,9 +24,12 @@ template, in the same shape Hugging Face uses).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -223,25 +234,109 @@ class Tokenizer:
 
     # -- chat -----------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Render a conversation [{role, content}, ...] as the model's prompt text."""
-        if not self.chat_template:
-            raise TokenizerError("this tokenizer has no chat template; set one in tokenizer_config.json")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TokenizerError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TokenizerError(f"message {i} must have a string 'role' and a string 'content'")
-            _check_text(m["content"], f"message {i} content")
-        return _render_template(
-            self.chat_template,
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        """Render a conversation [{role, content}, ...] as the model's prompt text.
+
+        The text shows special-token strings typed in messages as they are; encode the
+        conversation with `encode_chat`, which keeps them plain text, not with
+        `encode(..., allow_special=True)`, which would turn them into control tokens."""
+        _check_messages(messages)
+        return self.render_chat(messages, add_generation_prompt=add_generation_prompt).text
 
     def encode_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt), allow_special=True)
+        """A conversation as the ids the model reads: the template's own markup gives
+        control tokens, message text never does (a user cannot forge a turn)."""
+        _check_messages(messages)
+        return self.encode_rendered(self.render_chat(messages, add_generation_prompt=add_generation_prompt))[0]
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> "RenderedChat":
+        """Render with the chat template, keeping track of which special tokens the template
+        wrote. An empty list renders what the template writes before any message.
+
+        Every special-token string inside a message is swapped for a private marker before
+        rendering and swapped back after, so whatever the template does with the text (strip
+        it, split it, quote it) the special tokens left in the output are its own."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template; set one in tokenizer_config.json")
+        _check_messages(messages, allow_empty=True)
+        specials = self._special_strings()
+        bos, eos = self.bos_token or "", self.eos_token or ""
+        typed: list[str] = []  # special-token strings found in messages, by marker number
+        marker = ""  # chosen when first needed: most conversations hold no special-token string
+        special_pattern = _alternation(specials)
+
+        def escape(value: Any) -> Any:
+            if isinstance(value, str):
+                if special_pattern is None:
+                    return value
+
+                def swap(match: "re.Match[str]") -> str:
+                    nonlocal marker
+                    marker = marker or _marker_char(self.chat_template + bos + eos, messages)
+                    typed.append(match.group(0))
+                    return f"{marker}{len(typed) - 1}{marker}"
+
+                return special_pattern.sub(swap, value)
+            if isinstance(value, dict):
+                return {k: escape(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [escape(v) for v in value]
+            return value
+
+        escaped = [escape(m) for m in messages]
+        rendered = _render_template(self.chat_template, messages=escaped, add_generation_prompt=add_generation_prompt,
+                                    bos_token=bos, eos_token=eos)
+        if not typed:  # nothing to swap back: every special token in the text is the template's
+            return RenderedChat(rendered, _find_controls(rendered, special_pattern), escaped=False)
+        pieces: list[str] = []
+        controls: list[tuple[int, int]] = []
+        at = length = 0
+        for match in re.finditer(rf"{re.escape(marker)}(\d+){re.escape(marker)}|{special_pattern.pattern}", rendered):
+            pieces.append(rendered[at:match.start()])
+            length += match.start() - at
+            if match.group(1) is not None:
+                piece = typed[int(match.group(1))]
+            else:
+                piece = match.group(0)
+                controls.append((length, length + len(piece)))
+            pieces.append(piece)
+            length += len(piece)
+            at = match.end()
+        pieces.append(rendered[at:])
+        text = "".join(pieces)
+        if marker in text:
+            raise TokenizerError("the chat template cut through a special-token string typed in a message; "
+                                 "remove it from the message or use a template that keeps message text whole")
+        return RenderedChat(text, tuple(controls), escaped=True)
+
+    def encode_rendered(self, rendered: "RenderedChat") -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets into rendered.text) of a rendered conversation: its control
+        spans become special tokens, every other character is encoded as plain text."""
+        if not rendered.escaped:
+            # No message held a special-token string: the whole text in one pass, exactly as
+            # `transformers` tokenizes a rendered template (same ids at every boundary).
+            self.backend.encode_special_tokens = False
+            try:
+                encoding = self.backend.encode(rendered.text, add_special_tokens=False)
+            finally:
+                self.backend.encode_special_tokens = True
+            return encoding.ids, encoding.offsets
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        at = 0
+        for start, end in list(rendered.controls) + [(len(rendered.text), len(rendered.text))]:
+            if start > at:  # plain text, special-token strings in it included, never parsed as controls
+                encoding = self.backend.encode(rendered.text[at:start], add_special_tokens=False)
+                ids += encoding.ids
+                offsets += [(at + a, at + b) for a, b in encoding.offsets]
+            if end > start:
+                ids.append(self.backend.token_to_id(rendered.text[start:end]))
+                offsets.append((start, end))
+            at = end
+        return ids, offsets
+
+    def _special_strings(self) -> tuple[str, ...]:
+        """The texts of the special (control) tokens: what plain text must never turn into."""
+        return tuple(sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content}))
 
     # -- files ------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -309,6 +404,51 @@ def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):  # HF's AddedToken serialisation
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation rendered by its chat template.
+
+    text      the prompt text (special-token strings typed in messages appear as typed)
+    controls  (start, end) character spans of the special tokens the template itself wrote
+    escaped   whether any message held a special-token string (then only `controls` are control tokens)
+    """
+
+    text: str
+    controls: tuple[tuple[int, int], ...]
+    escaped: bool
+
+
+def _check_messages(messages: Any, *, allow_empty: bool = False) -> None:
+    if not isinstance(messages, (list, tuple)) or not (messages or allow_empty):
+        raise TokenizerError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise TokenizerError(f"message {i} must have a string 'role' and a string 'content'")
+        _check_text(m["content"], f"message {i} content")
+
+
+@functools.lru_cache(maxsize=16)
+def _alternation(specials: tuple[str, ...]) -> "re.Pattern[str] | None":
+    """One pattern matching any of `specials`, longest first (as the tokenizer matches them)."""
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+def _find_controls(text: str, pattern: "re.Pattern[str] | None") -> tuple[tuple[int, int], ...]:
+    return () if pattern is None else tuple(m.span() for m in pattern.finditer(text))
+
+
+def _marker_char(template: str, messages: Any) -> str:
+    """A private-use character that occurs neither in the template nor in any message."""
+    seen = set(template)
+    seen.update(json.dumps(messages, ensure_ascii=False, default=str))
+    for code in range(0xE000, 0xF900):
+        if chr(code) not in seen:
+            return chr(code)
+    raise TokenizerError("the messages use every private-use character, so their special-token strings cannot be kept apart")
 
 
 def _render_template(template: str, **context: Any) -> str:

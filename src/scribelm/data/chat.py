@@ -21,7 +21,9 @@ IGNORE_INDEX (-100), which cross-entropy skips:
 Where an assistant turn sits in the rendered text is found from the template
 itself: rendering the conversation up to the turn (with the generation
 prompt) and through it gives the turn's character span, and tokens whose
-characters overlap that span are trained on.
+characters overlap that span are trained on. The ids are those of
+`tokenizer.encode_chat`, so special-token strings inside messages are plain
+text here too.
 
 Short examples waste most of a context window, so they are packed: several
 examples share one row, each with positions restarting at 0 and an attention
@@ -143,24 +145,10 @@ def check_messages(messages: Sequence[dict[str, str]], where: str = "record", to
 # --------------------------------------------------------------------------- tokenizing with a loss mask
 
 
-def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    if not messages:  # the text before a first-turn assistant reply: only the generation prompt
-        from scribelm.tokenizer import _render_template
-
-        return _render_template(tokenizer.chat_template, messages=[], add_generation_prompt=add_generation_prompt,
-                                bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
-
-
-def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    # Chat rendering is the one place special tokens may come from text.
-    backend = tokenizer.backend
-    backend.encode_special_tokens = False
-    try:
-        encoding = backend.encode(text, add_special_tokens=False)
-    finally:
-        backend.encode_special_tokens = True
-    return encoding.ids, encoding.offsets
+def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool):
+    """The conversation as `tokenizer.encode_chat` renders it (an empty list: only what the
+    template writes before the first message, e.g. the generation prompt)."""
+    return tokenizer.render_chat(list(messages), add_generation_prompt=add_generation_prompt)
 
 
 def tokenize_conversation(
@@ -174,21 +162,23 @@ def tokenize_conversation(
     if not tokenizer.chat_template:
         raise TokenizerError("this tokenizer has no chat template; fine-tuning on chat data needs one "
                              "(set chat_template in tokenizer_config.json)")
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    rendered = _render(tokenizer, messages, add_generation_prompt=False)
+    full = rendered.text
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last":
         turns = turns[-1:]
     spans = []
     for i in turns:
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True).text
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False).text
         if not (through.startswith(before) and full.startswith(through)):
             raise DatasetError(
                 "the chat template renders a conversation differently from its prefixes, so assistant turns "
                 "cannot be located; use a template where each turn is appended to the text before it"
             )
         spans.append((len(before), len(through)))
-    ids, offsets = _encode_with_offsets(tokenizer, full)
+    # The same ids as encode_chat: the template's markup as control tokens, message text as plain text.
+    ids, offsets = tokenizer.encode_rendered(rendered)
     trainable = [any(start < hi and end > lo for lo, hi in spans) for start, end in offsets]
     return ids, trainable
 
