@@ -60,6 +60,7 @@ class SamplingError(ScribeError, ValueError):
 
 
 CONTEXT_OVERFLOW = ("error", "slide")
+SEED_LIMIT = 1 << 64  # torch generators take 64-bit seeds; choice i of a request draws with (seed + i) mod 2**64
 
 
 @dataclass
@@ -158,6 +159,8 @@ class SamplingSettings:
                 raise SamplingError(f"{name} must be in [-2, 2] (OpenAI's range), got {v}")
         if self.seed is not None:
             integer("seed", 0)
+            if self.seed >= SEED_LIMIT:
+                raise SamplingError(f"seed must be below 2**64, got {self.seed}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError(f"stop strings must be non-empty strings, got {s!r}")
@@ -245,7 +248,7 @@ class RowSampler:
         # Without a seed, draw one from torch's global generator so torch.manual_seed still reproduces.
         seed = settings.seed if settings.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed + seed_offset)
+        self.generator.manual_seed((seed + seed_offset) % SEED_LIMIT)
         self.seen: torch.Tensor | None = None  # (V,) bool: in prompt or output, for repetition_penalty
         self.counts: torch.Tensor | None = None  # (V,) float: occurrences in the output, for OpenAI penalties
         if settings.repetition_penalty != 1.0:
@@ -339,6 +342,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Te
     logits = logits.float().clone()
     if any(r.seen is not None or r.counts is not None or r.bias is not None for r in rows):
         apply_penalties(logits, rows)
+        logits = finite_logits(logits)  # an extreme repetition_penalty divides or multiplies into +-inf
     settings = [r.settings for r in rows]
     sampled = [not s.is_greedy for s in settings]
     if not any(sampled):
@@ -346,13 +350,31 @@ def process_logits(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Te
     device = logits.device
     if any(s.temperature not in (0.0, 1.0) for s in settings):
         logits = apply_temperature(logits, torch.tensor([s.temperature for s in settings], device=device))
+        logits = finite_logits(logits)  # a tiny temperature turns logits into +-inf
     if any(s.top_k > 0 and samp for s, samp in zip(settings, sampled)):
-        logits = apply_top_k(logits, torch.tensor([s.top_k if samp else 0 for s, samp in zip(settings, sampled)], device=device))
+        V = logits.shape[-1]  # a k beyond the vocabulary keeps everything (and would overflow a tensor)
+        logits = apply_top_k(logits, torch.tensor([min(s.top_k, V) if samp else 0 for s, samp in zip(settings, sampled)], device=device))
     if any(s.top_p < 1.0 and samp for s, samp in zip(settings, sampled)):
         logits = apply_top_p(logits, torch.tensor([s.top_p if samp else 1.0 for s, samp in zip(settings, sampled)], device=device))
     if any(s.min_p > 0.0 and samp for s, samp in zip(settings, sampled)):
         logits = apply_min_p(logits, torch.tensor([s.min_p if samp else 0.0 for s, samp in zip(settings, sampled)], device=device))
     return logits
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never chosen), +inf -> the largest float (chosen, and softmax stays defined);
+    -inf stays -inf (a removed token). Softmax of the result is NaN-free unless a whole row is -inf."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+
+
+def draw(processed: torch.Tensor, raw: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from softmax(processed) (V,); if that is no distribution (every token removed,
+    NaN from a broken model), the most likely token of the raw logits instead: never an error."""
+    probs = finite_logits(processed.float()).softmax(-1)
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0.0 or not bool(torch.isfinite(probs).all()):
+        return int(finite_logits(raw.float()).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -362,12 +384,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
     """Draw one token per row from softmax(logits) (B, V) -> (B,), row b with generators[b]."""
-    probs = logits.float().softmax(dim=-1)  # (B, V)
-    if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    for b, gen in enumerate(generators):
-        out[b] = torch.multinomial(probs[b], 1, generator=gen)[0]
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for b in range(logits.shape[0]):
+        out[b] = draw(logits[b], logits[b], generators[b] if generators is not None else None)
     return out
 
 
@@ -381,8 +400,7 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Ten
     chosen = greedy(processed)
     for b, row in enumerate(rows):
         if not row.settings.is_greedy:
-            probs = processed[b].softmax(-1)
-            chosen[b] = torch.multinomial(probs, 1, generator=row.generator)[0]
+            chosen[b] = draw(processed[b], logits[b], row.generator)
     return chosen
 
 

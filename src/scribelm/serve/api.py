@@ -5,6 +5,7 @@
     GET  /v1/models              the served models
     GET  /health                 liveness, no key needed
     GET  /metrics                Prometheus text: requests, tokens, queue, TTFT, tokens/s
+    GET  /openapi.json           the API's schema, request bodies included (no key needed)
     GET  /                       the chat page
 
 Any client that speaks OpenAI's API (the official `openai` package, LangChain,
@@ -13,12 +14,22 @@ curl) works unchanged: same JSON, same server-sent events for streaming
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-with the status codes OpenAI uses: 400 bad request, 401 bad key, 404 unknown
-model or route, 413 body too large, 429 queue full (with Retry-After), 500.
+with the status codes OpenAI uses: 400 bad request (an unknown parameter is
+named, not ignored), 401 bad key, 403 a Host or Origin this server does not
+answer (`origins.py`), 404 unknown model or route, 413 body too large, 429
+queue full (with Retry-After), 500/503 a model that cannot be loaded (the
+detail is in the server log, never in the answer).
 
-Sampling parameters map onto `scribelm.sampling.SamplingSettings` one to one
-(`max_tokens` -> max_new_tokens); each request, and each of its `n` choices,
-is sampled with its own settings and seed inside the shared batch.
+A request goes through: the access log (`access.py`), the Host/Origin guard,
+the key check, a bounded JSON parse (`json_body.py`), the schema
+(`schema.py`), then the engine. Sampling parameters map onto
+`scribelm.sampling.SamplingSettings` one to one (`max_tokens` ->
+max_new_tokens); each request, and each of its `n` choices, is sampled with
+its own settings and seed inside the shared batch, and a failure inside one
+request ends that request only.
+
+A request whose client goes away is cancelled within DISCONNECT_POLL_SECONDS,
+streamed or not, and its batch slots are freed before the engine's next step.
 """
 
 from __future__ import annotations
@@ -27,210 +38,83 @@ import asyncio
 import hmac
 import json
 import secrets
-import threading
 import time
-from collections import defaultdict
 from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scribelm.errors import ScribeError
 from scribelm.generate import chat_stop_ids, encode_prompt
 from scribelm.sampling import SamplingError, SamplingSettings
+from scribelm.serve.access import AccessLog
 from scribelm.serve.engine import (
     ContextLengthError,
     EngineStoppedError,
     ErrorEvent,
     FinishEvent,
     GenerationRequest,
+    ModelLoadError,
     ModelPool,
     QueueFullError,
     TokenEvent,
 )
+from scribelm.serve.errors import ApiError
+from scribelm.serve.json_body import parse_json_body
+from scribelm.serve.metrics import Metrics
+from scribelm.serve.origins import HostOriginGuard
+from scribelm.serve.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Message,
+    parse_request,
+    reduce_seed,
+    request_body_schemas,
+)
+
+__all__ = ["ApiError", "Metrics", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: plenty for prompts, small enough to refuse abuse
-DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's JSON shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Counters and a histogram, rendered in Prometheus' text format."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (path, status) -> count
-        self.prompt_tokens: dict[str, int] = defaultdict(int)
-        self.completion_tokens: dict[str, int] = defaultdict(int)
-        self.ttft_counts: dict[str, list[int]] = {}
-        self.ttft_sum: dict[str, float] = defaultdict(float)
-        self.ttft_n: dict[str, int] = defaultdict(int)
-
-    def count_request(self, path: str, status: int) -> None:
-        with self._lock:
-            self.requests[(path, str(status))] += 1
-
-    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
-        with self._lock:
-            self.prompt_tokens[model] += prompt
-            self.completion_tokens[model] += completion
-
-    def observe_ttft(self, model: str, seconds: float) -> None:
-        with self._lock:
-            counts = self.ttft_counts.setdefault(model, [0] * len(TTFT_BUCKETS))
-            for i, bound in enumerate(TTFT_BUCKETS):
-                if seconds <= bound:
-                    counts[i] += 1
-            self.ttft_sum[model] += seconds
-            self.ttft_n[model] += 1
-
-    def render(self, pool: ModelPool) -> str:
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help: str) -> None:
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        with self._lock:
-            family("scribe_requests_total", "counter", "HTTP requests by path and status code")
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'scribe_requests_total{{path="{path}",status="{status}"}} {n}')
-            family("scribe_prompt_tokens_total", "counter", "prompt tokens processed")
-            for model, n in sorted(self.prompt_tokens.items()):
-                lines.append(f'scribe_prompt_tokens_total{{model="{model}"}} {n}')
-            family("scribe_generated_tokens_total", "counter", "tokens generated")
-            for model, n in sorted(self.completion_tokens.items()):
-                lines.append(f'scribe_generated_tokens_total{{model="{model}"}} {n}')
-            family("scribe_time_to_first_token_seconds", "histogram", "time from request to first generated token")
-            for model, counts in sorted(self.ttft_counts.items()):
-                for bound, n in zip(TTFT_BUCKETS, counts):
-                    lines.append(f'scribe_time_to_first_token_seconds_bucket{{model="{model}",le="{bound}"}} {n}')
-                lines.append(f'scribe_time_to_first_token_seconds_bucket{{model="{model}",le="+Inf"}} {self.ttft_n[model]}')
-                lines.append(f'scribe_time_to_first_token_seconds_sum{{model="{model}"}} {self.ttft_sum[model]:.6f}')
-                lines.append(f'scribe_time_to_first_token_seconds_count{{model="{model}"}} {self.ttft_n[model]}')
-        engines = dict(pool.engines)
-        family("scribe_model_loaded", "gauge", "1 if the model is loaded")
-        for name in pool.names():
-            lines.append(f'scribe_model_loaded{{model="{name}"}} {int(name in engines)}')
-        family("scribe_queue_depth", "gauge", "requests waiting for a batch slot")
-        for name, engine in engines.items():
-            lines.append(f'scribe_queue_depth{{model="{name}"}} {engine.queue_depth}')
-        family("scribe_active_sequences", "gauge", "sequences holding a batch slot")
-        for name, engine in engines.items():
-            lines.append(f'scribe_active_sequences{{model="{name}"}} {engine.active_count}')
-        family("scribe_tokens_per_second", "gauge", "generated tokens per second over the last 10 seconds")
-        for name, engine in engines.items():
-            lines.append(f'scribe_tokens_per_second{{model="{name}"}} {engine.tokens_per_second():.3f}')
-        return "\n".join(lines) + "\n"
+DEFAULT_BODY_SECONDS = 30.0  # a body that takes longer to arrive is a stalled or hostile client
+DISCONNECT_POLL_SECONDS = 0.02  # how often a waiting request checks that its client is still there
+_CLIENT_GONE = object()  # put on a request's event queue when its client disconnected
 
 
 # ----------------------------------------------------------------------------- request parsing
 
 
-def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, *, what: str = "") -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer").replace("float", "number") for k in kinds)
-        raise ApiError(400, f"'{name}' must be {what or names}, got {json.dumps(value)[:60]}", param=name)
-    return value
-
-
-def _range(name: str, value: float | None, low: float, high: float) -> None:
-    if value is not None and not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low} and {high}, got {value}", param=name)
-
-
-def _stop_list(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
-    if len(stop) > 4:
-        raise ApiError(400, f"'stop' takes at most 4 strings, got {len(stop)}", param="stop")
-    return stop
-
-
-def _message_text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{index}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
+def _message_text(message: Message) -> str:
+    content = message.content
     if content is None:
         return ""
-    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {m['role']!r} is not supported; use system, user or assistant", param="messages")
-        out.append({"role": role, "content": _message_text(m.get("content"), i)})
-    return out
+def _messages(messages: list[Message]) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages]
 
 
-def _prompts(body: dict, lm) -> list[list[int]]:
+def _prompts(prompt: Any, lm) -> list[list[int]]:
     """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
     Text is encoded as `LM.generate` encodes it (BOS if the checkpoint asks for one)."""
-    prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [encode_prompt(lm, prompt)]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [encode_prompt(lm, p) for p in prompt]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [list(prompt)]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
-            return [list(p) for p in prompt]
-    raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [encode_prompt(lm, p) for p in prompt]
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
 
 
-def _settings(body: dict, *, chat: bool, prompt_tokens: int, context: int, defaults: dict) -> tuple[SamplingSettings, int]:
-    """The request's sampling settings and n, checked with OpenAI's ranges."""
-    n = _get(body, "n", (int,), 1)
-    if n < 1 or n > 128:
-        raise ApiError(400, f"'n' must be between 1 and 128, got {n}", param="n")
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _get(body, name, (int,), None)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
+def _settings(req, *, chat: bool, prompt_tokens: int, context: int, defaults: dict) -> SamplingSettings:
+    """The request's sampling settings (types and ranges were checked by the schema)."""
+    name = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, name)
     if max_tokens is None:
         max_tokens = max(1, context - prompt_tokens) if chat else 16
     if prompt_tokens + max_tokens > context:
@@ -241,45 +125,30 @@ def _settings(body: dict, *, chat: bool, prompt_tokens: int, context: int, defau
             "Please reduce the length of the messages or completion.",
             param="messages" if chat else "prompt", code="context_length_exceeded",
         )
-    temperature = _get(body, "temperature", (int, float), defaults.get("temperature", 1.0))
-    _range("temperature", temperature, 0, 2)
-    top_p = _get(body, "top_p", (int, float), defaults.get("top_p", 1.0))
-    _range("top_p", top_p, 0, 1)
-    if top_p == 0:
-        raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
-    presence = _get(body, "presence_penalty", (int, float), 0.0)
-    frequency = _get(body, "frequency_penalty", (int, float), 0.0)
-    _range("presence_penalty", presence, -2, 2)
-    _range("frequency_penalty", frequency, -2, 2)
-    seed = _get(body, "seed", (int,), None)
-    if seed is not None and seed < 0:
-        seed &= (1 << 63) - 1  # OpenAI accepts any 64-bit integer; the generator wants a non-negative one
-    logit_bias = _get(body, "logit_bias", (dict,), None)
     if chat:
-        logprobs = bool(_get(body, "logprobs", (bool,), False))
-        top_logprobs = _get(body, "top_logprobs", (int,), 0)
-        _range("top_logprobs", top_logprobs, 0, 20)
+        logprobs, top_logprobs = req.logprobs, req.top_logprobs or 0
         if top_logprobs and not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
     else:
-        top = _get(body, "logprobs", (int,), None)
-        _range("logprobs", top, 0, 5)
-        logprobs, top_logprobs = top is not None, top or 0
+        logprobs, top_logprobs = req.logprobs is not None, req.logprobs or 0
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     extra: dict[str, Any] = {}
-    for key, kinds in (("top_k", (int,)), ("min_p", (int, float)), ("repetition_penalty", (int, float))):
-        if body.get(key) is not None:
-            extra[key] = _get(body, key, kinds)
+    for key in ("top_k", "min_p", "repetition_penalty"):
+        if getattr(req, key) is not None:
+            extra[key] = getattr(req, key)
         elif defaults.get(key) is not None:  # the model's own default (generation.json), as for temperature
             extra[key] = defaults[key]
+    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     try:
-        settings = SamplingSettings(
+        return SamplingSettings(
             max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-            presence_penalty=float(presence), frequency_penalty=float(frequency), logit_bias=logit_bias, seed=seed,
-            stop=_stop_list(body), logprobs=logprobs, top_logprobs=top_logprobs, **extra,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias, seed=reduce_seed(req.seed), stop=stop, logprobs=logprobs,
+            top_logprobs=top_logprobs, **extra,
         )
-    except SamplingError as err:
+    except (SamplingError, TypeError, ValueError) as err:  # also a model default of the wrong type
         raise ApiError(400, str(err), param=_param_of(str(err))) from None
-    return settings, n
 
 
 def _param_of(message: str) -> str | None:
@@ -289,7 +158,27 @@ def _param_of(message: str) -> str | None:
     return None
 
 
+def _refuse_unsupported(req, chat: bool) -> None:
+    """Fields accepted by the schema only so that using them is refused by name."""
+    if chat:
+        for name in ("tools", "functions", "tool_choice", "function_call"):
+            if getattr(req, name) not in (None, [], "none"):
+                raise ApiError(400, f"'{name}' is not supported by this server; call without tools", param=name)
+    else:
+        if req.suffix:
+            raise ApiError(400, "'suffix' is not supported by this server", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, f"'best_of' must equal 'n' ({req.n}) on this server: every choice is returned", param="best_of")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+
+
 # ----------------------------------------------------------------------------- the app
+
+
+def _openapi_body(model: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def create_app(
@@ -298,8 +187,15 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     idle_check_seconds: float = 5.0,
+    allowed_origins: list[str] | None = None,
+    public: bool = False,
+    body_seconds: float = DEFAULT_BODY_SECONDS,
 ) -> FastAPI:
-    """The FastAPI application serving every model of `pool`."""
+    """The FastAPI application serving every model of `pool`.
+
+    public: the server listens beyond loopback, so any Host header is answered
+    (otherwise only localhost names); allowed_origins: browser origins that may
+    call the API besides the server's own page and loopback pages ("*": any)."""
     metrics = Metrics()
     expected_key = api_key.encode() if api_key else None
 
@@ -331,69 +227,94 @@ def create_app(
         if not hmac.compare_digest(token.strip().encode(), expected_key):  # constant time: no timing oracle
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    app = FastAPI(title="scribelm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+    app = FastAPI(title="scribelm", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   dependencies=[Depends(check_key)])
     app.state.pool, app.state.metrics = pool, metrics
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostOriginGuard, check_host=not public, allowed_origins=allowed_origins)
+    app.add_middleware(AccessLog, metrics=metrics)  # added last: outermost, so it sees every answer
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="OpenAI-compatible API of scribelm")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(request_body_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
-        metrics.count_request(request.url.path, err.status)
         return err.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        metrics.count_request("other", err.status_code)
         kind = "not_found" if err.status_code == 404 else "invalid_request_error"
-        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        message = f"no route {request.method} {request.url.path[:200]}" if err.status_code in (404, 405) else str(err.detail)
         return ApiError(err.status_code, message, type=kind).response()
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, err: Exception):
-        metrics.count_request(request.url.path, 500)
-        return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
+        import logging
+
+        logging.getLogger("scribelm.serve").error("internal error on %s %s", request.method, request.url.path[:200], exc_info=err)
+        return ApiError(500, "internal server error; the server log has the details", type="server_error").response()
 
     async def read_json(request: Request) -> dict:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+        if length is not None and length.isdigit() and len(length) < 19 and int(length) > max_body_bytes:
             raise ApiError(413, f"request body of {int(length)} bytes exceeds the limit of {max_body_bytes} bytes", code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="request_too_large")
-        try:
-            data = json.loads(bytes(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"We could not parse the JSON body of your request ({err}).") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return data
 
-    async def engine_for(body: dict):
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "you must provide a model parameter", param="model")
+        async def receive_body() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > max_body_bytes:
+                    raise ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="request_too_large")
+
+        try:
+            await asyncio.wait_for(receive_body(), timeout=body_seconds)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {body_seconds:g} s", code="request_timeout") from None
+        return parse_json_body(bytes(body))
+
+    async def engine_for(name: str):
         if name not in pool.paths:
-            raise ApiError(404, f"The model '{name}' does not exist; served models: {', '.join(pool.names())}",
+            raise ApiError(404, f"The model '{name[:100]}' does not exist; served models: {', '.join(pool.names())}",
                            param="model", code="model_not_found")
         try:
             return await run_in_threadpool(pool.get, name)
-        except ScribeError as err:
-            raise ApiError(500, f"model {name!r} failed to load: {err}", type="server_error") from None
+        except ModelLoadError as err:  # the message names the model only; the log has the files
+            raise ApiError(503, str(err), type="server_error", code="model_not_loaded") from None
+
+    async def watch_disconnect(request: Request, events: asyncio.Queue, requests: list[GenerationRequest]) -> None:
+        """Cancel the engine's work as soon as the client is gone (it polls: ASGI has no callback)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        for r in requests:
+            r.cancel()
+        events.put_nowait(_CLIENT_GONE)
 
     # -- generation ---------------------------------------------------------------
     async def generate(request: Request, chat: bool):
         started = time.monotonic()
-        body = await read_json(request)
-        engine = await engine_for(body)
+        req = parse_request(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
+        _refuse_unsupported(req, chat)
+        engine = await engine_for(req.model)
+        request.state.model = engine.name
         tokenizer = engine.tokenizer
         try:
-            if chat:
-                prompts = [tokenizer.encode_chat(_messages(body))]
-            else:
-                prompts = _prompts(body, engine.lm)
-        except ScribeError as err:
-            raise ApiError(400, str(err), param="messages" if chat else "prompt") from None
+            prompts = [tokenizer.encode_chat(_messages(req.messages))] if chat else _prompts(req.prompt, engine.lm)
+        except (ScribeError, UnicodeError, ValueError, TypeError) as err:
+            raise ApiError(400, f"the {'messages' if chat else 'prompt'} could not be tokenized: {err}",
+                           param="messages" if chat else "prompt") from None
         for ids in prompts:
             if not ids:
                 raise ApiError(400, "the prompt is empty; give at least one token", param="prompt")
@@ -401,21 +322,13 @@ def create_app(
             if bad:
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.config.vocab_size - 1})", param="prompt")
         longest = max(len(p) for p in prompts)
-        settings, n = _settings(body, chat=chat, prompt_tokens=longest, context=engine.context_length, defaults=engine.lm.generation_config)
+        n = req.n
+        settings = _settings(req, chat=chat, prompt_tokens=longest, context=engine.context_length, defaults=engine.lm.generation_config)
         if n * len(prompts) > engine.max_batch:
             raise ApiError(400, f"n x prompts = {n * len(prompts)} exceeds the server's batch of {engine.max_batch} sequences", param="n")
-        for unsupported in ("tools", "functions", "tool_choice", "function_call"):
-            if body.get(unsupported) not in (None, [], "none"):
-                raise ApiError(400, f"'{unsupported}' is not supported by this server; call without tools", param=unsupported)
-        response_format = body.get("response_format")
-        if response_format not in (None, {"type": "text"}):
-            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
-        stream = bool(_get(body, "stream", (bool,), False))
-        if body.get("stream_options") is not None and not stream:
-            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        options = _get(body, "stream_options", (dict,), {}) or {}
-        include_usage = bool(options.get("include_usage", False))
-        echo = bool(_get(body, "echo", (bool,), False)) if not chat else False
+        stream = req.stream
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        echo = bool(getattr(req, "echo", False))
         stop_ids = set(_int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
@@ -448,10 +361,11 @@ def create_app(
         prompt_tokens = sum(len(p) for p in prompts)
         total_choices = n * len(prompts)
         call = _Call(chat=chat, model=model_name, total_choices=total_choices, prompts=prompts, tokenizer=tokenizer)
-        metrics.count_request(request.url.path, 200)
+        watcher = asyncio.create_task(watch_disconnect(request, events, requests))
 
         def finish_metrics() -> None:
             metrics.count_tokens(model_name, prompt_tokens, call.completion_tokens)
+            request.state.tokens = (prompt_tokens, call.completion_tokens)
 
         async def next_event():
             event = await events.get()
@@ -463,23 +377,21 @@ def create_app(
         if not stream:
             try:
                 while call.finished < total_choices:
-                    try:
-                        event = await asyncio.wait_for(next_event(), timeout=DISCONNECT_POLL_SECONDS)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():  # nobody waits for the answer: free the slots
-                            return JSONResponse({}, status_code=499)
-                        continue
+                    event = await next_event()
+                    if event is _CLIENT_GONE:  # nobody waits for the answer; the slots are already freed
+                        return Response(status_code=499)
                     if isinstance(event, ErrorEvent):
                         raise ApiError(500, event.message, type="server_error")
                     call.record(event)
             finally:
+                watcher.cancel()
                 for r in requests:
                     r.cancel()
             finish_metrics()
             if echo:
                 for i in range(total_choices):
                     call.texts[i] = tokenizer.decode(prompts[i // n]) + call.texts[i]
-            return JSONResponse(call.response(prompt_tokens))
+            return _json(call.response(prompt_tokens))
 
         async def sse():
             try:
@@ -496,6 +408,8 @@ def create_app(
                         batch.append(events.get_nowait())
                     lines = []
                     for event in batch:
+                        if event is _CLIENT_GONE:
+                            return
                         if isinstance(event, ErrorEvent):
                             error = {"message": event.message, "type": "server_error", "param": None, "code": None}
                             yield "".join(lines) + "data: " + json.dumps({"error": error}) + "\n\n"
@@ -511,16 +425,17 @@ def create_app(
                 yield "data: [DONE]\n\n"
                 finish_metrics()
             finally:  # also on disconnect: the task is cancelled here and the slots freed
+                watcher.cancel()
                 for r in requests:
                     r.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, chat=False)
 
@@ -536,13 +451,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models():
-        metrics.count_request("/v1/models", 200)
         return {"object": "list", "data": [model_card(n) for n in pool.names()]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         if name not in pool.paths:
-            raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"The model '{name[:100]}' does not exist", param="model", code="model_not_found")
         return model_card(name)
 
     @app.get("/health")
@@ -567,6 +481,10 @@ def create_app(
         return HTMLResponse(html)
 
     return app
+
+
+def _json(body: dict) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json")
 
 
 def _int_list(value: Any) -> list[int]:

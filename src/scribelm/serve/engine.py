@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import threading
 import time
@@ -52,6 +53,10 @@ from scribelm.sampling import IncrementalDetokenizer, RowSampler, SamplingSettin
 #: Positions per cache slot unless asked otherwise: the cache holds max_batch x this many,
 #: and a model's full context (128k for Llama 3) would not fit in memory at any useful batch.
 DEFAULT_MAX_CONTEXT = 8192
+#: What a client is told when its own request failed inside the engine; the detail goes to the log.
+REQUEST_FAILED = "generation failed for this request; the server log has the details"
+
+log = logging.getLogger("scribelm.serve")
 
 
 class QueueFullError(ScribeError):
@@ -68,6 +73,10 @@ class ContextLengthError(ScribeError):
 
 class EngineStoppedError(ScribeError):
     """The engine was shut down (the model was unloaded)."""
+
+
+class ModelLoadError(ScribeError):
+    """A served model's files could not be loaded; the message names the model, never its files."""
 
 
 # ----------------------------------------------------------------------------- the slot cache
@@ -157,6 +166,8 @@ class FinishEvent:
 
 @dataclass
 class ErrorEvent:
+    """The request failed; it gets no further events (other requests in the batch go on)."""
+
     message: str
 
 
@@ -178,10 +189,18 @@ class GenerationRequest:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     cancelled: bool = False
+    failed: bool = False
     finished_choices: int = 0
 
     def cancel(self) -> None:
         """Stop generating (client gone); the engine frees the slots before its next step."""
+        self.cancelled = True
+
+    def fail(self, message: str) -> None:
+        """End this request with an error event (once); its slots are freed before the next step."""
+        if not self.failed:
+            self.failed = True
+            self.emit(ErrorEvent(message))
         self.cancelled = True
 
     def emit(self, event) -> None:
@@ -370,21 +389,33 @@ class Engine:
                             break
                         admitted.append(self._waiting.popleft())
                         free -= head.n
-                try:
-                    for group in self._prefill_groups(admitted):
+                # A failure of one request's own work (its settings, its sampling, its text) ends that
+                # request only (see _prefill and _choose); only a failed shared forward pass fails those
+                # who shared it, and the engine then starts over with empty slots.
+                for group in self._prefill_groups(admitted):
+                    try:
                         self._prefill(group)
+                    except Exception:
+                        log.exception("model %r: prefill of %d request(s) failed", self.name, len(group))
+                        for request in group:
+                            request.fail(REQUEST_FAILED)
+                        self._drop_finished()
+                try:
                     self._drop_finished()
                     if self._active:
                         self._decode_step()
                         self._drop_finished()
-                except Exception as err:  # never leave clients hanging: fail the batch, keep serving
-                    message = f"generation failed: {type(err).__name__}: {err}"
+                except Exception:
+                    log.exception("model %r: decode step over %d sequence(s) failed", self.name, len(self._active))
                     for request in {id(s.request): s.request for s in self._active}.values():
-                        request.emit(ErrorEvent(message))
-                    for request in admitted:
-                        request.emit(ErrorEvent(message))
-                    self._active.clear()
+                        request.fail(REQUEST_FAILED)
+                    self._reset_slots()
                 self.last_used = time.monotonic()
+
+    def _reset_slots(self) -> None:
+        """Forget every active sequence; the cache rows are free again."""
+        self._active.clear()
+        self.cache.lengths.zero_()
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         s = request.settings
@@ -413,6 +444,17 @@ class Engine:
         padding after it, and each slot's length is its own prompt's, so the padded
         keys are never read. Request j prefills slot first+j; its other choices get
         copies of that slot."""
+        # Each request's own state first: a request whose settings cannot be honoured fails alone.
+        ready: list[tuple[GenerationRequest, list[_Sequence]]] = []
+        for r in requests:
+            try:
+                ready.append((r, [self._new_sequence(r, i) for i in range(r.n)]))
+            except Exception:
+                log.exception("model %r: request %d could not start", self.name, r.id)
+                r.fail(REQUEST_FAILED)
+        if not ready:
+            return
+        requests = [r for r, _ in ready]
         first, k = len(self._active), len(requests)
         lengths = [len(r.prompt_ids) for r in requests]
         ids = torch.zeros(k, max(lengths), dtype=torch.long, device=self.device)  # (k, P)
@@ -422,15 +464,14 @@ class Engine:
         last = torch.tensor(lengths, device=self.device) - 1
         logits = self.model.unembedding(hidden[torch.arange(k, device=self.device), last])  # (k, V): each prompt's last position
         sequences, rows = [], []
-        for j, r in enumerate(requests):
+        for j, (r, choices) in enumerate(ready):
             self.cache.set_length(first + j, lengths[j])
-            sequences.append(self._new_sequence(r, 0))
+            sequences.append(choices[0])
             rows.append(j)
         self._active.extend(sequences)
-        for j, r in enumerate(requests):
-            for i in range(1, r.n):
+        for j, (r, choices) in enumerate(ready):
+            for extra in choices[1:]:
                 self.cache.copy_slot(first + j, len(self._active))
-                extra = self._new_sequence(r, i)
                 self._active.append(extra)
                 sequences.append(extra)
                 rows.append(j)
@@ -445,7 +486,10 @@ class Engine:
         self._choose(self._active, logits)
 
     def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits (B, V) and send it to its client."""
+        """Sample one token per sequence from logits (B, V) and send it to its client.
+
+        The rows are chosen together; if that fails, one by one, so that a row whose
+        sampling fails ends its own request and no other."""
         live = [i for i, s in enumerate(sequences) if not s.request.cancelled]
         for i, s in enumerate(sequences):
             if s.request.cancelled:
@@ -454,51 +498,86 @@ class Engine:
             return
         rows = [sequences[i] for i in live]
         logits = logits[live] if len(live) != len(sequences) else logits
-        chosen = choose_tokens(logits, [s.sampler for s in rows])  # (B,)
+        chosen_list = self._choose_ids(rows, logits)
         want_top = max((s.request.settings.top_logprobs for s in rows if s.request.settings.logprobs), default=-1)
         chosen_lp = top_ids = top_lp = None
         if want_top >= 0:
-            chosen_lp, top_ids, top_lp = token_logprobs(logits, chosen, want_top)
+            try:
+                picked = torch.tensor([max(t, 0) for t in chosen_list], dtype=torch.long, device=logits.device)
+                chosen_lp, top_ids, top_lp = token_logprobs(logits, picked, want_top)
+            except Exception:
+                log.exception("model %r: log-probabilities failed", self.name)
+                for s in rows:
+                    if s.request.settings.logprobs:
+                        s.request.fail(REQUEST_FAILED)
         now = time.monotonic()
-        chosen_list = chosen.tolist()
         outbox: list[tuple[GenerationRequest, Any]] = []
         for b, s in enumerate(rows):
-            token = chosen_list[b]
-            s.sampler.observe(token)
-            s.generated += 1
-            s.last_token = token
-            request = s.request
-            if request.first_token_at is None:
-                request.first_token_at = now
-            event = TokenEvent(index=s.index, token_id=token, text="")
-            settings = request.settings
-            if settings.logprobs:
-                event.logprob = float(chosen_lp[b])
-                if settings.top_logprobs:
-                    event.top_logprobs = list(zip(top_ids[b, : settings.top_logprobs].tolist(), top_lp[b, : settings.top_logprobs].tolist()))
-            reason = None
-            if token in self.eos_ids or token in request.stop_token_ids:
-                reason = "stop"
-            else:
-                event.text = s.detokenizer.push(token)
-                if s.detokenizer.stopped:
-                    reason = "stop"
-                elif s.generated >= settings.max_new_tokens:
-                    reason = "length"
-                elif len(request.prompt_ids) + s.generated >= self.context_length:
-                    reason = "length"
-            outbox.append((request, event))
-            if reason is not None:
-                tail = s.detokenizer.flush() if not s.detokenizer.stopped else ""
-                outbox.append((request, FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated)))
+            if s.request.cancelled or chosen_list[b] < 0:
                 s.done = True
-        _deliver(outbox)
+                continue
+            try:
+                outbox.extend(self._advance(s, chosen_list[b], now, b, chosen_lp, top_ids, top_lp))
+            except Exception:
+                log.exception("model %r: request %d failed at token %d", self.name, s.request.id, s.generated)
+                s.done = True
+                s.request.fail(REQUEST_FAILED)
+        _deliver([(r, e) for r, e in outbox if not r.failed])
         with self._stats_lock:
             self._recent.append((now, len(rows)))
             while self._recent and now - self._recent[0][0] > 30.0:
                 self._recent.popleft()
         self.steps += 1
         self.generated_tokens += len(rows)
+
+    def _choose_ids(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token id; -1 for a row whose sampling failed (its request is failed)."""
+        try:
+            return choose_tokens(logits, [s.sampler for s in rows]).tolist()
+        except Exception:
+            pass  # find the culprit row by row; the others go on
+        chosen = []
+        for b, s in enumerate(rows):
+            try:
+                chosen.append(int(choose_tokens(logits[b : b + 1], [s.sampler])[0]))
+            except Exception:
+                log.exception("model %r: sampling failed for request %d", self.name, s.request.id)
+                s.request.fail(REQUEST_FAILED)
+                chosen.append(-1)
+        return chosen
+
+    def _advance(self, s: _Sequence, token: int, now: float, b: int, chosen_lp, top_ids, top_lp) -> list[tuple[GenerationRequest, Any]]:
+        """Record one chosen token of one sequence: its events, and whether it finished."""
+        s.sampler.observe(token)
+        s.generated += 1
+        s.last_token = token
+        request = s.request
+        if request.first_token_at is None:
+            request.first_token_at = now
+        event = TokenEvent(index=s.index, token_id=token, text="")
+        settings = request.settings
+        if settings.logprobs:
+            event.logprob = _finite_logprob(float(chosen_lp[b]))
+            if settings.top_logprobs:
+                event.top_logprobs = [(i, _finite_logprob(lp)) for i, lp in
+                                      zip(top_ids[b, : settings.top_logprobs].tolist(), top_lp[b, : settings.top_logprobs].tolist())]
+        reason = None
+        if token in self.eos_ids or token in request.stop_token_ids:
+            reason = "stop"
+        else:
+            event.text = s.detokenizer.push(token)
+            if s.detokenizer.stopped:
+                reason = "stop"
+            elif s.generated >= settings.max_new_tokens:
+                reason = "length"
+            elif len(request.prompt_ids) + s.generated >= self.context_length:
+                reason = "length"
+        events: list[tuple[GenerationRequest, Any]] = [(request, event)]
+        if reason is not None:
+            tail = s.detokenizer.flush() if not s.detokenizer.stopped else ""
+            events.append((request, FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated)))
+            s.done = True
+        return events
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows; the last row moves into each freed slot."""
@@ -514,6 +593,11 @@ class Engine:
                 self.cache.set_length(last, 0)
             else:
                 b += 1
+
+
+def _finite_logprob(value: float) -> float:
+    """JSON has no -Infinity: an impossible token reports -9999.0, as OpenAI's API does."""
+    return value if math.isfinite(value) else -9999.0
 
 
 # ----------------------------------------------------------------------------- several models
@@ -562,8 +646,18 @@ class ModelPool:
             if engine is None:
                 from scribelm.lm import load
 
-                lm = load(self.paths[name], device=self.device, dtype=self.dtype)
-                engine = Engine(lm, name=name, **self.engine_options).start()
+                started = time.monotonic()
+                try:
+                    lm = load(self.paths[name], device=self.device, dtype=self.dtype)
+                    if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
+                        raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
+                    engine = Engine(lm, name=name, **self.engine_options).start()
+                except Exception as err:
+                    # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
+                    log.error("model %r could not be loaded from %s: %s: %s", name, self.paths[name], type(err).__name__, err)
+                    raise ModelLoadError(f"model {name!r} could not be loaded; the server log has the details") from err
+                parameters = sum(p.numel() for p in lm.model.parameters())
+                log.info("loaded model %s (%s params, %.1f s)", name, f"{parameters:,}", time.monotonic() - started)
                 with self._lock:
                     self.engines[name] = engine
                     self.loaded_at[name] = time.time()
