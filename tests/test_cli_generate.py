@@ -2,6 +2,7 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +226,116 @@ def test_weight_bytes_per_token_counts_what_a_step_reads():
     # int8 blocks and unembedding: about a quarter of the float bytes.
     quantized = quantize_model(Transformer(tiny_config(tie_embeddings=True)), 8, unembedding=True)
     assert 0.2 < weight_bytes_per_token(quantized) / weight_bytes_per_token(tied) < 0.35
+
+
+# ----------------------------------------------------------------------------- first use: flags and messages
+
+
+def _unavailable_devices():
+    from scribelm.devices import available_devices
+
+    have = available_devices()
+    return ["tpu"] + [d for d in ("cuda", "mps") if d not in have]
+
+
+@pytest.mark.parametrize("verb", [["generate", "MODEL", "x"], ["chat", "MODEL"],
+                                  ["finetune", "lora", "MODEL", "--data", "d.jsonl", "-o", "out"]])
+def test_a_device_this_build_lacks_is_one_line_naming_the_devices_it_has(random_dir, capsys, verb):
+    for device in _unavailable_devices():
+        args = [str(random_dir) if a == "MODEL" else a for a in verb] + ["--device", device]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: ") and f"'{device}'" in err and "this PyTorch build" in err
+        assert "has: cpu" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_library_load_refuses_a_missing_device_and_takes_auto(random_dir):
+    from scribelm.devices import DeviceError, available_devices
+
+    with pytest.raises(DeviceError, match="this PyTorch build"):
+        __import__("scribelm").load(random_dir, device="tpu")
+    lm = __import__("scribelm").load(random_dir, device="auto")
+    assert str(lm.device).split(":")[0] == ([d for d in available_devices() if d != "cpu"] or ["cpu"])[0]
+
+
+def test_help_says_sampling_defaults_come_from_the_model(random_dir, tmp_path, capsys):
+    from scribelm.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens N most tokens to generate (at least 1); default: the model's generation.json, else 256" \
+        in help_text
+    assert "--temperature T 0 = greedy, higher = more random; default: the model's generation.json, else 1.0" in help_text
+    for verb in (["generate", "m", "p"], ["chat", "m"]):  # unset flags are None, so generation.json wins
+        args = build_parser().parse_args(verb)
+        assert args.max_new_tokens is None and args.temperature is None and args.top_k is None
+    # generation.json's settings apply when no flag is given
+    model = tmp_path / "with-defaults"
+    shutil.copytree(random_dir, model)
+    (model / "generation.json").write_text(json.dumps({"max_new_tokens": 7, "temperature": 0}))
+    assert main(["generate", str(model), "It was", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["token_ids"]) == 7 and data["finish_reason"] == "length"
+    assert data["text"] == __import__("scribelm").load(random_dir).generate("It was", max_new_tokens=7, temperature=0)
+
+
+def test_threads_flag_sets_torch_threads(random_dir, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["generate", str(random_dir), "It", "--max-new-tokens", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        capsys.readouterr()
+        assert main(["chat", str(random_dir), "--threads", "0"]) == 2
+        assert "--threads must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_machine_note_suggests_fewer_threads():
+    from scribelm.cli.generate import busy_machine_note
+
+    assert busy_machine_note(0.1, 2, 2) is None  # idle
+    assert busy_machine_note(None, 2, 2) is None  # no load average on this system
+    assert busy_machine_note(6.0, 16, 8) is None  # busy, but cores to spare
+    note = busy_machine_note(1.0, 2, 2)  # one other job on a 2-core machine
+    assert note.startswith("note: the machine looks busy (load average 1.0 on 2 cores, 2 threads here)")
+    assert note.endswith("try --threads 1")
+    assert busy_machine_note(3.0, 2, 1).endswith("expect lower speeds than on an idle machine")
+
+
+def test_max_new_tokens_zero_is_a_clear_error(random_dir, capsys):
+    for verb in (["generate", str(random_dir), "x"], ["chat", str(random_dir)]):
+        assert main(verb + ["--max-new-tokens", "0"]) == 2
+        assert capsys.readouterr().err == "error: --max-new-tokens must be at least 1, got 0\n"
+
+
+def test_a_long_prompt_error_names_the_cli_flag(random_dir, capsys):
+    assert main(["generate", str(random_dir), "It was the best of times " * 40]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt is ") and "prompt 0" not in err
+    assert "--slide" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", str(random_dir), "It was the best of times " * 40, "--slide", "--max-new-tokens", "2"]) == 0
+
+
+def test_chat_on_a_base_model_says_it_is_not_chat_tuned(talker_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(talker_dir), "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: " in err and "was not fine-tuned on conversations" in err
+    tuned = tmp_path / "tuned"
+    shutil.copytree(talker_dir, tuned)
+    (tuned / "generation.json").write_text(json.dumps({"chat_tuned": True}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(tuned), "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    assert "not fine-tuned" not in capsys.readouterr().err
+
+
+def test_chat_answer_starts_without_blank_lines(tokenizer):
+    prompt_length = len(tokenizer.encode_chat([{"role": "user", "content": "x"}]))
+    script = as_byte_tokens(tokenizer, "a" * (prompt_length - 1) + "\n\nHi") + [tokenizer.token_to_id("<|end|>")]
+    session = ChatSession(scripted_lm(tokenizer, script), settings={"temperature": 0})
+    written = []
+    assert session.respond("x", written.append) == "Hi"
+    assert "".join(written) == "Hi" and session.history[-1]["content"] == "Hi"

@@ -175,9 +175,10 @@ class BatchGeneration:
         for i, (p, s) in enumerate(zip(self.prompts, self.settings)):
             if len(p) > self.context:
                 if s.context_overflow != "slide":
+                    which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
                     raise ContextOverflowError(
-                        f"prompt {i} is {len(p)} tokens but the model's context is {self.context}; "
-                        "shorten it or pass context_overflow='slide' to keep only its most recent tokens"
+                        f"{which} is {len(p)} tokens but the model's context is {self.context}; shorten it, or "
+                        "keep only its most recent tokens with --slide (in Python: context_overflow='slide')"
                     )
                 self.prompts[i] = p[-self._window_keep():]
         self.device = next(model.parameters()).device

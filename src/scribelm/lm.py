@@ -26,6 +26,8 @@ from scribelm.errors import CheckpointError, ScribeError
 from scribelm.model import Transformer
 from scribelm.tokenizer import Tokenizer
 
+CHAT_TUNED_KEY = "chat_tuned"  # generation.json: true once fine-tuned on conversations
+
 
 @dataclass
 class LM:
@@ -59,6 +61,36 @@ class LM:
 
         return chat(self, messages, stream=stream, **settings)
 
+    def apply_adapter(self, directory: str | os.PathLike) -> "LM":
+        """Put saved LoRA adapters (a `scribe finetune lora` result, or a peft adapter
+        directory) on this model, in place and unmerged: the base weights stay as they are,
+        each wrapped layer adds its low-rank correction. Returns self.
+
+        Merging first (`scribelm.adapters.merge_lora`) gives the same outputs at the base
+        model's speed; unmerged, one base serves with or without its adapters."""
+        from scribelm.adapters.lora import load_adapters, read_any_adapter_config
+
+        meta = read_any_adapter_config(directory)
+        load_adapters(self.model, directory)
+        self.model.eval()
+        if meta.get("chat_tuned"):
+            self.generation_config = {**self.generation_config, CHAT_TUNED_KEY: True}
+        return self
+
+    @property
+    def chat_tuned(self) -> bool:
+        """Whether the model was fine-tuned on conversations, as far as its files tell:
+        generation.json's "chat_tuned" (written by `scribe finetune`), else a chat template
+        its maker chose (a Hugging Face instruct model). scribelm's built-in template, which
+        every tokenizer trained here gets, says nothing about the weights."""
+        from scribelm.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+        recorded = (self.generation_config or {}).get(CHAT_TUNED_KEY)
+        if isinstance(recorded, bool):
+            return recorded
+        template = self.tokenizer.chat_template if self.tokenizer is not None else None
+        return bool(template) and template != DEFAULT_CHAT_TEMPLATE
+
     def save(self, path: str | os.PathLike, format: str = "scribe", **options: Any) -> Path:
         """Write a checkpoint directory: format "scribe" (native) or "hf" (Hugging Face; options:
         max_shard_size, architecture — see `scribelm.interop.hf.save_hf`)."""
@@ -73,9 +105,21 @@ class LM:
         return save_checkpoint(path, self.model, self.config, self.tokenizer, self.generation_config)
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LM:
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         adapter: str | os.PathLike | None = None) -> LM:
     """Load a scribelm checkpoint directory, or a Hugging Face model directory
-    (GPT-2, Llama, Mistral, Qwen2; converted on the fly), as an `LM`."""
+    (GPT-2, Llama, Mistral, Qwen2; converted on the fly), as an `LM`. `device` may be
+    "auto" (the first accelerator there is, else the CPU). `adapter`: a LoRA adapter
+    directory put on top without merging (see `LM.apply_adapter`)."""
+    from scribelm.devices import resolve_device
+
+    lm = _load_base(path, resolve_device(device), dtype)
+    if adapter is not None:
+        lm.apply_adapter(adapter)
+    return lm
+
+
+def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) -> LM:
     path = Path(path).expanduser()
     if not path.exists():
         # A MODEL argument may also name a model in the local store (`scribe models add`).

@@ -263,40 +263,75 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Wrap `model` as the saved adapters say and fill them in; returns the wrapped layer names."""
-    directory = Path(directory)
-    meta = read_adapter_config(directory)
+def read_any_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """adapter_config.json of a scribelm adapter or of a peft LoRA adapter (which has "peft_type")."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise AdapterError(f"no adapter directory at {directory}; give the adapter/ directory a "
+                           "`scribe finetune lora` run wrote, or a peft adapter directory")
+    meta = read_json_object(
+        directory / ADAPTER_CONFIG_FILE, AdapterError,
+        missing=f"{directory} has no {ADAPTER_CONFIG_FILE}; give a directory written by `scribe finetune lora`",
+    )
+    if "peft_type" in meta:
+        return meta
+    return read_adapter_config(directory)
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    file = Path(directory).expanduser() / ADAPTER_WEIGHTS_FILE
     try:
-        state = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError, FileNotFoundError) as err:
-        raise AdapterError(f"{directory / ADAPTER_WEIGHTS_FILE} is missing or corrupt ({err})") from None
+        raise AdapterError(f"{file} is missing or corrupt ({err})") from None
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Wrap `model` as the saved adapters say and fill them in; returns the wrapped layer names.
+    Reads scribelm's adapter directories and peft's LoRA adapters (see peft_format)."""
+    directory = Path(directory).expanduser()
+    meta = read_any_adapter_config(directory)
+    if "peft_type" in meta:
+        from scribelm.adapters.peft_format import load_peft_adapters
+
+        return load_peft_adapters(model, directory, meta)
+    state = read_adapter_weights(directory)
     config = LoRAConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=float(meta.get("dropout", 0.0)),
                         targets=meta["targets"])
+    return install_adapters(model, meta["modules"], config, state, directory / ADAPTER_WEIGHTS_FILE)
+
+
+def install_adapters(model: nn.Module, names: list[str], config: LoRAConfig, state: dict[str, torch.Tensor],
+                     source: str | os.PathLike) -> list[str]:
+    """Freeze `model`, wrap the layers `names` with LoRA and copy in state['<name>.lora_A' / '.lora_B']."""
+    if lora_modules(model):
+        raise AdapterError("this model already carries LoRA adapters; merge them first (merge_lora) "
+                           "or load the base model again")
     present = {n for n, m in model.named_modules() if _is_linear(m)}
-    missing = [n for n in meta["modules"] if n not in present]
+    missing = [n for n in names if n not in present]
     if missing:
-        raise AdapterError(f"the adapters in {directory} wrap layers this model does not have ({', '.join(missing[:3])}); "
+        raise AdapterError(f"the adapters in {source} wrap layers this model does not have ({', '.join(missing[:3])}); "
                            "load them onto the base model they were trained on")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in meta["modules"]:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout))
-    model.lora_config = config
-    modules = lora_modules(model)
-    for name, module in modules.items():
-        for part in ("lora_A", "lora_B"):
+    for name in names:  # every check before the first layer is wrapped: a refusal leaves the model as it was
+        layer = model.get_submodule(name)
+        needed = {"lora_A": (config.rank, layer.in_features), "lora_B": (layer.out_features, config.rank)}
+        for part, shape in needed.items():
             key = f"{name}.{part}"
             if key not in state:
-                raise AdapterError(f"{directory / ADAPTER_WEIGHTS_FILE} lacks {key}; the adapter file is incomplete")
-            tensor = state[key]
-            target = getattr(module, part)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise AdapterError(f"adapter {key} has shape {tuple(tensor.shape)} but this model needs "
-                                   f"{tuple(target.shape)}; load it onto the base model it was trained on")
-            with torch.no_grad():
-                target.copy_(tensor.to(target.dtype))
-    return sorted(modules)
+                raise AdapterError(f"{source} lacks {key}; the adapter file is incomplete")
+            if tuple(state[key].shape) != shape:
+                raise AdapterError(f"adapter {key} has shape {tuple(state[key].shape)} but this model needs "
+                                   f"{shape}; load it onto the base model it was trained on")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        module = LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout)
+        with torch.no_grad():
+            module.lora_A.copy_(state[f"{name}.lora_A"].to(module.lora_A.dtype))
+            module.lora_B.copy_(state[f"{name}.lora_B"].to(module.lora_B.dtype))
+        _set_submodule(model, name, module)
+    model.lora_config = config
+    return sorted(lora_modules(model))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

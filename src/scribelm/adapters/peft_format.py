@@ -12,18 +12,24 @@ target modules. The name table is the one the Hugging Face exporter uses
 or Qwen2 model load with `PeftModel.from_pretrained(hf_model, directory)`.
 GPT-2 fuses q, k and v into one Conv1D, which a per-projection adapter does
 not map onto; merge instead (`scribe convert --merge-lora`) for GPT-2 bases.
+
+`load_peft_adapters` reads such a directory back onto a scribelm model (plain
+LoRA, rsLoRA scaling included); DoRA, per-layer ranks, trained biases and
+saved extra modules are refused by name, since they would change the numbers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from scribelm.adapters.lora import AdapterError, lora_modules
+from scribelm.adapters.lora import AdapterError, LoRAConfig, install_adapters, lora_modules, read_adapter_weights
 
 
 def _module_names(model: torch.nn.Module, family) -> dict[str, str]:
@@ -83,3 +89,42 @@ def save_peft_adapters(model: torch.nn.Module, directory: str | os.PathLike, *, 
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def load_peft_adapters(model: torch.nn.Module, directory: str | os.PathLike, meta: dict[str, Any]) -> list[str]:
+    """Wrap `model` with the LoRA adapters of a peft adapter directory (config `meta`); returns
+    the wrapped layer names."""
+    from scribelm.interop.hf import family_for
+
+    directory = Path(directory)
+    if meta.get("peft_type") != "LORA":
+        raise AdapterError(f"{directory} holds a peft {meta.get('peft_type')!r} adapter; only LoRA adapters load here")
+    refused = {
+        "use_dora": "DoRA", "rank_pattern": "per-layer ranks (rank_pattern)", "alpha_pattern": "per-layer alphas",
+        "modules_to_save": "fully trained extra modules (modules_to_save)", "fan_in_fan_out": "fan_in_fan_out layers",
+        "layers_to_transform": "adapters on some layers only (layers_to_transform)",
+    }
+    for key, what in refused.items():
+        if meta.get(key):
+            raise AdapterError(f"{directory}: peft adapters with {what} are not supported; merge them with peft instead")
+    if meta.get("bias", "none") != "none":
+        raise AdapterError(f"{directory}: peft adapters that train biases (bias={meta['bias']!r}) are not supported")
+    rank, alpha = int(meta["r"]), float(meta["lora_alpha"])
+    if meta.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); LoRALinear by alpha / r
+    ours_by_hf = {hf: ours for ours, hf in _module_names(model, family_for(model.config)).items()}
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in read_adapter_weights(directory).items():
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        part = part.split(".")[0]  # "A.weight" or "A.<adapter name>.weight"
+        if module not in ours_by_hf or part not in ("A", "B"):
+            unknown.append(key)
+            continue
+        state[f"{ours_by_hf[module]}.lora_{part}"] = tensor
+    if unknown:
+        raise AdapterError(f"{directory} holds tensors that map onto no layer of this model ({', '.join(unknown[:2])}); "
+                           "load it onto the base model it was trained on")
+    names = sorted({key.rpartition(".")[0] for key in state})
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=float(meta.get("lora_dropout") or 0.0), targets=names)
+    return install_adapters(model, names, config, state, directory / "adapter_model.safetensors")

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "device", None) is not None:  # every verb's --device, checked before any work
+            from scribelm.devices import check_device
+
+            check_device(args.device, allow_auto=True)
         result = args.handler(args)
     except ScribeError as err:
         print(f"error: {err}", file=sys.stderr)

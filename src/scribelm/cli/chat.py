@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from scribelm.cli.common import err_console
-from scribelm.cli.generate import add_sampling_arguments, load_model, sampling_overrides
+from scribelm.cli.generate import add_sampling_arguments, apply_threads, load_model, sampling_overrides
 from scribelm.errors import ScribeError
 
 HELP = "commands: /reset, /system TEXT, /save PATH, /help, /exit (Ctrl-C stops an answer, Ctrl-D leaves)"
@@ -106,8 +106,11 @@ class ChatSession:
         deltas: Iterator[str] = self.lm.chat(self.messages(), stream=True, **self.settings)
         try:
             for delta in deltas:
+                if not reply:  # the line break many templates' models start with would show as a blank line
+                    delta = delta.lstrip("\r\n")
                 reply += delta
-                write(delta)
+                if delta:
+                    write(delta)
         except KeyboardInterrupt:
             write(" " + INTERRUPTED)
         finally:
@@ -135,9 +138,15 @@ def save_conversation(path: str | os.PathLike, messages: list[dict[str, str]]) -
 
 
 def run(args) -> int:
-    lm = load_model(args.model, args.device)
-    session = ChatSession(lm, system=args.system, settings=sampling_overrides(args))
+    settings = sampling_overrides(args)
+    apply_threads(args)
+    lm = load_model(args.model, args.device, args.adapter)
+    session = ChatSession(lm, system=args.system, settings=settings)
     interactive = sys.stdin.isatty()
+    if not lm.chat_tuned:
+        err_console.print(f"note: {args.model} was not fine-tuned on conversations, so its answers will read like "
+                          "continued text; fine-tune it first (scribe finetune sft|lora) or use scribe generate",
+                          markup=False, soft_wrap=True)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

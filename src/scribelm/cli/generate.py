@@ -11,38 +11,86 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any
+
+import torch
 
 from scribelm.cli.common import console, err_console, print_json
 from scribelm.errors import ScribeError
 
 
+def _fallback(name: str) -> Any:
+    from dataclasses import fields
+
+    from scribelm.sampling import SamplingSettings
+
+    return next(f.default for f in fields(SamplingSettings) if f.name == name)
+
+
+def _from_model(name: str, what: str = "") -> str:
+    """Help text for a setting whose default is the model's (argparse's default stays None, so
+    generation.json wins over the library's fallback)."""
+    return f"{what}default: the model's generation.json, else {_fallback(name)}"
+
+
 def add_sampling_arguments(p) -> None:
     """The sampling flags `generate` and `chat` share (None = the model's default)."""
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; default 1.0")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with mass >= p")
-    g.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
-    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty, in [-2, 2]")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty, in [-2, 2]")
+    g = p.add_argument_group("sampling", "Unset flags take the model's generation.json (the settings its maker chose), "
+                                         "then the values shown.")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=_from_model("max_new_tokens", "most tokens to generate (at least 1); "))
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=_from_model("temperature", "0 = greedy, higher = more random; "))
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=_from_model("top_k", "keep the k most likely tokens, 0 = off; "))
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help=_from_model("top_p", "nucleus sampling: keep the smallest set with mass >= p; "))
+    g.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help=_from_model("min_p", "keep tokens with p >= min_p x the top probability; "))
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help=_from_model("repetition_penalty", "> 1 discourages repeats; "))
+    g.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help=_from_model("presence_penalty", "OpenAI presence penalty, in [-2, 2]; "))
+    g.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help=_from_model("frequency_penalty", "OpenAI frequency penalty, in [-2, 2]; "))
     g.add_argument("--seed", type=int, default=None, help="make a sampled generation reproducible")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable; replaces the model's stop strings)")
     g.add_argument("--slide", action="store_true", help="when the context fills, drop the oldest tokens instead of stopping")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, mps)")
+    r = p.add_argument_group("model and machine")
+    r.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply LoRA adapters (a `scribe finetune lora` result, or a peft adapter directory) "
+                        "without merging them into the model")
+    r.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (default cpu)")
+    r.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, one per core); fewer can be faster "
+                        "when other jobs share the machine")
 
 
 def sampling_overrides(args) -> dict[str, Any]:
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed", "stop")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise ScribeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "slide", False):
         out["context_overflow"] = "slide"
     return out
+
+
+def apply_threads(args) -> None:
+    """--threads N: the size of torch's CPU thread pool for this process."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ScribeError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def register(subparsers) -> None:
@@ -61,10 +109,10 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", adapter: str | None = None):
     from scribelm import load
 
-    return load(path, device=device)
+    return load(path, device=device, adapter=adapter)
 
 
 def run(args) -> int:
@@ -76,7 +124,9 @@ def run(args) -> int:
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt
-    lm = load_model(args.model, args.device)
+    load_before = machine_load()  # before our own threads add to it
+    apply_threads(args)
+    lm = load_model(args.model, args.device, args.adapter)
     overrides = sampling_overrides(args)
     if args.beams is not None:
         overrides["num_beams"] = args.beams
@@ -125,7 +175,30 @@ def run(args) -> int:
         err_console.print(_speed_line(lm.model, len(ids), stamps), markup=False, soft_wrap=True)
     if c is not None and (args.stats or sys.stderr.isatty()):
         err_console.print(f"[dim]{len(c.token_ids)} tokens, finish reason: {c.finish_reason}[/dim]")
+    if c is not None and args.stats and next(lm.model.parameters()).is_cpu:
+        note = busy_machine_note(load_before, os.cpu_count() or 1, torch.get_num_threads())
+        if note:
+            err_console.print(note, markup=False, soft_wrap=True)
     return 0
+
+
+def machine_load() -> float | None:
+    """The one-minute load average (runnable processes), where the system reports one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_machine_note(load: float | None, cores: int, threads: int) -> str | None:
+    """A hint when other work competes for the cores: decode threads wait for one another
+    at every product, so one thread on a busy core slows them all."""
+    if load is None or load + threads < cores + 0.75:
+        return None
+    idle = max(1, cores - math.ceil(load - 0.25))
+    advice = (f"try --threads {idle}" if idle < threads else "expect lower speeds than on an idle machine")
+    return (f"note: the machine looks busy (load average {load:.1f} on {cores} cores, "
+            f"{threads} thread{'s' if threads != 1 else ''} here); {advice}")
 
 
 def _speed_line(model, prompt_tokens: int, stamps: list[float]) -> str:
