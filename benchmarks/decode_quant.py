@@ -11,7 +11,9 @@ script measures, in one run:
     scribelm      fp32, bf16, int8 and int4 (group 32) weights, unembedding
                   quantized too, greedy decode with the KV cache
     llama.cpp     the same weights exported with scribelm's GGUF writer as
-                  f32, f16 and q8_0, decoded through llama-cpp-python
+                  f32, f16 and q8_0, decoded through llama-cpp-python in a child
+                  process (a crash of llama.cpp's native code, such as its AMX
+                  kernels on Q8_0 files on some Intel Xeons, costs that row only)
 
 Each row gives decode tokens/s (prefill excluded), the weight bytes a step
 reads, the resulting GB/s, its share of the roofline, and speed ratios
@@ -23,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +93,18 @@ def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, repeats: in
     return statistics.median(times[1:])
 
 
+def llama_cpp_decode_in_child(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> float | str:
+    """llama_cpp_decode in a child process: seconds per token, or why there is no figure."""
+    job = json.dumps(dict(path=str(path), prompt=prompt, new_tokens=new_tokens, repeats=repeats, threads=threads))
+    done = subprocess.run([sys.executable, __file__, "--llama-cpp-child", job], capture_output=True, text=True)
+    if done.returncode < 0:
+        return (f"llama.cpp crashed ({signal.Signals(-done.returncode).name}); on CPUs with AMX build "
+                f"llama-cpp-python without native CPU detection (README, GGUF notes)")
+    if done.returncode:
+        return f"llama.cpp failed: {(done.stderr.strip().splitlines() or ['no message'])[-1]}"
+    return float(done.stdout.split()[-1])
+
+
 def gguf_matmul_bytes(path: Path) -> int:
     import gguf
 
@@ -115,7 +132,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--copy-mb", type=int, default=512, help="size of the roofline copy")
     p.add_argument("--skip-llama-cpp", action="store_true")
+    p.add_argument("--llama-cpp-child", metavar="JOB", help=argparse.SUPPRESS)  # one llama.cpp timing (JSON)
     args = p.parse_args()
+    if args.llama_cpp_child:
+        print(llama_cpp_decode(**json.loads(args.llama_cpp_child)))
+        return
     torch.set_num_threads(args.threads)
 
     config = ModelConfig(
@@ -162,9 +183,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 for kind in ("f32", "f16", "q8_0"):
                     path = export_gguf(lm, Path(tmp) / f"bench-{kind}.gguf", type=kind)
-                    seconds = llama_cpp_decode(path, prompt, args.new_tokens, args.repeats, args.threads)
-                    rows.append((f"llama.cpp {kind}", 1 / seconds, gguf_matmul_bytes(path)))
-                    print(f"  llama.cpp {kind}: {1 / seconds:.1f} tokens/s", flush=True)
+                    seconds = llama_cpp_decode_in_child(path, prompt, args.new_tokens, args.repeats, args.threads)
+                    if isinstance(seconds, str):
+                        print(f"  llama.cpp {kind}: {seconds}; row skipped", flush=True)
+                    else:
+                        rows.append((f"llama.cpp {kind}", 1 / seconds, gguf_matmul_bytes(path)))
+                        print(f"  llama.cpp {kind}: {1 / seconds:.1f} tokens/s", flush=True)
                     path.unlink()
 
     speed = {name: tps for name, tps, _ in rows}
