@@ -175,7 +175,7 @@ def test_bad_input_is_one_line_and_keeps_existing_output(tmp_path, tok, make, me
     inputs_dir.mkdir()
     (inputs_dir / "fine.txt").write_text("A fine text file.")
     bad = make(inputs_dir)
-    result = scribe("prepare", good, bad, "-o", tmp_path / "out", "--tokenizer", tmp_path / "tok")
+    result = scribe("prepare", good, bad, "-o", tmp_path / "out", "--tokenizer", tmp_path / "tok", "--force")
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -195,3 +195,133 @@ def test_prepare_cli_trains_tokenizer_and_reports(tmp_path):
 
 def test_normalize():
     assert normalize("  a\r\nb\rc\n\n") == "a\nb\nc"
+
+
+# ----------------------------------------------------------------------------- the output never costs the user a file
+
+
+def _paragraphs(n, tag):
+    return "\n\n".join(f"Paragraph {i} of the {tag} text, with a few words in it." for i in range(n)) + "\n"
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("one.txt", "two.txt"):
+        (corpus / name).write_text(_paragraphs(30, name))
+    return corpus
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_prepare_into_its_own_input_is_refused_and_deletes_nothing(corpus_dir):
+    before = _snapshot(corpus_dir)
+    for target in (corpus_dir, corpus_dir / "data"):
+        result = scribe("prepare", corpus_dir, "-o", target, "--vocab-size", 300, "--force")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "input" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = scribe("prepare", corpus_dir / "one.txt", "-o", corpus_dir, "--vocab-size", 300, "--force")
+    assert result.returncode == 2 and "contains the input" in result.stderr
+    assert _snapshot(corpus_dir) == before
+    assert sorted(p.name for p in corpus_dir.parent.iterdir()) == ["corpus"]
+
+
+def test_prepare_never_replaces_a_directory_holding_a_users_files(tmp_path, corpus_dir):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("\\documentclass{article} my thesis")
+    for force in ([], ["--force"]):
+        result = scribe("prepare", corpus_dir, "-o", work, "--vocab-size", 300, *force)
+        assert result.returncode == 2 and "thesis.tex" in result.stderr and "not written by scribelm" in result.stderr
+    assert [p.name for p in work.iterdir()] == ["thesis.tex"]
+    assert (work / "thesis.tex").read_text() == "\\documentclass{article} my thesis"
+
+
+def test_prepare_replaces_its_own_output_only_with_force(tmp_path, corpus_dir, tok):
+    out = tmp_path / "data"
+    prepare([corpus_dir / "one.txt"], out, tok)
+    assert json.loads((out / ".scribelm-output.json").read_text())["kind"] == "shards"
+    first = _snapshot(out)
+    tok.save(tmp_path / "tok")
+    result = scribe("prepare", corpus_dir, "-o", out, "--tokenizer", tmp_path / "tok")
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert _snapshot(out) == first
+    (out / "notes.txt").write_text("mine")  # a user's file in scribelm's directory: now it is not all ours
+    result = scribe("prepare", corpus_dir, "-o", out, "--tokenizer", tmp_path / "tok", "--force")
+    assert result.returncode == 2 and "notes.txt" in result.stderr
+    (out / "notes.txt").unlink()
+    result = scribe("prepare", corpus_dir, "-o", out, "--tokenizer", tmp_path / "tok", "--force")
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(out)["documents"] == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data", "tok"]  # no temporaries
+
+
+def test_a_nul_byte_far_into_a_file_is_found_with_its_line(tmp_path, tok):
+    text = tmp_path / "long.txt"
+    text.write_bytes(b"clean line of text\n" * 10_000 + b"a NUL \x00 here\n")  # about 190 KB before it
+    with pytest.raises(DataError, match=r"looks binary \(a NUL byte on line 10001\)"):
+        prepare([text], tmp_path / "out", tok)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_names_the_right_line(tmp_path, tok):
+    text = tmp_path / "mixed.txt"
+    lines = ["ordinary text, café\n"] * 70_000  # over 1 MiB: the bad byte is in a later chunk than the start
+    lines[65_432] = "caf\xe9 in latin-1\n"
+    text.write_bytes(b"".join(line.encode("latin-1" if i == 65_432 else "utf-8") for i, line in enumerate(lines)))
+    with pytest.raises(DataError, match=r"not UTF-8 text \(a bad byte on line 65433\)"):
+        prepare([text], tmp_path / "out", tok)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "lone \\ud800 surrogate"}', r"bad.jsonl:2: field 'text' holds an unpaired surrogate (\ud800)"),
+        ('{"text": "ok", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", "bad.jsonl:2 is nested too deeply"),
+        ('{"text": "a NUL \\u0000 escaped"}', r"bad.jsonl:2: field 'text' holds a NUL character"),
+    ],
+    ids=["lone-surrogate", "deep-nesting", "nul-escape"],
+)
+def test_jsonl_that_is_not_text_is_one_line_naming_the_line(tmp_path, tok, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine first record"}\n' + line + "\n")
+    tok.save(tmp_path / "tok")
+    for tokenizer in (["--tokenizer", tmp_path / "tok"], ["--vocab-size", 300]):
+        result = scribe("prepare", bad, "-o", tmp_path / "out", *tokenizer)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _can_mount_tmpfs():
+    import shutil as sh
+
+    if sh.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -Urm` to mount a small tmpfs")
+def test_disk_full_is_one_line_keeps_the_previous_output_and_leaves_no_temporaries(tmp_path, tok):
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(_paragraphs(20, "small"))
+    large.write_text(_paragraphs(5000, "large"))
+    tok.save(tmp_path / "tok")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "data"
+    cli = f"{sys.executable} -m scribelm.cli prepare --tokenizer {tmp_path / 'tok'} -o {out}"
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs {disk} && {cli} {small} >/dev/null && "
+        f"cp -a {out} {tmp_path / 'first'} && {cli} {large} --force; echo rc=$?; ls -A {disk}; "
+        f"diff -r {out} {tmp_path / 'first'} && echo same"
+    )
+    result = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True)
+    assert "error: disk full while writing" in result.stderr and "Traceback" not in result.stderr
+    assert f"the previous {out} is unchanged" in result.stderr
+    assert result.stdout.split() == ["rc=2", "data", "same"]  # no temporaries beside it; the old shards intact

@@ -234,9 +234,20 @@ def _fsync_tree(root: Path) -> None:
         _fsync_directory(Path(directory))
 
 
-def disk_full_error(err: OSError, target: Path, kept: str) -> OSError | DiskFullError:
-    """A one-line DiskFullError for ENOSPC/EDQUOT (`kept` says what is unchanged); other errors as they are."""
-    if err.errno in _DISK_FULL:
+_RUST_DISK_FULL = re.compile(r"os error (28|122)\b|code: (28|122)\b|No space left on device|Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as reported by libraries written in Rust (tokenizers,
+    safetensors), which raise plain exceptions that carry the OS error in their text."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in _DISK_FULL
+    return isinstance(err, Exception) and bool(_RUST_DISK_FULL.search(str(err)))
+
+
+def disk_full_error(err: BaseException, target: Path, kept: str) -> BaseException:
+    """A one-line DiskFullError for a full disk (`kept` says what is unchanged); other errors as they are."""
+    if is_disk_full(err):
         return DiskFullError(f"disk full while writing {target}; free some space and run again ({kept})")
     return err
 
@@ -273,7 +284,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(err, OSError):
+        if is_disk_full(err):
             raise disk_full_error(err, path, f"{path} is unchanged") from None
         raise
 
@@ -404,8 +415,8 @@ def claim_output_directory(path: str | os.PathLike, *, force: bool = False, kind
         return path
     check_replaceable(path, kind)
     if not force:
-        existing = output_kind(path) or "output"
-        raise OutputError(f"{path} already holds a scribelm {existing}; pass {force_flag} to replace it, or choose another directory")
+        raise OutputError(f"{path} was written by scribelm earlier ({output_kind(path)}); pass {force_flag} to replace it, "
+                          "or choose another directory")
     return path
 
 
@@ -462,20 +473,20 @@ class _AtomicDirectory:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            if is_disk_full(exc):
                 raise disk_full_error(exc, self.final, self._kept()) from None
             return False
         try:
             self._publish()
         except BaseException as err:
             _remove_path(self.tmp)
-            if isinstance(err, OSError):
+            if is_disk_full(err):
                 raise disk_full_error(err, self.final, self._kept()) from None
             raise
         return False
 
     def _kept(self) -> str:
-        return f"the previous {self.final} is unchanged" if self.final.exists() else "nothing was kept"
+        return f"the previous {self.final} is unchanged" if self.final.exists() else "nothing was written"
 
     def _publish(self) -> None:
         entries = None if self.grows else [p.name for p in self.tmp.iterdir() if p.name != MARKER_FILE]

@@ -1,4 +1,9 @@
-"""`scribe prepare INPUT... -o DATA_DIR --tokenizer TOK`: text to token shards."""
+"""`scribe prepare INPUT... -o DATA_DIR --tokenizer TOK`: text to token shards.
+
+DATA_DIR must be new, empty, or a data directory scribelm wrote (replaced
+only with --force, and only once the new one is complete); it may not be,
+contain or lie inside an input.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from scribelm.cli.common import console, human_bytes, human_count
 def register(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="clean, dedupe and tokenize text/JSONL/Parquet into token shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text, JSONL or Parquet files, or directories of them")
-    p.add_argument("-o", "--output", required=True, help="data directory to write (replaced atomically)")
+    p.add_argument("-o", "--output", required=True,
+                   help="data directory to write: new, empty, or one scribelm wrote (replaced with --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it holds earlier shards (a directory with other files is never replaced)")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json; omit to train one with --vocab-size")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained when --tokenizer is omitted")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
@@ -29,9 +37,13 @@ def progress_bar(description: str):
 
 
 def run(args) -> int:
-    from scribelm.data.prepare import prepare, train_tokenizer_on
+    from scribelm.data.prepare import check_output_apart, prepare, train_tokenizer_on
+    from scribelm.io import claim_output_directory
     from scribelm.tokenizer import Tokenizer
 
+    # Before any work: a refused output should not cost a tokenizer's training first.
+    check_output_apart(args.inputs, args.output)
+    output = claim_output_directory(args.output, force=args.force, kind="data directory")
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
     else:
@@ -41,7 +53,7 @@ def run(args) -> int:
     with progress_bar("tokenizing") as bar:
         task = bar.add_task("tokenize", total=None)
         manifest = prepare(
-            args.inputs, args.output, tokenizer, val_fraction=args.val_fraction, text_field=args.text_field,
+            args.inputs, output, tokenizer, val_fraction=args.val_fraction, text_field=args.text_field,
             text_unit=args.text_unit, shard_tokens=args.shard_tokens,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

@@ -15,14 +15,18 @@
       manifest.json               token and byte counts, bytes per token, sources, tokenizer hash
 
 Nothing is held in memory but one batch of documents and one shard's
-buffer, so corpora larger than memory work. The output directory is written
-to a temporary sibling and renamed into place when complete: a failure
-(a binary file, a bad JSON line) leaves an earlier DATA_DIR untouched. The
-same inputs give byte-identical shards.
+buffer, so corpora larger than memory work. Every input file is scanned in
+full before any work (a NUL byte or invalid UTF-8 anywhere is refused with
+its line number). The output directory is written to a temporary sibling and
+swapped into place when complete (`scribelm.io.atomic_directory`): a failure
+(a binary file, a bad JSON line, a full disk) leaves an earlier DATA_DIR
+untouched, and a directory holding anything scribelm did not write, or one of
+the inputs, is never replaced. The same inputs give byte-identical shards.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -33,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from scribelm.checkpoint import atomic_directory, read_json_object
 from scribelm.errors import ScribeError
+from scribelm.io import atomic_directory, read_json_object
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "scribelm-shards"
@@ -42,6 +46,7 @@ SPLITS = ("train", "validation")
 TEXT_UNITS = ("paragraph", "file")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet",)
+_SCAN_CHUNK = 1 << 20
 
 
 class DataError(ScribeError, ValueError):
@@ -76,22 +81,52 @@ def find_input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def check_input_file(path: Path) -> None:
-    """Refuse empty files and binary files (NUL bytes, invalid UTF-8) before any work is done."""
+    """Refuse empty files and binary files (a NUL byte or invalid UTF-8 anywhere, named by
+    line) before any work is done. The whole file is read, in chunks: a binary tail after
+    a text head must not reach the training data."""
     if path.stat().st_size == 0:
         raise DataError(f"input file is empty: {path}")
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
     if path.suffix.lower() in _PARQUET_SUFFIXES:
-        if not head.startswith(b"PAR1"):
-            raise DataError(f"{path} has a .parquet name but is not a Parquet file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{path} has a .parquet name but is not a Parquet file")
         return
-    if b"\x00" in head:
-        raise DataError(f"{path} looks binary (it holds NUL bytes); give UTF-8 text, JSONL or Parquet files")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 0  # newlines in the chunks already read
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                line = lines_before + chunk.count(b"\n", 0, nul) + 1
+                raise DataError(f"{path} looks binary (a NUL byte on line {line}); give UTF-8 text, JSONL or Parquet files")
+            carried = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line = lines_before + chunk.count(b"\n", 0, max(err.start - carried, 0)) + 1
+                raise DataError(f"{path} is not UTF-8 text (a bad byte on line {line}); convert it to UTF-8") from None
+            lines_before += chunk.count(b"\n")
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 4:  # a character cut at the end of the sample is fine
-            raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (it ends inside a character, line {lines_before + 1}); "
+                        "convert it to UTF-8") from None
+
+
+def check_output_apart(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
+    """Refuse an output directory that is an input, lies inside one (a later run would
+    read the shards back as text) or contains one (replacing it would delete the input)."""
+    out = Path(out_dir).expanduser().resolve()
+    for item in inputs:
+        source = Path(item).expanduser().resolve()
+        if source == out:
+            raise DataError(f"the output {out_dir} is also an input; write the shards to another directory with -o")
+        if source.is_dir() and source in out.parents:
+            raise DataError(f"the output {out_dir} lies inside the input directory {item}; "
+                            "write the shards outside the corpus with -o")
+        if out in source.parents:
+            raise DataError(f"the output {out_dir} contains the input {item}, and writing it would replace "
+                            "that input; write the shards to another directory with -o")
 
 
 def normalize(text: str) -> str:
@@ -159,13 +194,28 @@ def _jsonl_documents(path: Path, text_field: str, report) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number} is not valid JSON ({err.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number} is nested too deeply to be a record; fix or remove that line") from None
         if not isinstance(record, dict) or text_field not in record:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{number} has no '{text_field}' field (it has: {keys}); choose one with --text-field")
         value = record[text_field]
         if not isinstance(value, str):
             raise DataError(f"{path}:{number}: field '{text_field}' must be a string, got {type(value).__name__}")
+        _check_text(value, f"{path}:{number}: field '{text_field}'", "fix or remove that line")
         yield value
+
+
+def _check_text(value: str, where: str, fix: str) -> None:
+    """Text decoded from an escape-capable format (JSON, Parquet) that is not text: a NUL
+    character, or a lone surrogate such as "\\ud800", which has no UTF-8 form."""
+    if "\x00" in value:
+        raise DataError(f"{where} holds a NUL character (\\u0000), which is not text; {fix}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(value[err.start])
+        raise DataError(f"{where} holds an unpaired surrogate (\\u{code:04x}), which is not text; {fix}") from None
 
 
 def _parquet_documents(path: Path, text_field: str, report) -> Iterator[str]:
@@ -182,14 +232,17 @@ def _parquet_documents(path: Path, text_field: str, report) -> Iterator[str]:
         raise DataError(f"{path} has no '{text_field}' column (it has: {', '.join(names)}); choose one with --text-field")
     size = path.stat().st_size
     rows = max(parquet.metadata.num_rows, 1)
+    row = 0
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         column = batch.column(0).to_pylist()
         report(int(size * len(column) / rows))
         for value in column:
+            row += 1
             if value is None:
                 continue
             if not isinstance(value, str):
                 raise DataError(f"{path}: column '{text_field}' must hold strings, got {type(value).__name__}")
+            _check_text(value, f"{path}: row {row} of column '{text_field}'", "clean that row")
             yield value
 
 
@@ -293,7 +346,9 @@ class _ShardWriter:
         data = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         head, rest = data[:count], data[count:]
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        head.astype(self.dtype, copy=False).tofile(self.directory / name)
+        # A file object, not ndarray.tofile: that reports a full disk without its errno.
+        with open(self.directory / name, "wb") as out:
+            out.write(memoryview(np.ascontiguousarray(head.astype(self.dtype, copy=False))))
         self.shards.append({"file": name, "tokens": int(len(head))})
         self._buffer = [rest] if len(rest) else []
         self._buffered = len(rest)
@@ -341,6 +396,7 @@ def prepare(
     eos = tokenizer.eos_id
     if eos is None:
         raise DataError("the tokenizer has no end-of-text token (<|eos|>); train it with `scribe tokenizer train`")
+    check_output_apart(inputs, out_dir)
     files = find_input_files(inputs)
     total_bytes = sum(f.stat().st_size for f in files)
     done = [0]
@@ -353,7 +409,7 @@ def prepare(
     dtype = token_dtype(tokenizer.vocab_size)
     stats: list[SourceStats] = []
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, kind="shards") as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         batch: list[tuple[str, bytes]] = []
 
