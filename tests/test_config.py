@@ -38,6 +38,11 @@ def test_unknown_preset_names_the_choices():
         (dict(n_layers=0), "'n_layers' must be positive"),
         (dict(dropout=1.5), "dropout must be in"),
         (dict(rope_scaling={"type": "yarn"}), "rope_scaling type 'yarn'"),
+        (dict(n_layers=10**9), "'n_layers' is 1000000000, above the limit of 4096"),
+        (dict(d_model=1e9), "'d_model' must be int, got float"),
+        (dict(vocab_size=2**40), "'vocab_size' is 1099511627776, above the limit"),
+        (dict(rope_theta=-1.0), "'rope_theta' must be a positive number"),
+        (dict(position="rope", rope_scaling={"type": "linear", "factor": "2"}), "rope_scaling 'factor' must be a positive number"),
     ],
 )
 def test_bad_configs_are_refused_with_a_reason(changes, message):

@@ -16,13 +16,15 @@ directory holding anything scribelm did not write is never replaced. Weights are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from scribelm.config import ModelConfig
@@ -93,7 +95,13 @@ def _read_checkpoint_json(path: Path) -> dict[str, Any]:
     )
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a scribelm checkpoint (config.json has no \"format\": \"scribelm\")")
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    version = data.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: \"format_version\" must be an integer, got {version!r}; "
+            "the checkpoint is corrupt, restore it from a copy"
+        )
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer scribelm (format {data['format_version']}); upgrade scribelm to read it"
         )
@@ -118,6 +126,44 @@ def read_quantization(path: str | os.PathLike) -> dict[str, Any] | None:
     return _read_checkpoint_json(Path(path)).get("quantization")
 
 
+def read_generation(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's generation.json ({} when absent), checked: every sampling setting it
+    holds must be one `SamplingSettings` accepts, so a bad value is named at load time
+    rather than failing the first request that uses it."""
+    file = Path(path) / GENERATION_FILE
+    if not file.is_file():
+        return {}
+    generation = read_json_object(file, CheckpointError, missing=f"{file} is missing",
+                                  invalid_hint="; fix it or delete it to use the defaults")
+    return check_generation(generation, file)
+
+
+def check_generation(generation: dict[str, Any], file: str | os.PathLike) -> dict[str, Any]:
+    """`generation` itself if every sampling setting in it is one `SamplingSettings`
+    accepts (other keys are left alone); else an error naming `file` and the field."""
+    from scribelm.sampling import SamplingSettings
+
+    known = {f.name for f in dataclasses.fields(SamplingSettings)}
+    settings = {k: v for k, v in generation.items() if k in known}
+    for key, value in settings.items():  # one at a time, so the message names the field at fault
+        _check_setting(file, key, lambda: SamplingSettings(**{key: value}))
+    _check_setting(file, "settings", lambda: SamplingSettings(**settings))
+    if "add_bos_token" in generation and not isinstance(generation["add_bos_token"], bool):
+        raise CheckpointError(f"{file}: 'add_bos_token' must be true or false, got {generation['add_bos_token']!r}")
+    return generation
+
+
+def _check_setting(file: str | os.PathLike, key: str, build) -> None:
+    from scribelm.sampling import SamplingError
+
+    try:
+        build()
+    except SamplingError as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: '{key}' has a value of the wrong type ({err})") from None
+
+
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint's model.safetensors, memory-mapped on CPU."""
     file = Path(path) / WEIGHTS_FILE
@@ -129,25 +175,80 @@ def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); restore it from a copy") from None
 
 
+def read_weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint's model.safetensors, from the file's
+    header alone: no tensor is read."""
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is corrupt or truncated ({err}); restore it from a copy") from None
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+# Which config fields decide the shape of each kind of weight (for naming them when one disagrees).
+_SHAPE_FIELDS = (
+    ("token_embedding.", "vocab_size, d_model"), ("position_embedding.", "context_length, d_model"),
+    ("unembedding.", "vocab_size, d_model"), ("attention.q.", "n_heads, head_dim, d_model"),
+    ("attention.k.", "n_kv_heads, head_dim, d_model"), ("attention.v.", "n_kv_heads, head_dim, d_model"),
+    ("attention.o.", "n_heads, head_dim, d_model"), ("mlp.", "d_mlp, d_model"), ("norm", "d_model"),
+)
+
+
+def _fields_of(weight: str) -> str:
+    return next((fields for part, fields in _SHAPE_FIELDS if part in weight), "the model's sizes")
+
+
+def check_config_against_weights(path: Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config.json that the weights' header contradicts, naming the field, before
+    anything is built from it: building follows the config, so a wrong n_layers or d_model
+    would otherwise cost time and memory in proportion to the mistake."""
+    layers = {int(m.group(1)) for name in shapes if (m := _BLOCK.match(name))}
+    if layers != set(range(config.n_layers)):
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no layers"
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} says n_layers={config.n_layers} but {WEIGHTS_FILE} holds {held}; "
+            "the config and the weights disagree"
+        )
+    wanted = {"token_embedding.weight": (config.vocab_size, config.d_model)}
+    if config.position == "learned":
+        wanted["position_embedding.weight"] = (config.context_length, config.d_model)
+    for name, shape in wanted.items():
+        if name in shapes and shapes[name] != shape:
+            raise CheckpointError(
+                f"weight {name} in {path} has shape {shapes[name]} but config.json implies {shape} "
+                f"(from {_fields_of(name)})"
+            )
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Build the Transformer of a checkpoint directory and fill it with its weights."""
+    """Build the Transformer of a checkpoint directory and fill it with its weights.
+
+    config.json is checked against the weights' header first, then the model is built on
+    the meta device (no memory) and the memory-mapped tensors are assigned to it."""
     from scribelm.model import Transformer
 
-    data = _read_checkpoint_json(Path(path))  # config.json, read once
-    config, quantization = _config_from_json(Path(path), data), data.get("quantization")
-    state = read_weights(path)
+    path = Path(path)
+    data = _read_checkpoint_json(path)  # config.json, read once
+    config, quantization = _config_from_json(path, data), data.get("quantization")
+    shapes = read_weight_shapes(path)
+    check_config_against_weights(path, config, shapes)
     with torch.device("meta"):
         model = Transformer(config)
     if quantization is not None:
         from scribelm.quant import QuantizationError, prepare_quantized_skeleton
 
         try:
-            prepare_quantized_skeleton(model, quantization, set(state))
+            prepare_quantized_skeleton(model, quantization, set(shapes))
         except QuantizationError as err:
             raise CheckpointError(f"{path}: {err}") from None
     expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "unembedding.weight")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -155,11 +256,13 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"weights in {path} do not match its config.json: {'; '.join(parts)}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
             raise CheckpointError(
-                f"weight {name} in {path} has shape {tuple(tensor.shape)} but config.json implies {tuple(expected[name].shape)}"
+                f"weight {name} in {path} has shape {shape} but config.json implies "
+                f"{tuple(expected[name].shape)} (from {_fields_of(name)})"
             )
+    state = read_weights(path)
     if dtype is not None:  # integer codes and their scales keep their own dtypes
         from scribelm.quant import is_quantized_tensor
 

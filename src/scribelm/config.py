@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
+
+#: Largest accepted size of each dimension: far beyond any published model, yet small enough that
+#: a mistyped or hostile config.json (n_layers: 1e9) is refused before anything is built from it.
+LIMITS = {
+    "vocab_size": 1 << 24, "context_length": 1 << 24, "d_model": 1 << 17, "n_layers": 1 << 12,
+    "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "d_mlp": 1 << 20,
+}
 
 
 @dataclass
@@ -99,8 +107,11 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config field '{name}' must be positive, got {getattr(self, name)}")
 
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp"):
+        for name, limit in LIMITS.items():
             positive(name)
+            if getattr(self, name) > limit:
+                raise ConfigError(f"config field '{name}' is {getattr(self, name)}, above the limit of {limit}; "
+                                  "check the number (the largest published models stay far below it)")
         for name, allowed in (
             ("activation", ACTIVATIONS),
             ("norm", NORMS),
@@ -120,10 +131,14 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0:
+        if not 0 < self.norm_eps < math.inf:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not 0 < self.rope_theta < math.inf:
+            raise ConfigError(f"config field 'rope_theta' must be a positive number, got {self.rope_theta}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
+            if kind == "llama3" and self.rope_scaling.get("low_freq_factor") == self.rope_scaling.get("high_freq_factor"):
+                raise ConfigError("rope_scaling of type 'llama3' needs low_freq_factor != high_freq_factor")
             required = {
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
                 "linear": ("factor",),  # position interpolation: every frequency divided by `factor`
@@ -133,6 +148,9 @@ class ModelConfig:
             for key in required[kind]:
                 if key not in self.rope_scaling:
                     raise ConfigError(f"rope_scaling of type {kind!r} needs the key '{key}'")
+                value = self.rope_scaling[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ConfigError(f"rope_scaling '{key}' must be a positive number, got {value!r}")
 
     # -- derived --------------------------------------------------------------
     @property

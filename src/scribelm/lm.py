@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scribelm.checkpoint import GENERATION_FILE, is_scribe_checkpoint, load_model, save_checkpoint
+from scribelm.checkpoint import is_scribe_checkpoint, load_model, read_generation, save_checkpoint
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ScribeError
 from scribelm.model import Transformer
@@ -141,14 +140,9 @@ def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) 
         if is_hf_directory(path):
             return load_hf(path, device=device, dtype=dtype)
         # otherwise read_config gives the precise reason (corrupt JSON, foreign format, ...)
+    # the small side files first: a mistake in them is reported before the weights are read
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
+    generation = read_generation(path)
     model = load_model(path, device=device, dtype=dtype)
     model.eval()
-    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
-    generation: dict[str, Any] = {}
-    gen_file = path / GENERATION_FILE
-    if gen_file.is_file():
-        try:
-            generation = json.loads(gen_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{gen_file} is not valid JSON ({err})") from None
     return LM(model=model, tokenizer=tokenizer, generation_config=generation)

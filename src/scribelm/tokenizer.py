@@ -376,13 +376,24 @@ class Tokenizer:
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise TokenizerError(f"{config_file} is not valid JSON ({err})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise TokenizerError(f"{config_file} is not valid JSON ({err}); save it as UTF-8 JSON") from None
+            except RecursionError:
+                raise TokenizerError(f"{config_file} is nested too deeply to be a tokenizer config") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_file} must hold a JSON object, got a {type(config).__name__}")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = config.get(key)
+            if value is not None and not isinstance(value, str) and not (isinstance(value, dict) and isinstance(value.get("content"), str)):
+                raise TokenizerError(f"{config_file}: '{key}' must be a token string, got {type(value).__name__} {value!r}")
         bos, eos, pad = (_token_name(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
         template = config.get("chat_template")
         if isinstance(template, list):  # HF allows named templates; use the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{config_file}: 'chat_template' must be a string (or a list of named templates), "
+                                 f"got {type(template).__name__}")
         extra = {k: v for k, v in config.items() if k not in ("bos_token", "eos_token", "pad_token", "chat_template")}
         return cls(backend, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template, extra_config=extra)
 

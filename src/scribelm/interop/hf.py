@@ -47,6 +47,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from scribelm.checkpoint import CONFIG_FILE, FORMAT, atomic_directory, read_json_object
+from scribelm.checkpoint import CONFIG_FILE, FORMAT, atomic_directory, check_generation, read_json_object
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ConfigError, ScribeError
 
@@ -193,6 +194,19 @@ def _require(hf: dict[str, Any], key: str, family: str) -> Any:
     return hf[key]
 
 
+def _count(hf: dict[str, Any], key: str, family: str, default: Any = None) -> int:
+    """A positive whole number from config.json (`default` when absent or null), or a refusal naming the key."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            return int(_require(hf, key, family))
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (
+            isinstance(value, float) and not value.is_integer()) or value <= 0:
+        raise CheckpointError(f"config.json of this {family} model: '{key}' must be a positive whole number, got {value!r}")
+    return int(value)
+
+
 def _refuse(option: str, why: str) -> None:
     raise ConfigError(f"unsupported config option {option}: {why}; scribelm refuses rather than approximate")
 
@@ -273,10 +287,10 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act not in _LLAMA_ACTIVATIONS:
         _refuse(f"hidden_act={act!r}", f"supported for {family}: {', '.join(_LLAMA_ACTIVATIONS)}")
-    d_model = _require(hf, "hidden_size", family)
-    n_heads = _require(hf, "num_attention_heads", family)
+    d_model = _count(hf, "hidden_size", family)
+    n_heads = _count(hf, "num_attention_heads", family)
     theta, scaling = _rope_from_hf(hf)
-    context = int(hf.get("max_position_embeddings") or {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
     if name == "llama":
         qkv_bias = out_bias = bool(hf.get("attention_bias", False))
         mlp_bias = bool(hf.get("mlp_bias", False))
@@ -293,14 +307,14 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         qkv_bias = out_bias = mlp_bias = False
         context = _window_context(context, hf.get("sliding_window", 4096), family)  # transformers' default: 4096
     return ModelConfig(
-        vocab_size=int(_require(hf, "vocab_size", family)),
+        vocab_size=_count(hf, "vocab_size", family),
         context_length=context,
         d_model=int(d_model),
-        n_layers=int(_require(hf, "num_hidden_layers", family)),
+        n_layers=_count(hf, "num_hidden_layers", family),
         n_heads=int(n_heads),
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_mlp=int(_require(hf, "intermediate_size", family)),
+        n_kv_heads=_count(hf, "num_key_value_heads", family, n_heads),
+        head_dim=_count(hf, "head_dim", family, d_model // n_heads),
+        d_mlp=_count(hf, "intermediate_size", family),
         activation=_LLAMA_ACTIVATIONS[act],
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -331,14 +345,14 @@ def _gpt2_from_hf(hf: dict[str, Any]) -> ModelConfig:
         _refuse("scale_attn_by_inverse_layer_idx=true", "scribelm scales every layer's scores alike")
     if hf.get("add_cross_attention", False):
         _refuse("add_cross_attention=true", "scribelm is decoder-only")
-    d_model = int(_require(hf, "n_embd", "GPT-2"))
+    d_model = _count(hf, "n_embd", "GPT-2")
     return ModelConfig(
-        vocab_size=int(_require(hf, "vocab_size", "GPT-2")),
-        context_length=int(hf.get("n_positions") or hf.get("n_ctx") or 1024),
+        vocab_size=_count(hf, "vocab_size", "GPT-2"),
+        context_length=_count(hf, "n_positions", "GPT-2", hf.get("n_ctx") or 1024),
         d_model=d_model,
-        n_layers=int(_require(hf, "n_layer", "GPT-2")),
-        n_heads=int(_require(hf, "n_head", "GPT-2")),
-        d_mlp=int(hf.get("n_inner") or 4 * d_model),
+        n_layers=_count(hf, "n_layer", "GPT-2"),
+        n_heads=_count(hf, "n_head", "GPT-2"),
+        d_mlp=_count(hf, "n_inner", "GPT-2", 4 * d_model),
         activation=_GPT2_ACTIVATIONS[act],
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
@@ -633,10 +647,24 @@ def _read_generation_config(path: Path, hf: dict[str, Any]) -> dict[str, Any]:
     return generation
 
 
-def _ids(value: Any) -> list[int]:
+def _ids(value: Any, key: str = "eos_token_id") -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise CheckpointError(f"{GENERATION_CONFIG}: '{key}' must be a token id or a list of them, got {value!r}")
+    return list(values)
+
+
+def _setting(generation: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """generation[key] as `kind` (`default` when absent or null), or a refusal naming the key."""
+    value = generation.get(key)
+    if value is None:
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not whole):
+        raise CheckpointError(f"{GENERATION_CONFIG}: '{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def generation_from_hf(generation: dict[str, Any], tokenizer=None) -> dict[str, Any]:
@@ -649,21 +677,21 @@ def generation_from_hf(generation: dict[str, Any], tokenizer=None) -> dict[str, 
     if stops:
         out["stop_token_ids"] = stops
     if generation.get("do_sample"):
-        out["temperature"] = float(generation.get("temperature") if generation.get("temperature") is not None else 1.0)
-        out["top_k"] = int(generation.get("top_k") if generation.get("top_k") is not None else 50)
-        out["top_p"] = float(generation.get("top_p") if generation.get("top_p") is not None else 1.0)
-        if generation.get("min_p"):
-            out["min_p"] = float(generation["min_p"])
+        out["temperature"] = _setting(generation, "temperature", float, 1.0)
+        out["top_k"] = _setting(generation, "top_k", int, 50)
+        out["top_p"] = _setting(generation, "top_p", float, 1.0)
+        if _setting(generation, "min_p", float):
+            out["min_p"] = _setting(generation, "min_p", float)
     else:
         out["temperature"] = 0.0  # greedy (or beam search when num_beams > 1)
     for key, kind in (("repetition_penalty", float), ("max_new_tokens", int), ("num_beams", int), ("length_penalty", float)):
         if generation.get(key) is not None:
-            out[key] = kind(generation[key])
+            out[key] = _setting(generation, key, kind)
     if isinstance(generation.get("early_stopping"), bool):
         out["early_stopping"] = generation["early_stopping"]
     if tokenizer is not None:
         out["add_bos_token"] = _tokenizer_adds_bos(tokenizer)
-    return out
+    return check_generation(out, GENERATION_CONFIG)
 
 
 def generation_to_hf(generation: dict[str, Any], tokenizer=None) -> dict[str, Any]:
@@ -721,6 +749,8 @@ def _gpt2_vocab_merges_tokenizer(path: Path):
             config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / 'tokenizer_config.json'} must hold a JSON object")
     try:
         backend = Backend(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
     except Exception as err:  # the Rust library raises its own Exception type
@@ -759,7 +789,10 @@ def _load_tokenizer(path: Path):
         tokenizer = Tokenizer.load(path)
     template_file = path / "chat_template.jinja"  # where transformers >= 4.43 saves it
     if not tokenizer.chat_template and template_file.is_file():
-        tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+        try:
+            tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{template_file} is not UTF-8 text ({err})") from None
     return tokenizer
 
 
@@ -769,6 +802,22 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+
+
+_HF_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, family: Family, config: ModelConfig, names: Iterable[str]) -> None:
+    """Refuse a layer count the weight names contradict before a model is built from it
+    (building follows the config, so a wrong count would cost in proportion to the mistake)."""
+    layers = {int(m.group(1)) for name in names if (m := _HF_LAYER.search(name))}
+    if layers != set(range(config.n_layers)):
+        key = "n_layer" if family.model_type == "gpt2" else "num_hidden_layers"
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no layers"
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} says {key}={config.n_layers} but the weights hold {held}; "
+            "the config and the weights disagree"
+        )
 
 
 def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -781,8 +830,9 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
     family = family_of(hf)
     config = config_from_hf(hf)
     files = _weight_files(path)
+    _check_layer_count(path, family, config, files)
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory: the tensors are assigned below
         model = Transformer(config)
     expected = {
         name: tuple(t.shape)
