@@ -60,6 +60,7 @@ class SamplingError(ScribeError, ValueError):
 
 
 CONTEXT_OVERFLOW = ("error", "slide")
+GREEDY_BELOW = 1e-6  # temperatures below this are greedy (logits / 1e-300 is +-inf, 1e-300 in float32 is 0)
 SEED_LIMIT = 1 << 64  # torch generators take 64-bit seeds; choice i of a request draws with (seed + i) mod 2**64
 
 
@@ -190,7 +191,8 @@ class SamplingSettings:
     # -- facts ----------------------------------------------------------------------
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that dividing float32 logits by it overflows: the argmax either way."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:
@@ -349,7 +351,8 @@ def process_logits(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Te
         return logits
     device = logits.device
     if any(s.temperature not in (0.0, 1.0) for s in settings):
-        logits = apply_temperature(logits, torch.tensor([s.temperature for s in settings], device=device))
+        temperatures = [s.temperature if samp else 0.0 for s, samp in zip(settings, sampled)]
+        logits = apply_temperature(logits, torch.tensor(temperatures, device=device))
         logits = finite_logits(logits)  # a tiny temperature turns logits into +-inf
     if any(s.top_k > 0 and samp for s, samp in zip(settings, sampled)):
         V = logits.shape[-1]  # a k beyond the vocabulary keeps everything (and would overflow a tensor)
