@@ -169,3 +169,9 @@ def test_hf_config_numbers_are_refused_with_the_key_named(hf_copy, changes, mess
 def test_hf_bad_generation_config_is_refused(hf_copy, generation, message):
     (hf_copy / "generation_config.json").write_text(json.dumps(generation))
     refused(hf_copy, message)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "generation.json"])
+def test_deeply_nested_json_is_refused_in_one_line(copy, name):
+    (copy / name).write_text("[" * 100_000 + "]" * 100_000)
+    refused(copy, name)

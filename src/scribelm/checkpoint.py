@@ -43,9 +43,9 @@ def is_scribe_checkpoint(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+        return False  # the loader that reads it next says what is wrong
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:

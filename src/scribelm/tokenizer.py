@@ -365,7 +365,7 @@ class Tokenizer:
             raise TokenizerError(f"no tokenizer found at {path} (expected a tokenizer.json file or a directory holding one)")
         try:
             json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise TokenizerError(f"{file} is not a valid JSON tokenizer file ({err}); re-create it with `scribe tokenizer train`") from None
         try:
             backend = _HFTokenizer.from_file(str(file))
