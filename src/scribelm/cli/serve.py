@@ -26,6 +26,13 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--store", help="model store directory (default: $SCRIBE_MODELS_DIR or ~/.cache/scribelm/models)")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
+                   help="web origins (e.g. https://app.example) whose pages may call the API, with CORS; '*' allows any. "
+                        "Without it only the server's own chat page and localhost pages may, and on a loopback --host "
+                        "only localhost host names are answered (against DNS rebinding)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers before its connection is closed (default 10)")
+    p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
 
@@ -62,35 +69,75 @@ def run(args) -> int:
     import uvicorn
     from scribelm.serve.api import create_app
     from scribelm.serve.engine import ModelPool
+    from scribelm.serve.http_limits import server_limits
+    from scribelm.serve.preflight import check_model_files
     from scribelm.serve.registry import ModelStore
 
     if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
+    if not args.header_timeout > 0:
+        raise ScribeError("--header-timeout must be a positive number of seconds")
     models = served_models(args.models, ModelStore(args.store))
+    for name, path in models.items():  # a corrupt model is an error now, not at its first request
+        check_model_files(name, path)
+    origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
     if args.threads is not None:
         if args.threads < 1:
             raise ScribeError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
-    pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                     idle_unload=args.idle_unload, device=args.device)
-    app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # listening now, so the banner below is only printed for a port that is ours
     except OSError as err:
+        sock.close()
         raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port") from None
+    except (OverflowError, socket.gaierror) as err:
+        sock.close()
+        raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err}); check --host and --port") from None
+    public = not _is_loopback(args.host)
+    pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                     idle_unload=args.idle_unload, device=args.device)
+    app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
+    _log_to_stderr(args.quiet)
+
     port = sock.getsockname()[1]
     shown_host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     base = f"http://{shown_host}:{port}"
     console.print(f"serving {', '.join(models)} (OpenAI-compatible API) at [bold]{base}/v1[/bold]")
     console.print(f"chat page: [bold]{base}/[/bold]   health: {base}/health   metrics: {base}/metrics")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if public and not args.api_key:
         err_console.print("warning: listening beyond this machine without --api-key; anyone who can reach it can use it")
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **server_limits(args.header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _log_to_stderr(quiet: bool) -> None:
+    """The server's log (model loads, one line per request, errors with their detail) goes to stderr."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("scribelm.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("scribelm.serve.access").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
