@@ -831,6 +831,9 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
     config = config_from_hf(hf)
     files = _weight_files(path)
     _check_layer_count(path, family, config, files)
+    # the small side files before the weights: a mistake in them is reported first
+    tokenizer = _load_tokenizer(path)
+    generation = generation_from_hf(_read_generation_config(path, hf), tokenizer)
 
     with torch.device("meta"):  # no memory: the tensors are assigned below
         model = Transformer(config)
@@ -905,8 +908,6 @@ def load_hf(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
         model.unembedding.weight = model.token_embedding.weight
     model = model.to(device)
     model.eval()
-    tokenizer = _load_tokenizer(path)
-    generation = generation_from_hf(_read_generation_config(path, hf), tokenizer)
     return LM(model=model, tokenizer=tokenizer, generation_config=generation)
 
 
