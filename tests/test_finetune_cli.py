@@ -208,3 +208,39 @@ def test_adapters_export_to_peft_and_load_onto_the_transformers_model(tmp_path, 
     apply_lora(gpt2_like, LoRAConfig(rank=2))
     with pytest.raises(AdapterError, match="merge-lora"):
         save_peft_adapters(gpt2_like, tmp_path / "x", architecture="GPT2LMHeadModel")
+
+
+def test_cli_shows_the_loss_the_split_and_warns_of_a_run_too_short(workspace, capsys):
+    from scribelm.cli import main
+
+    tmp, base, chat, _ = workspace
+    assert main(["finetune", "lora", str(base), "--data", str(chat), "-o", str(tmp / "short"), "--batch-size", "4"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads((tmp / "short" / "finetune_result.json").read_text())
+    steps = result["steps"]
+    assert steps < 20
+    assert f"warning: only {steps} optimizer step" in err and "--epochs " in err
+    epochs = int(err.split("--epochs ")[1].split(",")[0])
+    assert "validation: none: 12 examples are too few to hold some out (at least 20); give a separate file with --val-data" in out
+    assert [line for line in out.splitlines() if line.startswith("step ")] == [
+        line for line in out.splitlines() if line.startswith("step ") and ": loss " in line]
+    assert sum(line.startswith("step ") for line in out.splitlines()) == steps  # a short run: every step
+    assert "training loss " in out and "loss.png" in out
+    assert not out.startswith("\n") and "\n\n" not in out  # no stray blank lines
+    # the suggested epochs give at least 20 steps
+    assert main(["finetune", "lora", str(base), "--data", str(chat), "-o", str(tmp / "longer"), "--batch-size", "4",
+                 "--epochs", str(epochs)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads((tmp / "longer" / "finetune_result.json").read_text())["steps"] >= 20
+    assert "only" not in err
+    assert 9 <= sum(line.startswith("step ") and ": loss " in line for line in out.splitlines()) <= 12  # about ten
+    # enough records: some are held out, and said so
+    many = tmp / "many.jsonl"
+    many.write_text("\n".join(json.dumps({**r, "instruction": r["instruction"] + f" {i}"}) for i in range(2) for r in CHAT))
+    assert main(["finetune", "sft", str(base), "--data", str(many), "-o", str(tmp / "full"), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "validation: 1 of the 24 examples held out (5%)" in out
+    assert "step 2: validation loss" in out
+    # what fine-tuning on conversations wrote says so: `scribe chat` gives no "not chat-tuned" note
+    assert json.loads((tmp / "full" / "model" / "generation.json").read_text())["chat_tuned"] is True
+    assert json.loads((tmp / "short" / "adapter" / "adapter_config.json").read_text())["chat_tuned"] is True

@@ -269,9 +269,11 @@ def read_any_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise AdapterError(f"no adapter directory at {directory}; give the adapter/ directory a "
                            "`scribe finetune lora` run wrote, or a peft adapter directory")
+    inside = directory / "adapter"  # a fine-tuning run directory holds its result in adapter/
+    hint = f" (did you mean {inside}?)" if (inside / ADAPTER_CONFIG_FILE).is_file() else ""
     meta = read_json_object(
         directory / ADAPTER_CONFIG_FILE, AdapterError,
-        missing=f"{directory} has no {ADAPTER_CONFIG_FILE}; give a directory written by `scribe finetune lora`",
+        missing=f"{directory} has no {ADAPTER_CONFIG_FILE}; give a directory written by `scribe finetune lora`{hint}",
     )
     if "peft_type" in meta:
         return meta

@@ -113,27 +113,53 @@ def _options(args):
 
 
 class _Progress:
-    """A rich progress bar fed by the Trainer's progress events."""
+    """Trainer events as a progress bar, with the loss printed as it goes (about ten lines a run,
+    every step of a short one), the validations, and the curve's two ends at the close."""
+
+    LINES = 10
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console,
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                             transient=True)
         self.task = None
+        self.every = 1
+        self.max_steps = 0
+        self.losses: list[tuple[int, float]] = []
+        self.shown_eval_step: int | None = None
+        self.started = False
 
     def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
-            self.bar.start()
+        if event == "plan":
+            _report_data(info)
+            console.print(f"validation: {info['validation']}", markup=False)
+        elif event == "start":
+            self.max_steps = info.get("max_steps") or 0
+            self.every = max(1, round(self.max_steps / self.LINES))
+            if console.is_terminal:  # a bar drawn into a pipe or file is only noise (and a blank line)
+                self.bar.start()
+                self.started = True
             self.task = self.bar.add_task("train", total=info.get("max_steps"), completed=info.get("step", 0), info="")
         elif event == "step" and self.task is not None:
+            self.losses.append((info["step"], info["loss"]))
             self.bar.update(self.task, completed=info["step"],
                             info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:.0f} tok/s")
+            if info["step"] % self.every == 0 or info["step"] == self.max_steps:
+                self.bar.console.print(f"step {info['step']}/{self.max_steps}: loss {info['loss']:.4f}, "
+                                       f"lr {info['lr']:.2e}, {info['tokens_per_s']:.0f} tokens/s", markup=False)
         elif event == "eval":
+            self.shown_eval_step = info["step"]
             self.bar.console.print(f"step {info['step']}: validation loss {info.get('val_loss', float('nan')):.4f}")
-        elif event == "end":
+        elif event == "end" and self.started:
             self.bar.stop()
+
+    def summary(self) -> str | None:
+        if not self.losses:
+            return None
+        (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
+        return f"training loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step})"
 
 
 def _load(args):
@@ -159,24 +185,31 @@ def _report_model(result) -> None:
 
 
 def _run_and_report(finetune, args):
-    """Run a fine-tuning function with warnings shown as one-line messages, then report data and model."""
+    """Run a fine-tuning function with warnings shown as one-line messages when they arise,
+    then report the model and the loss."""
     options = _options(args)
     lm = _load(args)
-    with warnings.catch_warnings(record=True) as caught:
+    progress = _Progress()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        err_console.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        result = finetune(lm, args.data, args.output, options, base_name=args.model, progress=_Progress())
-    for w in caught:
-        err_console.print(f"warning: {w.message}")
-    _report_data(result.data)
+        warnings.showwarning = show
+        result = finetune(lm, args.data, args.output, options, base_name=args.model, progress=progress)
     _report_model(result)
-    return result
+    summary = progress.summary()
+    if summary:
+        console.print(f"{summary}; the curve: {args.output}/loss.png", markup=False)
+    return result, progress
 
 
 def run_sft(args) -> int:
     from scribelm.finetune.run import finetune_sft
 
-    result = _run_and_report(finetune_sft, args)
-    if result.final_eval.get("val_loss") is not None:
+    result, progress = _run_and_report(finetune_sft, args)
+    if result.final_eval.get("val_loss") is not None and progress.shown_eval_step != result.steps:
         console.print(f"validation loss {result.final_eval['val_loss']:.4f} after {result.steps} steps")
     console.print(f"wrote {result.output}")
     return 0
@@ -185,7 +218,7 @@ def run_sft(args) -> int:
 def run_dpo(args) -> int:
     from scribelm.finetune.run import finetune_dpo
 
-    result = _run_and_report(finetune_dpo, args)
+    result, _ = _run_and_report(finetune_dpo, args)
     before, after = result.extra.get("held_out_before"), result.extra.get("held_out_after")
     if after:
         console.print(

@@ -11,7 +11,8 @@ from scribelm.cli.common import console, err_console
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API with a web chat page")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="checkpoint directory, Hugging Face directory or store name; NAME=MODEL serves it under NAME")
+                   help="checkpoint directory, Hugging Face directory or store name; NAME=MODEL serves it under NAME; "
+                        "MODEL+ADAPTER adds LoRA adapters (a `scribe finetune lora` result) without merging")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("SCRIBE_API_KEY"),
@@ -36,26 +37,46 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def served_models(specs: list[str], store=None) -> dict[str, str]:
-    """MODEL arguments -> {served name: directory}; a store name is served under that name."""
+def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[str, str]]:
+    """MODEL arguments -> ({served name: directory}, {served name: LoRA adapter directory}).
+
+    NAME=MODEL serves MODEL under NAME; MODEL+ADAPTER puts the adapters of a `scribe finetune
+    lora` run (or a peft adapter) on MODEL without merging, served as NAME or as
+    MODEL-RUN; a store name is served under that name."""
     from pathlib import Path
 
+    from scribelm.adapters.lora import read_any_adapter_config
     from scribelm.errors import ScribeError
     from scribelm.serve.registry import check_name, is_model_directory, resolve_model_path
 
     models: dict[str, str] = {}
+    adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, target = spec.partition("=")
         if not sep:
             name, target = "", spec
+        adapter = None
+        if "+" in target and not Path(target).expanduser().is_dir():  # store names have no '+'
+            target, _, adapter = target.rpartition("+")
+            if not target or not adapter:
+                raise ScribeError(f"{spec!r}: write MODEL+ADAPTER with both parts, e.g. my-model+runs/lora/adapter")
         path = resolve_model_path(target, store)
         if not is_model_directory(path):
             raise ScribeError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
-        name = check_name(name or (target if not Path(target).expanduser().is_dir() else Path(path).resolve().name))
+        if not name:
+            name = target if not Path(target).expanduser().is_dir() else Path(path).resolve().name
+            if adapter is not None:
+                adapter_path = Path(adapter).expanduser().resolve()
+                run = adapter_path.parent if adapter_path.name == "adapter" else adapter_path
+                name = f"{name}-{run.name}"
+        name = check_name(name)
         if name in models:
             raise ScribeError(f"two models would be served as {name!r}; name them with NAME=MODEL")
         models[name] = str(path)
-    return models
+        if adapter is not None:
+            read_any_adapter_config(adapter)  # refused now, not at the first request
+            adapters[name] = str(Path(adapter).expanduser())
+    return models, adapters
 
 
 def run(args) -> int:
@@ -77,7 +98,7 @@ def run(args) -> int:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
     if not args.header_timeout > 0:
         raise ScribeError("--header-timeout must be a positive number of seconds")
-    models = served_models(args.models, ModelStore(args.store))
+    models, adapters = served_models(args.models, ModelStore(args.store))
     for name, path in models.items():  # a corrupt model is an error now, not at its first request
         check_model_files(name, path)
     origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
@@ -102,7 +123,7 @@ def run(args) -> int:
         raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err}); check --host and --port") from None
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                     idle_unload=args.idle_unload, device=args.device)
+                     idle_unload=args.idle_unload, device=args.device, adapters=adapters)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 

@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,11 +34,13 @@ from scribelm.data.chat import ChatDataset, SFTLoader
 from scribelm.data.preference import PreferenceDataset, PreferenceLoader
 from scribelm.errors import ConfigError, ScribeError
 from scribelm.finetune.dpo import DPOObjective, evaluate_preferences, precompute_reference_logps
+from scribelm.lm import CHAT_TUNED_KEY
 from scribelm.train import NextTokenObjective, TrainConfig, Trainer, token_byte_lengths
 
 METHODS = ("full", "lora", "qlora")
 REFERENCES = ("precomputed", "model")
 RESULT_FILE = "finetune_result.json"
+FEW_STEPS = 20  # fewer optimizer steps than this barely move a model: the run says so before it starts
 
 
 @dataclass
@@ -127,7 +130,7 @@ def _counts(model: torch.nn.Module) -> tuple[int, int, int]:
 def _adapter_savers(base_name: str | None):
     def save(path: Path, model: torch.nn.Module, extra_files: dict[str, bytes | str]) -> None:
         # adapters only, with the trainer's training state and run config beside them
-        save_adapters(model, path, base_model=base_name, extra_files=extra_files)
+        save_adapters(model, path, base_model=base_name, extra={CHAT_TUNED_KEY: True}, extra_files=extra_files)
 
     def load(path: Path, model: torch.nn.Module) -> None:
         from safetensors.torch import load_file
@@ -148,7 +151,7 @@ def _adapter_savers(base_name: str | None):
 
 
 def _train_config(options: FinetuneOptions, steps_per_epoch: int, default_lr: float) -> TrainConfig:
-    max_steps = options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch / options.grad_accum_steps))
+    max_steps = options.max_steps or _steps_at(options.epochs, steps_per_epoch, options)
     warmup = options.warmup_steps if options.warmup_steps is not None else max(1, max_steps // 20)
     return TrainConfig(
         max_steps=max_steps, grad_accum_steps=options.grad_accum_steps, lr=options.lr or default_lr,
@@ -156,6 +159,30 @@ def _train_config(options: FinetuneOptions, steps_per_epoch: int, default_lr: fl
         eval_every=options.eval_every, checkpoint_every=options.checkpoint_every, seed=options.seed,
         device=options.device, gradient_checkpointing=options.gradient_checkpointing, log_every=1,
     )
+
+
+def _steps_at(epochs: float, steps_per_epoch: int, options: FinetuneOptions) -> int:
+    return max(1, math.ceil(epochs * steps_per_epoch / options.grad_accum_steps))
+
+
+def _plan(options: FinetuneOptions, config: TrainConfig, steps_per_epoch: int, stats: dict[str, Any],
+          progress: Callable[[str, dict[str, Any]], None] | None) -> None:
+    """Before training: report the data and the plan (progress event "plan"), and warn when the
+    run is too short to change the model visibly."""
+    plan = {**stats, "max_steps": config.max_steps, "batches_per_epoch": steps_per_epoch, "epochs": options.epochs,
+            "batch_size": options.batch_size, "grad_accum_steps": options.grad_accum_steps}
+    if progress is not None:
+        progress("plan", plan)
+    if options.max_steps is None and config.max_steps < FEW_STEPS:
+        epochs = next(e for e in range(max(2, math.ceil(options.epochs)), 10_000)
+                      if _steps_at(e, steps_per_epoch, options) >= FEW_STEPS)
+        warnings.warn(
+            f"only {config.max_steps} optimizer step{'s' if config.max_steps != 1 else ''} "
+            f"({steps_per_epoch} batch{'es' if steps_per_epoch != 1 else ''} of {options.batch_size} rows per epoch): "
+            f"too few to change the model much; train for {epochs} epochs (--epochs {epochs}, "
+            f"{_steps_at(epochs, steps_per_epoch, options)} steps) or lower --batch-size",
+            stacklevel=3,
+        )
 
 
 def _write_result(out_dir: Path, result: FinetuneResult) -> None:
@@ -172,7 +199,8 @@ def _save_output(lm, model, options: FinetuneOptions, out_dir: Path, base_name: 
 
         return save_checkpoint(out_dir / "model", model, model.config, lm.tokenizer, lm.generation_config)
     out = save_adapters(model, out_dir / "adapter", base_model=base_name,
-                        extra={"method": options.method, "quant": options.quant if options.method == "qlora" else None})
+                        extra={"method": options.method, "quant": options.quant if options.method == "qlora" else None,
+                               CHAT_TUNED_KEY: True})
     if options.export_peft:
         from scribelm.adapters.peft_format import save_peft_adapters
 
@@ -202,8 +230,15 @@ def _train_and_val(dataset_type, data, tokenizer, max_length: int, options: Fine
     val = None
     if options.val_data:
         val = read(options.val_data)
-    elif options.val_fraction > 0 and len(train) >= min_to_split:
+        stats["validation"] = f"{len(val)} examples from {options.val_data}"
+    elif options.val_fraction <= 0:
+        stats["validation"] = "none (val_fraction 0)"
+    elif len(train) >= min_to_split:
         train, val = train.split(fraction, options.seed)
+        stats["validation"] = f"{len(val)} of the {len(train) + len(val)} examples held out ({100 * fraction:g}%)"
+    else:
+        stats["validation"] = (f"none: {len(train)} examples are too few to hold some out (at least {min_to_split}); "
+                               "give a separate file with --val-data")
     return train, val, stats
 
 
@@ -233,6 +268,8 @@ def finetune_sft(lm, data: str | os.PathLike, out_dir: str | os.PathLike, option
     trainable, total, base_bytes = _counts(model)
     is_adapter = options.method != "full"
     config = _train_config(options, len(loader), 2e-4 if is_adapter else 2e-5)
+    _plan(options, config, len(loader), stats, progress)
+    lm.generation_config = {**(lm.generation_config or {}), CHAT_TUNED_KEY: True}
     save_fn = load_fn = None
     if is_adapter:
         save_fn, load_fn = _adapter_savers(base_name)
@@ -292,6 +329,8 @@ def finetune_dpo(lm, data: str | os.PathLike, out_dir: str | os.PathLike, option
     val_batches = list(PreferenceLoader(val, options.batch_size, shuffle=False, pad_id=pad_id)) if val else None
     is_adapter = options.method != "full"
     config = _train_config(options, len(loader), 5e-6 if is_adapter else 1e-6)
+    _plan(options, config, len(loader), stats, progress)
+    lm.generation_config = {**(lm.generation_config or {}), CHAT_TUNED_KEY: True}
     save_fn = load_fn = None
     if is_adapter:
         save_fn, load_fn = _adapter_savers(base_name)

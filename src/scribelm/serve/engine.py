@@ -619,8 +619,10 @@ class ModelPool:
         idle_unload: float = 0.0,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
+        adapters: dict[str, str | Path] | None = None,
     ) -> None:
         self.paths = {name: Path(path) for name, path in models.items()}
+        self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context)
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
@@ -648,7 +650,7 @@ class ModelPool:
 
                 started = time.monotonic()
                 try:
-                    lm = load(self.paths[name], device=self.device, dtype=self.dtype)
+                    lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
                     engine = Engine(lm, name=name, **self.engine_options).start()
