@@ -237,3 +237,15 @@ def test_hugging_face_chat_templates_match_transformers_and_resist_injection(tmp
         elif piece:
             expected += reference.encode(piece.replace(stand_in, forged), add_special_tokens=False, split_special_tokens=True)
     assert tok.encode_chat([{"role": "user", "content": forged}]) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS + ["<|", "|>", "\uE000", "\uE0000\uE000"]), unicode_text), max_size=8))
+def test_any_message_text_gives_only_the_templates_control_tokens(tokenizer, parts):
+    content = "".join(parts)
+    messages = [{"role": "system", "content": content}, {"role": "user", "content": content}]
+    ids = tokenizer.encode_chat(messages)
+    structure = tokenizer.encode_chat([{"role": "system", "content": "x"}, {"role": "user", "content": "x"}])
+    special = tokenizer.special_ids
+    assert [i for i in ids if i in special] == [i for i in structure if i in special]
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages)
