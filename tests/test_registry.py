@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -163,3 +164,161 @@ def test_scribelm_load_accepts_a_store_name(tmp_path, monkeypatch):
     assert torch.equal(lm.model(ids), model(ids))
     with pytest.raises(scribelm.ScribeError, match="scribe models list"):
         scribelm.load("not-a-stored-model")
+
+
+# ----------------------------------------------------------------------------- the store never loses a model
+
+
+def _tree(directory):
+    from pathlib import Path
+
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def _leftovers(store):
+    return sorted(p.name for p in store.root.iterdir() if p.name.startswith(".") and p.name != ".lock")
+
+
+def test_a_source_inside_the_store_is_refused_and_the_entry_survives(tmp_path, models, capsys, monkeypatch):
+    store = ModelStore(tmp_path / "store")
+    store.add("keep", models["alpha"])
+    before = _tree(store.root / "keep")
+    alias = tmp_path / "alias"
+    alias.symlink_to(store.root / "keep")  # a way in from outside: resolved before the check
+    for source, extra in ((store.root / "keep", ["--link", "--force"]), (store.root / "keep", ["--force"]),
+                          (alias, ["--link", "--force"]), (store.root / "keep", [])):
+        for name in ("keep", "other"):
+            code, out, err = run_cli(capsys, monkeypatch, store.root, "models", "add", name, source, *extra)
+            assert code == 2 and "inside the model store" in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert not (store.root / "keep").is_symlink() and _tree(store.root / "keep") == before
+    assert store.names() == ["keep"] and _leftovers(store) == []
+    from scribelm import load
+
+    assert load(store.path("keep")).config.d_model == 32
+
+
+def test_force_swaps_in_a_complete_entry_and_leaves_no_temporaries(tmp_path, models):
+    store = ModelStore(tmp_path / "store")
+    store.add("m", models["alpha"])
+    store.add("m", models["beta"], overwrite=True)  # copy over copy
+    assert _tree(store.root / "m") == _tree(models["beta"])
+    store.add("m", models["alpha"], link=True, overwrite=True)  # link over copy
+    assert (store.root / "m").is_symlink() and store.path("m") == Path(models["alpha"]).resolve()
+    store.add("m", models["beta"], overwrite=True)  # copy over link: the linked model is left alone
+    assert not (store.root / "m").is_symlink() and _tree(store.root / "m") == _tree(models["beta"])
+    assert _tree(models["alpha"]) and os.path.isdir(models["alpha"])
+    assert _leftovers(store) == [] and store.names() == ["m"]
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_concurrent_adds_of_one_name_have_exactly_one_winner(tmp_path, models, link):
+    import threading
+
+    store = ModelStore(tmp_path / "store")
+    sources = [models["alpha"], models["beta"]] * 4
+    start, results = threading.Barrier(len(sources)), [None] * len(sources)
+
+    def add(i):
+        start.wait()
+        try:
+            ModelStore(store.root).add("same", sources[i], link=link)
+            results[i] = "ok"
+        except RegistryError as err:
+            results[i] = str(err)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(len(sources))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, r in enumerate(results) if r == "ok"]
+    assert len(winners) == 1, results
+    assert all("already stored" in r for i, r in enumerate(results) if i not in winners)
+    stored = store.path("same")
+    assert (stored == Path(sources[winners[0]]).resolve()) if link else (_tree(stored) == _tree(sources[winners[0]]))
+    assert _leftovers(store) == []
+
+
+def test_concurrent_cli_adds_one_wins_the_other_says_it_exists(tmp_path, models):
+    env = {**os.environ, "SCRIBE_MODELS_DIR": str(tmp_path / "store")}
+    procs = [subprocess.Popen([sys.executable, "-m", "scribelm.cli", "models", "add", "same", models[m]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in ("alpha", "beta")]
+    done = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in done) == [0, 2], done
+    loser = next(err for code, err in done if code == 2)
+    assert "already stored" in loser and "Traceback" not in loser and len(loser.strip().splitlines()) == 1
+
+
+def test_a_source_with_a_symlink_loop_is_one_line(tmp_path, models, capsys, monkeypatch):
+    import shutil
+
+    source = tmp_path / "looped"
+    shutil.copytree(models["alpha"], source)
+    (source / "extras").mkdir()
+    (source / "extras" / "again").symlink_to(source, target_is_directory=True)
+    store = tmp_path / "store"
+    code, _, err = run_cli(capsys, monkeypatch, store, "models", "add", "looped", source)
+    assert code == 2 and "symlink loop" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (source / "extras" / "again").unlink()
+    (source / "extras" / "self").symlink_to(source / "extras" / "self")  # a link to itself
+    code, _, err = run_cli(capsys, monkeypatch, store, "models", "add", "looped", source)
+    assert code == 2 and "points back to itself" in err and len(err.strip().splitlines()) == 1
+    assert ModelStore(store).names() == [] and [p.name for p in store.iterdir() if p.name != ".lock"] == []
+
+
+def test_linked_files_of_a_snapshot_are_copied_as_files(tmp_path, models):
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for item in Path(models["alpha"]).iterdir():
+        if not item.name.startswith("."):
+            (blobs / item.name).write_bytes(item.read_bytes())
+            (snapshot / item.name).symlink_to(blobs / item.name)  # as a Hugging Face cache snapshot is laid out
+    store = ModelStore(tmp_path / "store")
+    store.add("snap", snapshot)
+    entry = store.root / "snap"
+    assert not any(p.is_symlink() for p in entry.iterdir()) and _tree(entry) == _tree(models["alpha"])
+
+
+def _safetensors_with_header(path, header):
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ([1, 2, 3], "header is a JSON list"),
+        ({"w": {"dtype": "F32", "shape": ["x", 2], "data_offsets": [0, 8]}}, "has shape [\"x\", 2]"),
+        ({"w": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, "not a list of non-negative integers"),
+        ({"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 8]}}, "not a list of non-negative integers"),
+        ({"w": {"dtype": "F32", "shape": 7, "data_offsets": [0, 8]}}, "not a list of non-negative integers"),
+        ({"w": [1, 2]}, "described by a list"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"\xff\xfe not json", "not valid JSON"),
+    ],
+    ids=["list", "string-dim", "float-dim", "negative-dim", "shape-int", "entry-list", "deep", "bytes"],
+)
+def test_models_show_on_a_malformed_safetensors_header_is_one_line(tmp_path, capsys, monkeypatch, header, message):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _safetensors_with_header(d / "model.safetensors", header)
+    code, _, err = run_cli(capsys, monkeypatch, tmp_path / "store", "models", "show", d)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_models_show_on_a_huge_or_truncated_header_length_is_one_line(tmp_path, capsys, monkeypatch):
+    import struct
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for raw, message in ((struct.pack("<Q", 2**63) + b"{}", "header claims"), (b"\x01\x02", "shorter than")):
+        (d / "model.safetensors").write_bytes(raw)
+        code, _, err = run_cli(capsys, monkeypatch, tmp_path / "store", "models", "show", d)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

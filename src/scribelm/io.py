@@ -73,7 +73,9 @@ _LEGACY_NAMES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation.json",
     "training_state.pt", "run_config.json", "manifest.json", "train_*.bin", "validation_*.bin",
 )
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+# tmp: being written; old: set aside by an interrupted swap (put back if the name is
+# missing); trash: renamed away to be deleted (never put back).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old|trash)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -168,9 +170,23 @@ def exchange(source: str | os.PathLike, target: str | os.PathLike) -> None:
     os.rename(aside, source)
 
 
-def _temporary_name(final: Path, role: str) -> Path:
-    token = os.urandom(4).hex()
-    return final.with_name(f".{final.name}.{role}-{os.getpid()}-{token}")
+def temporary_sibling(final: str | os.PathLike, role: str = "tmp") -> Path:
+    """A fresh name beside `final` for writing it (`role` "tmp") or for deleting it
+    ("trash"), which `remove_stale_temporaries` clears once this process is gone."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{role}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+_temporary_name = temporary_sibling
+
+
+def remove_tree_atomically(path: str | os.PathLike) -> None:
+    """Delete a directory (or link) so that it vanishes under its name in one step: it
+    is renamed away first, so an interrupted removal never leaves half of it in place."""
+    path = Path(path)
+    trash = temporary_sibling(path, "trash")
+    os.rename(path, trash)
+    _remove_path(trash)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -204,6 +220,11 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
         _remove_path(item)
         removed.append(item)
     return removed
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file, link or directory tree, whichever `path` is (a link's target stays)."""
+    _remove_path(Path(path))
 
 
 def _remove_path(path: Path) -> None:

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     add.add_argument("name", help="the name to serve it under")
     add.add_argument("path", help="model directory")
     add.add_argument("--link", action="store_true", help="store a link to the directory instead of a copy")
-    add.add_argument("--force", action="store_true", help="replace a model already stored under this name")
+    add.add_argument("--force", action="store_true",
+                     help="replace a model already stored under this name (the old one stays until the new one is complete)")
     add.set_defaults(handler=run_add)
 
     rm = verbs.add_parser("rm", help="remove a model from the store (a linked directory is left alone)")

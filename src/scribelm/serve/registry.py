@@ -6,9 +6,14 @@ A store is a directory with one entry per model, named as the user named it:
       my-chat/                          a copy of a checkpoint directory
       big-hf -> /data/hf/Llama-3.2-1B   or a link to one (nothing copied)
 
-`add` copies a checkpoint (scribelm or Hugging Face directory) into the store
-atomically, or links it; `rm` removes the entry (a link, never what it points
-to); `info` reads what a person wants to know before serving a model — its
+`add` copies a checkpoint (scribelm or Hugging Face directory) into the store,
+or links it. The new entry is built under a temporary name beside it and
+renamed into place only when complete; with `--force` the old entry is
+swapped out in the same step, never deleted first. The existence check and
+the rename happen under a lock on the store (`.lock`) and the rename never
+replaces, so of two concurrent adds of one name exactly one wins. A source
+inside the store is refused (linking an entry to itself would lose it). `rm`
+removes the entry (a link, never what it points to); `info` reads what a person wants to know before serving a model — its
 config, size on disk, parameter count (from the safetensors headers, without
 loading any weights), quantization and chat template.
 
@@ -21,19 +26,33 @@ Every command that takes a MODEL accepts a store name through
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scribelm.checkpoint import atomic_directory
 from scribelm.errors import ScribeError
+from scribelm.io import (
+    MARKER_FILE, disk_full_error, exchange, is_disk_full, published_directory_mode, read_json_object,
+    remove_path, remove_stale_temporaries, remove_tree_atomically, rename_no_replace, temporary_sibling,
+)
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: rename_no_replace alone keeps adds apart
+    fcntl = None
 
 STORE_ENV = "SCRIBE_MODELS_DIR"
+LOCK_FILE = ".lock"
+MAX_HEADER_BYTES = 100 * 2**20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 
@@ -114,36 +133,83 @@ class ModelStore:
         return bool(_NAME.match(name or "")) and (self.root / name).is_dir()
 
     def add(self, name: str, source: str | os.PathLike, *, link: bool = False, overwrite: bool = False) -> Path:
-        """Copy (or link) a model directory into the store under `name`."""
+        """Copy (or link) a model directory into the store under `name`.
+
+        The entry appears complete or not at all; with `overwrite` the old entry
+        stays until the new one is complete. Two adds of one name without
+        `overwrite`: one succeeds, the other raises RegistryError."""
         check_name(name)
         source = Path(source).expanduser()
         if not source.exists():
             raise RegistryError(f"no model at {source}: give a checkpoint or Hugging Face model directory")
         if not is_model_directory(source):
             raise RegistryError(f"{source} is not a model directory (it needs config.json and *.safetensors weights)")
+        target = source.resolve()
+        root = self.root.resolve()
+        if target == root or root in target.parents:
+            raise RegistryError(
+                f"{source} is inside the model store {self.root}; it is stored already "
+                "(`scribe models list`), give a model directory outside the store"
+            )
+        if target in root.parents:
+            raise RegistryError(f"{source} contains the model store {self.root}; give the model's own directory")
         entry = self.root / name
-        if (entry.exists() or entry.is_symlink()) and not overwrite:
-            raise RegistryError(f"a model named {name!r} is already stored; remove it first (`scribe models rm {name}`) or pick another name")
-        self.root.mkdir(parents=True, exist_ok=True)
-        if entry.is_symlink():
-            entry.unlink()
-        if link:
-            if entry.exists():
-                shutil.rmtree(entry)
-            tmp = self.root / f".{name}.link-{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(source.resolve(), target_is_directory=True)
-            os.replace(tmp, entry)  # atomic: the name points to the model or to nothing
-        else:
-            with atomic_directory(entry) as tmp:
-                for item in source.iterdir():
-                    if item.name.startswith("."):
-                        continue
-                    if item.is_dir():
-                        shutil.copytree(item, tmp / item.name)
-                    else:
-                        shutil.copy2(item, tmp / item.name)
+        if os.path.lexists(entry) and not overwrite:
+            raise self._exists(name)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise disk_full_error(err, self.root, "nothing was written") from None
+        remove_stale_temporaries(entry)
+        tmp = temporary_sibling(entry)
+        try:
+            if link:
+                tmp.symlink_to(target, target_is_directory=True)
+            else:
+                tmp.mkdir(mode=0o700)
+                _copy_model_files(source, tmp, ancestors=frozenset())
+                (tmp / MARKER_FILE).write_text(json.dumps(
+                    {"format": "scribelm-output", "version": 1, "kind": "model",
+                     "entries": sorted(p.name for p in tmp.iterdir())}, indent=2) + "\n")
+                _fsync_files(tmp)
+                os.chmod(tmp, published_directory_mode())
+            with self._locked():
+                if os.path.lexists(entry):
+                    if not overwrite:
+                        raise self._exists(name)
+                    exchange(tmp, entry)  # the old entry is now at `tmp`, removed below
+                else:
+                    try:
+                        rename_no_replace(tmp, entry)
+                    except FileExistsError:
+                        raise self._exists(name) from None
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(err, entry, "the store is unchanged") from None
+            raise
+        finally:
+            if os.path.lexists(tmp):
+                remove_path(tmp)
         return entry
+
+    def _exists(self, name: str) -> RegistryError:
+        return RegistryError(
+            f"a model named {name!r} is already stored; replace it with --force, remove it first "
+            f"(`scribe models rm {name}`) or pick another name"
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held only around the existence check and the rename, never during a copy."""
+        if fcntl is None:
+            yield
+            return
+        with open(self.root / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def remove(self, name: str) -> None:
         check_name(name)
@@ -151,7 +217,7 @@ class ModelStore:
         if entry.is_symlink():
             entry.unlink()  # a link: the linked model stays where it is
         elif entry.is_dir():
-            shutil.rmtree(entry)
+            remove_tree_atomically(entry)  # gone under its name at once, even if interrupted
         else:
             raise RegistryError(f"no model named {name!r} in the store {self.root}")
 
@@ -162,18 +228,51 @@ class ModelStore:
         return info
 
 
+def _copy_model_files(source: Path, target: Path, ancestors: frozenset) -> None:
+    """Copy a model directory's visible files, following links (a Hugging Face cache
+    snapshot is made of links to blobs); a link back to a folder that holds it, a
+    broken link or a special file is a one-line RegistryError, not an endless copy."""
+    here = source.stat()
+    ancestors = ancestors | {(here.st_dev, here.st_ino)}
+    for item in sorted(source.iterdir()):
+        if item.name.startswith("."):
+            continue
+        try:
+            info = item.stat()
+        except FileNotFoundError:
+            raise RegistryError(f"{item} is a link to {os.readlink(item)}, which does not exist; fix or remove it") from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RegistryError(f"{item} is a link that points back to itself; remove it and add again") from None
+            raise
+        if stat.S_ISDIR(info.st_mode):
+            if (info.st_dev, info.st_ino) in ancestors:
+                raise RegistryError(
+                    f"{item} links back to a folder that contains it (a symlink loop); remove that link and add again"
+                )
+            (target / item.name).mkdir()
+            _copy_model_files(item, target / item.name, ancestors)
+        elif stat.S_ISREG(info.st_mode):
+            shutil.copyfile(item, target / item.name)
+            shutil.copymode(item, target / item.name)
+        else:
+            raise RegistryError(f"{item} is not a regular file or folder; a model directory holds only files")
+
+
+def _fsync_files(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def describe_model(path: str | os.PathLike) -> ModelInfo:
     """Config, size, parameter count, quantization and chat template of a model directory."""
     path = Path(path)
     if not is_model_directory(path):
         raise RegistryError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise RegistryError(f"{path / 'config.json'} must hold a JSON object")
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    config = read_json_object(path / "config.json", RegistryError, missing=f"{path} has no config.json")
+    size = _size_on_disk(path)
     parameters, dtypes = 0, set()
     for weights in sorted(path.glob("*.safetensors")):
         count, kinds = _safetensors_parameter_count(weights)
@@ -194,10 +293,12 @@ def describe_model(path: str | os.PathLike) -> ModelInfo:
     if tokenizer_config.is_file():
         try:
             template = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             template = None
         if isinstance(template, list):
             template = next((t.get("template") for t in template if isinstance(t, dict)), None)
+        if not isinstance(template, str):
+            template = None
     fmt = "scribelm" if config.get("format") == "scribelm" else "huggingface"
     shown = {k: v for k, v in config.items() if k not in ("format", "format_version")}
     if dtypes:
@@ -208,23 +309,56 @@ def describe_model(path: str | os.PathLike) -> ModelInfo:
     )
 
 
+def _size_on_disk(path: Path) -> int:
+    """Bytes of the files under `path`; links are counted once each and never followed into a loop."""
+    total, seen = 0, set()
+    for directory, _, files in os.walk(path):  # os.walk does not descend into linked folders
+        for name in files:
+            try:
+                info = (Path(directory) / name).stat()
+            except OSError:  # a broken link: nothing to count
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
+    return total
+
+
 def _safetensors_parameter_count(file: Path) -> tuple[int, set[str]]:
     """Sum of tensor sizes from a safetensors header (8-byte length + JSON); no weights are read."""
+
+    def unreadable(why: str) -> RegistryError:
+        return RegistryError(f"{file} is not a readable safetensors file ({why}); re-download or re-save it")
+
     try:
         with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 2**20:
-                raise ValueError("header too large")
+            head = handle.read(8)
+            if len(head) < 8:
+                raise unreadable("shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or length > file.stat().st_size - 8:
+                raise unreadable(f"its header claims {length} bytes, more than the file or {MAX_HEADER_BYTES} allow")
             header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{file} is not a readable safetensors file ({err})") from None
+    except OSError as err:
+        raise unreadable(err.strerror or str(err)) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise unreadable(f"its header is not valid JSON: {err}") from None
+    except RecursionError:
+        raise unreadable("its header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise unreadable(f"its header is a JSON {type(header).__name__}, not an object of tensors")
     total, dtypes = 0, set()
     for name, entry in header.items():
-        if name == "__metadata__" or not isinstance(entry, dict):
+        if name == "__metadata__":
             continue
+        if not isinstance(entry, dict):
+            raise unreadable(f"tensor {name!r} is described by a {type(entry).__name__}, not an object")
+        shape = entry.get("shape", [])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise unreadable(f"tensor {name!r} has shape {json.dumps(shape)[:60]}, not a list of non-negative integers")
         count = 1
-        for dim in entry.get("shape", []):
-            count *= int(dim)
+        for dim in shape:
+            count *= dim
         total += count
         dtypes.add(str(entry.get("dtype", "?")))
     return total, dtypes
