@@ -5,15 +5,23 @@ from __future__ import annotations
 import math
 
 from scribelm.cli.common import console
+from scribelm.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="train a model from a recipe (works under torchrun for DDP/FSDP)",
         description="Train from a YAML recipe. Any recipe key can be overridden: --train.lr 3e-4 --data.batch_size 8. "
-                    "A run resumes from the newest usable checkpoint in its out_dir.",
+                    "Running the same recipe again resumes from the newest usable checkpoint in its out_dir; "
+                    "a different recipe is refused unless --new.",
     )
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--new", "--force", dest="new", action="store_true",
+                   help="start over in an out_dir that holds an earlier run: removes that run's checkpoints, metrics "
+                        "and plots (never other files; refused on a directory scribelm did not write)")
+    p.add_argument("--peak-flops", type=float, dest="peak_flops",
+                   help="FLOP/s per device that MFU is relative to (default: the GPU's nominal figure, "
+                        "else the best of repeated matmuls)")
     p.set_defaults(handler=run, takes_overrides=True)
 
 
@@ -43,7 +51,8 @@ class TrainingDisplay:
             total = info["time_budget_s"] if self.by_time else info["max_steps"]
             where = f"{info['device']}" + (f" × {info['world_size']} processes" if info["world_size"] > 1 else "")
             console.print(f"training {info['parameters']:,} parameters on {where}"
-                          + (f", resuming at step {info['step']}" if info["step"] else ""))
+                          + (f" from step {info['step']}" if info["step"] else "")
+                          + (f"; MFU relative to {info['peak_flops'] / 1e12:.3g} TFLOP/s per device" if info.get("peak_flops") else ""))
             self.task = self.progress.add_task("train", total=total, status="starting")
         elif event == "step" and self.task is not None:
             eta = info.get("eta_s")
@@ -58,18 +67,39 @@ class TrainingDisplay:
                           + (f", {bpb:.4f} bits per byte" if bpb is not None and math.isfinite(bpb) else ""))
         elif event == "checkpoint":
             console.print(f"[dim]checkpoint {info['path']}[/dim]")
+        elif event == "peak_flops":
+            console.print(f"[dim]step {info['step']} ran faster than the peak of {info['previous'] / 1e12:.3g} TFLOP/s: "
+                          f"MFU is now relative to {info['peak_flops'] / 1e12:.3g} TFLOP/s[/dim]")
+
+
+def describe_run_directory(claim, resumed_from, step: int) -> None:
+    """One line on what happens to the output directory: a new run, a fresh start, or a resume."""
+    if claim is None:
+        return
+    if resumed_from is not None:
+        changed = f"; changed: {', '.join(claim.changed)}" if claim.changed else ""
+        console.print(f"resuming from step {step} ({resumed_from}){changed}")
+    elif claim.removed:
+        console.print(f"starting over in {claim.path}: removed the earlier run's {len(claim.removed)} file(s) and folder(s)")
+    elif claim.status == "resume":
+        console.print(f"{claim.path} holds this run but no checkpoint yet: starting from step 0")
 
 
 def run(args) -> int:
     from scribelm.train.distributed import world_info
     from scribelm.train.pretrain import apply_overrides, build_run, load_recipe
 
-    recipe = apply_overrides(load_recipe(args.config), args.overrides)
+    overrides = list(args.overrides)
+    if args.peak_flops is not None:
+        if not args.peak_flops > 0:
+            raise ConfigError(f"--peak-flops must be positive, got {args.peak_flops}")
+        overrides += ["--train.peak_flops", repr(args.peak_flops)]
+    recipe = apply_overrides(load_recipe(args.config), overrides)
     main = world_info().is_main
     with TrainingDisplay() as display:
-        trainer = build_run(recipe, progress=display if main else None)
-        if trainer.resumed_from is not None and main:
-            console.print(f"resumed from {trainer.resumed_from}")
+        trainer = build_run(recipe, progress=display if main else None, new=args.new)
+        if main:
+            describe_run_directory(trainer.run_directory, trainer.resumed_from, trainer.step)
         result = trainer.fit()
     import torch.distributed as dist
 

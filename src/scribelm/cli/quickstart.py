@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.panel import Panel
 
 from scribelm.cli.common import console
+from scribelm.errors import ScribeError
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget for the whole run (default 5)")
     p.add_argument("--corpus", help="your own text: a file or directory of text/JSONL/Parquet (default: the bundled Bible)")
-    p.add_argument("--out", default="quickstart", help="output directory (default ./quickstart)")
+    p.add_argument("--out", default="quickstart",
+                   help="output directory (default ./quickstart); the same command again resumes the run there")
+    p.add_argument("--new", "--force", dest="new", action="store_true",
+                   help="start over in an --out that holds an earlier quickstart: removes what that run wrote "
+                        "(never other files; refused on a directory scribelm did not write)")
+    p.add_argument("--peak-flops", type=float, dest="peak_flops",
+                   help="FLOP/s that MFU is relative to (default: the best of repeated matmuls on this machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     p.set_defaults(handler=run)
@@ -29,9 +36,11 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_flops is not None and not args.peak_flops > 0:
+        raise ScribeError(f"--peak-flops must be positive, got {args.peak_flops}")
     with TrainingDisplay() as display:
         result = run_quickstart(
-            args.out, minutes=args.minutes, corpus=args.corpus, seed=args.seed,
+            args.out, minutes=args.minutes, corpus=args.corpus, seed=args.seed, new=args.new, peak_flops=args.peak_flops,
             stage=lambda message: console.print(f"[bold]·[/bold] {message}"), progress=display,
         )
     console.print(

@@ -18,6 +18,13 @@ overrides any key with a dotted path. The effective recipe (after overrides)
 is saved as `run_config.json` in every checkpoint, so a checkpoint says how
 it was made. The model's vocabulary defaults to the data's.
 
+out_dir belongs to one run (`scribelm.train.run_dir`): its `run.json` records
+the model, the data (by content: tokenizer hash and token counts, not path)
+and the training settings. Running again with the same recipe resumes; how
+long to train, how often to evaluate or save and where may change on
+resume (RESUMABLE_CHANGES). Any other change is refused with the
+differences unless `new=True` (`--new`) starts the run over there.
+
 Before anything is allocated the run's memory is estimated and a run that
 cannot fit is refused with the estimate.
 """
@@ -39,6 +46,14 @@ from scribelm.errors import ConfigError
 from scribelm.train.trainer import TrainConfig, Trainer, TrainResult, resolve_device
 
 RECIPE_KEYS = ("model", "data", "train", "out_dir", "resume", "tokenizer", "generation")
+# Recipe keys that may change when a run resumes: they say how long, how often, where and how fast,
+# not what the run computes. (The tokenizer is pinned by the data's hash; data.dir may move.)
+RESUMABLE_CHANGES = (
+    "out_dir", "resume", "tokenizer", "generation", "data.dir", "train.max_steps", "train.time_budget_s",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_last", "train.keep_best",
+    "train.log_every", "train.device", "train.distributed", "train.peak_flops", "train.tensorboard", "train.plot",
+    "train.compile", "train.gradient_checkpointing",
+)
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -109,12 +124,18 @@ def model_config_from_recipe(section: dict[str, Any], data_vocab_size: int) -> M
 
 
 def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], None] | None = None,
-              model_factory: Callable[[ModelConfig], torch.nn.Module] | None = None) -> Trainer:
-    """A ready Trainer (model, data, tokenizer, resume state) for `recipe`."""
+              model_factory: Callable[[ModelConfig], torch.nn.Module] | None = None, *, new: bool = False) -> Trainer:
+    """A ready Trainer (model, data, tokenizer, resume state) for `recipe`.
+
+    out_dir is claimed for this run first (see the module docstring); `trainer.run_directory`
+    says whether it resumes (and which allowed settings changed), None on ranks other than 0.
+    `new=True` starts over in an out_dir that holds an earlier run.
+    """
+    from scribelm.train.run_dir import claim_run_directory
     from scribelm.data.loader import TokenBatchLoader
     from scribelm.data.prepare import check_tokenizer_matches, read_manifest
     from scribelm.tokenizer import Tokenizer
-    from scribelm.train.distributed import init_distributed
+    from scribelm.train import distributed as dist_utils
     from scribelm.train.memory import check_fits, estimate_training_memory
     from scribelm.train.objectives import NextTokenObjective, token_byte_lengths
 
@@ -144,7 +165,7 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
         )
 
     device = resolve_device(train_config.device)
-    world = init_distributed(device.type)
+    world = dist_utils.init_distributed(device.type)
     estimate = estimate_training_memory(
         model_config, batch_size, sequence_length, precision=train_config.precision,
         gradient_checkpointing=train_config.gradient_checkpointing, world_size=world.world_size,
@@ -166,12 +187,22 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
     effective["data"] = {"dir": str(data_dir), "batch_size": batch_size, "sequence_length": sequence_length}
     effective["train"] = train_config.to_dict()
     effective["out_dir"] = str(out_dir)
+    defining = copy.deepcopy(effective)
+    defining["data"].update(tokenizer_sha256=manifest.get("tokenizer_sha256"),
+                            tokens={split: info.get("tokens") for split, info in manifest["splits"].items()})
+    defining["data"]["dir"] = str(data_dir.resolve())
+    claim = None
+    if world.is_main:
+        claim = claim_run_directory(out_dir, "training run", defining, new=new, resume=bool(recipe.get("resume", True)),
+                                    may_change=RESUMABLE_CHANGES)
+    dist_utils.barrier()  # the other ranks read checkpoints only once rank 0 has claimed (and maybe cleaned) out_dir
     trainer = Trainer(
         model, NextTokenObjective(token_byte_lengths(tokenizer)), train_loader, val_loader, train_config, out_dir,
         tokenizer=tokenizer, run_config=effective, generation=recipe.get("generation"), progress=progress,
     )
     trainer.memory_estimate = estimate
-    if recipe.get("resume", True):
+    trainer.run_directory = claim
+    if recipe.get("resume", True) and not new:
         trainer.resume()
     return trainer
 
@@ -182,5 +213,6 @@ def _build_model(config: ModelConfig) -> torch.nn.Module:
     return Transformer(config)
 
 
-def run_pretraining(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], None] | None = None) -> TrainResult:
-    return build_run(recipe, progress).fit()
+def run_pretraining(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], None] | None = None, *,
+                    new: bool = False) -> TrainResult:
+    return build_run(recipe, progress, new=new).fit()

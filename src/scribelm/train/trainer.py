@@ -55,6 +55,8 @@ import torch
 
 from scribelm.checkpoint import read_weights, save_checkpoint
 from scribelm.errors import CheckpointError, ConfigError, ScribeError, reject_unknown_fields
+from scribelm.io import DiskFullError, atomic_file, is_disk_full, write_file_atomically
+from scribelm.io import remove_stale_temporaries as remove_stale_temporaries_of
 from scribelm.train import distributed as dist_utils
 from scribelm.train.objectives import NextTokenObjective
 from scribelm.train.schedule import LRSchedule
@@ -66,6 +68,10 @@ BEST_DIR = "best"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Temporaries of what a run writes (`scribelm.io` names them `.NAME.tmp-PID-XXXX`, `.NAME.old-PID-XXXX`).
+_RUN_TEMPORARY = re.compile(r"^\.(step-\d+|best|metrics\.jsonl|loss\.png)\.(?:tmp|old)-")
+# Left by earlier versions, which named them without the writer's process id.
+_OLDER_TEMPORARY = re.compile(r"^\.(?:step-\d+|best)\.(?:tmp|old)-[A-Za-z0-9_]+$|^\.loss\.png\.tmp\.png$")
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -106,7 +112,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     distributed: str = "ddp"  # under torchrun: ddp | fsdp | none
-    peak_flops: float | None = None  # for MFU; None: a table for known GPUs, a quick matmul measurement on CPU
+    peak_flops: float | None = None  # FLOP/s per device that MFU is relative to; None: the nominal figure of known GPUs, else the best of repeated matmuls
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tensorboard
     plot: bool = True  # write out_dir/loss.png
     clock: str = "wall"  # what time_budget_s counts: wall seconds, or "process" CPU seconds (fair comparisons on a busy machine)
@@ -227,6 +233,41 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted saves of processes no longer running left in out_dir: half-written
+    checkpoints (each as large as a complete one), metrics and plot temporaries; only names
+    of scribelm's own temporaries. Returns what was removed."""
+    out_dir = Path(out_dir)
+    removed: list[Path] = []
+    for folder in (out_dir / CHECKPOINTS_DIR, out_dir):
+        if not folder.is_dir():
+            continue
+        finals = set()
+        for entry in folder.iterdir():
+            if match := _RUN_TEMPORARY.match(entry.name):
+                finals.add(match.group(1))
+            if _OLDER_TEMPORARY.match(entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        for name in sorted(finals):
+            removed += remove_stale_temporaries_of(folder / name)
+    return removed
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
+
+
+def _disk_full(err: BaseException, what: str) -> DiskFullError | None:
+    """A one-line error for a full disk (None for other errors)."""
+    if not (isinstance(err, DiskFullError) or is_disk_full(err)):
+        return None
+    return DiskFullError(f"disk full while {what}; free some space and run again")
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -351,13 +392,17 @@ class Trainer:
         cfg = self.config
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+            if self.step == 0 and self.resumed_from is None:
+                self._truncate_metrics(0)  # a fresh start: lines of an earlier attempt would tell two stories
         batches = iter(self.train_loader)
         self._flops_per_token = self._estimate_flops_per_token()
         if self._peak_flops is None:
             self._peak_flops = measure_peak_flops(self.device, self.amp_dtype or torch.float32)
         self.progress("start", {"step": self.step, "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s,
                                 "device": str(self.device), "world_size": self.world.world_size,
-                                "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)})
+                                "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                                "peak_flops": self._peak_flops})
         stopped = None
         start_elapsed = self.elapsed_s
         clock = time.process_time if cfg.clock == "process" else time.perf_counter
@@ -397,7 +442,8 @@ class Trainer:
             window_tokens, window_t = 0, now
             record = {
                 "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "elapsed_s": self.elapsed_s,
+                "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "peak_flops": self._peak_flops,
+                "elapsed_s": self.elapsed_s,
             }
             if self.step % cfg.log_every == 0:
                 self._log(record)
@@ -532,7 +578,8 @@ class Trainer:
         if val is not None and math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
             self.best_val_loss = val
             if self.config.keep_best:
-                self._write_model_dir(self.out_dir / BEST_DIR, {RUN_CONFIG_FILE: self._run_config_json(result)})
+                self._write_model_dir(self.out_dir / BEST_DIR, {RUN_CONFIG_FILE: self._run_config_json(result)},
+                                      what=f"the best checkpoint {self.out_dir / BEST_DIR}")
         self._write_plot()
         return result
 
@@ -585,27 +632,42 @@ class Trainer:
             return copy
         return self.model
 
-    def _write_model_dir(self, path: Path, extra_files: dict[str, bytes | str]) -> None:
+    def _write_model_dir(self, path: Path, extra_files: dict[str, bytes | str], what: str) -> None:
         model = self._model_for_saving()
         if not self.world.is_main:
             return
-        if self._save_model_fn is not None:
-            self._save_model_fn(path, model, extra_files)
-        else:
-            save_checkpoint(path, model, model.config, self.tokenizer, self.generation, extra_files=extra_files)
+        try:
+            if self._save_model_fn is not None:
+                self._save_model_fn(path, model, extra_files)
+            else:
+                save_checkpoint(path, model, model.config, self.tokenizer, self.generation, extra_files=extra_files)
+        except Exception as err:  # noqa: BLE001 - a Rust writer reports a full disk in a plain exception
+            # The atomic save removed its temporary directory; what was saved before is untouched.
+            full = _disk_full(err, f"saving {what}")
+            if full is None:
+                raise
+            kept = f" (the last complete checkpoint, {self.last_checkpoint}, is kept)" if self.last_checkpoint else ""
+            raise DiskFullError(f"{full}{kept}") from None
 
     def save(self) -> Path | None:
-        """Write checkpoints/step-N (model + training state) atomically; prune old ones. Rank 0 writes."""
+        """Write checkpoints/step-N (model + training state) atomically; prune old ones. Rank 0 writes.
+
+        Pruning keeps this checkpoint and the newest `keep_last - 1` before it; checkpoints with
+        a higher step (left by an attempt this run resumed before) are never counted as newer.
+        """
         path = self.out_dir / CHECKPOINTS_DIR / f"step-{self.step:08d}"
         state = self.training_state()
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        self._write_model_dir(path, {TRAINING_STATE_FILE: buffer.getvalue(), RUN_CONFIG_FILE: self._run_config_json()})
+        self._write_model_dir(path, {TRAINING_STATE_FILE: buffer.getvalue(), RUN_CONFIG_FILE: self._run_config_json()},
+                              what=f"checkpoint {path}")
         dist_utils.barrier()
         self.last_checkpoint = path
         if self.world.is_main:
-            for old in list_checkpoints(self.out_dir)[self.config.keep_last:]:
+            older = [p for p in list_checkpoints(self.out_dir) if _step_of(p) < self.step]
+            for old in older[self.config.keep_last - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
+            remove_stale_temporaries(self.out_dir)
         self.progress("checkpoint", {"step": self.step, "path": str(path)})
         return path
 
@@ -620,16 +682,22 @@ class Trainer:
             try:
                 state = self._read_training_state(path)
                 self._load_model_weights(path)
-            except (CheckpointError, OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
+                self._restore_training_state(state)
+            except (CheckpointError, OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as err:
                 if checkpoint is not None:
                     raise CheckpointError(f"cannot resume from {path}: {err}") from None
                 warnings.warn(f"skipping checkpoint {path}: {err}", CheckpointWarning, stacklevel=2)
                 continue
-            self._restore_training_state(state)
             self.last_checkpoint = path
             self.resumed_from = path
             self._truncate_metrics(self.step)
             return path
+        if candidates:
+            # Starting over from random weights beside them would mix two runs in one directory.
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoint(s) in {self.out_dir / CHECKPOINTS_DIR} can be used "
+                "(each is damaged, see the warnings); restore one from a copy or start the run over in a new directory"
+            )
         return None
 
     def _read_training_state(self, path: Path) -> dict[str, Any]:
@@ -637,9 +705,11 @@ class Trainer:
         if not file.is_file():
             raise CheckpointError(f"{path} has no {TRAINING_STATE_FILE}")
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated zip raises several different types
             raise CheckpointError(f"{file} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        _check_training_state(state, file)
+        return state
 
     def _load_model_weights(self, path: Path) -> None:
         if self._load_model_fn is not None:
@@ -666,10 +736,7 @@ class Trainer:
                 params[name].copy_(tensor)
 
     def _restore_training_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.elapsed_s = float(state["elapsed_s"])
-        self.best_val_loss = state.get("best_val_loss")
+        # The optimizer first: it checks its groups against the model before changing anything.
         if self.config.distributed == "fsdp" and self.world.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -683,14 +750,24 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         if "data" in state and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.elapsed_s = float(state["elapsed_s"])
+        self.best_val_loss = state.get("best_val_loss")
 
     # -- metrics ------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if not self.world.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            full = _disk_full(err, f"writing {self.out_dir / METRICS_FILE}")
+            if full is None:
+                raise
+            raise full from None
         if self.config.tensorboard:
             if self._tb is None:
                 try:
@@ -710,20 +787,28 @@ class Trainer:
         kept = []
         for line in file.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, file)
+            if not isinstance(record, dict) or record.get("step", 0) > step:
+                continue
+            kept.append(line)
+            if step and record.get("step") == step and "val_loss" in record:
+                self._last_eval = record  # evaluated already: a resumed run that stops at once need not again
+        write_file_atomically(file, "".join(line + "\n" for line in kept))
 
     def _write_plot(self) -> None:
         if not (self.config.plot and self.world.is_main):
             return
         file = self.out_dir / METRICS_FILE
         if file.is_file():
-            plot_metrics(file, self.out_dir / PLOT_FILE)
+            try:
+                plot_metrics(file, self.out_dir / PLOT_FILE)
+            except OSError as err:
+                full = _disk_full(err, f"drawing {self.out_dir / PLOT_FILE}")
+                if full is None:
+                    raise
+                raise full from None
 
     # -- facts --------------------------------------------------------------------------
     def _estimate_flops_per_token(self) -> float:
@@ -736,10 +821,48 @@ class Trainer:
         return 6.0 * sum(p.numel() for p in self.model.parameters())
 
     def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOPs utilization: achieved training FLOP/s over the device's peak."""
+        """Model FLOPs utilization: achieved training FLOP/s over the device's peak, never above 1.
+
+        A rate above the peak means the peak was wrong (measured while other work held the
+        cores, or set too low): the peak is raised to the rate seen, with a "peak_flops" event.
+        """
         if not self._peak_flops or not self._flops_per_token:
             return 0.0
-        return tokens_per_s * self._flops_per_token / (self._peak_flops * self.world.world_size)
+        achieved = tokens_per_s * self._flops_per_token / self.world.world_size  # per device
+        if achieved > self._peak_flops:
+            previous, self._peak_flops = self._peak_flops, achieved
+            self.progress("peak_flops", {"step": self.step, "peak_flops": achieved, "previous": previous})
+        return min(achieved / self._peak_flops, 1.0)
+
+
+# The keys every training state has, with the types they must hold.
+_TRAINING_STATE_KEYS: dict[str, tuple[type, ...]] = {
+    "step": (int,), "tokens_seen": (int,), "elapsed_s": (int, float), "optimizer": (dict,), "torch_rng": (torch.Tensor,),
+}
+
+
+def _check_training_state(state: Any, file: Path) -> None:
+    """Refuse a training state that loads but lacks what a resume needs (a damaged or foreign file)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is damaged (it holds {type(state).__name__}, not a training state)")
+    missing = [key for key in _TRAINING_STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{file} is damaged (it lacks {', '.join(missing)})")
+    for key, types in _TRAINING_STATE_KEYS.items():
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise CheckpointError(f"{file} is damaged ({key} is {type(state[key]).__name__})")
+    if state["step"] < 0 or state["tokens_seen"] < 0:
+        raise CheckpointError(f"{file} is damaged (negative step or token count)")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise CheckpointError(f"{file} is damaged (the optimizer state lacks state or param_groups)")
+    best = state.get("best_val_loss")
+    if best is not None and not isinstance(best, (int, float)):
+        raise CheckpointError(f"{file} is damaged (best_val_loss is {type(best).__name__})")
+    if "data" in state and not isinstance(state["data"], dict):
+        raise CheckpointError(f"{file} is damaged (the data position is {type(state['data']).__name__})")
+    if state["torch_rng"].dtype != torch.uint8:
+        raise CheckpointError(f"{file} is damaged (torch_rng is not a byte tensor)")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -793,8 +916,9 @@ def plot_metrics(metrics_file: str | os.PathLike, png: str | os.PathLike) -> Pat
     ax.legend()
     fig.tight_layout()
     png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_file(png, "wb") as handle:
+            fig.savefig(handle, format="png")
+    finally:
+        plt.close(fig)
     return png
