@@ -147,6 +147,14 @@ def test_claim_rules(tmp_path):
         claim_run_directory(tmp_path / "file", "training run", recipe)
     (tmp_path / "empty").mkdir()
     assert claim_run_directory(tmp_path / "empty", "training run", recipe).status == "new"
+    # A run directory from before run.json existed: recognised by what is in it, started over only with --new.
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(RunDirectoryError, match="recipe was not recorded.*--new"):
+        claim_run_directory(earlier, "training run", recipe)
+    assert claim_run_directory(earlier, "training run", recipe, new=True).status == "new"
+    assert not (earlier / "metrics.jsonl").exists() and not (earlier / "checkpoints").exists()
     # A model directory is scribelm's, but not a run: it is not taken over.
     from scribelm.checkpoint import save_checkpoint
 

@@ -142,6 +142,8 @@ def claim_run_directory(
     if os.path.lexists(path) and not path.is_dir():
         raise RunDirectoryError(f"{path} exists and is not a directory; choose another output directory")
     marker = io.read_output_marker(path) if path.is_dir() else None
+    if marker is None and path.is_dir() and _earlier_run(path, kind):
+        marker = {"kind": kind}  # written by a scribelm that did not mark run directories yet
     if marker is None:
         if path.is_dir() and io.foreign_entries(path):
             found = io.output_kind(path)
@@ -156,7 +158,8 @@ def claim_run_directory(
     manifest = read_run_manifest(path)
     if manifest is None:
         raise RunDirectoryError(
-            f"{path} holds a {kind} whose recipe was not recorded ({RUN_MANIFEST} is missing or damaged); "
+            f"{path} holds a {kind} whose recipe was not recorded (no readable {RUN_MANIFEST}: an earlier scribelm, "
+            "or a damaged file); "
             "pass --new to start over there or choose another output directory"
         )
     differ = recipe_differences(manifest["recipe"], recipe, ignore=may_change)
@@ -174,6 +177,19 @@ def claim_run_directory(
     changed = recipe_differences(manifest["recipe"], recipe)
     extra = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "recipe")}
     return RunDirectory(path, "resume", changed=changed, manifest=write_run_manifest(path, recipe, **extra))
+
+
+def _earlier_run(path: Path, kind: str) -> bool:
+    """Whether `path` holds only what a run of `kind` writes, and visibly such a run's output."""
+    names = set(io.foreign_entries(path))
+    if not names or not names <= set(RUN_ENTRIES[kind]) - {RUN_MANIFEST}:
+        return False
+    if kind == "quickstart":
+        return io.output_kind(path / "data") == "shards" or io.output_kind(path / "model") == "checkpoint"
+    checkpoints = path / CHECKPOINTS_DIR
+    return (path / METRICS_FILE).is_file() or (
+        checkpoints.is_dir() and any(re.match(r"^step-\d+$", p.name) for p in checkpoints.iterdir())
+    )
 
 
 def _start(path: Path, kind: str, recipe: dict[str, Any], removed: list[Path]) -> RunDirectory:
