@@ -109,7 +109,8 @@ class Tokenizer:
         files: bool | None = None,
         show_progress: bool = False,
     ) -> "Tokenizer":
-        """Learn BPE merges from an iterator of strings or a list of file paths.
+        """Learn BPE merges from an iterator of strings or a list of file and folder paths
+        (see `training_files`; JSONL and Parquet files give their "text" field).
 
         The 256 byte symbols are always in the vocabulary, so any text encodes.
         """
@@ -129,14 +130,16 @@ class Tokenizer:
         )
         if files is None:
             files = isinstance(texts_or_files, (list, tuple)) and all(
-                isinstance(f, (os.PathLike, str)) and _is_file(f) for f in texts_or_files
+                isinstance(f, (os.PathLike, str)) and _is_file(f, folders=True) for f in texts_or_files
             ) and len(texts_or_files) > 0
         if files:
-            paths = [str(p) for p in texts_or_files]
-            for p in paths:
-                if not Path(p).is_file():
-                    raise TokenizerError(f"training file not found: {p}")
-            backend.train(paths, trainer)
+            paths = training_files(texts_or_files)
+            if all(_is_plain_text(p) for p in paths):
+                backend.train([str(p) for p in paths], trainer)  # read in parallel by the tokenizers library
+            else:  # JSONL / Parquet: their text fields, read the way `scribe prepare` reads them
+                from scribelm.data.prepare import iter_clean_documents
+
+                backend.train_from_iterator((text for text, _ in iter_clean_documents(paths)), trainer)
         else:
             backend.train_from_iterator((_check_text(t) for t in texts_or_files), trainer)
         return cls(backend, chat_template=DEFAULT_CHAT_TEMPLATE if ASSISTANT in special_tokens else None)
@@ -401,14 +404,37 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
 
-def _is_file(candidate: str | os.PathLike) -> bool:
-    """True for an existing file; False for text that merely looks like a path (or is too long for one)."""
+def _is_file(candidate: str | os.PathLike, *, folders: bool = False) -> bool:
+    """True for an existing file (or, with `folders`, directory); False for text that merely
+    looks like a path (or is too long for one)."""
     if isinstance(candidate, str) and ("\n" in candidate or len(candidate) > 4096):
         return False
     try:
-        return Path(candidate).is_file()
+        path = Path(candidate)
+        return path.is_file() or (folders and path.is_dir())
     except (OSError, ValueError):
         return False
+
+
+def training_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files a tokenizer trains on: files as given, folders expanded exactly as `scribe
+    prepare` expands them (recursively, sorted, hidden files skipped), each checked to be
+    non-empty text before any work starts."""
+    from scribelm.data.prepare import DataError, find_input_files
+
+    for item in inputs:
+        if not Path(item).exists():
+            raise TokenizerError(f"training input not found: {item} (give text, JSONL or Parquet files, or folders of them)")
+    try:
+        return find_input_files(inputs)
+    except DataError as err:
+        raise TokenizerError(str(err)) from None
+
+
+def _is_plain_text(path: Path) -> bool:
+    from scribelm.data.prepare import _JSONL_SUFFIXES, _PARQUET_SUFFIXES
+
+    return path.suffix.lower() not in _JSONL_SUFFIXES + _PARQUET_SUFFIXES
 
 
 def _token_name(value: Any) -> str | None:

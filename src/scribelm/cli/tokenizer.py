@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 
 from scribelm.cli.common import console, print_json
-from scribelm.errors import TokenizerError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer, encode and decode text")
     verbs = p.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
 
-    train = verbs.add_parser("train", help="train on text files")
-    train.add_argument("files", nargs="+", help="UTF-8 text files")
+    train = verbs.add_parser("train", help="train on text files or folders of them")
+    train.add_argument("files", nargs="+", metavar="INPUT",
+                       help="UTF-8 text, JSONL or Parquet files, or folders of them (read as `scribe prepare` reads them)")
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("-o", "--output", required=True, help="directory to write tokenizer.json into")
@@ -34,26 +32,12 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from scribelm.tokenizer import Tokenizer
+    from scribelm.tokenizer import Tokenizer, training_files
 
-    for f in args.files:
-        path = Path(f)
-        if not path.is_file():
-            raise TokenizerError(f"training file not found: {f}")
-        if path.stat().st_size == 0:
-            raise TokenizerError(f"training file is empty: {f}")
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 16)
-        if b"\x00" in head:
-            raise TokenizerError(f"{f} looks binary (it holds NUL bytes); give UTF-8 text files")
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as err:
-            if err.start < len(head) - 4:  # a character cut at the chunk end is fine
-                raise TokenizerError(f"{f} is not UTF-8 text (bad byte at offset {err.start})") from None
-    tok = Tokenizer.train(args.files, args.vocab_size, min_frequency=args.min_frequency, files=True, show_progress=False)
+    files = training_files(args.files)  # folders as `scribe prepare` reads them; every file checked first
+    tok = Tokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency, files=True, show_progress=False)
     tok.save(args.output)
-    console.print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(args.files)} file(s) -> {args.output}")
+    console.print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(files)} file(s) -> {args.output}")
     return 0
 
 
