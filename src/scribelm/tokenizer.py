@@ -328,7 +328,8 @@ class Tokenizer:
         at = 0
         for start, end in list(rendered.controls) + [(len(rendered.text), len(rendered.text))]:
             if start > at:  # plain text, special-token strings in it included, never parsed as controls
-                encoding = self.backend.encode(rendered.text[at:start], add_special_tokens=False)
+                backend = self.backend if at == 0 else self._continuation_backend()
+                encoding = backend.encode(rendered.text[at:start], add_special_tokens=False)
                 ids += encoding.ids
                 offsets += [(at + a, at + b) for a, b in encoding.offsets]
             if end > start:
@@ -336,6 +337,21 @@ class Tokenizer:
                 offsets.append((start, end))
             at = end
         return ids, offsets
+
+    def _continuation_backend(self) -> _HFTokenizer:
+        """The backend for text that does not start the input: the same one, unless its
+        Metaspace pre-tokenizer prepends "▁" to the first piece only (SentencePiece's
+        prepend_scheme "first"); then a copy that never prepends, as one pass over the
+        whole text would not there."""
+        cached = self.__dict__.get("_continuation")
+        if cached is None:
+            spec = json.loads(self.backend.to_str())
+            cached = self.backend
+            if _never_prepend(spec.get("pre_tokenizer")):
+                cached = _HFTokenizer.from_str(json.dumps(spec))
+                cached.encode_special_tokens = True
+            self.__dict__["_continuation"] = cached
+        return cached
 
     def _special_strings(self) -> tuple[str, ...]:
         """The texts of the special (control) tokens: what plain text must never turn into."""
@@ -476,6 +492,19 @@ def _alternation(specials: tuple[str, ...]) -> "re.Pattern[str] | None":
 
 def _find_controls(text: str, pattern: "re.Pattern[str] | None") -> tuple[tuple[int, int], ...]:
     return () if pattern is None else tuple(m.span() for m in pattern.finditer(text))
+
+
+def _never_prepend(spec: Any) -> bool:
+    """Turn every Metaspace prepend_scheme "first" in a pre-tokenizer spec into "never", in place;
+    True if one was found."""
+    if not isinstance(spec, dict):
+        return False
+    found = spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "first"
+    if found:
+        spec["prepend_scheme"] = "never"
+    for inner in spec.get("pretokenizers") or []:
+        found = _never_prepend(inner) or found
+    return found
 
 
 def _marker_char(template: str, messages: Any) -> str:
