@@ -239,7 +239,7 @@ def _unavailable_devices():
 
 
 @pytest.mark.parametrize("verb", [["generate", "MODEL", "x"], ["chat", "MODEL"],
-                                  ["finetune", "lora", "MODEL", "--data", "d.jsonl", "-o", "out"]])
+                                  ["finetune", "lora", "MODEL", "--data", "d.jsonl", "-o", "out"], ["serve", "MODEL"]])
 def test_a_device_this_build_lacks_is_one_line_naming_the_devices_it_has(random_dir, capsys, verb):
     for device in _unavailable_devices():
         args = [str(random_dir) if a == "MODEL" else a for a in verb] + ["--device", device]
