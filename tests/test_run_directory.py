@@ -4,6 +4,7 @@ honest MFU; no stale temporaries; damaged training states; a full disk."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,20 @@ def test_mfu_is_never_above_one_and_the_peak_is_raised(tmp_path):
     assert steps[0]["peak_flops"] > 1.0  # raised to the rate seen, and written beside the MFU
     raised = [info for event, info in events if event == "peak_flops"]
     assert raised and raised[0]["previous"] == 1.0 and raised[0]["peak_flops"] > 1.0
+
+
+def test_peak_flops_on_the_command_line(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", data_dir, tmp_path / "run", max_steps=2)
+    result = scribe("pretrain", "--config", recipe, "--peak-flops", 1000)
+    assert result.returncode == 0, result.stderr
+    assert "MFU relative to 1e-09 TFLOP/s" in result.stdout and "ran faster than the peak" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] <= 1.0 and r["peak_flops"] > 1000 for r in records if "mfu" in r)
+    shown = [float(x) for x in re.findall(r"MFU ([0-9.]+)%", result.stdout)]
+    assert shown and all(x <= 100.0 for x in shown)
+
+    bad = scribe("pretrain", "--config", recipe, "--peak-flops", 0)
+    assert bad.returncode == 2 and "--peak-flops must be positive" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- temporaries, damage, full disk
