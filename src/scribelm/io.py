@@ -436,7 +436,7 @@ def claim_output_directory(path: str | os.PathLike, *, force: bool = False, kind
         return path
     check_replaceable(path, kind)
     if not force:
-        raise OutputError(f"{path} was written by scribelm earlier ({output_kind(path)}); pass {force_flag} to replace it, "
+        raise OutputError(f"{path} already exists (a scribelm {output_kind(path)}); pass {force_flag} to replace it, "
                           "or choose another directory")
     return path
 

@@ -2,8 +2,10 @@
 
 SRC is anything `scribelm.load` reads (a scribelm checkpoint or a Hugging Face
 directory). `scribe` and `hf` write directories; `gguf` and `onnx` write one
-file. Every output is written atomically, and an existing DST is replaced
-only with --force.
+file. Every output is written atomically. An existing DST is replaced only
+with --force, and only if scribelm wrote it (a directory with scribelm's
+marker and nothing else, or a GGUF / ONNX file of that format): --force never
+deletes a user's other files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from scribelm.cli.common import console, err_console, human_bytes
 from scribelm.errors import ScribeError
+from scribelm.io import claim_output_directory, claim_output_file
 
 FORMATS = ("scribe", "hf", "gguf", "onnx")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -29,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--architecture", help="hf: force the family, e.g. LlamaForCausalLM (default: picked from the config)")
     p.add_argument("--gguf-type", "--type", dest="gguf_type", default="f32",
                    help="gguf: tensor type f32, f16 or q8_0 (default f32)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if scribelm wrote it (a directory holding other files is never replaced)")
     p.add_argument("--merge-lora", metavar="ADAPTER_DIR",
                    help="fold LoRA adapters (from `scribe finetune lora`) into SRC's weights before writing")
     p.set_defaults(handler=run)
@@ -57,10 +61,14 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
         raise ScribeError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ScribeError("DST is the same as SRC; write the converted model somewhere else")
-    if dst.exists() and not force:
-        raise ScribeError(f"{dst} already exists; choose another DST or pass --force to replace it")
+    if src.exists() and src.resolve() in dst.resolve().parents:
+        raise ScribeError(f"DST {dst} lies inside SRC {src}; write the converted model outside the source model")
     if dtype is not None and dtype not in DTYPES:
         raise ScribeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if to in ("scribe", "hf"):
+        dst = claim_output_directory(dst, force=force, kind="model directory")
+    else:
+        dst = claim_output_file(dst, force=force, kind=f"{to.upper()} file", looks_like=_LOOKS_LIKE[to])
     lm = scribelm.load(src, dtype=getattr(torch, dtype) if dtype else None)
     if merge_lora is not None:
         from scribelm.adapters import load_adapters
@@ -79,6 +87,20 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
     else:
         _exporter("onnx", "export_onnx", "ONNX")(lm, dst)
     return dst
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+# What an earlier export of each single-file format looks like, so --force replaces
+# only such a file: GGUF's magic; an ONNX model is a protobuf whose first field
+# (ir_version, field 1, varint) is the byte 0x08.
+_LOOKS_LIKE = {
+    "gguf": lambda path: _starts_with(path, b"GGUF"),
+    "onnx": lambda path: path.suffix.lower() == ".onnx" and _starts_with(path, b"\x08"),
+}
 
 
 def _size(path: Path) -> int:

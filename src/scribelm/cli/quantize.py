@@ -14,6 +14,7 @@ from rich.table import Table
 
 from scribelm.cli.common import console, human_bytes, print_json
 from scribelm.errors import ScribeError
+from scribelm.io import claim_output_directory
 
 
 def register(subparsers) -> None:
@@ -24,7 +25,10 @@ def register(subparsers) -> None:
                    help="int4 only: inputs sharing one scale (32, 64 or 128; default 32)")
     p.add_argument("--unembedding", action="store_true",
                    help="also quantize the output projection (read in full for every generated token)")
-    p.add_argument("-o", "--output", required=True, help="directory to write the quantized checkpoint to")
+    p.add_argument("-o", "--output", required=True,
+                   help="directory to write the quantized checkpoint to: new, empty, or one scribelm wrote (with --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if scribelm wrote it (a directory holding other files is never replaced)")
     p.add_argument("--eval-text", default=None,
                    help="UTF-8 text file to measure bits per byte on (default: a built-in English sample)")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after measurement")
@@ -42,6 +46,7 @@ def run(args) -> int:
     check_scheme(args.bits, group)  # fail before loading a large model
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise ScribeError("the output directory is the model itself; write the quantized copy elsewhere with -o")
+    output = claim_output_directory(args.output, force=args.force, kind="quantized checkpoint")
     text = DEFAULT_EVAL_TEXT
     if args.eval_text is not None:
         path = Path(args.eval_text)
@@ -61,7 +66,7 @@ def run(args) -> int:
     report["bytes_after"] = weight_bytes(lm.model)
     if evaluate:
         report["after"] = bits_per_byte(lm.model, lm.tokenizer, text)
-    lm.save(args.output)
+    lm.save(output)
     report["output"] = str(args.output)
     if args.json:
         print_json(report)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from scribelm.errors import ScribeError
+from scribelm.io import published_file_mode
 
 TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
@@ -342,6 +343,7 @@ def export_gguf(lm, out_path: str | os.PathLike, type: str = "f32") -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp_name, published_file_mode())  # mkstemp's 0600 is not what the user's umask asks for
         os.replace(tmp_name, out_path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

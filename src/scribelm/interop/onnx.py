@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scribelm.errors import ScribeError
+from scribelm.io import published_file_mode
 
 
 class ONNXExportError(ScribeError):
@@ -184,6 +185,7 @@ def export_onnx(
                     program.save(str(out_path), external_data=True)
                 else:
                     program.save(tmp_name, external_data=False)
+                    os.chmod(tmp_name, published_file_mode())  # mkstemp's 0600 is not what the user's umask asks for
                     os.replace(tmp_name, out_path)
         except Exception as err:
             raise ONNXExportError(f"torch.onnx.export could not export this model: {str(err).splitlines()[0]}") from err
