@@ -184,7 +184,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Nominal dense peaks (datasheets), matched against the device name in this order.
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# float32 without TF32 runs on the CUDA cores, not the tensor cores.
+_GPU_PEAK_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10": 31.2e12, "L4": 30.3e12, "4090": 82.6e12, "3090": 35.6e12, "V100": 15.7e12, "T4": 8.1e12}
 
 
 _measured_peaks: dict[tuple[str, torch.dtype], float] = {}
@@ -201,12 +204,21 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     return _measured_peaks[key]
 
 
+def _raise_measured_peak(device: torch.device, dtype: torch.dtype, rate: float) -> None:
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    key = (str(device), dtype)
+    _measured_peaks[key] = max(_measured_peaks.get(key, 0.0), rate)
+
+
 def _measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in _GPU_PEAK_BF16.items():
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        table = _GPU_PEAK_FP32 if dtype == torch.float32 and not tf32 else _GPU_PEAK_BF16
+        for key, flops in table.items():
             if key in name:
-                return flops if dtype != torch.float32 else flops / 2
+                return flops / 2 if dtype == torch.float32 and tf32 else flops  # TF32: half the bf16 rate
     n = 1024 if device.type == "cpu" else 4096
     # Filled without the global RNG: measuring must not change what a resumed run draws next.
     a = torch.ones(n, n, device=device, dtype=dtype)
@@ -831,6 +843,8 @@ class Trainer:
         achieved = tokens_per_s * self._flops_per_token / self.world.world_size  # per device
         if achieved > self._peak_flops:
             previous, self._peak_flops = self._peak_flops, achieved
+            if self.config.peak_flops is None:  # later runs in this process start from the better figure
+                _raise_measured_peak(self.device, self.amp_dtype or torch.float32, achieved)
             self.progress("peak_flops", {"step": self.step, "peak_flops": achieved, "previous": previous})
         return min(achieved / self._peak_flops, 1.0)
 
