@@ -22,7 +22,16 @@ written by us with `torch.save` and read back with `weights_only=True`.
 Restoring all of it makes the resumed run take the same steps with the same
 numbers as a run that was never interrupted (bit for bit on CPU). A
 checkpoint is written to a temporary directory and renamed into place when
-complete; a damaged one is skipped with a warning and the one before it used.
+complete; a damaged one (truncated weights, a training state that does not
+load or lacks keys) is skipped with a warning and the one before it used; if
+none is usable, resuming is an error rather than a silent fresh start beside
+them. Temporaries that killed saves left behind are removed when training
+starts and after every save; a full disk ends the run with one line, keeping
+the checkpoints already saved.
+
+MFU is relative to `TrainConfig.peak_flops`, else the nominal figure of a
+known GPU, else the best of repeated matmuls; a step faster than that peak
+raises it (a "peak_flops" progress event), so MFU never exceeds 1.
 
 Several processes. Under `torchrun` the same code wraps the model in DDP
 (or FSDP), each rank reads its slice of every global batch, metrics are
@@ -30,7 +39,7 @@ averaged over ranks, and rank 0 alone writes files.
 
 Library code does not print: progress goes to an optional callback
 `progress(event, info)` with events "start", "step", "eval", "checkpoint",
-"end"; metrics go to `metrics.jsonl` and a plot `loss.png` in `out_dir`.
+"peak_flops", "end"; metrics go to `metrics.jsonl` and a plot `loss.png` in `out_dir`.
 """
 
 from __future__ import annotations
@@ -708,7 +717,7 @@ class Trainer:
             # Starting over from random weights beside them would mix two runs in one directory.
             raise CheckpointError(
                 f"none of the {len(candidates)} checkpoint(s) in {self.out_dir / CHECKPOINTS_DIR} can be used "
-                "(each is damaged, see the warnings); restore one from a copy or start the run over in a new directory"
+                "(each is damaged, see the warnings); restore one from a copy, or start the run over (--new) or elsewhere"
             )
         return None
 
