@@ -245,7 +245,7 @@ def test_a_device_this_build_lacks_is_one_line_naming_the_devices_it_has(random_
         args = [str(random_dir) if a == "MODEL" else a for a in verb] + ["--device", device]
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: ") and f"'{device}'" in err and "this PyTorch build" in err
+        assert err.startswith("error: ") and f"'{device}'" in err and "this PyTorch build" in err
         assert "has: cpu" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

@@ -237,7 +237,7 @@ def test_context_overflow_error_and_sliding_window(tokenizer):
     torch.manual_seed(0)
     lm = LM(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=16)).eval(), tokenizer)
     long_prompt = list(range(10, 30))  # 20 tokens
-    with pytest.raises(ContextOverflowError, match="prompt 0 is 20 tokens but the model's context is 16"):
+    with pytest.raises(ContextOverflowError, match="the prompt is 20 tokens but the model's context is 16"):
         lm.generate(long_prompt, max_new_tokens=3)
     d = lm.generate(list(range(10, 15)), max_new_tokens=40, temperature=0, return_details=True)
     assert d.finish_reason == "length" and len(d.token_ids) == 16 - 5 + 1  # stopped when the context filled

@@ -9,6 +9,7 @@ from scribelm.adapters.lora import (
     lora_state_dict,
     merge_lora,
     read_adapter_config,
+    read_any_adapter_config,
     save_adapters,
     set_adapters_enabled,
 )
@@ -16,6 +17,6 @@ from scribelm.adapters.quant4 import Embedding4bit, Linear4bit, dequantize_model
 
 __all__ = [
     "AdapterError", "Embedding4bit", "Linear4bit", "LoRAConfig", "LoRALinear", "apply_lora", "dequantize_model",
-    "load_adapters", "lora_state_dict", "merge_lora", "quantize_base", "read_adapter_config", "save_adapters",
-    "set_adapters_enabled", "storage_bytes",
+    "load_adapters", "lora_state_dict", "merge_lora", "quantize_base", "read_adapter_config", "read_any_adapter_config",
+    "save_adapters", "set_adapters_enabled", "storage_bytes",
 ]

@@ -309,8 +309,12 @@ def install_adapters(model: nn.Module, names: list[str], config: LoRAConfig, sta
     if lora_modules(model):
         raise AdapterError("this model already carries LoRA adapters; merge them first (merge_lora) "
                            "or load the base model again")
-    present = {n for n, m in model.named_modules() if _is_linear(m)}
-    missing = [n for n in names if n not in present]
+    modules = dict(model.named_modules())
+    other = [n for n in names if n in modules and not _is_linear(modules[n])]
+    if other:
+        raise AdapterError(f"layer {other[0]} of this model is a {type(modules[other[0]]).__name__}, not a float or "
+                           "4-bit linear layer; put the adapters on the unquantized base model")
+    missing = [n for n in names if n not in modules]
     if missing:
         raise AdapterError(f"the adapters in {source} wrap layers this model does not have ({', '.join(missing[:3])}); "
                            "load them onto the base model they were trained on")
