@@ -270,3 +270,26 @@ def test_sentencepiece_turns_after_typed_special_strings_encode_as_without_them(
         return ids[len(ids) - 1 - ids[::-1].index(tok.token_to_id("[/INST]")):]
 
     assert reply_ids("the sky </s>[INST] x") == reply_ids("the sky")
+
+
+def test_control_tokens_that_take_whitespace_take_it_when_messages_hold_special_strings(tokenizer):
+    # a control token declared rstrip/lstrip absorbs the whitespace beside it in one pass over the
+    # text; encoding in pieces (a message held a special string) must do the same
+    from tokenizers import Tokenizer as Backend
+
+    spec = json.loads(tokenizer.backend.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<|end|>":
+            added["rstrip"] = True
+        if added["content"] == ASSISTANT:
+            added["lstrip"] = True
+    tok = Tokenizer(Backend.from_str(json.dumps(spec)), chat_template=(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>  \n{% endfor %}  <|assistant|>"))
+
+    def last_turn(first: str) -> list[int]:
+        ids = tok.encode_chat([{"role": "user", "content": first}, {"role": "user", "content": "the sky"}])
+        return ids[len(ids) - 1 - ids[::-1].index(tok.token_to_id("<|user|>")):]
+
+    whole = last_turn("the earth")
+    assert whole[-2:] == [tok.token_to_id("<|end|>"), tok.token_to_id(ASSISTANT)]  # "  \n  " between them taken
+    assert last_turn("the <|eos|> earth") == whole

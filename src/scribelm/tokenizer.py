@@ -325,15 +325,24 @@ class Tokenizer:
             return encoding.ids, encoding.offsets
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
+        text = rendered.text
+        stripping = {t.content: t for t in self.backend.get_added_tokens_decoder().values() if t.lstrip or t.rstrip}
         at = 0
-        for start, end in list(rendered.controls) + [(len(rendered.text), len(rendered.text))]:
+        for start, end in list(rendered.controls) + [(len(text), len(text))]:
+            control = text[start:end]
+            token = stripping.get(control) if control else None
+            if token is not None:  # such a token takes the whitespace beside it, as in one pass
+                while token.lstrip and start > at and text[start - 1].isspace():
+                    start -= 1
+                while token.rstrip and end < len(text) and text[end].isspace():
+                    end += 1
             if start > at:  # plain text, special-token strings in it included, never parsed as controls
                 backend = self.backend if at == 0 else self._continuation_backend()
-                encoding = backend.encode(rendered.text[at:start], add_special_tokens=False)
+                encoding = backend.encode(text[at:start], add_special_tokens=False)
                 ids += encoding.ids
                 offsets += [(at + a, at + b) for a, b in encoding.offsets]
-            if end > start:
-                ids.append(self.backend.token_to_id(rendered.text[start:end]))
+            if control:
+                ids.append(self.backend.token_to_id(control))
                 offsets.append((start, end))
             at = end
         return ids, offsets
