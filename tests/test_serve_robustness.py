@@ -276,8 +276,26 @@ def test_port_in_use_is_one_line_and_no_banner(model_paths):
     assert len(lines) == 1 and "--port" in lines[0]
 
 
+def _closed_by_server(port: int, seconds: float = 10.0) -> bool:
+    """Open a connection, send half a request's headers and one more line every 0.1 s: is it closed?"""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for i in range(int(seconds / 0.1)):  # bounded: far longer than the deadline
+            try:
+                conn.sendall(f"X-Slow-{i}: y\r\n".encode())
+                conn.settimeout(0.1)
+                if conn.recv(1024) == b"":
+                    return True
+            except socket.timeout:
+                continue
+            except OSError:
+                return True
+    return False
+
+
 def test_scribe_serve_logs_model_loads_and_every_request(model_paths):
-    with ServeProcess(f"alpha={model_paths['alpha']}") as served:
+    with ServeProcess(f"alpha={model_paths['alpha']}", "--header-timeout", "0.5") as served:
+        assert _closed_by_server(int(served.url.rsplit(":", 1)[1]))
         r = httpx.post(served.url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
         assert httpx.get(served.url + "/nowhere").status_code == 404
@@ -317,23 +335,7 @@ def test_host_and_origin_checks(model_paths):
 
 def test_connections_dribbling_headers_are_closed(model_paths):
     with ServerThread(create_app(ModelPool(model_paths)), **server_limits(header_seconds=0.5)) as running:
-        conn = socket.create_connection(("127.0.0.1", running.port), timeout=10)
-        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        closed = False
-        for i in range(100):  # one header line every 0.1 s: far longer than the deadline if never closed
-            try:
-                conn.sendall(f"X-Slow-{i}: y\r\n".encode())
-                conn.settimeout(0.1)
-                if conn.recv(1024) == b"":
-                    closed = True
-                    break
-            except socket.timeout:
-                continue
-            except OSError:
-                closed = True
-                break
-        conn.close()
-        assert closed
+        assert _closed_by_server(running.port)
         assert httpx.get(running.url + "/health").status_code == 200  # others are served as before
 
 
