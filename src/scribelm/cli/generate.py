@@ -6,6 +6,10 @@
     scribe generate my-model "Once" --show-probs             # each token with its top candidates
     echo "Once" | scribe generate my-model -                 # prompt from stdin
     scribe generate my-model "Once" --stats                  # prefill and decode speed, GB/s of weights
+    scribe generate my-model "Once" --threads 1              # fewer CPU threads when other jobs share the cores
+    scribe generate my-model "Once" --adapter runs/lora/adapter   # LoRA adapters on top, unmerged
+
+Sampling flags left unset take the model's generation.json, then the library's defaults.
 """
 
 from __future__ import annotations
@@ -124,10 +128,10 @@ def run(args) -> int:
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt
+    overrides = sampling_overrides(args)  # flag mistakes before the model is loaded
     load_before = machine_load()  # before our own threads add to it
     apply_threads(args)
     lm = load_model(args.model, args.device, args.adapter)
-    overrides = sampling_overrides(args)
     if args.beams is not None:
         overrides["num_beams"] = args.beams
     if args.length_penalty is not None:
