@@ -182,7 +182,11 @@ def test_quickstart_resumes_refuses_and_starts_over(tmp_path):
     other = scribe("quickstart", "--minutes", 0.06, "--corpus", corpus, "--out", out)
     assert other.returncode == 2 and "minutes 0.05 -> 0.06" in other.stderr and "--new" in other.stderr
 
-    (out / "my-notes.md").write_text("keep")
+    (out / "model" / "my-notes.md").write_text("keep")  # inside a folder the quickstart replaces: refused up front
+    inside = scribe("quickstart", "--minutes", 0.06, "--corpus", corpus, "--out", out, "--new")
+    assert inside.returncode == 2 and "my-notes.md" in inside.stderr and "tokenizing" not in inside.stdout
+    assert metric_steps(out / "run") == steps  # and the earlier run was left as it was
+    (out / "model" / "my-notes.md").rename(out / "my-notes.md")
     fresh = scribe("quickstart", "--minutes", 0.06, "--corpus", corpus, "--out", out, "--new")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "resuming" not in fresh.stdout and metric_steps(out / "run")[0] == 1

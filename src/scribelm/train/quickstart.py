@@ -102,6 +102,7 @@ def run_quickstart(
     from scribelm.data.corpora import write_kjv_text
     from scribelm.data.loader import TokenBatchLoader
     from scribelm.data.prepare import find_input_files, prepare, train_tokenizer_on
+    from scribelm.io import check_replaceable
     from scribelm.lm import LM, load
     from scribelm.model import Transformer
     from scribelm.tokenizer import Tokenizer
@@ -123,6 +124,8 @@ def run_quickstart(
         inputs, corpus_name, prompts = find_input_files([corpus]), str(corpus), []
         corpus_id = {"path": str(Path(corpus).resolve()), "bytes": sum(f.stat().st_size for f in inputs)}
     recipe = {"minutes": minutes, "corpus": corpus_id, "seed": seed, "settings": s}
+    for unit, what in (("data", "shards"), ("model", "model")):  # refused now, not after minutes of training
+        check_replaceable(out_dir / unit, what)
     claim = claim_run_directory(out_dir, "quickstart", recipe, new=new)
     run_dir = out_dir / "run"
     data_dir = out_dir / "data"
