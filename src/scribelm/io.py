@@ -432,12 +432,47 @@ def claim_output_directory(path: str | os.PathLike, *, force: bool = False, kind
         return path
     if not path.is_dir():
         raise OutputError(f"{path} exists and is not a directory; choose another path for the {kind}")
-    if not any(True for p in path.iterdir() if not _TEMPORARY.match(p.name)):
-        return path
+    if not any(True for p in path.iterdir() if not _TEMPORARY.match(p.name) and p.name != MARKER_FILE):
+        return path  # empty, or only marked (a run that stopped before writing anything)
     check_replaceable(path, kind)
     if not force:
         raise OutputError(f"{path} already exists (a scribelm {output_kind(path)}); pass {force_flag} to replace it, "
                           "or choose another directory")
+    return path
+
+
+def claim_growing_directory(path: str | os.PathLike, *, kind: str, entries: list[str], force: bool = False,
+                            resume: bool = False, force_flag: str = "--force") -> Path:
+    """Claim a directory that is written in place over time (a fine-tune run: checkpoints,
+    metrics, then the model) and mark it as scribelm's, listing the top-level `entries` it
+    may write; returns the path.
+
+    - `resume`: continue what is there; nothing is removed or checked beyond the path
+      being a directory (a user's other files in it stay theirs: they are not listed).
+    - otherwise as `claim_output_directory`; with `force`, an earlier scribelm run there
+      is removed first (only possible when nothing else is in it), since a run written
+      in place cannot be swapped in whole.
+    """
+    path = Path(path).expanduser()
+    if path.is_symlink() and path.is_dir():
+        path = path.resolve()
+    if resume:
+        remove_stale_temporaries(path)
+        if os.path.lexists(path) and not path.is_dir():
+            raise OutputError(f"{path} exists and is not a directory; choose another path for the {kind}")
+    else:
+        claim_output_directory(path, force=force, kind=kind, force_flag=force_flag)
+        if path.is_dir():
+            for item in list(path.iterdir()):  # all scribelm's: claim_output_directory refused anything else
+                remove_tree_atomically(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        marker = read_output_marker(path)
+        known = set(entries) | set((marker or {}).get("entries") or [])
+        if marker is None or marker.get("entries") is not None and not known <= set(marker["entries"]):
+            write_output_marker(path, kind, sorted(known))
+    except OSError as err:
+        raise disk_full_error(err, path, "nothing was written") from None
     return path
 
 

@@ -41,6 +41,8 @@ def _common(p) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--force", action="store_true",
+                   help="start over in OUT if it holds an earlier fine-tune run (a directory with other files is never cleared)")
 
 
 def _lora(p, optional: bool = False) -> None:
@@ -187,7 +189,16 @@ def _report_model(result) -> None:
 def _run_and_report(finetune, args):
     """Run a fine-tuning function with warnings shown as one-line messages when they arise,
     then report the model and the loss."""
+    from scribelm.finetune.run import RESULT_FILE
+    from scribelm.io import claim_growing_directory
+    from scribelm.train.trainer import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE
+
     options = _options(args)
+    # Before loading the model: a refused OUT should cost nothing. Lists what a run writes there.
+    claim_growing_directory(args.output, kind="fine-tune run", force=args.force, resume=args.resume,
+                            force_flag="--force (or --resume to continue it)",
+                            entries=[CHECKPOINTS_DIR, BEST_DIR, METRICS_FILE, PLOT_FILE, "tensorboard", RESULT_FILE,
+                                     "model", "adapter", "adapter-peft"])
     lm = _load(args)
     progress = _Progress()
 

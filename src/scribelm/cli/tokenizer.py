@@ -16,7 +16,10 @@ def register(subparsers) -> None:
                        help="UTF-8 text, JSONL or Parquet files, or folders of them (read as `scribe prepare` reads them)")
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--min-frequency", type=int, default=2)
-    train.add_argument("-o", "--output", required=True, help="directory to write tokenizer.json into")
+    train.add_argument("-o", "--output", required=True,
+                       help="directory to write tokenizer.json into: new, empty, or one scribelm wrote (with --force)")
+    train.add_argument("--force", action="store_true",
+                       help="replace OUTPUT if scribelm wrote it (a directory holding other files is never replaced)")
     train.set_defaults(handler=run_train)
 
     enc = verbs.add_parser("encode", help="show the tokens and ids of a text")
@@ -34,9 +37,13 @@ def register(subparsers) -> None:
 def run_train(args) -> int:
     from scribelm.tokenizer import Tokenizer, training_files
 
+    from scribelm.io import atomic_directory, claim_output_directory
+
     files = training_files(args.files)  # folders as `scribe prepare` reads them; every file checked first
+    output = claim_output_directory(args.output, force=args.force, kind="tokenizer")
     tok = Tokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency, files=True, show_progress=False)
-    tok.save(args.output)
+    with atomic_directory(output, kind="tokenizer") as tmp:
+        tok.save(tmp)
     console.print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(files)} file(s) -> {args.output}")
     return 0
 
