@@ -160,3 +160,12 @@ def test_server_answers_with_the_adapter(base_and_adapter):
             reply = httpx.post(f"{server.url}/v1/completions", timeout=60,
                                json={"model": name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()
             assert reply["choices"][0]["text"] == lm.generate(PROMPT, max_new_tokens=8, temperature=0)
+
+
+def test_merging_keeps_the_chat_tuned_mark(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    assert main(["convert", str(base), str(tmp_path / "merged"), "--to", "scribe", "--merge-lora", str(adapter)]) == 0
+    assert json.loads((tmp_path / "merged" / "generation.json").read_text())["chat_tuned"] is True
+    merged = scribelm.load(tmp_path / "merged")
+    assert merged.chat_tuned and not any(isinstance(m, LoRALinear) for m in merged.model.modules())
+    assert load_with_adapters(base, adapter).chat_tuned

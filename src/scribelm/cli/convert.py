@@ -71,10 +71,9 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | None = No
         dst = claim_output_file(dst, force=force, kind=f"{to.upper()} file", looks_like=_LOOKS_LIKE[to])
     lm = scribelm.load(src, dtype=getattr(torch, dtype) if dtype else None)
     if merge_lora is not None:
-        from scribelm.adapters import load_adapters
         from scribelm.adapters import merge_lora as merge
 
-        load_adapters(lm.model, merge_lora)
+        lm.apply_adapter(merge_lora)  # also carries the adapters' "chat_tuned" into generation.json
         merge(lm.model)
     if to == "scribe":
         return lm.save(dst)

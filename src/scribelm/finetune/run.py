@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from scribelm.adapters.lora import LoRAConfig, apply_lora, load_adapters, lora_modules, save_adapters
+from scribelm.adapters.lora import LoRAConfig, apply_lora, lora_modules, save_adapters
 from scribelm.adapters.quant4 import quantize_base, storage_bytes
 from scribelm.data.chat import ChatDataset, SFTLoader
 from scribelm.data.preference import PreferenceDataset, PreferenceLoader
@@ -360,7 +360,7 @@ def load_with_adapters(base: str | os.PathLike, adapter_dir: str | os.PathLike, 
     from scribelm.adapters.lora import merge_lora
 
     lm = scribelm.load(base, **load_options)
-    load_adapters(lm.model, adapter_dir)
+    lm.apply_adapter(adapter_dir)
     if merge:
         merge_lora(lm.model)
     lm.model.eval()
