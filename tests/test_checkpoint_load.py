@@ -153,8 +153,8 @@ def test_hf_layer_count_is_checked_before_building(hf_copy):
     (dict(hidden_size=32.5), "'hidden_size' must be a positive whole number, got 32.5"),
     (dict(num_attention_heads=0), "'num_attention_heads' must be a positive whole number, got 0"),
     (dict(intermediate_size="64"), "'intermediate_size' must be a positive whole number, got '64'"),
-    (dict(hidden_size=1e9), "'d_model' is 1000000000, above the limit"),
-    (dict(num_hidden_layers=10**9), "'n_layers' is 1000000000, above the limit"),
+    (dict(hidden_size=1e9), "'hidden_size' is 1000000000, above the limit of 131072"),
+    (dict(num_hidden_layers=10**9), "'num_hidden_layers' is 1000000000, above the limit of 4096"),
 ])
 def test_hf_config_numbers_are_refused_with_the_key_named(hf_copy, changes, message):
     edit_config(hf_copy, **changes)

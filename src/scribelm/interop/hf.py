@@ -58,7 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from scribelm.checkpoint import CONFIG_FILE, FORMAT, atomic_directory, check_generation, read_json_object
-from scribelm.config import ModelConfig
+from scribelm.config import LIMITS, ModelConfig
 from scribelm.errors import CheckpointError, ConfigError, ScribeError
 
 SINGLE_WEIGHTS = "model.safetensors"
@@ -194,16 +194,30 @@ def _require(hf: dict[str, Any], key: str, family: str) -> Any:
     return hf[key]
 
 
+# Hugging Face's name for each size -> scribelm's, whose limit (config.LIMITS) applies to it.
+_SIZE_FIELDS = {
+    "hidden_size": "d_model", "n_embd": "d_model", "num_hidden_layers": "n_layers", "n_layer": "n_layers",
+    "num_attention_heads": "n_heads", "n_head": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+    "intermediate_size": "d_mlp", "n_inner": "d_mlp", "vocab_size": "vocab_size",
+    "max_position_embeddings": "context_length", "n_positions": "context_length",
+}
+
+
 def _count(hf: dict[str, Any], key: str, family: str, default: Any = None) -> int:
-    """A positive whole number from config.json (`default` when absent or null), or a refusal naming the key."""
+    """A positive whole number from config.json (`default` when absent or null) within
+    scribelm's limit for that size, or a refusal naming the key."""
     value = hf.get(key)
     if value is None:
         if default is None:
-            return int(_require(hf, key, family))
+            _require(hf, key, family)
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (
             isinstance(value, float) and not value.is_integer()) or value <= 0:
         raise CheckpointError(f"config.json of this {family} model: '{key}' must be a positive whole number, got {value!r}")
+    limit = LIMITS.get(_SIZE_FIELDS.get(key, ""))
+    if limit is not None and value > limit:
+        raise CheckpointError(f"config.json of this {family} model: '{key}' is {int(value)}, above the limit of {limit}; "
+                              "check the number (the largest published models stay far below it)")
     return int(value)
 
 
