@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from scribelm.errors import CheckpointError
+from scribelm.errors import CheckpointError, ScribeError
 from scribelm.model import Transformer
 from scribelm.train import CheckpointWarning, TrainConfig, Trainer, list_checkpoints
 from scribelm.train.run_dir import RunDirectoryError, claim_run_directory
@@ -156,6 +156,13 @@ def test_claim_rules(tmp_path):
         claim_run_directory(earlier, "training run", recipe)
     assert claim_run_directory(earlier, "training run", recipe, new=True).status == "new"
     assert not (earlier / "metrics.jsonl").exists() and not (earlier / "checkpoints").exists()
+    # A user's file inside a folder scribelm writes whole stops --new before anything is removed.
+    (earlier / "best").mkdir()
+    (earlier / "best" / "mine.txt").write_text("x")
+    (earlier / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ScribeError, match="mine.txt"):
+        claim_run_directory(earlier, "training run", {"other": True}, new=True)
+    assert (earlier / "metrics.jsonl").is_file() and (earlier / "best" / "mine.txt").is_file()
     # A model directory is scribelm's, but not a run: it is not taken over.
     from scribelm.checkpoint import save_checkpoint
 

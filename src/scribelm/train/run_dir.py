@@ -199,15 +199,21 @@ def _start(path: Path, kind: str, recipe: dict[str, Any], removed: list[Path]) -
 
 
 def remove_run_files(path: str | os.PathLike, kind: str) -> list[Path]:
-    """Delete what scribelm writes for a run of `kind` in `path`, and nothing else."""
+    """Delete what scribelm writes for a run of `kind` in `path`, and nothing else.
+
+    Folders scribelm writes whole (checkpoints, data/, model/) are checked first: one that
+    holds a file scribelm did not write stops everything with an error, before anything
+    is removed.
+    """
     path = Path(path)
+    run = path if kind != "quickstart" else path / "run"
+    units = [path / "data", path / "model"] if kind == "quickstart" else []
+    units += [run / BEST_DIR, *(p for p in (run / CHECKPOINTS_DIR).glob("step-*") if re.match(r"^step-\d+$", p.name))]
+    for unit in units:
+        io.check_replaceable(unit, "run's output")
     if kind != "quickstart":
         return _remove_trainer_files(path)
-    removed = []
-    for name in ("data", "model"):  # written whole by scribelm (shards, a checkpoint): replaced whole
-        unit = path / name
-        if unit.is_dir() and io.output_kind(unit) is not None and not io.foreign_entries(unit):
-            removed += _remove_entries(path, [name])
+    removed = _remove_entries(path, ["data", "model"])
     corpus = path / "corpus"
     removed += _remove_entries(corpus, [_QUICKSTART_CORPUS])
     removed += _remove_trainer_files(path / "run")
