@@ -115,8 +115,9 @@ def _options(args):
 
 
 class _Progress:
-    """Trainer events as a progress bar, with the loss printed as it goes (about ten lines a run,
-    every step of a short one), the validations, and the curve's two ends at the close."""
+    """Trainer events as a progress bar, with the loss printed as it goes (every step of a short
+    run; about ten lines of a long one, each the mean over its steps, so the curve is not lost
+    in one batch's noise), the validations, and the curve's two ends at the close."""
 
     LINES = 10
 
@@ -129,7 +130,8 @@ class _Progress:
         self.task = None
         self.every = 1
         self.max_steps = 0
-        self.losses: list[tuple[int, float]] = []
+        self.window: list[tuple[int, float]] = []  # (step, loss) since the last printed line
+        self.points: list[tuple[int, int, float]] = []  # printed: (first step, last step, mean loss)
         self.shown_eval_step: int | None = None
         self.started = False
 
@@ -145,12 +147,17 @@ class _Progress:
                 self.started = True
             self.task = self.bar.add_task("train", total=info.get("max_steps"), completed=info.get("step", 0), info="")
         elif event == "step" and self.task is not None:
-            self.losses.append((info["step"], info["loss"]))
-            self.bar.update(self.task, completed=info["step"],
-                            info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:.0f} tok/s")
-            if info["step"] % self.every == 0 or info["step"] == self.max_steps:
-                self.bar.console.print(f"step {info['step']}/{self.max_steps}: loss {info['loss']:.4f}, "
-                                       f"lr {info['lr']:.2e}, {info['tokens_per_s']:.0f} tokens/s", markup=False)
+            step = info["step"]
+            self.window.append((step, info["loss"]))
+            self.bar.update(self.task, completed=step, info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:.0f} tok/s")
+            if step % self.every == 0 or step == self.max_steps:
+                first = self.window[0][0]
+                mean = sum(loss for _, loss in self.window) / len(self.window)
+                self.points.append((first, step, mean))
+                self.window = []
+                over = f" (mean of steps {first}-{step})" if first != step else ""
+                self.bar.console.print(f"step {step}/{self.max_steps}: loss {mean:.4f}{over}, lr {info['lr']:.2e}, "
+                                       f"{info['tokens_per_s']:.0f} tokens/s", markup=False)
         elif event == "eval":
             self.shown_eval_step = info["step"]
             self.bar.console.print(f"step {info['step']}: validation loss {info.get('val_loss', float('nan')):.4f}")
@@ -158,10 +165,14 @@ class _Progress:
             self.bar.stop()
 
     def summary(self) -> str | None:
-        if not self.losses:
+        if not self.points:
             return None
-        (first_step, first), (last_step, last) = self.losses[0], self.losses[-1]
-        return f"training loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step})"
+
+        def label(point: tuple[int, int, float]) -> str:
+            first, last, mean = point
+            return f"{mean:.4f} (step{'s' if first != last else ''} {first}{'-' + str(last) if first != last else ''})"
+
+        return f"training loss {label(self.points[0])} -> {label(self.points[-1])}"
 
 
 def _load(args):
