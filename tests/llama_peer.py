@@ -76,9 +76,10 @@ def echo(value=None, array=None) -> dict:
     return dict(op="echo", value=value, array=None if array is None else np.asarray(array).tolist())
 
 
-def crash(signum: int = signal.SIGSEGV) -> dict:
-    """The child kills itself with `signum`: a stand-in for a crashing peer when testing this module."""
-    return dict(op="crash", signum=int(signum))
+def crash(signum: int = signal.SIGSEGV, last_words: str = "") -> dict:
+    """The child writes `last_words` to stderr and kills itself with `signum`: a stand-in for a
+    crashing peer (llama.cpp's failed assertions print, then abort) when testing this module."""
+    return dict(op="crash", signum=int(signum), last_words=last_words)
 
 
 def own_file(job: dict) -> dict:
@@ -98,12 +99,12 @@ class ChildResult:
     def signal(self) -> int | None:
         return -self.returncode if self.returncode < 0 else None
 
-    def describe(self, jobs: list[dict]) -> str:
+    def describe(self, jobs: list[dict], last_words: bool = True) -> str:
+        """How the child ended, in which job, and (`last_words`) the last line it wrote to stderr."""
         where = f" during job {self.running} ({_describe_job(jobs[self.running])})" if self.running is not None else ""
-        if self.signal is not None:
-            return f"killed by {signal.Signals(self.signal).name}{where}"
-        last = [line for line in self.stderr.strip().splitlines() if line.strip()][-1:] or ["no message"]
-        return f"exited with status {self.returncode}{where}: {last[0]}"
+        how = f"killed by {signal.Signals(self.signal).name}" if self.signal else f"exited with status {self.returncode}"
+        last = [line for line in self.stderr.splitlines() if line.strip()][-1:]
+        return f"{how}{where}: {last[0].strip()}" if last_words and last else f"{how}{where}"
 
 
 def run_child(jobs: list[dict]) -> ChildResult:
@@ -130,6 +131,7 @@ def run(jobs: list[dict], control: list[dict] | None = None) -> list:
     A child killed by a signal becomes a skip only when llama.cpp also crashes on the
     control batch's file of its own (`control`: default `control_jobs` for the files in
     `jobs`); otherwise, and for any other failure of the child, the test fails."""
+    __tracebackhide__ = True  # pytest reports a skip at the test's line, not at this module's
     import pytest
 
     if control is None and any(job["op"] != "echo" and job["op"] != "crash" for job in jobs):
@@ -140,6 +142,7 @@ def run(jobs: list[dict], control: list[dict] | None = None) -> list:
     failure = f"llama.cpp child {outcome.describe(jobs)}"
     if outcome.signal is None:
         pytest.fail(failure, pytrace=False)
+    crashed = f"llama.cpp child {outcome.describe(jobs, last_words=False)}"
     with tempfile.TemporaryDirectory(prefix="llama-control-") as tmp:
         control = control if control is not None else control_jobs(_widest_type(jobs), Path(tmp))
         checked = run_child(control)
@@ -147,7 +150,7 @@ def run(jobs: list[dict], control: list[dict] | None = None) -> list:
         pytest.fail(f"{failure}, but llama.cpp runs the same kind of work on a file its own quantizer "
                     f"wrote: the crash is the file's fault", pytrace=False)
     if checked.signal is not None and checked.running is not None and control[checked.running].get("own_file"):
-        pytest.skip(f"{failure}; llama.cpp also crashes ({signal.Signals(checked.signal).name}) on "
+        pytest.skip(f"{crashed}; llama.cpp also crashes ({signal.Signals(checked.signal).name}) on "
                     f"{_describe_job(control[checked.running])}, a file it wrote itself: a llama.cpp bug on "
                     f"this CPU ({cpu_flags()}); build llama-cpp-python without native CPU detection "
                     f"as the README's GGUF notes say")
@@ -249,6 +252,7 @@ def _child_job(job: dict, models: dict):
     if op == "echo":
         return job["value"] if job["array"] is None else np.asarray(job["array"], dtype=np.float32)
     if op == "crash":
+        print(job["last_words"], file=sys.stderr, flush=True)
         os.kill(os.getpid(), job["signum"])
         raise SystemExit(f"signal {job['signum']} did not end the process")
     if op not in ("quantize", "tokenize", "detokenize", "logits", "greedy"):

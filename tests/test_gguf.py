@@ -35,10 +35,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def llama_tokenizes(path, texts):
     """llama.cpp's ids for each text (the vocabulary alone is loaded)."""
+    __tracebackhide__ = True  # a skip or failure is reported at the test's line
     return llama_peer.run([llama_peer.tokenize(path, texts, vocab_only=True)])[0]
 
 
 def llama_logits(path, ids):
+    __tracebackhide__ = True
     return llama_peer.run([llama_peer.logits(path, ids)])[0]  # (T, V)
 
 

@@ -28,8 +28,10 @@ def test_crash_is_a_skip_with_its_reason_when_llama_cpp_crashes_on_its_own_file(
 
 def test_crash_fails_when_llama_cpp_runs_its_own_file():
     with pytest.raises(pytest.fail.Exception) as failed:
-        run([crash(signal.SIGABRT)], control=[echo(), own_file(echo())])
-    assert "killed by SIGABRT" in str(failed.value) and "the file's fault" in str(failed.value)
+        run([crash(signal.SIGABRT, "GGML_ASSERT(ne % 32 == 0) failed")], control=[echo(), own_file(echo())])
+    message = str(failed.value)
+    assert "killed by SIGABRT during job 0 (crash): GGML_ASSERT(ne % 32 == 0) failed" in message
+    assert "the file's fault" in message
 
 
 def test_crash_fails_when_the_control_fails_before_llama_cpp_s_own_file():
