@@ -41,8 +41,9 @@ from typing import Any
 
 from scribelm.errors import ScribeError
 from scribelm.io import (
-    MARKER_FILE, disk_full_error, exchange, is_disk_full, published_directory_mode, read_json_object,
-    remove_path, remove_stale_temporaries, remove_tree_atomically, rename_no_replace, temporary_sibling,
+    MARKER_FILE, disk_full_error, exchange, foreign_entries, is_disk_full, published_directory_mode, read_json_object,
+    read_output_marker, remove_path, remove_stale_temporaries, remove_tree_atomically, rename_no_replace,
+    temporary_sibling,
 )
 
 try:
@@ -154,8 +155,10 @@ class ModelStore:
         if target in root.parents:
             raise RegistryError(f"{source} contains the model store {self.root}; give the model's own directory")
         entry = self.root / name
-        if os.path.lexists(entry) and not overwrite:
-            raise self._exists(name)
+        if os.path.lexists(entry):
+            if not overwrite:
+                raise self._exists(name)
+            _check_replaceable_entry(entry)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -177,6 +180,7 @@ class ModelStore:
                 if os.path.lexists(entry):
                     if not overwrite:
                         raise self._exists(name)
+                    _check_replaceable_entry(entry)
                     exchange(tmp, entry)  # the old entry is now at `tmp`, removed below
                 else:
                     try:
@@ -226,6 +230,25 @@ class ModelStore:
         info = describe_model(path)
         info.name, info.linked = name, (self.root / name).is_symlink()
         return info
+
+
+def _check_replaceable_entry(entry: Path) -> None:
+    """--force replaces what `models add` put in the store (a link, a copied model
+    directory), never a folder a person put there by hand."""
+    if entry.is_symlink():
+        return
+    marker = read_output_marker(entry)
+    if marker is not None:
+        foreign = foreign_entries(entry)
+    elif is_model_directory(entry):
+        return  # a copy made before entries carried a marker
+    else:
+        foreign = sorted(p.name for p in entry.iterdir()) if entry.is_dir() else [entry.name]
+    if foreign:
+        raise RegistryError(
+            f"{entry} holds files `scribe models add` did not write ({', '.join(foreign[:3])}); nothing was changed: "
+            "move them out of the store first"
+        )
 
 
 def _copy_model_files(source: Path, target: Path, ancestors: frozenset) -> None:
