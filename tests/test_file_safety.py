@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -109,6 +110,22 @@ def test_scribelms_own_output_is_replaced_only_with_force(ws, tmp_path, capsys, 
     code, err = run(capsys, COMMANDS[command](ws, out) + ["--force"])
     assert code == 0, err
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_published_outputs_follow_the_users_umask(ws, tmp_path, capsys, mask):
+    old = os.umask(mask)
+    try:
+        for command in ("prepare", "convert-scribe", "convert-hf", "quantize", "models-add", "tokenizer-train"):
+            out = tmp_path / mask.__format__("o") / command
+            out = out / "m" if command == "models-add" else out
+            assert run(capsys, COMMANDS[command](ws, out))[0] == 0
+            modes = {stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")] if p.is_dir()}
+            assert modes == {0o777 & ~mask}, (command, sorted(map(oct, modes)))
+            modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+            assert modes == {0o666 & ~mask}, (command, sorted(map(oct, modes)))
+    finally:
+        os.umask(old)
 
 
 # ----------------------------------------------------------------------------- kill -9

@@ -244,6 +244,17 @@ def _fsync_directory(path: Path) -> None:
             os.close(fd)
 
 
+def _apply_umask(root: Path) -> None:
+    """Give a tree the modes `open`/`mkdir` would have under the user's umask: writers such
+    as mkdtemp (0700) and safetensors (0600) make their files private."""
+    file_mode, directory_mode = published_file_mode(), published_directory_mode()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, directory_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), file_mode)
+
+
 def _fsync_tree(root: Path) -> None:
     for directory, _, files in os.walk(root):
         for name in files:
@@ -550,7 +561,7 @@ class _AtomicDirectory:
                 "entries": sorted(entries) if entries is not None else None}
         (self.tmp / MARKER_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         _fsync_tree(self.tmp)  # the bytes are durable before the rename publishes them
-        os.chmod(self.tmp, published_directory_mode())
+        _apply_umask(self.tmp)
         check_replaceable(self.final, self.kind)
         if os.path.lexists(self.final):
             exchange(self.tmp, self.final)  # the old directory is now at self.tmp

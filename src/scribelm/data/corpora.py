@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from scribelm.errors import ScribeError
+from scribelm.io import write_file_atomically
 
 
 def kjv_jsonl_path() -> Path:
@@ -69,10 +70,5 @@ def kjv_chapters() -> list[str]:
 
 
 def write_kjv_text(path: str | os.PathLike) -> Path:
-    """Write the Bible as one text file, chapters separated by blank lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n\n".join(kjv_chapters()) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write the Bible as one text file, chapters separated by blank lines (atomically)."""
+    return write_file_atomically(path, "\n\n".join(kjv_chapters()) + "\n")

@@ -175,7 +175,7 @@ class ModelStore:
                     {"format": "scribelm-output", "version": 1, "kind": "model",
                      "entries": sorted(p.name for p in tmp.iterdir())}, indent=2) + "\n")
                 _fsync_files(tmp)
-                os.chmod(tmp, published_directory_mode())
+                os.chmod(tmp, published_directory_mode())  # mkdir under the umask; this one was made private
             with self._locked():
                 if os.path.lexists(entry):
                     if not overwrite:
@@ -276,8 +276,7 @@ def _copy_model_files(source: Path, target: Path, ancestors: frozenset) -> None:
             (target / item.name).mkdir()
             _copy_model_files(item, target / item.name, ancestors)
         elif stat.S_ISREG(info.st_mode):
-            shutil.copyfile(item, target / item.name)
-            shutil.copymode(item, target / item.name)
+            shutil.copyfile(item, target / item.name)  # new files: the umask's mode, as any file the user writes
         else:
             raise RegistryError(f"{item} is not a regular file or folder; a model directory holds only files")
 
