@@ -121,3 +121,22 @@ def test_load_as_bf16(saved):
     assert lm.model.blocks[0].attention.q.weight.dtype == torch.bfloat16
     logits = lm.model(torch.randint(0, 400, (1, 8)))
     assert torch.isfinite(logits.float()).all()
+
+
+def test_save_never_replaces_a_directory_holding_other_files(saved, tmp_path):
+    from scribelm.io import OutputError
+
+    lm, path = saved
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "notes.txt").write_text("my notes on this model")
+    with pytest.raises(OutputError, match="notes.txt"):
+        lm.save(path)
+    assert (path / "notes.txt").read_text() == "my notes on this model"
+    assert (path / "model.safetensors").read_bytes() == weights
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "letter.txt").write_text("dear")
+    with pytest.raises(OutputError, match="not written by scribelm"):
+        lm.save(documents)
+    assert [p.name for p in documents.iterdir()] == ["letter.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "documents"]  # no temporaries

@@ -322,3 +322,12 @@ def test_models_show_on_a_huge_or_truncated_header_length_is_one_line(tmp_path, 
         (d / "model.safetensors").write_bytes(raw)
         code, _, err = run_cli(capsys, monkeypatch, tmp_path / "store", "models", "show", d)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_models_show_on_a_deeply_nested_config_is_one_line(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _safetensors_with_header(d / "model.safetensors", {})
+    code, _, err = run_cli(capsys, monkeypatch, tmp_path / "store", "models", "show", d)
+    assert code == 2 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
