@@ -187,7 +187,7 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
     effective["data"] = {"dir": str(data_dir), "batch_size": batch_size, "sequence_length": sequence_length}
     effective["train"] = train_config.to_dict()
     effective["out_dir"] = str(out_dir)
-    defining = copy.deepcopy(effective)
+    defining = {k: v for k, v in copy.deepcopy(effective).items() if k not in ("out_dir", "resume")}  # the place, not the run
     defining["data"].update(tokenizer_sha256=manifest.get("tokenizer_sha256"),
                             tokens={split: info.get("tokens") for split, info in manifest["splits"].items()})
     defining["data"]["dir"] = str(data_dir.resolve())
