@@ -343,3 +343,25 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_what_was_saved(tmp_path, mo
     import scribelm
 
     scribelm.load(tmp_path / "checkpoints" / "step-00000002")  # still complete
+
+
+def test_a_full_disk_during_pretrain_is_one_line(tmp_path, data_dir, monkeypatch, capsys, one_thread):
+    import scribelm.checkpoint
+    from scribelm.cli import main
+
+    real_save_file = scribelm.checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_file_on_a_filling_disk(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(scribelm.checkpoint, "save_file", save_file_on_a_filling_disk)
+    recipe = write_recipe(tmp_path / "r.yaml", data_dir, tmp_path / "run", keep_best=False)
+    code = main(["pretrain", "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: disk full while saving checkpoint") and "step-00000002, is kept" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
