@@ -11,7 +11,8 @@
       max_steps: 2000
       lr: 1.0e-3
     out_dir: runs/tiny
-    resume: true           # continue from the newest usable checkpoint in out_dir
+    resume: true           # the same recipe again continues from the newest usable checkpoint
+                           # in out_dir; false: an out_dir holding a run is refused (unless --new)
 
 `scribe pretrain --config recipes/tiny.yaml --train.lr 3e-4 --data.batch_size 8`
 overrides any key with a dotted path. The effective recipe (after overrides)
