@@ -7,7 +7,9 @@ quadratic time, and `NaN`/`1e999` become floats no sampling setting can use.
 `parse_json_body` refuses each of these with an `ApiError` (400) that says
 what to change:
 
-    depth      a scan of the raw bytes counts [ and { outside strings before parsing
+    depth      the C parser stops cleanly (RecursionError) at Python's recursion limit,
+               and the parsed value is then walked without recursion: deeper than
+               MAX_DEPTH is refused before any validator recurses into it
     integers   parse_int sees each integer's digits before converting them
     floats     non-finite numbers (NaN, Infinity, 1e999) are refused
 """
@@ -16,34 +18,31 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 from scribelm.serve.errors import ApiError
 
 MAX_DEPTH = 32  # the deepest real body (messages -> content parts -> part) is 4 levels
 MAX_INTEGER_DIGITS = 32  # uint64 seeds have 20 digits
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
-
-
 class _Refused(ValueError):
     pass
 
 
-def _depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in `raw` (strings skipped); stops early past MAX_DEPTH."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_STRING.sub(b'""', raw)):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_DEPTH:
-                    return deepest
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether arrays/objects in `value` nest deeper than `limit` (an explicit stack: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
         else:
-            depth -= 1
-    return deepest
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _integer(text: str) -> int:
@@ -66,14 +65,17 @@ def _constant(name: str) -> float:
 
 def parse_json_body(raw: bytes) -> dict:
     """A request body -> the JSON object it holds; ApiError(400) for anything else."""
-    if _depth(raw) > MAX_DEPTH:
-        raise ApiError(400, f"the JSON body is nested more than {MAX_DEPTH} levels deep; send a flatter request")
+    too_deep = ApiError(400, f"the JSON body is nested more than {MAX_DEPTH} levels deep; send a flatter request")
     try:
         data = json.loads(raw, parse_int=_integer, parse_float=_float, parse_constant=_constant)
     except _Refused as err:
         raise ApiError(400, f"We could not parse the JSON body of your request: {err}.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
+    except RecursionError:
+        raise too_deep from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ApiError(400, f"We could not parse the JSON body of your request ({err}).") from None
+    if _depth_exceeds(data, MAX_DEPTH):
+        raise too_deep
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
