@@ -329,6 +329,8 @@ def test_host_and_origin_checks(model_paths):
         r = httpx.get(running.url + "/v1/models", headers={"Origin": "https://app.example"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         assert httpx.get(running.url + "/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert httpx.get(running.url + "/v1/models", headers={"Host": "app.example"}).status_code == 200  # behind a proxy
+        assert httpx.get(running.url + "/v1/models", headers={"Host": "evil.example"}).status_code == 403
     with ServerThread(create_app(ModelPool(model_paths), public=True)) as running:
         assert httpx.get(running.url + "/v1/models", headers={"Host": "models.example"}).status_code == 200
 

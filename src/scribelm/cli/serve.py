@@ -29,8 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--store", help="model store directory (default: $SCRIBE_MODELS_DIR or ~/.cache/scribelm/models)")
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
                    help="web origins (e.g. https://app.example) whose pages may call the API, with CORS; '*' allows any. "
-                        "Without it only the server's own chat page and localhost pages may, and on a loopback --host "
-                        "only localhost host names are answered (against DNS rebinding)")
+                        "Without it only the server's own chat page and localhost pages may. On a loopback --host only "
+                        "localhost and these origins' host names are answered (against DNS rebinding)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers before its connection is closed (default 10)")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")

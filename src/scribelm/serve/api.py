@@ -79,7 +79,7 @@ __all__ = ["ApiError", "Metrics", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: plenty for prompts, small enough to refuse abuse
 DEFAULT_BODY_SECONDS = 30.0  # a body that takes longer to arrive is a stalled or hostile client
-DISCONNECT_POLL_SECONDS = 0.02  # how often a waiting request checks that its client is still there
+DISCONNECT_POLL_SECONDS = 0.05  # how often a waiting request checks that its client is still there
 _CLIENT_GONE = object()  # put on a request's event queue when its client disconnected
 
 

@@ -7,8 +7,10 @@ name to 127.0.0.1 so that its scripts read the answers (DNS rebinding). Local
 servers such as Ollama refuse both, and so does this one:
 
     Host     when bound to a loopback address, only localhost, 127.0.0.1 and [::1]
-             (any port) are answered; a rebound name (evil.example) gets 403.
-             Bound to a public address (--host 0.0.0.0), any Host is answered.
+             (any port) and the host names of --allowed-origins (a reverse proxy's
+             name) are answered; a rebound name (evil.example) gets 403.
+             Bound to a public address (--host 0.0.0.0), or with --allowed-origins "*",
+             any Host is answered.
     Origin   a browser's request is answered if it comes from the server's own
              page (same origin), from a loopback origin, or from an origin given
              with --allowed-origins ("*" allows all); anything else gets 403.
@@ -58,10 +60,13 @@ class HostOriginGuard:
         self.app = app
         self.check_host = check_host
         self.allowed = {normalise_origin(o) for o in allowed_origins or [] if o.strip()}
+        # the names the allowed pages are served under may reach us through a local reverse proxy
+        self.allowed_hosts = {host_name(urlsplit(o).netloc) for o in self.allowed if urlsplit(o).netloc}
 
     def refusal(self, host: str | None, origin: str | None) -> ApiError | None:
         if self.check_host and "*" not in self.allowed:
-            if host is None or not is_loopback_name(host_name(host)):
+            name = host_name(host) if host is not None else ""
+            if not (is_loopback_name(name) or name in self.allowed_hosts):
                 shown = (host or "")[:80]
                 return ApiError(403, f"Host {shown!r} is not served: this server answers only localhost. To serve it under "
                                      "other names, start it with --host 0.0.0.0 (and --api-key) or --allowed-origins.",
