@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
