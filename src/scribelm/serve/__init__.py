@@ -2,7 +2,15 @@
 
     registry.py   the local model store (`scribe models`), `resolve_model_path(name_or_path)`
     engine.py     continuous batching over a slot KV cache; `ModelPool` of lazily loaded models
-    api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), metrics, errors, auth
+    api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), auth, the generation routes
+    schema.py     the request bodies as Pydantic models: validation and the OpenAPI schema
+    json_body.py  request bodies to JSON with bounded depth and number sizes
+    errors.py     ApiError: every error in OpenAI's JSON shape
+    metrics.py    Prometheus text, labelled by route template
+    access.py     one log line and one metrics count per request
+    origins.py    which Host and Origin headers are answered (cross-site, DNS rebinding)
+    preflight.py  start-up checks of the served models' files
+    http_limits.py  a deadline for request headers (uvicorn protocol)
     static/       the chat page served at /
 
     from scribelm.serve.engine import ModelPool

@@ -22,7 +22,9 @@ masks keys beyond it, so every row computes exactly what it would alone.
 Requests come from asyncio (the HTTP server) and go back to it as events:
 the engine thread calls `loop.call_soon_threadsafe` to put each token on the
 request's asyncio queue. A client that disconnects cancels its request and its
-slot is freed before the next step. The waiting line is bounded: when it is
+slot is freed before the next step. A failure in one request's own work (its
+settings, its sampling, its text) ends that request with an `ErrorEvent`; the
+others in the batch go on. The waiting line is bounded: when it is
 full, `submit` raises `QueueFullError` (HTTP 429 with Retry-After).
 
 `ModelPool` keeps several models, each with its own engine, loaded on first use
@@ -673,6 +675,7 @@ class ModelPool:
         if engine is None:
             return False
         engine.stop()
+        log.info("unloaded model %s", name)
         return True
 
     def unload_idle(self) -> list[str]:
