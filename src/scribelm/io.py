@@ -163,7 +163,7 @@ def exchange(source: str | os.PathLike, target: str | os.PathLike) -> None:
     source, target = Path(source), Path(target)
     if _rename2(source, target, _RENAME_EXCHANGE):
         return
-    aside = _temporary_name(target, "old")
+    aside = temporary_sibling(target, "old")
     os.rename(target, aside)
     os.rename(source, target)
     os.rename(aside, source)
@@ -174,9 +174,6 @@ def temporary_sibling(final: str | os.PathLike, role: str = "tmp") -> Path:
     ("trash"), which `remove_stale_temporaries` clears once this process is gone."""
     final = Path(final)
     return final.with_name(f".{final.name}.{role}-{os.getpid()}-{os.urandom(4).hex()}")
-
-
-_temporary_name = temporary_sibling
 
 
 def remove_tree_atomically(path: str | os.PathLike) -> None:
@@ -298,7 +295,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = _temporary_name(path, "tmp")
+    tmp = temporary_sibling(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as handle:
@@ -532,7 +529,7 @@ class _AtomicDirectory:
         except OSError as err:
             raise disk_full_error(err, self.final, "nothing was written") from None
         remove_stale_temporaries(self.final)
-        self.tmp = _temporary_name(self.final, "tmp")
+        self.tmp = temporary_sibling(self.final, "tmp")
         self.tmp.mkdir(mode=0o700)
         return self.tmp
 
