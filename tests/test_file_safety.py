@@ -272,3 +272,26 @@ def test_kill_9_during_convert_leaves_the_old_or_the_new_directory(tmp_path, two
         assert len(owners) == 1, "the directory mixes two conversions"
 
     _kill_at_random_moments(make_args, out, check, kills=4, seed=2)
+
+
+def test_a_killed_gguf_export_leaves_nothing_after_the_next_one(ws, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    out = tmp_path / "model.gguf"
+    args = ["convert", ws / "model", out, "--to", "gguf"]
+    proc = _scribe(*args)
+    while proc.poll() is None and not _temporaries(out):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists() or out.read_bytes()[:4] == b"GGUF"  # nothing, or a complete file: never half a file
+    if not _temporaries(out):  # the export finished before the kill: leave a temporary as a killed one would
+        (tmp_path / ".model.gguf.tmp-999999999-dead0000").write_bytes(b"GGUF half")
+    code, err = run(capsys, args + (["--force"] if out.exists() else []))
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"GGUF" and _temporaries(out) == []
+    essay = tmp_path / "essay.gguf"  # a user's file under a GGUF name is not replaced, --force or not
+    essay.write_text("my essay")
+    for extra in ([], ["--force"]):
+        code, err = run(capsys, ["convert", ws / "model", essay, "--to", "gguf", *extra])
+        assert code == 2 and "not a GGUF file" in err, err
+    assert essay.read_text() == "my essay"

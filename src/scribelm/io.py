@@ -74,7 +74,7 @@ _LEGACY_NAMES = (
 )
 # tmp: being written; old: set aside by an interrupted swap (put back if the name is
 # missing); trash: renamed away to be deleted (never put back).
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old|trash)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old|trash)-(?P<pid>\d+)-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -169,11 +169,12 @@ def exchange(source: str | os.PathLike, target: str | os.PathLike) -> None:
     os.rename(aside, source)
 
 
-def temporary_sibling(final: str | os.PathLike, role: str = "tmp") -> Path:
+def temporary_sibling(final: str | os.PathLike, role: str = "tmp", suffix: str = "") -> Path:
     """A fresh name beside `final` for writing it (`role` "tmp") or for deleting it
-    ("trash"), which `remove_stale_temporaries` clears once this process is gone."""
+    ("trash"), which `remove_stale_temporaries` clears once this process is gone.
+    `suffix` (".onnx") for writers that choose the format by the file name."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{role}-{os.getpid()}-{os.urandom(4).hex()}")
+    return final.with_name(f".{final.name}.{role}-{os.getpid()}-{os.urandom(4).hex()}{suffix}")
 
 
 def remove_tree_atomically(path: str | os.PathLike) -> None:

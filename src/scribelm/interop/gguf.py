@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 from scribelm.errors import ScribeError
-from scribelm.io import published_file_mode
+from scribelm.io import published_file_mode, temporary_sibling
 
 TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
@@ -308,8 +307,7 @@ def export_gguf(lm, out_path: str | os.PathLike, type: str = "f32") -> Path:
     arch = gguf_architecture(c)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    os.close(fd)
+    tmp_name = str(temporary_sibling(out_path))  # a name the next export removes if this one is killed
     try:
         writer = gguf.GGUFWriter(tmp_name, arch)
         writer.add_name(c.name)
@@ -343,7 +341,7 @@ def export_gguf(lm, out_path: str | os.PathLike, type: str = "f32") -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp_name, published_file_mode())  # mkstemp's 0600 is not what the user's umask asks for
+        os.chmod(tmp_name, published_file_mode())  # as the user's umask asks, whatever the writer chose
         os.replace(tmp_name, out_path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -33,7 +33,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scribelm.errors import ScribeError
-from scribelm.io import published_file_mode
+from scribelm.io import published_file_mode, temporary_sibling
 
 
 class ONNXExportError(ScribeError):
@@ -173,8 +172,7 @@ def export_onnx(
             dynamic = {"input_ids": {0: batch, 1: sequence}}
             inputs, outputs = ["input_ids"], ["logits"]
         big = weight_bytes(model) > 1.5 * 2**30
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", suffix=".onnx", dir=out_path.parent)
-        os.close(fd)
+        tmp_name = str(temporary_sibling(out_path, suffix=".onnx"))  # the next export removes it if this one is killed
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(
@@ -185,7 +183,7 @@ def export_onnx(
                     program.save(str(out_path), external_data=True)
                 else:
                     program.save(tmp_name, external_data=False)
-                    os.chmod(tmp_name, published_file_mode())  # mkstemp's 0600 is not what the user's umask asks for
+                    os.chmod(tmp_name, published_file_mode())  # as the user's umask asks, whatever the writer chose
                     os.replace(tmp_name, out_path)
         except Exception as err:
             raise ONNXExportError(f"torch.onnx.export could not export this model: {str(err).splitlines()[0]}") from err
