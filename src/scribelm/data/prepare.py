@@ -76,7 +76,10 @@ def find_input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             files.append(path)
     for f in files:
-        check_input_file(f)
+        try:
+            check_input_file(f)
+        except OSError as err:  # unreadable (permissions, a vanished file, an I/O error)
+            raise DataError(f"cannot read {f} ({err.strerror or err}); check the file and its permissions") from None
     return files
 
 
