@@ -18,12 +18,12 @@ from tests.serving import ServerThread, save_tiny_models, wait_until
 KEY = "sk-concurrency-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 PROMPTS = ["It was the best", "Call me", "The quick brown", "In the beginning"]
-MAX_TOKENS = 900
+MAX_TOKENS = 3000
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
-    paths = save_tiny_models(tmp_path_factory.mktemp("concurrency-models"), tokenizer, context_length=1024, text_only=True)
+    paths = save_tiny_models(tmp_path_factory.mktemp("concurrency-models"), tokenizer, context_length=4096, text_only=True)
     pool = ModelPool(paths, max_batch=12, max_queue=32)
     with ServerThread(create_app(pool, api_key=KEY), **server_limits(header_seconds=0.5)) as running:
         yield running
