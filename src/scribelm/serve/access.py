@@ -21,7 +21,7 @@ access_log = logging.getLogger("scribelm.serve.access")
 
 
 def printable(text: str, limit: int = 200) -> str:
-    shown = ascii(text)[1:-1]
+    shown = ascii(text)[1:-1].replace('"', '\\"')
     return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
