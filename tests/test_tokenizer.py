@@ -293,3 +293,60 @@ def test_control_tokens_that_take_whitespace_take_it_when_messages_hold_special_
     whole = last_turn("the earth")
     assert whole[-2:] == [tok.token_to_id("<|end|>"), tok.token_to_id(ASSISTANT)]  # "  \n  " between them taken
     assert last_turn("the <|eos|> earth") == whole
+
+
+def test_plain_text_stays_plain_while_other_threads_encode_chat(tokenizer):
+    """A server encodes many requests at once: rendering a chat (control tokens allowed)
+    in one thread must never let another thread's plain text become control ids."""
+    import sys
+    import threading
+
+    plain = tokenizer.encode(INJECTION)
+    stop = threading.Event()
+
+    def chats():
+        while not stop.is_set():
+            tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to expose any shared switch
+    workers = [threading.Thread(target=chats) for _ in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        seen = [tokenizer.encode(INJECTION) for _ in range(3000)]
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        sys.setswitchinterval(old_interval)
+    assert all(ids == plain for ids in seen)
+    assert not set(plain) & tokenizer.special_ids
+
+
+def test_the_shared_backend_never_parses_control_tokens(tokenizer):
+    """Chat rendering reads the template's control tokens with a backend of its own: the
+    shared one, which other threads use for plain text at the same moment, is never
+    switched to parse them (a switch is what a concurrent plain encode could observe)."""
+    seen = []
+
+    class Spy:
+        def __init__(self, real):
+            object.__setattr__(self, "real", real)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def __setattr__(self, name, value):
+            setattr(self.real, name, value)
+
+        def encode(self, *args, **kwargs):
+            seen.append(self.real.encode_special_tokens)
+            return self.real.encode(*args, **kwargs)
+
+    tok = Tokenizer(Spy(tokenizer.backend), chat_template=tokenizer.chat_template)
+    tok.encode_chat([{"role": "user", "content": "hi"}])
+    tok.encode_chat([{"role": "user", "content": INJECTION}])
+    tok.encode("<|end|>", allow_special=True)
+    tok.encode(INJECTION)
+    assert seen and all(seen), "the shared backend was switched to parse control tokens"

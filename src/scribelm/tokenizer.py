@@ -175,11 +175,8 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False, allow_special: bool = False) -> list[int]:
         """Text -> ids. Special-token strings in `text` stay plain text unless `allow_special`."""
         _check_text(text)
-        self.backend.encode_special_tokens = not allow_special
-        try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        finally:
-            self.backend.encode_special_tokens = True
+        backend = self._control_backend() if allow_special else self.backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             ids = [self._required_id("bos")] + ids
         if add_eos:
@@ -317,11 +314,7 @@ class Tokenizer:
         if not rendered.escaped:
             # No message held a special-token string: the whole text in one pass, exactly as
             # `transformers` tokenizes a rendered template (same ids at every boundary).
-            self.backend.encode_special_tokens = False
-            try:
-                encoding = self.backend.encode(rendered.text, add_special_tokens=False)
-            finally:
-                self.backend.encode_special_tokens = True
+            encoding = self._control_backend().encode(rendered.text, add_special_tokens=False)
             return encoding.ids, encoding.offsets
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
@@ -346,6 +339,20 @@ class Tokenizer:
                 offsets.append((start, end))
             at = end
         return ids, offsets
+
+    def _control_backend(self) -> _HFTokenizer:
+        """A copy of the backend that reads special-token strings as control tokens. The
+        shared backend's flag is never switched: a server encodes from many threads at
+        once, and a switch seen by another thread's plain-text encode would let typed
+        text become control ids. Remade when tokens have been added since."""
+        size = self.backend.get_vocab_size(with_added_tokens=True)
+        cached = self.__dict__.get("_control")
+        if cached is None or cached[0] != size:
+            control = _HFTokenizer.from_str(self.backend.to_str())
+            control.encode_special_tokens = False
+            cached = (size, control)
+            self.__dict__["_control"] = cached
+        return cached[1]
 
     def _continuation_backend(self) -> _HFTokenizer:
         """The backend for text that does not start the input: the same one, unless its
