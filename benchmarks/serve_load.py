@@ -157,7 +157,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_model(Path(tmp), args))
-        from scribelm.serve.registry import resolve_model_path
+        from scribelm.store import resolve_model_path
         from scribelm.tokenizer import Tokenizer
 
         model_dir = resolve_model_path(model)

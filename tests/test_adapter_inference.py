@@ -127,7 +127,7 @@ def test_a_peft_adapter_loads_and_computes_what_peft_does(tmp_path, tokenizer):
 def test_serve_spec_with_an_adapter(base_and_adapter, tmp_path):
     from scribelm.cli.serve import served_models
     from scribelm.errors import ScribeError
-    from scribelm.serve.registry import ModelStore
+    from scribelm.store import ModelStore
 
     base, adapter = base_and_adapter
     store = ModelStore(tmp_path / "store")

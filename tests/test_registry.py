@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scribelm.serve.registry import ModelStore, RegistryError, describe_model, resolve_model_path
+from scribelm.store import ModelStore, RegistryError, describe_model, resolve_model_path
 from tests.serving import save_tiny_models
 
 
@@ -156,7 +156,7 @@ def test_scribelm_load_accepts_a_store_name(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRIBE_MODELS_DIR", str(tmp_path / "store"))
     model = Transformer(tiny_config()).eval()
     scribelm.LM(model, None).save(tmp_path / "ckpt")
-    from scribelm.serve.registry import ModelStore
+    from scribelm.store import ModelStore
 
     ModelStore().add("named-model", tmp_path / "ckpt")
     lm = scribelm.load("named-model")

@@ -23,6 +23,7 @@ from scribelm.checkpoint import is_scribe_checkpoint, load_model, read_generatio
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ScribeError
 from scribelm.model import Transformer
+from scribelm.store import find_model_path
 from scribelm.tokenizer import Tokenizer
 
 CHAT_TUNED_KEY = "chat_tuned"  # generation.json: true once fine-tuned on conversations
@@ -119,21 +120,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 
 
 def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) -> LM:
-    path = Path(path).expanduser()
-    if not path.exists():
-        # A MODEL argument may also name a model in the local store (`scribe models add`).
-        from scribelm.serve.registry import ModelStore
-
-        store = ModelStore()
-        if str(path) in store.names():
-            path = store.path(str(path))
-        else:
-            raise CheckpointError(
-                f"no model at {path}: give a checkpoint directory, a Hugging Face model directory "
-                "or a name from `scribe models list`"
-            )
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; give the checkpoint directory that holds config.json")
+    given = Path(path).expanduser()
+    if given.exists() and not given.is_dir():
+        raise CheckpointError(f"{given} is a file; give the checkpoint directory that holds config.json")
+    path = find_model_path(given)  # a directory, else a name in the local store (`scribe models add`)
+    if path is None:
+        raise CheckpointError(
+            f"no model at {given}: give a checkpoint directory, a Hugging Face model directory "
+            "or a name from `scribe models list`"
+        )
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
         from scribelm.interop.hf import is_hf_directory, load_hf
 

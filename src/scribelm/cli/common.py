@@ -53,9 +53,9 @@ def resolve_config(name_or_path: str):
             raise ConfigError(f"{path} is not valid JSON ({err})") from None
         data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
         return ModelConfig.from_dict(data)
-    from scribelm.serve.registry import ModelStore
+    from scribelm.store import find_model_path
 
-    store = ModelStore()
-    if name_or_path in store:  # a name in the local model store
-        return read_config(store.path(name_or_path))
+    stored = find_model_path(name_or_path)  # not a directory here, so a name in the local model store
+    if stored is not None:
+        return read_config(stored)
     raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a model directory, nor a stored model")

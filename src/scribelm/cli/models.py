@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def _store(args):
-    from scribelm.serve.registry import ModelStore
+    from scribelm.store import ModelStore
 
     return ModelStore(args.store)
 
@@ -88,7 +88,7 @@ def run_rm(args) -> int:
 
 
 def run_show(args) -> int:
-    from scribelm.serve.registry import describe_model, resolve_model_path
+    from scribelm.store import describe_model, resolve_model_path
 
     store = _store(args)
     if args.name in store:

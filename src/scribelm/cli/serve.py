@@ -47,7 +47,7 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
 
     from scribelm.adapters.lora import read_any_adapter_config
     from scribelm.errors import ScribeError
-    from scribelm.serve.registry import check_name, is_model_directory, resolve_model_path
+    from scribelm.store import check_name, is_model_directory, resolve_model_path
 
     models: dict[str, str] = {}
     adapters: dict[str, str] = {}
@@ -92,7 +92,7 @@ def run(args) -> int:
     from scribelm.serve.engine import ModelPool
     from scribelm.serve.http_limits import server_limits
     from scribelm.serve.preflight import check_model_files
-    from scribelm.serve.registry import ModelStore
+    from scribelm.store import ModelStore
 
     if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")

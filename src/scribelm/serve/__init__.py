@@ -1,6 +1,6 @@
 """Serving: many users, one process, models behind the API their tools already speak.
 
-    registry.py   the local model store (`scribe models`), `resolve_model_path(name_or_path)`
+    registry.py   the model store's former place (it is `scribelm.store`)
     engine.py     continuous batching over a slot KV cache; `ModelPool` of lazily loaded models
     api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), auth, the generation routes
     schema.py     the request bodies as Pydantic models: validation and the OpenAPI schema
@@ -17,6 +17,5 @@
     from scribelm.serve.api import create_app
     app = create_app(ModelPool({"my-chat": "path/to/model"}), api_key="secret")   # run with uvicorn
 
-The registry needs nothing beyond scribelm; the engine and the API need the
-`serve` extra (fastapi, uvicorn).
+The engine and the API need the `serve` extra (fastapi, uvicorn).
 """

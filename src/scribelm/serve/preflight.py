@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from scribelm.errors import ScribeError
-from scribelm.serve.registry import ModelInfo, describe_model
+from scribelm.store import ModelInfo, describe_model
 
 
 class ModelFilesError(ScribeError):
