@@ -130,10 +130,11 @@ def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) 
             "or a name from `scribe models list`"
         )
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
-        from scribelm.interop.hf import is_hf_directory, load_hf
+        from scribelm.interop.hf import is_hf_directory, load_hf_parts
 
         if is_hf_directory(path):
-            return load_hf(path, device=device, dtype=dtype)
+            model, tokenizer, generation = load_hf_parts(path, device=device, dtype=dtype)
+            return LM(model=model, tokenizer=tokenizer, generation_config=generation)
         # otherwise read_config gives the precise reason (corrupt JSON, foreign format, ...)
     # the small side files first: a mistake in them is reported before the weights are read
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
