@@ -1,4 +1,4 @@
-"""The inference matmul path (oneDNN on CPU) and packed q/k/v and gate/up projections."""
+"""The inference matmul path (oneDNN on CPU) and packed q/k/v and gate/up projections (scribelm.accel)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from scribelm.config import ModelConfig
-from scribelm.kernels import Linear, _packed_operands, fused_linear, linear, pack_linears, inference_on_cpu
+from scribelm.accel import accelerate
+from scribelm.accel.dense import Linear, inference_on_cpu, linear
+from scribelm.accel.packing import _packed_operands, fused_linear, pack_linears
 from scribelm.model import Transformer
 
 
@@ -65,7 +67,7 @@ def test_linear_trains_like_nn_linear():
 
 def test_new_model_is_packed_and_fused_equals_separate():
     torch.manual_seed(0)
-    model = Transformer(tiny_config()).eval()
+    model = accelerate(Transformer(tiny_config())).eval()
     assert _packed_operands(qkv(model)) is not None
     assert _packed_operands((model.blocks[0].mlp.gate, model.blocks[0].mlp.up)) is not None
     x = torch.randn(2, 5, 48)
@@ -79,7 +81,7 @@ def test_new_model_is_packed_and_fused_equals_separate():
 
 def test_packing_keeps_parameters_names_and_values():
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
+    model = accelerate(Transformer(tiny_config()))
     unpacked = copy.deepcopy(model)
     for layer in qkv(unpacked):  # give each weight its own storage again
         layer.weight.data = layer.weight.data.clone()
@@ -98,7 +100,7 @@ def test_packing_keeps_parameters_names_and_values():
 
 def test_packed_model_trains_like_unpacked_one():
     torch.manual_seed(0)
-    packed = Transformer(tiny_config())
+    packed = accelerate(Transformer(tiny_config()))
     unpacked = copy.deepcopy(packed)
     for block in unpacked.blocks:
         for layer in (block.attention.q, block.attention.k, block.attention.v, block.mlp.gate, block.mlp.up):
@@ -118,7 +120,7 @@ def test_packed_model_trains_like_unpacked_one():
 
 
 def test_cast_packs_again_and_safetensors_round_trip(tmp_path):
-    model = Transformer(tiny_config())
+    model = accelerate(Transformer(tiny_config()))
     half = model.to(torch.bfloat16)
     operands = _packed_operands(qkv(half))
     assert operands is not None and operands[0].dtype == torch.bfloat16

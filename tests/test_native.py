@@ -1,4 +1,4 @@
-"""scribelm.native: the compiled matrix-vector kernels, against PyTorch's products."""
+"""scribelm.accel.native: the compiled matrix-vector kernels, against PyTorch's products."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scribelm import native
-from scribelm.kernels import NATIVE_MAX_ROWS, linear
+from scribelm.accel import native
+from scribelm.accel.dense import NATIVE_MAX_ROWS, linear
 from scribelm.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 needs_native = pytest.mark.skipif(
@@ -113,7 +113,7 @@ def run_python(code: str, **env) -> str:
 
 @needs_native
 def test_compiled_once_into_the_cache_and_loaded_after(tmp_path):
-    code = "from scribelm import native; native.library(); print(native.status())"
+    code = "from scribelm.accel import native; native.library(); print(native.status())"
     first = run_python(code, SCRIBELM_CACHE_DIR=str(tmp_path))
     assert first.startswith("on") and str(tmp_path) in first
     built = list((tmp_path / "native").glob("matvec-*.so"))
@@ -125,7 +125,7 @@ def test_compiled_once_into_the_cache_and_loaded_after(tmp_path):
 
 
 def test_switched_off_by_environment():
-    code = ("import torch; from scribelm import native; from scribelm.kernels import linear\n"
+    code = ("import torch; from scribelm.accel import native; from scribelm.accel.dense import linear\n"
             "assert native.library() is None\n"
             "x, w = torch.randn(1, 8), torch.randn(4, 8)\n"
             "with torch.no_grad(): assert torch.allclose(linear(x, w), x @ w.t(), atol=1e-6)\n"
@@ -134,7 +134,7 @@ def test_switched_off_by_environment():
 
 
 def test_no_compiler_means_pytorch_kernels(tmp_path):
-    code = ("from scribelm import native; print(native.library() is None, native.status())")
+    code = ("from scribelm.accel import native; print(native.library() is None, native.status())")
     out = run_python(code, CC="", PATH=str(tmp_path), SCRIBELM_CACHE_DIR=str(tmp_path))
     assert out.startswith("True off: no C compiler found")
 
@@ -147,7 +147,7 @@ def test_rms_norm_matches_pytorch(lib, shape):
     expected = F.rms_norm(x.double(), (shape[-1],), weight.double(), 1e-5)
     assert relative_error(native.rms_norm(lib, x, weight, 1e-5), expected) < 1e-6
     with torch.no_grad():
-        from scribelm.kernels import rms_norm
+        from scribelm.accel.dense import rms_norm
         assert torch.equal(rms_norm(x, weight, 1e-5), native.rms_norm(lib, x, weight, 1e-5))
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 import scribelm
+from scribelm.accel import native
 from scribelm.errors import CheckpointError
 from scribelm.quant import (
     QuantizationError,
@@ -66,8 +67,8 @@ def test_quantized_logits_within_documented_bound(lm, held_out_ids, bits, group_
         ref = lm.model(held_out_ids)
         q = quantized_copy(lm.model, bits, group_size)
         set_kernel(q, kernel)
-        if kernel == "native" and scribelm.native.library() is None:
-            pytest.skip(f"native kernels: {scribelm.native.status()}")
+        if kernel == "native" and native.library() is None:
+            pytest.skip(f"native kernels: {native.status()}")
         out = q(held_out_ids)
     err = relative_error(out, ref)
     assert 0 < err < (DYNAMIC_BOUND if kernel == "dynamic" else LOGIT_BOUNDS[(bits, group_size)])
@@ -89,7 +90,7 @@ def test_kernels_compute_the_dequantized_matmul(bits, group_size):
     layer.kernel = "packed"  # bfloat16 activations: ~3 significant digits
     assert relative_error(layer(x), exact) < 1e-2
     assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
-    if scribelm.native.library() is not None:
+    if native.library() is not None:
         layer.kernel = "native"  # float32 activations, codes widened in registers: the reference up to rounding
         with torch.no_grad():
             assert relative_error(layer(x), exact) < 1e-6
@@ -104,7 +105,7 @@ def test_kernels_compute_the_dequantized_matmul(bits, group_size):
 
 
 def test_joined_int8_layers_equal_separate_ones():
-    from scribelm.kernels import fused_linear
+    from scribelm.accel.packing import fused_linear
 
     torch.manual_seed(0)
     layers = [QuantizedLinear.from_linear(torch.nn.Linear(64, n, bias=True), 8, kernel="dynamic") for n in (64, 32, 32)]
@@ -253,8 +254,8 @@ def test_dequantize_gives_a_float_model_with_the_same_numerics(tmp_path, lm, hel
 
 @pytest.mark.parametrize("kernel", ["reference", "packed", "native"])  # kernels whose rows do not affect each other
 def test_quantized_model_decodes_with_the_kv_cache(lm, kernel):
-    if kernel == "native" and scribelm.native.library() is None:
-        pytest.skip(f"native kernels: {scribelm.native.status()}")
+    if kernel == "native" and native.library() is None:
+        pytest.skip(f"native kernels: {native.status()}")
     q = quantized_copy(lm.model, 8)
     set_kernel(q, kernel)
     ids = torch.tensor([lm.tokenizer.encode("And God said unto Moses")])
@@ -374,7 +375,7 @@ def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm, monkeypatch, nati
     # The dynamic kernel takes one activation range per call, so "auto" keeps it to single rows
     # (it is what "auto" uses where the native kernels cannot be built).
     if not native_on:
-        monkeypatch.setattr(scribelm.native, "library", lambda: None)
+        monkeypatch.setattr(native, "library", lambda: None)
     q = quantized_copy(lm.model, 8)
     first = torch.tensor(lm.tokenizer.encode("And God said unto Moses"))
     others = [torch.randint(0, lm.model.config.vocab_size, first.shape, generator=torch.Generator().manual_seed(s))
@@ -386,8 +387,8 @@ def test_int8_row_does_not_depend_on_the_rest_of_its_batch(lm, monkeypatch, nati
 
 @pytest.mark.parametrize("bits, group_size", [(8, None), (4, 32)])
 def test_native_kernel_decodes_like_the_reference(lm, bits, group_size):
-    if scribelm.native.library() is None:
-        pytest.skip(f"native kernels: {scribelm.native.status()}")
+    if native.library() is None:
+        pytest.skip(f"native kernels: {native.status()}")
     exact, fast = quantized_copy(lm.model, bits, group_size), quantized_copy(lm.model, bits, group_size)
     set_kernel(exact, "reference")
     set_kernel(fast, "native")
@@ -402,7 +403,7 @@ def test_native_kernel_decodes_like_the_reference(lm, bits, group_size):
 
 def test_native_kernel_asked_for_where_it_cannot_run(monkeypatch):
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), 8, kernel="native")
-    monkeypatch.setattr(scribelm.native, "library", lambda: None)
+    monkeypatch.setattr(native, "library", lambda: None)
     with torch.no_grad(), pytest.raises(QuantizationError, match="use kernel='auto'"):
         layer(torch.randn(1, 64))
     layer.kernel = "auto"  # falls back to PyTorch's kernels

@@ -35,6 +35,13 @@ class LM:
     tokenizer: Tokenizer | None
     generation_config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Inference layers (packed projections, native CPU kernels) by default; they keep the
+        # plain layers' parameters and fall back to them for training and exports.
+        from scribelm.accel import accelerate
+
+        accelerate(self.model)
+
     @property
     def config(self) -> ModelConfig:
         return self.model.config

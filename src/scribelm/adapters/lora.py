@@ -44,9 +44,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scribelm.accel import pack_projections
+from scribelm.accel.fourbit import Linear4bit
 from scribelm.checkpoint import read_json_object
 from scribelm.errors import ScribeError
-from scribelm.kernels import Linear
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -96,8 +97,6 @@ class LoRAConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from scribelm.adapters.quant4 import Linear4bit
-
     return isinstance(module, (nn.Linear, Linear4bit))
 
 
@@ -109,8 +108,6 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        from scribelm.adapters.quant4 import Linear4bit
-
         # adapters train in the base's dtype, or in float32 over a 4-bit base (QLoRA's higher precision)
         device = base.scales.device if isinstance(base, Linear4bit) else base.weight.device
         dtype = torch.float32 if isinstance(base, Linear4bit) else base.weight.dtype
@@ -136,14 +133,14 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing base + adapter (the base is dequantized if it was 4-bit)."""
-        from scribelm.adapters.quant4 import Linear4bit
-
+        """A plain nn.Linear computing base + adapter (the base is dequantized if it was 4-bit);
+        of the base's own class when that is an nn.Linear (an accelerated one stays accelerated)."""
         base = self.base
         weight = base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach()
         bias = base.bias
-        out = Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                        dtype=torch.float32 if isinstance(base, Linear4bit) else weight.dtype)
+        kind = type(base) if isinstance(base, nn.Linear) else nn.Linear
+        out = kind(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                   dtype=torch.float32 if isinstance(base, Linear4bit) else weight.dtype)
         with torch.no_grad():
             out.weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(out.weight.dtype))
             if bias is not None:
@@ -346,6 +343,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, module.merged())
     if hasattr(model, "lora_config"):
         del model.lora_config
+    pack_projections(model)  # merged q/k/v (gate/up) side by side again, for an accelerated model's one product
     return model
 
 

@@ -53,8 +53,8 @@ def _lora(p, optional: bool = False) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--targets", default="attention-qv",
                    help="attention-qv | attention | mlp | all-linear | comma-separated layer names or globs")
-    p.add_argument("--quantize", choices=("none", "nf4", "int4"), default="none",
-                   help="QLoRA: hold the frozen base in 4 bits")
+    p.add_argument("--quantize", choices=("none", "nf4", "sym4", "int4"), default="none",
+                   help="QLoRA: hold the frozen base in 4 bits (nf4 or sym4; int4 is sym4's earlier name)")
     p.add_argument("--group-size", type=int, default=64, help="4-bit quantization group size")
     p.add_argument("--peft", action="store_true",
                    help="also write the adapters in peft's format to OUT/adapter-peft (Llama, Mistral, Qwen2 bases)")

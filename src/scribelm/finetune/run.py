@@ -49,7 +49,7 @@ class FinetuneOptions:
 
     method: str = "full"  # full | lora | qlora
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    quant: str = "nf4"  # qlora's base format: nf4 | int4
+    quant: str = "nf4"  # qlora's base format: nf4 | sym4 (scribelm.accel.fourbit)
     quant_group_size: int = 64
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
