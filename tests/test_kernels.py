@@ -149,3 +149,52 @@ def test_wrapped_layer_falls_back_to_separate_products():
         q_out, _, _ = fused_linear(x, (Scaled(q), k, v))
         assert torch.allclose(q_out, 2 * q(x), atol=1e-6)
         assert not pack_linears((Scaled(q), k, v))
+
+
+def test_plain_model_has_no_inference_layers_and_accelerate_keeps_its_numbers_and_keys():
+    from scribelm import model as plain
+    from scribelm.accel import is_accelerated
+    from scribelm.accel.passes import PackedAttention, PackedMLP
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    assert all(type(m) in (torch.nn.Linear, plain.Attention, plain.MLP, plain.RMSNorm)
+               for m in model.modules() if isinstance(m, (torch.nn.Linear, plain.Attention, plain.MLP, plain.RMSNorm)))
+    assert not is_accelerated(model) and _packed_operands(qkv(model)) is None
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    keys_before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert accelerate(model) is model and is_accelerated(model)
+    assert isinstance(model.blocks[0].attention, PackedAttention) and isinstance(model.blocks[0].mlp, PackedMLP)
+    assert type(model.blocks[0].attention.q) is Linear and _packed_operands(qkv(model)) is not None
+    assert accelerate(model) is model  # again: harmless
+    state = model.state_dict()
+    assert list(state) == list(keys_before)
+    assert all(torch.equal(state[k], v) for k, v in keys_before.items())
+    with torch.no_grad():
+        assert torch.allclose(model(ids), before, atol=1e-5)
+
+
+def test_lm_accelerates_its_model_and_training_a_plain_model_matches_an_accelerated_one():
+    from scribelm.accel import is_accelerated
+    from scribelm.lm import LM
+
+    torch.manual_seed(0)
+    plain_model = Transformer(tiny_config())
+    fast = copy.deepcopy(plain_model)
+    assert is_accelerated(LM(fast, None).model)
+    ids = torch.randint(0, 97, (2, 9))
+    for model in (plain_model, fast):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.loss(ids, ids).backward()
+        optimizer.step()
+    for name, tensor in plain_model.state_dict().items():
+        assert torch.allclose(tensor, fast.state_dict()[name], atol=1e-6), name
+
+
+def test_int4_names_one_format_and_qlora_formats_are_nf4_and_sym4():
+    from scribelm.accel.fourbit import FORMATS, Quantized4bit
+
+    assert set(FORMATS) == {"nf4", "sym4"}
+    assert Quantized4bit(torch.randn(8, 64), "int4", 32).kind == "sym4"  # the earlier name is still read
