@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import scribelm  # noqa: E402
-from scribelm.generate import BatchGeneration, weight_bytes_per_token  # noqa: E402
+from scribelm.generate import BatchGeneration  # noqa: E402
+from scribelm.inspect.decode_traffic import weight_bytes_per_token  # noqa: E402
 from scribelm.sampling import SamplingSettings  # noqa: E402
 
 

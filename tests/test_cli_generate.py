@@ -212,7 +212,7 @@ def test_generate_stats_reports_speed(random_dir, capsys):
 
 
 def test_weight_bytes_per_token_counts_what_a_step_reads():
-    from scribelm.generate import weight_bytes_per_token
+    from scribelm.inspect.decode_traffic import weight_bytes_per_token
     from scribelm.quant import quantize_model
 
     tied = Transformer(tiny_config(tie_embeddings=True))

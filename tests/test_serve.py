@@ -353,31 +353,6 @@ def test_a_cache_that_cannot_fit_is_a_clear_error(model_paths):
         Engine(scribelm.load(model_paths["alpha"]), max_batch=10**9)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_slot_cache_rows_of_different_lengths_decode_as_if_alone(position):
-    """One decode step over slots holding 3, 7 and 5 tokens gives each row the logits of a full forward pass."""
-    import torch
-
-    from scribelm.model import Transformer
-    from scribelm.serve.engine import SlotCache
-    from tests.conftest import tiny_config
-
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(position=position)).eval()
-    sequences = [torch.randint(0, 400, (n,)).tolist() for n in (3, 7, 5)]
-    cache = SlotCache(model.config, max_slots=4, max_length=64)
-    with torch.no_grad():
-        for slot, ids in enumerate(sequences):  # prefill each prompt (all but its last token) into its slot
-            model(torch.tensor([ids[:-1]]), cache=cache.slot_writer(slot))
-            cache.set_length(slot, len(ids) - 1)
-        positions, mask = cache.begin_decode(3)
-        step = model(torch.tensor([[ids[-1]] for ids in sequences]), attention_mask=mask, positions=positions, cache=cache)[:, -1]
-        for b, ids in enumerate(sequences):
-            alone = model(torch.tensor([ids]))[0, -1]
-            torch.testing.assert_close(step[b], alone, rtol=1e-5, atol=1e-5)
-    assert cache.lengths[:3].tolist() == [3, 7, 5]
-
-
 def test_quantized_model_is_served(tmp_path, model_paths):
     """A weight-only int8 checkpoint runs in the engine and answers as its own LM.generate does."""
     import scribelm

@@ -10,9 +10,23 @@ reach and written by position, as in gpt-fast: no tensor grows, nothing is
 concatenated. It stores only the key/value heads (`n_kv_heads`), so
 grouped-query models keep a cache `n_heads / n_kv_heads` times smaller.
 
-Layout: keys and values of shape (n_layers, B, n_kv_heads, max_length, head_dim).
-`length` counts positions already written; the model advances it after every
-forward pass.
+Layout: keys and values of shape (n_layers, B, n_kv_heads, max_length, head_dim)
+and `lengths`, the positions written in each row. Rows may hold sequences
+of different lengths (prompts of different lengths, or a server's requests
+that joined at different times): a forward pass over rows 0..B-1 then
+writes row b's new keys at its own position `lengths[b]`, counts its
+positions from there, and masks the keys beyond them, so every row computes
+exactly what it would alone. When all rows share one length (the common
+case) the step writes one slice and needs no mask.
+
+Slot operations serve a batch whose members come and go: `rows(first, n)` is
+a cache over some rows (prefill new prompts in place), `set_length`,
+`copy_row` (several choices of one prompt; filling a freed row) and
+`reorder` (beam search).
+
+The model speaks to the cache through three calls per forward pass:
+`prepare(rows, steps)` (where the new positions go), `update(layer, k, v)`
+(write, and read back everything written) and `advance(steps)`.
 """
 
 from __future__ import annotations
@@ -44,7 +58,6 @@ class KVCache:
             )
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_length, config.head_dim)
         self._set_storage(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-        self.length = 0
 
     @classmethod
     def over(cls, keys: torch.Tensor, values: torch.Tensor) -> "KVCache":
@@ -52,7 +65,6 @@ class KVCache:
         instance views of some rows of a larger cache, which the model then fills in place."""
         cache = cls.__new__(cls)
         cache._set_storage(keys, values)
-        cache.length = 0
         return cache
 
     def _set_storage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -60,31 +72,104 @@ class KVCache:
         self.max_length = keys.shape[3]
         # One view per layer, made once: a decode step then writes by position with no indexing.
         self._layers = [(keys[i], values[i]) for i in range(keys.shape[0])]  # (B, n_kv, S_max, hd) each
+        # Host-side bookkeeping (a list, not a tensor): deciding a step's shape never waits for the device.
+        self._lengths = [0] * keys.shape[1]
+        self._rows = keys.shape[1]  # rows of the forward pass in progress
+        self._end = 0  # positions it reads: the longest row's, new ones included
+        self._start: int | None = 0  # its common start position, or None when rows differ
+        self._write: torch.Tensor | None = None  # (B, T) write positions when rows differ
 
+    # -- facts ------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values (B, n_kv, T, hd) at the current position;
-        return all keys/values written so far, (B, n_kv, length + T, hd)."""
-        start, steps = self.length, keys.shape[2]
-        end = start + steps
-        if end > self.max_length:
-            raise ContextOverflowError(
-                f"the sequence reached {end} tokens but the cache holds {self.max_length}; "
-                "generate fewer tokens or shorten the prompt"
-            )
-        layer_keys, layer_values = self._layers[layer]
-        layer_keys.narrow(2, start, steps).copy_(keys)
-        layer_values.narrow(2, start, steps).copy_(values)
-        return layer_keys.narrow(2, 0, end), layer_values.narrow(2, 0, end)
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) positions written in each row."""
+        return torch.tensor(self._lengths, dtype=torch.long)
 
-    def advance(self, steps: int) -> None:
-        self.length += steps
+    @property
+    def length(self) -> int:
+        """Positions written in the longest row."""
+        return max(self._lengths)
 
-    def reset(self) -> None:
-        self.length = 0
+    def row_length(self, row: int) -> int:
+        return self._lengths[row]
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
+
+    # -- the model's side ---------------------------------------------------------------
+    def prepare(self, rows: int, steps: int) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
+        """Get ready to write `steps` new positions in rows 0..rows-1.
+
+        Returns (start, None, None) when the rows share one length `start`; otherwise
+        (None, positions (B, T), mask (B, 1, T, S)): each row's new positions and the
+        keys each query may see (its own row's, up to itself)."""
+        if rows > self.batch_size:
+            raise ScribeError(f"a batch of {rows} rows does not fit a cache of {self.batch_size}")
+        lengths = self._lengths[:rows]
+        longest = max(lengths)
+        if longest + steps > self.max_length:
+            raise ContextOverflowError(
+                f"the sequence reached {longest + steps} tokens but the cache holds {self.max_length}; "
+                "generate fewer tokens or shorten the prompt"
+            )
+        self._rows, self._end = rows, longest + steps
+        if min(lengths) == longest:
+            self._start, self._write = longest, None
+            return longest, None, None
+        device = self.keys.device
+        self._start = None
+        self._write = torch.tensor(lengths, device=device)[:, None] + torch.arange(steps, device=device)  # (B, T)
+        keys_seen = torch.arange(longest + steps, device=device)  # (S,)
+        mask = keys_seen[None, None, :] <= self._write[:, :, None]  # (B, T, S)
+        return None, self._write, mask[:, None]
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (B, n_kv, T, hd) at each row's position;
+        return all keys/values written so far, (B, n_kv, S, hd), S = longest row + T."""
+        layer_keys, layer_values = self._layers[layer]
+        B, steps = keys.shape[0], keys.shape[2]
+        if B != layer_keys.shape[0]:
+            layer_keys, layer_values = layer_keys[:B], layer_values[:B]
+        if self._start is not None:
+            start, end = self._start, self._start + steps
+            layer_keys.narrow(2, start, steps).copy_(keys)
+            layer_values.narrow(2, start, steps).copy_(values)
+            return layer_keys.narrow(2, 0, end), layer_values.narrow(2, 0, end)
+        rows = torch.arange(B, device=keys.device)[:, None]  # (B, 1)
+        layer_keys[rows, :, self._write] = keys.transpose(1, 2)  # (B, T, n_kv, hd) at (row, position)
+        layer_values[rows, :, self._write] = values.transpose(1, 2)
+        return layer_keys[:, :, : self._end], layer_values[:, :, : self._end]
+
+    def advance(self, steps: int) -> None:
+        for row in range(self._rows):
+            self._lengths[row] += steps
+
+    # -- slot operations ----------------------------------------------------------------
+    def reset(self) -> None:
+        self._lengths = [0] * self.batch_size
+
+    def set_length(self, row: int, length: int) -> None:
+        """Say that row `row` holds `length` positions (after a padded prefill, or to free it: 0)."""
+        self._lengths[row] = int(length)
+
+    def rows(self, first: int, count: int = 1) -> "KVCache":
+        """An empty cache over rows first..first+count-1 of this one's storage, for prefilling
+        prompts in place; then `set_length` each row here."""
+        return KVCache.over(self.keys[:, first : first + count], self.values[:, first : first + count])
+
+    def copy_row(self, source: int, target: int) -> None:
+        n = self._lengths[source]
+        self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
+        self.values[:, target, :, :n] = self.values[:, source, :, :n]
+        self._lengths[target] = n
+
+    def reorder(self, sources: torch.Tensor) -> None:
+        """Row b takes the contents of row sources[b] (beam search: each beam continues one)."""
+        n = self.length
+        self.keys[:, :, :, :n] = self.keys[:, sources, :, :n]
+        self.values[:, :, :, :n] = self.values[:, sources, :, :n]
+        self._lengths = [self._lengths[int(s)] for s in sources.tolist()]

@@ -1,22 +1,23 @@
-"""The generation loop: prompts in, tokens (and text) out.
+"""Generation: prompts in, tokens (and text) out.
 
-    prefill   run the whole prompt through the model once, writing every
+    prefill   run the prompts through the model once, writing every
               position's keys and values into a preallocated `KVCache`
-    decode    then one token per step: feed the last token, read the cache,
-              get the next-token logits, pick a token (`scribelm.sampling`)
+    decode    then one token per step: feed each row's last token, read the
+              cache, get the next-token logits, pick a token
 
-Several prompts of different lengths run as one batch: they are left-padded
-to the same length, the padding is masked out of attention, and each row's
-positions count from its own first real token, so each row generates exactly
-what it would alone (greedy). A row stops on EOS, a stop token id, a stop
-string (the text before it is kept), or `max_new_tokens` ("length").
+The step itself (processors, choice, log-probabilities, stops, text) is the
+decode core, `scribelm.decode`, shared with the serving engine. Several
+prompts of different lengths run as one batch: each is a row of the cache
+with its own length, so each row generates exactly what it would alone
+(greedy). A row stops on EOS, a stop token id, a stop string (the text
+before it is kept), or `max_new_tokens` ("length").
 
 API (what `LM.generate`, `LM.stream`, `LM.chat` and the serving code use):
 
     gen = BatchGeneration(model, tokenizer, prompt_ids_list, settings_list)
     for events in gen:                   # one list per decode step
-        for e in events:                 # TokenEvent(row, token_id, text, logprob, top, finished)
-            pieces[e.row].append(e.text)
+        for e in events:                 # TokenEvent(index, token_id, text, logprob, top_logprobs, finish_reason)
+            pieces[e.index].append(e.text)
     gen.completions                      # one Completion per row, filled in as rows finish
 
     beam_search(model, tokenizer, prompt_ids, settings) -> list[Completion], best first
@@ -34,40 +35,33 @@ Context overflow: a prompt longer than the model's context is an error,
 unless `context_overflow="slide"`: then only the most recent tokens are kept
 and, whenever the context fills during generation, the oldest quarter is
 dropped and the rest is run through the model again (positions restart at
-0, so this works for every position type).
+0, so this works for every position type). Each row slides on its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
 from scribelm.cache import ContextOverflowError, KVCache
-from scribelm.errors import ScribeError, reject_unknown_fields
-from scribelm.quant import weight_bytes
-from scribelm.sampling import (
-    IncrementalDetokenizer,
-    RowSampler,
-    SamplingError,
-    SamplingSettings,
-    apply_penalties,
-    choose_tokens,
-    token_logprobs,
+from scribelm.decode import (  # noqa: F401  (TokenEvent, TokenLogprob, token_text: part of this module's API)
+    DecodeRow,
+    TokenEvent,
+    TokenLogprob,
+    decode_step,
+    feed,
+    prefill,
+    stop_ids_for,
+    token_text,
 )
+from scribelm.errors import ScribeError, reject_unknown_fields
+from scribelm.sampling import IncrementalDetokenizer, RowSampler, SamplingError, SamplingSettings, apply_penalties
 
 #: Tokens that close an assistant turn in common chat formats (ours is <|end|>).
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: list[dict[str, Any]] = field(default_factory=list)  # [{"token_id", "token", "logprob"}], best first
 
 
 @dataclass
@@ -82,43 +76,6 @@ class Completion:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class TokenEvent:
-    """One row's output at one decode step."""
-
-    row: int
-    token_id: int
-    text: str  # the text delta this token releases ('' when held back)
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None  # (token_id, logprob), best first
-    finished: bool = False
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    if tokenizer is None:
-        return ""
-    return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: all of them (`quant.weight_bytes`) but the
-    token and position embedding tables, of which a step reads one row, unless the
-    unembedding shares the table and so reads all of it."""
-    total = weight_bytes(model)
-    unembedding = getattr(model.unembedding, "weight", None)  # a quantized unembedding has its own tensors
-    for table in (model.token_embedding, model.position_embedding):
-        if table is not None and table.weight is not unembedding:
-            total -= table.weight.numel() * table.weight.element_size()
-    return total
-
-
-def stop_ids_for(tokenizer, settings: SamplingSettings, extra: Sequence[int] = ()) -> set[int]:
-    ids = set(settings.stop_token_ids) | set(extra)
-    if tokenizer is not None and tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
-    return ids
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -181,22 +138,16 @@ class BatchGeneration:
                         "keep only its most recent tokens with --slide (in Python: context_overflow='slide')"
                     )
                 self.prompts[i] = p[-self._window_keep():]
-        self.device = next(model.parameters()).device
-        offsets = seed_offsets or [0] * len(prompts)
-        self.samplers = [
-            RowSampler(s, config.vocab_size, prompt_ids=p, device=self.device, seed_offset=o)
-            for s, p, o in zip(self.settings, self.prompts, offsets)
-        ]
-        skip = tokenizer.special_ids if (tokenizer is not None and skip_special_tokens) else set()
-        self.detokenizers = [
-            IncrementalDetokenizer(tokenizer, stop=s.stop, skip_ids=skip) if tokenizer is not None else None
-            for s in self.settings
-        ]
         if tokenizer is None and any(s.stop for s in self.settings):
             raise SamplingError("stop strings need a tokenizer to turn tokens into text")
-        self.stop_ids = [stop_ids_for(tokenizer, s, extra_stop_ids) for s in self.settings]
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.logprobs: list[list[TokenLogprob] | None] = [[] if s.logprobs else None for s in self.settings]
+        self.device = next(model.parameters()).device
+        offsets = seed_offsets or [0] * len(prompts)
+        skip = tokenizer.special_ids if (tokenizer is not None and skip_special_tokens) else set()
+        self.rows = [
+            DecodeRow(b, p, s, tokenizer=tokenizer, vocab_size=config.vocab_size, device=self.device,
+                      stop_ids=extra_stop_ids, skip_ids=skip, seed_offset=o, record_logprobs=True)
+            for b, (p, s, o) in enumerate(zip(self.prompts, self.settings, offsets))
+        ]
         self.completions: list[Completion | None] = [None] * len(prompts)
         self._started = False
 
@@ -214,117 +165,58 @@ class BatchGeneration:
         if self._started:
             raise ScribeError("a BatchGeneration runs once; make a new one")
         self._started = True
-        B = len(self.prompts)
-        active = [True] * B
-        for b, s in enumerate(self.settings):
-            if s.max_new_tokens == 0:
-                self._finish(b, "length", None)
-                active[b] = False
-        if not any(active):
+        for row in self.rows:
+            if row.settings.max_new_tokens == 0:
+                row.finish("length")
+                self._complete(row)
+        if all(row.done for row in self.rows):
             return
         sliding = any(s.context_overflow == "slide" for s in self.settings)
         longest = max(len(p) for p in self.prompts)
         budget = max(s.max_new_tokens for s in self.settings)
         cache_length = self.context if sliding else min(self.context, longest + budget)
-        self.cache = KVCache(self.model.config, B, cache_length, device=self.device, dtype=_model_dtype(self.model))
-        logits = self._prefill([list(p) for p in self.prompts])
-
-        want_logprobs = any(s.logprobs for s in self.settings)
-        top_n = max(s.top_logprobs for s in self.settings)
+        cache = self.cache = KVCache(self.model.config, len(self.rows), cache_length, device=self.device,
+                                     dtype=_model_dtype(self.model))
+        logits = prefill(self.model, cache, 0, self.prompts)
         while True:
-            chosen = choose_tokens(logits, self.samplers)  # (B,)
-            lp = top_ids = top_lps = None
-            if want_logprobs:
-                lp, top_ids, top_lps = token_logprobs(logits, chosen, top_n)
-                lp = lp.tolist()
-                if top_ids is not None:
-                    top_ids, top_lps = top_ids.tolist(), top_lps.tolist()
-            chosen_list = chosen.tolist()
-            events = []
-            for b in range(B):
-                if not active[b]:
-                    continue
-                token = chosen_list[b]
-                self.samplers[b].observe(token)
-                self.generated[b].append(token)
-                event = TokenEvent(row=b, token_id=token, text="")
-                if self.logprobs[b] is not None:
-                    n = self.settings[b].top_logprobs
-                    top = list(zip(top_ids[b][:n], top_lps[b][:n])) if n else []
-                    event.logprob, event.top = lp[b], top
-                    self.logprobs[b].append(TokenLogprob(
-                        token, token_text(self.tokenizer, token), lp[b],
-                        [{"token_id": i, "token": token_text(self.tokenizer, i), "logprob": v} for i, v in top],
-                    ))
-                detok = self.detokenizers[b]
-                if token in self.stop_ids[b]:
-                    event.text = detok.flush() if detok else ""
-                    self._finish(b, "stop", token)
-                else:
-                    event.text = detok.push(token) if detok else ""
-                    if detok is not None and detok.stopped:
-                        self._finish(b, "stop", detok.stop_string)
-                    elif len(self.generated[b]) >= self.settings[b].max_new_tokens:
-                        event.text += detok.flush() if detok else ""
-                        self._finish(b, "length", None)
-                    elif self.cache.length >= self.cache.max_length and self.settings[b].context_overflow != "slide":
-                        event.text += detok.flush() if detok else ""
-                        self._finish(b, "length", None)
-                event.finished = self.completions[b] is not None
-                active[b] = not event.finished
-                events.append(event)
-            yield events
-            if not any(active):
+            room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
+                    for b, row in enumerate(self.rows)]
+            running = [b for b, row in enumerate(self.rows) if not row.done]
+            stepped = decode_step([self.rows[b] for b in running], logits[running] if len(running) < len(self.rows) else logits,
+                                  [room[b] for b in running])
+            for row, event in stepped:
+                if event.finished:
+                    self._complete(row)
+            yield [event for _, event in stepped]
+            if all(row.done for row in self.rows):
                 return
-            if self.cache.length >= self.cache.max_length:
-                # Only sliding rows are still running: keep their most recent tokens and go on.
-                logits = self._prefill([
-                    (self.prompts[b] + self.generated[b])[-self._window_keep():] if active[b] else [0] for b in range(B)
-                ])
+            self._slide_full_rows()
+            finished = [b for b, row in enumerate(self.rows) if row.done]
+            for b in finished:  # a finished row is fed too (one batch), at a position that stays put
+                cache.set_length(b, min(cache.row_length(b), cache.max_length - 1))
+            logits = feed(self.model, cache, [row.generated[-1] if row.generated else 0 for row in self.rows])
+            for b in finished:
+                cache.set_length(b, cache.row_length(b) - 1)
+
+    def _slide_full_rows(self) -> None:
+        """A running row whose cache row is full keeps only its most recent tokens: they are run
+        through the model again from position 0 (all but the last, which the next step feeds)."""
+        for b, row in enumerate(self.rows):
+            if row.done or self.cache.row_length(b) < self.cache.max_length:
                 continue
-            logits = self._step(chosen)
+            window = (row.prompt_ids + row.generated)[-self._window_keep():]
+            self.cache.set_length(b, 0)
+            if len(window) > 1:
+                prefill(self.model, self.cache, b, [window[:-1]])
 
-    def _prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        """Run the (left-padded) prompts through the model from an empty cache; last-position logits (B, V)."""
-        B = len(rows)
-        self.cache.reset()
-        lengths = [len(r) for r in rows]
-        P = max(lengths)
-        ids = torch.zeros(B, P, dtype=torch.long)
-        self._mask: torch.Tensor | None = None
-        if min(lengths) != P:
-            self._mask = torch.zeros(B, self.cache.max_length, dtype=torch.long, device=self.device)
-        for b, r in enumerate(rows):
-            ids[b, P - len(r):] = torch.tensor(r, dtype=torch.long)
-            if self._mask is not None:
-                self._mask[b, P - len(r):P] = 1
-        ids = ids.to(self.device)
-        self._positions = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1): next position per row
-        hidden = self.model.hidden_states(
-            ids, attention_mask=None if self._mask is None else self._mask[:, :P], cache=self.cache
-        )  # (B, P, C)
-        return self.model.unembedding(hidden[:, -1])  # (B, V)
-
-    def _step(self, last: torch.Tensor) -> torch.Tensor:
-        """Feed each row's last token (B,); next-token logits (B, V)."""
-        S = self.cache.length + 1
-        mask = None
-        if self._mask is not None:
-            self._mask[:, S - 1] = 1
-            mask = self._mask[:, :S]
-        hidden = self.model.hidden_states(last[:, None], attention_mask=mask, positions=self._positions, cache=self.cache)
-        self._positions += 1
-        return self.model.unembedding(hidden[:, -1])  # (B, V)
-
-    def _finish(self, b: int, reason: str, stop_reason: str | int | None) -> None:
-        detok = self.detokenizers[b]
-        self.completions[b] = Completion(
-            text=detok.text if detok else "",
-            token_ids=list(self.generated[b]),
-            finish_reason=reason,
-            stop_reason=stop_reason,
-            prompt_tokens=len(self.prompts[b]),
-            logprobs=self.logprobs[b],
+    def _complete(self, row: DecodeRow) -> None:
+        self.completions[row.index] = Completion(
+            text=row.text,
+            token_ids=list(row.generated),
+            finish_reason=row.finish_reason,
+            stop_reason=row.stop_reason,
+            prompt_tokens=len(row.prompt_ids),
+            logprobs=row.logprobs,
         )
 
 
@@ -365,16 +257,12 @@ def beam_search(
     device = next(model.parameters()).device
     max_new = settings.max_new_tokens
     lp_exp = settings.length_penalty
-    dtype = _model_dtype(model)
-    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device, dtype=dtype)
+    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device,
+                    dtype=_model_dtype(model))
     # Every beam starts from the same prompt: prefill it once, then give each beam a copy of its keys and values.
-    prompt_cache = KVCache(config, 1, len(prompt), device=device, dtype=dtype)
-    hidden = model.hidden_states(torch.tensor([prompt], device=device), cache=prompt_cache)[:, -1]  # (1, C)
-    logits = model.unembedding(hidden).expand(K, -1)  # (K, V)
-    cache.keys[:, :, :, :len(prompt)] = prompt_cache.keys  # (L, 1, KV, P, hd) broadcast to (L, K, KV, P, hd)
-    cache.values[:, :, :, :len(prompt)] = prompt_cache.values
-    cache.advance(len(prompt))
-    del prompt_cache
+    logits = prefill(model, cache, 0, [prompt]).expand(K, -1)  # (K, V)
+    for k in range(1, K):
+        cache.copy_row(0, k)
     samplers = [RowSampler(settings, V, prompt_ids=prompt, device=device) for _ in range(K)]
     beam_scores = torch.full((K,), float("-inf"), device=device)
     beam_scores[0] = 0.0  # all beams start identical: let only the first one expand
@@ -415,10 +303,7 @@ def beam_search(
             break
         while len(next_beams) < K:  # fewer live candidates than beams: pad with dead copies
             next_beams.append((next_beams[0][0], next_beams[0][1], float("-inf")))
-        source_idx = torch.tensor([s for s, _, _ in next_beams], device=device)
-        n = cache.length
-        cache.keys[:, :, :, :n] = cache.keys[:, source_idx, :, :n]
-        cache.values[:, :, :, :n] = cache.values[:, source_idx, :, :n]
+        cache.reorder(torch.tensor([s for s, _, _ in next_beams], device=device))
         old = [(s.seen.clone() if s.seen is not None else None, s.counts.clone() if s.counts is not None else None) for s in samplers]
         for k, (source, token, _) in enumerate(next_beams):
             if old[source][0] is not None:
@@ -430,8 +315,7 @@ def beam_search(
         beam_scores = torch.tensor([t for _, _, t in next_beams], device=device)
         if step == max_new - 1 or cache.length >= cache.max_length:
             break
-        tokens = torch.tensor([t for _, t, _ in next_beams], device=device)[:, None]  # (K, 1)
-        logits = model.unembedding(model.hidden_states(tokens, cache=cache)[:, -1])  # (K, V)
+        logits = feed(model, cache, [t for _, t, _ in next_beams])  # (K, V)
     if not done:
         for k in range(K):
             if beam_scores[k].item() > float("-inf") and beams[k]:

@@ -208,7 +208,7 @@ def busy_machine_note(load: float | None, cores: int, threads: int) -> str | Non
 def _speed_line(model, prompt_tokens: int, stamps: list[float]) -> str:
     """Prefill is the time to the first token; decode the time per token after it (every
     decode step reads every weight once, hence GB/s)."""
-    from scribelm.generate import weight_bytes_per_token
+    from scribelm.inspect.decode_traffic import weight_bytes_per_token
 
     prefill = stamps[1] - stamps[0]
     line = f"prefill: {prompt_tokens} tokens in {prefill * 1e3:.0f} ms ({prompt_tokens / prefill:.0f} tokens/s)"
@@ -218,9 +218,9 @@ def _speed_line(model, prompt_tokens: int, stamps: list[float]) -> str:
         gbs = weight_bytes_per_token(model) / per_token / 1e9
         line += f"; decode: {steps} tokens at {1 / per_token:.1f} tokens/s ({gbs:.2f} GB/s of weights)"
     if next(model.parameters()).is_cpu:
-        from scribelm.accel import native_status
+        from scribelm import native
 
-        line += f"; native CPU kernels {native_status()}"
+        line += f"; native CPU kernels {'on' if native.library() is not None else native.status()}"
     return line
 
 
@@ -250,7 +250,7 @@ def _print_probs(gen, tokenizer, top_n: int) -> None:
         for e in events:
             token = token_text(tokenizer, e.token_id)
             alternatives = "  ".join(
-                f"{token_text(tokenizer, i)!r} {math.exp(lp):.3f}" for i, lp in (e.top or [])[:top_n]
+                f"{token_text(tokenizer, i)!r} {math.exp(lp):.3f}" for i, lp in (e.top_logprobs or [])[:top_n]
             )
             prob = math.exp(e.logprob) if e.logprob is not None else float("nan")
             console.print(f"{token!r:>16}  {prob:6.3f}   {alternatives}", markup=False)

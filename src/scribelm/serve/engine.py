@@ -7,17 +7,17 @@ Here requests join and leave the running batch between decode steps:
     loop (a background thread):
       admit waiting requests while there are free slots:
           prefill their prompts together (right-padded), writing keys/values
-          straight into free slots of the SlotCache, and sample each first token
-          (time to first token); a request with n choices copies its slot n-1 times
+          straight into free rows of the KVCache, and sample each first token
+          (time to first token); a request with n choices copies its row n-1 times
       one decode step for every active sequence together:
-          ids (B, 1), positions (B, 1), mask (B, 1, 1, S) -> logits (B, V)
-          each row sampled with its own settings and seed
+          ids (B, 1) -> logits (B, V), each row sampled with its own settings and seed
       sequences that finished (EOS, stop string, max_tokens, cancelled) leave;
       the last row moves into the freed slot, so the active rows stay 0..B-1
 
-Each row of the SlotCache has its own length (a sequence that joined later is
-shorter): the decode step writes row b's new key at position lengths[b] and
-masks keys beyond it, so every row computes exactly what it would alone.
+The step itself (prefill, feed, choose, stops, text, events) is the decode
+core, `scribelm.decode`, the same one `LM.generate` runs; each row of the
+cache has its own length (a sequence that joined later is shorter), so every
+row computes exactly what it would alone. What is here is scheduling.
 
 Requests come from asyncio (the HTTP server) and go back to it as events:
 the engine thread calls `loop.call_soon_threadsafe` to put each token on the
@@ -47,9 +47,14 @@ from typing import Any
 import torch
 
 from scribelm.cache import KVCache
-from scribelm.config import ModelConfig
+from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
-from scribelm.sampling import IncrementalDetokenizer, RowSampler, SamplingSettings, choose_tokens, token_logprobs
+from scribelm.sampling import SamplingSettings
+
+__all__ = [  # TokenEvent is the decode core's: one event type for the library and the server
+    "ContextLengthError", "Engine", "EngineStoppedError", "ErrorEvent", "FinishEvent", "GenerationRequest",
+    "ModelLoadError", "ModelPool", "QueueFullError", "TokenEvent",
+]
 
 
 #: Positions per cache slot unless asked otherwise: the cache holds max_batch x this many,
@@ -81,88 +86,16 @@ class ModelLoadError(ScribeError):
     """A served model's files could not be loaded; the message names the model, never its files."""
 
 
-# ----------------------------------------------------------------------------- the slot cache
-
-
-class SlotCache:
-    """Keys/values of up to `max_slots` sequences, each with its own length.
-
-    Layout: (n_layers, max_slots, n_kv_heads, max_length, head_dim), like
-    KVCache, plus `lengths` (max_slots,). It honours the protocol the model's
-    attention uses — `update(layer, k, v)`, `advance(steps)`, `length` — for a
-    decode step over rows 0..B-1 prepared by `begin_decode(B)`.
-    """
-
-    def __init__(self, config: ModelConfig, max_slots: int, max_length: int, *, device=None, dtype=torch.float32) -> None:
-        shape = (config.n_layers, max_slots, config.n_kv_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, KV, S_max, hd)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(max_slots, dtype=torch.long, device=device)  # (slots,)
-        self.max_length = max_length
-        self.length = 0  # the step's query position as the model sees it: max length over the batch
-        self._rows = 0
-        self._write: torch.Tensor | None = None  # (B,) write position of each row this step
-        self._row_index: torch.Tensor | None = None
-
-    def slot_writer(self, slot: int, count: int = 1) -> KVCache:
-        """A KVCache whose storage is slots slot..slot+count-1, for prefilling prompts in place."""
-        # views: the prefill writes into the slots
-        return KVCache.over(self.keys[:, slot : slot + count], self.values[:, slot : slot + count])
-
-    def set_length(self, slot: int, length: int) -> None:
-        self.lengths[slot] = length
-
-    def copy_slot(self, source: int, target: int) -> None:
-        n = int(self.lengths[source])
-        self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
-        self.values[:, target, :, :n] = self.values[:, source, :, :n]
-        self.lengths[target] = n
-
-    def begin_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a one-token step over rows 0..rows-1: their positions (B, 1) and mask (B, 1, 1, S)."""
-        write = self.lengths[:rows].clone()  # (B,)
-        if int(write.max()) >= self.max_length:
-            raise ContextLengthError("a sequence reached the end of its cache slot")
-        S = int(write.max()) + 1
-        self._rows, self._write = rows, write
-        self._row_index = torch.arange(rows, device=write.device)
-        self.length = S - 1
-        mask = torch.arange(S, device=write.device)[None, :] <= write[:, None]  # (B, S)
-        return write[:, None], mask[:, None, None, :]
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values (B, KV, 1, hd) written at each row's own position; returns (B, KV, S, hd)."""
-        B, S = self._rows, self.length + 1
-        self.keys[layer, self._row_index, :, self._write] = keys[:, :, 0]  # (B, KV, hd)
-        self.values[layer, self._row_index, :, self._write] = values[:, :, 0]
-        return self.keys[layer, :B, :, :S], self.values[layer, :B, :, :S]
-
-    def advance(self, steps: int) -> None:
-        self.lengths[: self._rows] += steps
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
-
-
 # ----------------------------------------------------------------------------- requests and events
 
 
 @dataclass
-class TokenEvent:
-    """One generated token of one choice; `text` is the new visible text (may be '')."""
-
-    index: int
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-@dataclass
 class FinishEvent:
+    """A choice ended; it follows the choice's last `TokenEvent` (whose text includes all that was held back)."""
+
     index: int
     reason: str  # "stop" or "length"
-    text: str  # text held back until the end (flushed), may be ''
+    text: str  # always '' now: the last TokenEvent carries the end of the text
     completion_tokens: int
 
 
@@ -228,15 +161,17 @@ def _put_all(batch: list[tuple[GenerationRequest, Any]]) -> None:
         request.events.put_nowait(event)
 
 
-@dataclass
-class _Sequence:
-    request: GenerationRequest
-    index: int
-    sampler: RowSampler
-    detokenizer: IncrementalDetokenizer
-    last_token: int = -1
-    generated: int = 0
-    done: bool = False
+class _Sequence(DecodeRow):
+    """One choice of one request, running in a row of the cache."""
+
+    def __init__(self, request: GenerationRequest, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.request = request
+        self.cancelled = False  # its request went away: free the row, send nothing more
+
+    @property
+    def leaving(self) -> bool:
+        return self.done or self.cancelled or self.request.cancelled
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -267,7 +202,7 @@ class Engine:
         self.device = lm.device
         dtype = next(self.model.parameters()).dtype
         try:
-            self.cache = SlotCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+            self.cache = KVCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
             need = 2 * self.config.n_layers * max_batch * self.config.n_kv_heads * self.context_length * self.config.head_dim
             raise ScribeError(
@@ -417,14 +352,15 @@ class Engine:
     def _reset_slots(self) -> None:
         """Forget every active sequence; the cache rows are free again."""
         self._active.clear()
-        self.cache.lengths.zero_()
+        self.cache.reset()
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
-        s = request.settings
         # Choice i of a seeded request draws with seed + i: reproducible, and the choices differ.
-        sampler = RowSampler(s, self.config.vocab_size, prompt_ids=request.prompt_ids, device=self.device, seed_offset=index)
-        detok = IncrementalDetokenizer(self.tokenizer, stop=s.stop, skip_ids=self.special_ids)
-        return _Sequence(request=request, index=request.choice_offset + index, sampler=sampler, detokenizer=detok)
+        return _Sequence(
+            request, request.choice_offset + index, request.prompt_ids, request.settings, tokenizer=self.tokenizer,
+            vocab_size=self.config.vocab_size, device=self.device, stop_ids=self.eos_ids | request.stop_token_ids,
+            skip_ids=self.special_ids, seed_offset=index,
+        )
 
     def _prefill_groups(self, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
         """Split newly admitted requests into prefill batches of at most PREFILL_TOKENS padded tokens."""
@@ -456,24 +392,16 @@ class Engine:
                 r.fail(REQUEST_FAILED)
         if not ready:
             return
-        requests = [r for r, _ in ready]
-        first, k = len(self._active), len(requests)
-        lengths = [len(r.prompt_ids) for r in requests]
-        ids = torch.zeros(k, max(lengths), dtype=torch.long, device=self.device)  # (k, P)
-        for j, r in enumerate(requests):
-            ids[j, : lengths[j]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        hidden = self.model.hidden_states(ids, cache=self.cache.slot_writer(first, k))  # (k, P, C)
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model.unembedding(hidden[torch.arange(k, device=self.device), last])  # (k, V): each prompt's last position
+        first = len(self._active)
+        logits = prefill(self.model, self.cache, first, [r.prompt_ids for r, _ in ready])  # (k, V)
         sequences, rows = [], []
         for j, (r, choices) in enumerate(ready):
-            self.cache.set_length(first + j, lengths[j])
             sequences.append(choices[0])
             rows.append(j)
         self._active.extend(sequences)
         for j, (r, choices) in enumerate(ready):
             for extra in choices[1:]:
-                self.cache.copy_slot(first + j, len(self._active))
+                self.cache.copy_row(first + j, len(self._active))
                 self._active.append(extra)
                 sequences.append(extra)
                 rows.append(j)
@@ -482,48 +410,46 @@ class Engine:
     def _decode_step(self) -> None:
         B = len(self._active)
         self.peak_active = max(self.peak_active, B)
-        ids = torch.tensor([[s.last_token] for s in self._active], dtype=torch.long, device=self.device)  # (B, 1)
-        positions, mask = self.cache.begin_decode(B)
-        logits = self.model(ids, attention_mask=mask, positions=positions, cache=self.cache)[:, -1]  # (B, V)
+        logits = feed(self.model, self.cache, [s.last_token for s in self._active])  # (B, V)
         self._choose(self._active, logits)
 
     def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits (B, V) and send it to its client.
+        """One decode-core step over these sequences (logits (B, V)), and their events to their clients.
 
-        The rows are chosen together; if that fails, one by one, so that a row whose
-        sampling fails ends its own request and no other."""
+        A sequence whose own work fails ends its own request and no other."""
         live = [i for i, s in enumerate(sequences) if not s.request.cancelled]
-        for i, s in enumerate(sequences):
+        for s in sequences:
             if s.request.cancelled:
-                s.done = True
+                s.cancelled = True
         if not live:
             return
         rows = [sequences[i] for i in live]
         logits = logits[live] if len(live) != len(sequences) else logits
-        chosen_list = self._choose_ids(rows, logits)
-        want_top = max((s.request.settings.top_logprobs for s in rows if s.request.settings.logprobs), default=-1)
-        chosen_lp = top_ids = top_lp = None
-        if want_top >= 0:
-            try:
-                picked = torch.tensor([max(t, 0) for t in chosen_list], dtype=torch.long, device=logits.device)
-                chosen_lp, top_ids, top_lp = token_logprobs(logits, picked, want_top)
-            except Exception:
-                log.exception("model %r: log-probabilities failed", self.name)
-                for s in rows:
-                    if s.request.settings.logprobs:
-                        s.request.fail(REQUEST_FAILED)
+        room = [True] * len(rows)  # submit() checked that prompt + max_tokens fits a row
+
+        def failed(row: DecodeRow, err: Exception) -> None:
+            log.error("model %r: request %d failed at token %d", self.name, row.request.id, len(row.generated),
+                      exc_info=err)
+            row.cancelled = True
+            row.request.fail(REQUEST_FAILED)
+
+        stepped = decode_step(rows, logits, room, on_error=failed)
         now = time.monotonic()
         outbox: list[tuple[GenerationRequest, Any]] = []
-        for b, s in enumerate(rows):
-            if s.request.cancelled or chosen_list[b] < 0:
-                s.done = True
+        for s, event in stepped:
+            request = s.request
+            if request.failed:
                 continue
-            try:
-                outbox.extend(self._advance(s, chosen_list[b], now, b, chosen_lp, top_ids, top_lp))
-            except Exception:
-                log.exception("model %r: request %d failed at token %d", self.name, s.request.id, s.generated)
-                s.done = True
-                s.request.fail(REQUEST_FAILED)
+            if request.first_token_at is None:
+                request.first_token_at = now
+            if event.logprob is not None:
+                event.logprob = _finite_logprob(event.logprob)
+            if event.top_logprobs is not None:
+                event.top_logprobs = [(i, _finite_logprob(lp)) for i, lp in event.top_logprobs]
+            outbox.append((request, event))
+            if event.finished:
+                outbox.append((request, FinishEvent(index=s.index, reason=event.finish_reason, text="",
+                                                    completion_tokens=len(s.generated))))
         _deliver([(r, e) for r, e in outbox if not r.failed])
         with self._stats_lock:
             self._recent.append((now, len(rows)))
@@ -532,64 +458,15 @@ class Engine:
         self.steps += 1
         self.generated_tokens += len(rows)
 
-    def _choose_ids(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row's next token id; -1 for a row whose sampling failed (its request is failed)."""
-        try:
-            return choose_tokens(logits, [s.sampler for s in rows]).tolist()
-        except Exception:
-            pass  # find the culprit row by row; the others go on
-        chosen = []
-        for b, s in enumerate(rows):
-            try:
-                chosen.append(int(choose_tokens(logits[b : b + 1], [s.sampler])[0]))
-            except Exception:
-                log.exception("model %r: sampling failed for request %d", self.name, s.request.id)
-                s.request.fail(REQUEST_FAILED)
-                chosen.append(-1)
-        return chosen
-
-    def _advance(self, s: _Sequence, token: int, now: float, b: int, chosen_lp, top_ids, top_lp) -> list[tuple[GenerationRequest, Any]]:
-        """Record one chosen token of one sequence: its events, and whether it finished."""
-        s.sampler.observe(token)
-        s.generated += 1
-        s.last_token = token
-        request = s.request
-        if request.first_token_at is None:
-            request.first_token_at = now
-        event = TokenEvent(index=s.index, token_id=token, text="")
-        settings = request.settings
-        if settings.logprobs:
-            event.logprob = _finite_logprob(float(chosen_lp[b]))
-            if settings.top_logprobs:
-                event.top_logprobs = [(i, _finite_logprob(lp)) for i, lp in
-                                      zip(top_ids[b, : settings.top_logprobs].tolist(), top_lp[b, : settings.top_logprobs].tolist())]
-        reason = None
-        if token in self.eos_ids or token in request.stop_token_ids:
-            reason = "stop"
-        else:
-            event.text = s.detokenizer.push(token)
-            if s.detokenizer.stopped:
-                reason = "stop"
-            elif s.generated >= settings.max_new_tokens:
-                reason = "length"
-            elif len(request.prompt_ids) + s.generated >= self.context_length:
-                reason = "length"
-        events: list[tuple[GenerationRequest, Any]] = [(request, event)]
-        if reason is not None:
-            tail = s.detokenizer.flush() if not s.detokenizer.stopped else ""
-            events.append((request, FinishEvent(index=s.index, reason=reason, text=tail, completion_tokens=s.generated)))
-            s.done = True
-        return events
-
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows; the last row moves into each freed slot."""
         b = 0
         while b < len(self._active):
             s = self._active[b]
-            if s.done or s.request.cancelled:
+            if s.leaving:
                 last = len(self._active) - 1
                 if b != last:
-                    self.cache.copy_slot(last, b)
+                    self.cache.copy_row(last, b)
                     self._active[b] = self._active[last]
                 self._active.pop()
                 self.cache.set_length(last, 0)
