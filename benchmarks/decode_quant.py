@@ -43,6 +43,7 @@ from scribelm.config import ModelConfig  # noqa: E402
 from scribelm.generate import BatchGeneration  # noqa: E402
 from scribelm.inspect.decode_traffic import weight_bytes_per_token  # noqa: E402
 from scribelm.interop.gguf import export_gguf  # noqa: E402
+from scribelm.accel import accelerate  # noqa: E402
 from scribelm.quant import quantize_model  # noqa: E402
 from scribelm.sampling import SamplingSettings  # noqa: E402
 
@@ -147,7 +148,7 @@ def main() -> None:
         tie_embeddings=True, name="bench-llama",
     )
     torch.manual_seed(0)
-    base = scribelm.Transformer(config).eval()
+    base = accelerate(scribelm.Transformer(config)).eval()  # the inference layers, as scribelm.load gives
     tokenizer = scribelm.Tokenizer.train(
         ["In the beginning God created the heaven and the earth. " * 20, "And the earth was without form."],
         vocab_size=300, min_frequency=1, files=False,

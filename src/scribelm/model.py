@@ -16,6 +16,11 @@ field of `ModelConfig`; there is one model class. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
 kernel (flash / memory-efficient) where one applies. Keys and values can be
 written to a `KVCache` so that generation computes each position once.
+
+This file is plain PyTorch and stays so: inference swaps in faster layers from
+outside (`scribelm.accel.accelerate`: packed q/k/v, native CPU kernels) and
+quantization swaps in quantized ones (`scribelm.quant`), keeping every
+parameter's name, so training and exports use exactly what is written here.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from torch import nn
 
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
-from scribelm.kernels import Linear, fused_linear, pack_linears, rms_norm
 
 # --------------------------------------------------------------------------- norms
 
@@ -42,8 +46,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic as below, in one operation (kernels.py)
-            return rms_norm(x, self.weight, self.eps)
         # Computed in float32 so bf16 activations do not lose the small variance.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -122,10 +124,14 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.q = Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
-        self.k = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.v = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.o = Linear(config.q_dim, config.d_model, bias=config.attn_out_bias)
+        self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o = nn.Linear(config.q_dim, config.d_model, bias=config.attn_out_bias)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, H·hd), k and v (B, T, KV·hd)."""
+        return self.q(x), self.k(x), self.v(x)
 
     def forward(
         self,
@@ -136,7 +142,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, (self.q, self.k, self.v))  # one product when packed (kernels.py)
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -175,13 +181,17 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation = _ACTIVATIONS[config.activation]
-        self.up = Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
-        self.gate = Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
-        self.down = Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+        self.up = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
+        self.gate = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
+        self.down = nn.Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> gate, up (B, T, d_mlp) each, for the gated activations."""
+        return self.gate(x), self.up(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
-            gate, up = fused_linear(x, (self.gate, self.up))  # (B, T, d_mlp) each
+            gate, up = self.project_gate_up(x)  # (B, T, d_mlp) each
             hidden = self.activation(gate) * up  # (B, T, d_mlp)
         else:
             hidden = self.activation(self.up(x))  # (B, T, d_mlp)
@@ -230,13 +240,12 @@ class Transformer(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config) if config.norm_position == "pre" else None
-        self.unembedding = Linear(config.d_model, config.vocab_size, bias=False)
+        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.unembedding.weight = self.token_embedding.weight
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the right device
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-            self.pack_projections()
 
     # -- init -----------------------------------------------------------------
     @torch.no_grad()
@@ -259,25 +268,6 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.config.tie_embeddings:  # the shared matrix got the unembedding's init last; use the embedding's
             nn.init.normal_(self.token_embedding.weight, mean=0.0, std=std)
-
-    def pack_projections(self) -> "Transformer":
-        """Store each block's q, k and v weights (and gate and up) side by side in memory,
-        so inference computes them with one matrix product each (see kernels.py).
-        Parameters keep their names, shapes and values. A new model is packed when
-        built, and again whenever it is moved or cast (`_apply`), which is how loaders,
-        which fill a meta-device model and then move it, get packed models."""
-        for block in self.blocks:
-            pack_linears((block.attention.q, block.attention.k, block.attention.v))
-            if block.mlp.gate is not None:
-                pack_linears((block.mlp.gate, block.mlp.up))
-        return self
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() give each parameter its own new storage; pack them again
-        # (meta-device parameters are left alone by pack_linears).
-        result = super()._apply(fn, recurse)
-        self.pack_projections()
-        return result
 
     # -- helpers --------------------------------------------------------------
     def _positions(self, ids: torch.Tensor, start: int, padding_mask: torch.Tensor | None) -> torch.Tensor:

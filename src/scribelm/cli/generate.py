@@ -218,9 +218,9 @@ def _speed_line(model, prompt_tokens: int, stamps: list[float]) -> str:
         gbs = weight_bytes_per_token(model) / per_token / 1e9
         line += f"; decode: {steps} tokens at {1 / per_token:.1f} tokens/s ({gbs:.2f} GB/s of weights)"
     if next(model.parameters()).is_cpu:
-        from scribelm import native
+        from scribelm.accel import native_status
 
-        line += f"; native CPU kernels {'on' if native.library() is not None else native.status()}"
+        line += f"; native CPU kernels {native_status()}"
     return line
 
 
