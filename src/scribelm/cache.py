@@ -173,3 +173,36 @@ class KVCache:
         self.keys[:, :, :, :n] = self.keys[:, sources, :, :n]
         self.values[:, :, :, :n] = self.values[:, sources, :, :n]
         self._lengths = [self._lengths[int(s)] for s in sources.tolist()]
+
+
+class PastKeyValues:
+    """The cache as values rather than state, for export graphs (ONNX), where writing into
+    a preallocated tensor does not trace: past keys/values come in as tensors
+    (n_layers, B, n_kv_heads, P, head_dim), every row P positions long, and each layer's
+    keys/values with the new positions appended are collected in `presents`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # (L, B, n_kv, P, hd)
+        self.present_keys: list[torch.Tensor] = []
+        self.present_values: list[torch.Tensor] = []
+
+    def prepare(self, rows: int, steps: int) -> tuple[None, torch.Tensor, torch.Tensor]:
+        past = self.keys.shape[3]
+        new = torch.arange(steps, device=self.keys.device) + past  # (T,)
+        seen = torch.arange(past + steps, device=self.keys.device)  # (S,)
+        mask = seen[None, :] <= new[:, None]  # (T, S): causal over past and new
+        return None, new.expand(rows, steps), mask[None, None]  # positions (B, T), mask (1, 1, T, S)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat((self.keys[layer], keys), dim=2)  # (B, n_kv, P + T, hd)
+        values = torch.cat((self.values[layer], values), dim=2)
+        self.present_keys.append(keys)
+        self.present_values.append(values)
+        return keys, values
+
+    def advance(self, steps: int) -> None:
+        pass  # nothing is kept: the caller passes the presents back in as the next past
+
+    def presents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_layers, B, n_kv_heads, P + T, head_dim) keys and values."""
+        return torch.stack(self.present_keys), torch.stack(self.present_values)

@@ -33,6 +33,7 @@ from torch import nn
 
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
+from scribelm.errors import ScribeError
 
 # --------------------------------------------------------------------------- norms
 
@@ -312,21 +313,25 @@ class Transformer(nn.Module):
         """
         B, T = ids.shape
         start, row_positions, row_mask = (0, None, None) if cache is None else cache.prepare(B, T)
-        if start is None:  # cached rows of different lengths: each continues from its own
-            start = cache.length
+        if start is None:
+            # The cache says where each row's new tokens go and which keys they see (its rows
+            # differ in length, or it is an export graph's past); it has checked the room.
             positions = row_positions if positions is None else positions
+            if attention_mask is not None and attention_mask.dim() != 4:
+                raise ScribeError("a cache whose rows differ in length takes no padding mask; give a (B, 1, T, S) mask")
             attention_mask = row_mask if attention_mask is None else attention_mask
-        S = start + T
-        if positions is None:
-            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            positions = self._positions(ids, start, padding)
-        elif positions.dim() == 1:
+        else:
+            S = start + T
+            if S > self.config.context_length:
+                raise ContextOverflowError(
+                    f"{S} tokens exceed the model's context of {self.config.context_length}; "
+                    "shorten the input or ask for sliding-window truncation"
+                )
+            if positions is None:
+                padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+                positions = self._positions(ids, start, padding)
+        if positions.dim() == 1:
             positions = positions.expand(B, T)
-        if S > self.config.context_length:
-            raise ContextOverflowError(
-                f"{S} tokens exceed the model's context of {self.config.context_length}; "
-                "shorten the input or ask for sliding-window truncation"
-            )
 
         x = self.token_embedding(ids)  # (B, T, C)
         if self.config.position == "learned":

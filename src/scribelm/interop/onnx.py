@@ -14,8 +14,9 @@ Two graphs can be written:
 The second is for incremental decoding: feed the prompt with P = 0 (empty
 past tensors), then one token at a time with the previous step's present_*
 as past_*. The graph runs the model's own modules (norms, projections, RoPE,
-MLP); only the cache handling differs from `Transformer.forward`, which writes
-into a preallocated `KVCache` in place and so does not trace.
+MLP) through `Transformer.forward`; only the cache differs: a `PastKeyValues`
+takes the past as inputs and gives the presents as outputs, where a `KVCache`
+writes into preallocated storage in place, which does not trace.
 
 A weight-only quantized model exports through its reference kernel; the
 exporter's optimizer folds the dequantization of the constant codes, so the
@@ -37,9 +38,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from scribelm.cache import PastKeyValues
 from scribelm.errors import ScribeError
 from scribelm.io import published_file_mode, temporary_sibling
 
@@ -58,54 +59,16 @@ class _Logits(nn.Module):
 
 
 class _LogitsWithPast(nn.Module):
-    """The transformer's forward pass with the cache as explicit inputs and outputs."""
+    """The model's own forward pass over a cache given as tensors (`PastKeyValues`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
-        from scribelm.model import apply_rope, rope_cos_sin, sinusoidal_encoding
-
-        m, c = self.model, self.model.config
-        B, T = input_ids.shape
-        P = past_keys.shape[3]
-        positions = torch.arange(T, device=input_ids.device).expand(B, T) + P  # (B, T)
-        x = m.token_embedding(input_ids)  # (B, T, C)
-        if c.position == "learned":
-            x = x + m.position_embedding(positions)
-        elif c.position == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, c.d_model).to(x.dtype)
-        rope = rope_cos_sin(m._inv_freq, positions, x.dtype) if c.position == "rope" else None
-        query_pos = torch.arange(T, device=x.device)[:, None] + P  # (T, 1)
-        key_pos = torch.arange(P + T, device=x.device)[None, :]  # (1, P+T)
-        mask = key_pos <= query_pos  # (T, P+T)
-        presents_k, presents_v = [], []
-        for i, block in enumerate(m.blocks):
-            a = block.attention
-
-            def attend(h: torch.Tensor) -> torch.Tensor:
-                q = a.q(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
-                k = a.k(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-                v = a.v(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-                if rope is not None:
-                    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-                k = torch.cat((past_keys[i], k), dim=2)  # (B, KV, P+T, hd)
-                v = torch.cat((past_values[i], v), dim=2)
-                presents_k.append(k)
-                presents_v.append(v)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_kv_heads != a.n_heads)
-                return a.o(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))  # (B, T, C)
-
-            if block.pre_norm:
-                x = x + attend(block.attention_norm(x))
-                x = x + block.mlp(block.mlp_norm(x))
-            else:
-                x = block.attention_norm(x + attend(x))
-                x = block.mlp_norm(x + block.mlp(x))
-        if m.final_norm is not None:
-            x = m.final_norm(x)
-        return m.unembedding(x), torch.stack(presents_k), torch.stack(presents_v)
+        cache = PastKeyValues(past_keys, past_values)
+        logits = self.model(input_ids, cache=cache)  # (B, T, V)
+        return (logits, *cache.presents())
 
 
 @contextlib.contextmanager
