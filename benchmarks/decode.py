@@ -125,7 +125,7 @@ def main() -> None:
 
         with torch.inference_mode():
             cache = KVCache(ours.config, batch_ids.shape[0], batch_ids.shape[1] + 1, dtype=dtype)
-            return ours.unembedding(ours.hidden_states(batch_ids, cache=cache)[:, -1])
+            return ours(batch_ids, cache=cache, last_only=True)[:, -1]
 
     def hf_prefill(batch_ids):
         with torch.inference_mode():
