@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scribelm.config import ModelConfig
 from scribelm.inspect.params import flops_per_token
 from scribelm.model import Transformer
-from scribelm.train.trainer import measure_peak_flops
+from scribelm.train.flops import measure_peak_flops
 
 
 def scribe_configs(a) -> dict[str, ModelConfig]:

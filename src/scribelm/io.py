@@ -281,6 +281,14 @@ def disk_full_error(err: BaseException, target: Path, kept: str) -> BaseExceptio
     return err
 
 
+def disk_full_while(err: BaseException, what: str) -> DiskFullError | None:
+    """A one-line DiskFullError naming what was being done when the disk filled up
+    (None for any other error, which the caller raises as it is)."""
+    if not (isinstance(err, DiskFullError) or is_disk_full(err)):
+        return None
+    return DiskFullError(f"disk full while {what}; free some space and run again")
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -202,7 +202,8 @@ def _run_and_report(finetune, args):
     then report the model and the loss."""
     from scribelm.finetune.run import RESULT_FILE
     from scribelm.io import claim_growing_directory
-    from scribelm.train.trainer import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE
+    from scribelm.train.checkpoints import BEST_DIR, CHECKPOINTS_DIR
+    from scribelm.train.metrics import METRICS_FILE, PLOT_FILE
 
     options = _options(args)
     # Before loading the model: a refused OUT should cost nothing. Lists what a run writes there.

@@ -44,7 +44,8 @@ import yaml
 
 from scribelm.config import ModelConfig
 from scribelm.errors import ConfigError
-from scribelm.train.trainer import TrainConfig, Trainer, TrainResult, resolve_device
+from scribelm.train.config import TrainConfig, TrainResult
+from scribelm.train.trainer import Trainer, resolve_device
 
 RECIPE_KEYS = ("model", "data", "train", "out_dir", "resume", "tokenizer", "generation")
 # Recipe keys that may change when a run resumes: they say how long, how often, where and how fast,

@@ -108,7 +108,9 @@ def run_quickstart(
     from scribelm.tokenizer import Tokenizer
     from scribelm.train.objectives import NextTokenObjective, token_byte_lengths
     from scribelm.train.run_dir import claim_run_directory, write_run_manifest
-    from scribelm.train.trainer import TrainConfig, Trainer, list_checkpoints
+    from scribelm.train.checkpoints import list_checkpoints
+    from scribelm.train.config import TrainConfig
+    from scribelm.train.trainer import Trainer
 
     if minutes <= 0:
         raise ScribeError(f"--minutes must be positive, got {minutes}")

@@ -38,7 +38,8 @@ from typing import Any
 
 from scribelm import io
 from scribelm.errors import ScribeError
-from scribelm.train.trainer import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE, remove_stale_temporaries
+from scribelm.train.checkpoints import BEST_DIR, CHECKPOINTS_DIR, remove_stale_temporaries
+from scribelm.train.metrics import METRICS_FILE, PLOT_FILE
 
 RUN_MANIFEST = "run.json"
 RUN_FORMAT = "scribelm-run"

@@ -40,6 +40,10 @@ averaged over ranks, and rank 0 alone writes files.
 Library code does not print: progress goes to an optional callback
 `progress(event, info)` with events "start", "step", "eval", "checkpoint",
 "peak_flops", "end"; metrics go to `metrics.jsonl` and a plot `loss.png` in `out_dir`.
+
+Beside the loop: `config.py` (TrainConfig, TrainResult), `checkpoints.py` (a
+checkpoint's files, which ones are complete, what a resume reads), `metrics.py`
+(metrics.jsonl, TensorBoard, the plot) and `flops.py` (the peak MFU is relative to).
 """
 
 from __future__ import annotations
@@ -49,135 +53,30 @@ import io
 import json
 import math
 import os
-import re
-import shutil
 import time
-import typing
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scribelm.checkpoint import read_weights, save_checkpoint
-from scribelm.errors import CheckpointError, ConfigError, ScribeError, reject_unknown_fields
-from scribelm.io import DiskFullError, atomic_file, is_disk_full, write_file_atomically
-from scribelm.io import remove_stale_temporaries as remove_stale_temporaries_of
+from scribelm.errors import CheckpointError, ConfigError
+from scribelm.io import DiskFullError, disk_full_while
 from scribelm.train import distributed as dist_utils
+from scribelm.train.checkpoints import (
+    BEST_DIR, CHECKPOINTS_DIR, RUN_CONFIG_FILE, TRAINING_STATE_FILE, checkpoint_path, copy_weights_into,
+    list_checkpoints, prune_checkpoints, read_training_state, remove_stale_temporaries,
+)
+from scribelm.train.config import CheckpointWarning, TrainConfig, TrainingDiverged, TrainResult
+from scribelm.train.flops import measure_peak_flops, raise_measured_peak, training_flops_per_token
+from scribelm.train.metrics import MetricsLog
 from scribelm.train.objectives import NextTokenObjective
 from scribelm.train.schedule import LRSchedule
 
-TRAINING_STATE_FILE = "training_state.pt"
-RUN_CONFIG_FILE = "run_config.json"
-CHECKPOINTS_DIR = "checkpoints"
-BEST_DIR = "best"
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-# Temporaries of what a run writes (`scribelm.io` names them `.NAME.tmp-PID-XXXX`, `.NAME.old-PID-XXXX`).
-_RUN_TEMPORARY = re.compile(r"^\.(step-\d+|best|metrics\.jsonl|loss\.png)\.(?:tmp|old)-")
-# Left by earlier versions, which named them without the writer's process id.
-_OLDER_TEMPORARY = re.compile(r"^\.(?:step-\d+|best)\.(?:tmp|old)-[A-Za-z0-9_]+$|^\.loss\.png\.tmp\.png$")
-
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainingDiverged(ScribeError):
-    """The loss became NaN or infinite."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint that could not be used (and was skipped)."""
-
-
-@dataclass
-class TrainConfig:
-    """How to train (the model's shape lives in ModelConfig, the data in its loaders)."""
-
-    max_steps: int | None = None  # optimizer updates; None: until time_budget_s runs out
-    time_budget_s: float | None = None  # wall-clock budget; the LR decay follows elapsed/budget
-    grad_accum_steps: int = 1
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # decay floor as a fraction of the peak
-    warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1  # on matrices only: not on norms, biases
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA or CPU) | fp16 (autocast + grad scaler)
-    compile: bool = False  # torch.compile the model
-    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
-    eval_every: int = 0  # steps between evaluations; 0: only at the end
-    eval_batches: int | None = None  # validation batches per evaluation; None: the whole loader
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_last: int = 2  # step checkpoints kept (older ones are deleted)
-    keep_best: bool = True  # also keep the checkpoint with the lowest validation loss in out_dir/best
-    log_every: int = 1  # steps between metrics.jsonl lines
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    distributed: str = "ddp"  # under torchrun: ddp | fsdp | none
-    peak_flops: float | None = None  # FLOP/s per device that MFU is relative to; None: the nominal figure of known GPUs, else the best of repeated matmuls
-    tensorboard: bool = False  # also write TensorBoard events to out_dir/tensorboard
-    plot: bool = True  # write out_dir/loss.png
-    clock: str = "wall"  # what time_budget_s counts: wall seconds, or "process" CPU seconds (fair comparisons on a busy machine)
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
-            if value is None and type(None) in allowed:
-                continue
-            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                continue
-            if not isinstance(value, tuple(a for a in allowed if a is not type(None))) or (
-                isinstance(value, bool) and bool not in allowed
-            ):
-                raise ConfigError(f"train setting '{f.name}' must be {' or '.join(a.__name__ for a in allowed)}, got {value!r}")
-        if self.max_steps is None and self.time_budget_s is None:
-            raise ConfigError("set max_steps or time_budget_s (or both) so training knows when to stop")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16; got {self.precision!r}")
-        if self.distributed not in ("ddp", "fsdp", "none"):
-            raise ConfigError(f"distributed must be ddp, fsdp or none; got {self.distributed!r}")
-        if self.clock not in ("wall", "process"):
-            raise ConfigError(f"clock must be wall or process; got {self.clock!r}")
-        if self.keep_last < 1:
-            raise ConfigError(f"keep_last must be >= 1, got {self.keep_last}")
-        LRSchedule(self.lr, self.warmup_steps, self.decay, self.min_lr_ratio)  # validates
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        reject_unknown_fields(data, cls, "train setting", ConfigError)
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    tokens: int
-    elapsed_s: float
-    stopped: str  # "max_steps" | "time_budget" | "data_exhausted"
-    final_eval: dict[str, float] = field(default_factory=dict)
-    best_val_loss: float | None = None
-    last_checkpoint: Path | None = None
-    best_checkpoint: Path | None = None
-    resumed_from: Path | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,113 +90,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device: cpu")
     return device
-
-
-# Nominal dense peaks (datasheets), matched against the device name in this order.
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-# float32 without TF32 runs on the CUDA cores, not the tensor cores.
-_GPU_PEAK_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10": 31.2e12, "L4": 30.3e12, "4090": 82.6e12, "3090": 35.6e12, "V100": 15.7e12, "T4": 8.1e12}
-
-
-_measured_peaks: dict[tuple[str, torch.dtype], float] = {}
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Peak FLOP/s for MFU: a table for known GPUs; on CPU, the best of a few large matmuls
-    (measured once per process and device)."""
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32  # CPUs have no fast fp16 matmul; autocast's fp16 runs near fp32 speed at best
-    key = (str(device), dtype)
-    if key not in _measured_peaks:
-        _measured_peaks[key] = _measure_peak_flops(device, dtype)
-    return _measured_peaks[key]
-
-
-def _raise_measured_peak(device: torch.device, dtype: torch.dtype, rate: float) -> None:
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
-    key = (str(device), dtype)
-    _measured_peaks[key] = max(_measured_peaks.get(key, 0.0), rate)
-
-
-def _measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-        table = _GPU_PEAK_FP32 if dtype == torch.float32 and not tf32 else _GPU_PEAK_BF16
-        for key, flops in table.items():
-            if key in name:
-                return flops / 2 if dtype == torch.float32 and tf32 else flops  # TF32: half the bf16 rate
-    n = 1024 if device.type == "cpu" else 4096
-    # Filled without the global RNG: measuring must not change what a resumed run draws next.
-    a = torch.ones(n, n, device=device, dtype=dtype)
-    b = torch.full((n, n), 0.5, device=device, dtype=dtype)
-    best = float("inf")
-    # Best of many short runs: on a shared machine some of them get the cores to themselves.
-    for _ in range(5 if device.type == "cuda" else 25):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete what interrupted saves of processes no longer running left in out_dir: half-written
-    checkpoints (each as large as a complete one), metrics and plot temporaries; only names
-    of scribelm's own temporaries. Returns what was removed."""
-    out_dir = Path(out_dir)
-    removed: list[Path] = []
-    for folder in (out_dir / CHECKPOINTS_DIR, out_dir):
-        if not folder.is_dir():
-            continue
-        finals = set()
-        for entry in folder.iterdir():
-            if match := _RUN_TEMPORARY.match(entry.name):
-                finals.add(match.group(1))
-            if _OLDER_TEMPORARY.match(entry.name):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
-        for name in sorted(finals):
-            removed += remove_stale_temporaries_of(folder / name)
-    return removed
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(_STEP_DIR.match(checkpoint.name).group(1))
-
-
-def _disk_full(err: BaseException, what: str) -> DiskFullError | None:
-    """A one-line error for a full disk (None for other errors)."""
-    if not (isinstance(err, DiskFullError) or is_disk_full(err)):
-        return None
-    return DiskFullError(f"disk full while {what}; free some space and run again")
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete step checkpoints in out_dir, newest first (temporary dirs of unfinished saves never match)."""
-    root = Path(out_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 class Trainer:
@@ -383,7 +175,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._flops_per_token: float | None = None
         self._peak_flops = config.peak_flops
-        self._tb = None
+        self.metrics = MetricsLog(self.out_dir, writer=self.world.is_main, tensorboard=config.tensorboard, plot=config.plot)
         self._last_eval: dict[str, Any] | None = None
 
     # -- optimizer ----------------------------------------------------------------------
@@ -415,9 +207,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out_dir)
             if self.step == 0 and self.resumed_from is None:
-                self._truncate_metrics(0)  # a fresh start: lines of an earlier attempt would tell two stories
+                self.metrics.truncate_after(0)  # a fresh start: lines of an earlier attempt would tell two stories
         batches = iter(self.train_loader)
-        self._flops_per_token = self._estimate_flops_per_token()
+        self._flops_per_token = training_flops_per_token(self.model, getattr(self.train_loader, "sequence_length", None))
         if self._peak_flops is None:
             self._peak_flops = measure_peak_flops(self.device, self.amp_dtype or torch.float32)
         self.progress("start", {"step": self.step, "max_steps": cfg.max_steps, "time_budget_s": cfg.time_budget_s,
@@ -467,7 +259,7 @@ class Trainer:
                 "elapsed_s": self.elapsed_s,
             }
             if self.step % cfg.log_every == 0:
-                self._log(record)
+                self.metrics.append(record)
             record["eta_s"] = self._eta()
             self.progress("step", record)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -483,7 +275,7 @@ class Trainer:
             final_eval = self.evaluate_and_log()
         if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
             self.save()
-        self._write_plot()
+        self.metrics.write_plot()
         result = TrainResult(
             steps=self.step, tokens=self.tokens_seen, elapsed_s=self.elapsed_s, stopped=stopped,
             final_eval=final_eval, best_val_loss=self.best_val_loss, last_checkpoint=self.last_checkpoint,
@@ -491,8 +283,7 @@ class Trainer:
             resumed_from=self.resumed_from,
         )
         self.progress("end", dataclasses.asdict(result))
-        if self._tb is not None:
-            self._tb.close()
+        self.metrics.close()
         return result
 
     def _progress_fraction(self) -> float:
@@ -593,7 +384,7 @@ class Trainer:
             return result
         record = {"step": self.step, "elapsed_s": self.elapsed_s, **result}
         self._last_eval = record
-        self._log(record)
+        self.metrics.append(record)
         self.progress("eval", record)
         val = result.get("val_loss")
         if val is not None and math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
@@ -601,7 +392,7 @@ class Trainer:
             if self.config.keep_best:
                 self._write_model_dir(self.out_dir / BEST_DIR, {RUN_CONFIG_FILE: self._run_config_json(result)},
                                       what=f"the best checkpoint {self.out_dir / BEST_DIR}")
-        self._write_plot()
+        self.metrics.write_plot()
         return result
 
     # -- checkpoints --------------------------------------------------------------------
@@ -664,7 +455,7 @@ class Trainer:
                 save_checkpoint(path, model, model.config, self.tokenizer, self.generation, extra_files=extra_files)
         except Exception as err:  # noqa: BLE001 - a Rust writer reports a full disk in a plain exception
             # The atomic save removed its temporary directory; what was saved before is untouched.
-            full = _disk_full(err, f"saving {what}")
+            full = disk_full_while(err, f"saving {what}")
             if full is None:
                 raise
             kept = f" (the last complete checkpoint, {self.last_checkpoint}, is kept)" if self.last_checkpoint else ""
@@ -676,7 +467,7 @@ class Trainer:
         Pruning keeps this checkpoint and the newest `keep_last - 1` before it; checkpoints with
         a higher step (left by an attempt this run resumed before) are never counted as newer.
         """
-        path = self.out_dir / CHECKPOINTS_DIR / f"step-{self.step:08d}"
+        path = checkpoint_path(self.out_dir, self.step)
         state = self.training_state()
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -685,9 +476,7 @@ class Trainer:
         dist_utils.barrier()
         self.last_checkpoint = path
         if self.world.is_main:
-            older = [p for p in list_checkpoints(self.out_dir) if _step_of(p) < self.step]
-            for old in older[self.config.keep_last - 1:]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.out_dir, self.step, self.config.keep_last)
             remove_stale_temporaries(self.out_dir)
         self.progress("checkpoint", {"step": self.step, "path": str(path)})
         return path
@@ -701,7 +490,7 @@ class Trainer:
         candidates = [Path(checkpoint)] if checkpoint is not None else list_checkpoints(self.out_dir)
         for path in candidates:
             try:
-                state = self._read_training_state(path)
+                state = read_training_state(path)
                 self._load_model_weights(path)
                 self._restore_training_state(state)
             except (CheckpointError, OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as err:
@@ -711,7 +500,9 @@ class Trainer:
                 continue
             self.last_checkpoint = path
             self.resumed_from = path
-            self._truncate_metrics(self.step)
+            evaluated = self.metrics.truncate_after(self.step)
+            if evaluated is not None:
+                self._last_eval = evaluated  # evaluated already: a resumed run that stops at once need not again
             return path
         if candidates:
             # Starting over from random weights beside them would mix two runs in one directory.
@@ -721,40 +512,16 @@ class Trainer:
             )
         return None
 
-    def _read_training_state(self, path: Path) -> dict[str, Any]:
-        file = path / TRAINING_STATE_FILE
-        if not file.is_file():
-            raise CheckpointError(f"{path} has no {TRAINING_STATE_FILE}")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated zip raises several different types
-            raise CheckpointError(f"{file} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-        _check_training_state(state, file)
-        return state
-
     def _load_model_weights(self, path: Path) -> None:
         if self._load_model_fn is not None:
             self._load_model_fn(path, self.model)
             return
-        weights = read_weights(path)
         if self.config.distributed == "fsdp" and self.world.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_model_state_dict(self.model, read_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))
             return
-        expected = set(self.model.state_dict())
-        tied = getattr(getattr(self.model, "config", None), "tie_embeddings", False)
-        missing = sorted(k for k in expected - set(weights) if not (tied and k == "unembedding.weight"))
-        if missing:
-            raise CheckpointError(f"weights in {path} lack {', '.join(missing[:3])}")
-        with torch.no_grad():
-            params = self.model.state_dict()
-            for name, tensor in weights.items():
-                if name not in params:
-                    raise CheckpointError(f"weights in {path} have an unexpected tensor {name}")
-                if params[name].shape != tensor.shape:
-                    raise CheckpointError(f"weight {name} in {path} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
+        copy_weights_into(self.model, path)
 
     def _restore_training_state(self, state: dict[str, Any]) -> None:
         # The optimizer first: it checks its groups against the model before changing anything.
@@ -776,71 +543,7 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.best_val_loss = state.get("best_val_loss")
 
-    # -- metrics ------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.world.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(self.out_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            full = _disk_full(err, f"writing {self.out_dir / METRICS_FILE}")
-            if full is None:
-                raise
-            raise full from None
-        if self.config.tensorboard:
-            if self._tb is None:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ConfigError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop lines the killed run wrote past the checkpoint, so the file tells one story."""
-        file = self.out_dir / METRICS_FILE
-        if not self.world.is_main or not file.is_file():
-            return
-        kept = []
-        for line in file.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if not isinstance(record, dict) or record.get("step", 0) > step:
-                continue
-            kept.append(line)
-            if step and record.get("step") == step and "val_loss" in record:
-                self._last_eval = record  # evaluated already: a resumed run that stops at once need not again
-        write_file_atomically(file, "".join(line + "\n" for line in kept))
-
-    def _write_plot(self) -> None:
-        if not (self.config.plot and self.world.is_main):
-            return
-        file = self.out_dir / METRICS_FILE
-        if file.is_file():
-            try:
-                plot_metrics(file, self.out_dir / PLOT_FILE)
-            except OSError as err:
-                full = _disk_full(err, f"drawing {self.out_dir / PLOT_FILE}")
-                if full is None:
-                    raise
-                raise full from None
-
     # -- facts --------------------------------------------------------------------------
-    def _estimate_flops_per_token(self) -> float:
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "n_layers"):
-            from scribelm.inspect.params import flops_per_token
-
-            seq = getattr(self.train_loader, "sequence_length", None) or config.context_length
-            return float(flops_per_token(config, seq))
-        return 6.0 * sum(p.numel() for p in self.model.parameters())
-
     def _mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilization: achieved training FLOP/s over the device's peak, never above 1.
 
@@ -853,39 +556,9 @@ class Trainer:
         if achieved > self._peak_flops:
             previous, self._peak_flops = self._peak_flops, achieved
             if self.config.peak_flops is None:  # later runs in this process start from the better figure
-                _raise_measured_peak(self.device, self.amp_dtype or torch.float32, achieved)
+                raise_measured_peak(self.device, self.amp_dtype or torch.float32, achieved)
             self.progress("peak_flops", {"step": self.step, "peak_flops": achieved, "previous": previous})
         return min(achieved / self._peak_flops, 1.0)
-
-
-# The keys every training state has, with the types they must hold.
-_TRAINING_STATE_KEYS: dict[str, tuple[type, ...]] = {
-    "step": (int,), "tokens_seen": (int,), "elapsed_s": (int, float), "optimizer": (dict,), "torch_rng": (torch.Tensor,),
-}
-
-
-def _check_training_state(state: Any, file: Path) -> None:
-    """Refuse a training state that loads but lacks what a resume needs (a damaged or foreign file)."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} is damaged (it holds {type(state).__name__}, not a training state)")
-    missing = [key for key in _TRAINING_STATE_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{file} is damaged (it lacks {', '.join(missing)})")
-    for key, types in _TRAINING_STATE_KEYS.items():
-        if not isinstance(state[key], types) or isinstance(state[key], bool):
-            raise CheckpointError(f"{file} is damaged ({key} is {type(state[key]).__name__})")
-    if state["step"] < 0 or state["tokens_seen"] < 0:
-        raise CheckpointError(f"{file} is damaged (negative step or token count)")
-    optimizer = state["optimizer"]
-    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise CheckpointError(f"{file} is damaged (the optimizer state lacks state or param_groups)")
-    best = state.get("best_val_loss")
-    if best is not None and not isinstance(best, (int, float)):
-        raise CheckpointError(f"{file} is damaged (best_val_loss is {type(best).__name__})")
-    if "data" in state and not isinstance(state["data"], dict):
-        raise CheckpointError(f"{file} is damaged (the data position is {type(state['data']).__name__})")
-    if state["torch_rng"].dtype != torch.uint8:
-        raise CheckpointError(f"{file} is damaged (torch_rng is not a byte tensor)")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -903,45 +576,3 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             return checkpoint(_forward, *args, use_reentrant=False)
 
         block.forward = checkpointed
-
-
-def read_metrics(file: str | os.PathLike) -> list[dict[str, Any]]:
-    records = []
-    for line in Path(file).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def plot_metrics(metrics_file: str | os.PathLike, png: str | os.PathLike) -> Path:
-    """Training and validation loss against step, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_file)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    bpb = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
-    if bpb:
-        ax.set_title(f"validation bits per byte at step {bpb[-1][0]}: {bpb[-1][1]:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = Path(png)
-    try:
-        with atomic_file(png, "wb") as handle:
-            fig.savefig(handle, format="png")
-    finally:
-        plt.close(fig)
-    return png
