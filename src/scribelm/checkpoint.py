@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ConfigError
-from scribelm.io import atomic_directory, read_json_object  # noqa: F401  (re-exported: older imports)
+from scribelm.io import atomic_directory, read_json_object
 
 FORMAT = "scribelm"
 FORMAT_VERSION = 1

@@ -75,7 +75,8 @@ class LM:
 
         Merging first (`scribelm.adapters.merge_lora`) gives the same outputs at the base
         model's speed; unmerged, one base serves with or without its adapters."""
-        from scribelm.adapters.lora import load_adapters, read_any_adapter_config
+        from scribelm.adapters.load import load_adapters
+        from scribelm.adapters.lora import read_any_adapter_config
 
         meta = read_any_adapter_config(directory)
         load_adapters(self.model, directory)

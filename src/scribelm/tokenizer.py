@@ -137,7 +137,7 @@ class Tokenizer:
             if all(_is_plain_text(p) for p in paths):
                 backend.train([str(p) for p in paths], trainer)  # read in parallel by the tokenizers library
             else:  # JSONL / Parquet: their text fields, read the way `scribe prepare` reads them
-                from scribelm.data.prepare import iter_clean_documents
+                from scribelm.data.sources import iter_clean_documents
 
                 backend.train_from_iterator((text for text, _ in iter_clean_documents(paths)), trainer)
         else:
@@ -452,7 +452,7 @@ def training_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The files a tokenizer trains on: files as given, folders expanded exactly as `scribe
     prepare` expands them (recursively, sorted, hidden files skipped), each checked to be
     non-empty text before any work starts."""
-    from scribelm.data.prepare import DataError, find_input_files
+    from scribelm.data.sources import DataError, find_input_files
 
     for item in inputs:
         if not Path(item).exists():
@@ -464,9 +464,9 @@ def training_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _is_plain_text(path: Path) -> bool:
-    from scribelm.data.prepare import _JSONL_SUFFIXES, _PARQUET_SUFFIXES
+    from scribelm.data.sources import JSONL_SUFFIXES, PARQUET_SUFFIXES
 
-    return path.suffix.lower() not in _JSONL_SUFFIXES + _PARQUET_SUFFIXES
+    return path.suffix.lower() not in JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 def _token_name(value: Any) -> str | None:

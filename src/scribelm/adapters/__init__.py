@@ -1,11 +1,11 @@
 """Parameter-efficient fine-tuning: LoRA adapters (lora.py) over a full-precision or 4-bit (quant4.py) frozen base."""
 
+from scribelm.adapters.load import load_adapters
 from scribelm.adapters.lora import (
     AdapterError,
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    load_adapters,
     lora_state_dict,
     merge_lora,
     read_adapter_config,

@@ -46,8 +46,8 @@ from torch import nn
 
 from scribelm.accel import pack_projections
 from scribelm.accel.fourbit import Linear4bit
-from scribelm.checkpoint import read_json_object
 from scribelm.errors import ScribeError
+from scribelm.io import read_json_object
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -220,7 +220,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, *, base_model:
     `base_model` (a path or name) is recorded so the adapters can be merged later
     without naming the base again; `extra` adds keys to the config.
     """
-    from scribelm.checkpoint import atomic_directory
+    from scribelm.io import atomic_directory
 
     modules = lora_modules(model)
     if not modules:
@@ -283,21 +283,6 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, FileNotFoundError) as err:
         raise AdapterError(f"{file} is missing or corrupt ({err})") from None
-
-
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Wrap `model` as the saved adapters say and fill them in; returns the wrapped layer names.
-    Reads scribelm's adapter directories and peft's LoRA adapters (see peft_format)."""
-    directory = Path(directory).expanduser()
-    meta = read_any_adapter_config(directory)
-    if "peft_type" in meta:
-        from scribelm.adapters.peft_format import load_peft_adapters
-
-        return load_peft_adapters(model, directory, meta)
-    state = read_adapter_weights(directory)
-    config = LoRAConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=float(meta.get("dropout", 0.0)),
-                        targets=meta["targets"])
-    return install_adapters(model, meta["modules"], config, state, directory / ADAPTER_WEIGHTS_FILE)
 
 
 def install_adapters(model: nn.Module, names: list[str], config: LoRAConfig, state: dict[str, torch.Tensor],

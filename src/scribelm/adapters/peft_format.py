@@ -47,7 +47,7 @@ def _module_names(model: torch.nn.Module, family) -> dict[str, str]:
 def save_peft_adapters(model: torch.nn.Module, directory: str | os.PathLike, *, base_model: str | None = None,
                        architecture: str | None = None) -> Path:
     """Write the model's LoRA adapters as a peft adapter directory (atomically); returns it."""
-    from scribelm.checkpoint import atomic_directory
+    from scribelm.io import atomic_directory
     from scribelm.interop.hf import family_for
 
     modules = lora_modules(model)

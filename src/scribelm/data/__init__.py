@@ -7,16 +7,8 @@
 
 from scribelm.data.corpora import kjv_chapters, write_kjv_text
 from scribelm.data.loader import TokenBatchLoader, TokenStream
-from scribelm.data.prepare import (
-    DataError,
-    check_tokenizer_matches,
-    find_input_files,
-    normalize,
-    prepare,
-    read_manifest,
-    read_split,
-    train_tokenizer_on,
-)
+from scribelm.data.prepare import check_tokenizer_matches, prepare, read_manifest, read_split, train_tokenizer_on
+from scribelm.data.sources import DataError, find_input_files, normalize
 
 __all__ = [
     "DataError", "TokenBatchLoader", "TokenStream", "check_tokenizer_matches", "find_input_files", "kjv_chapters",

@@ -101,7 +101,8 @@ def run_quickstart(
     from scribelm.config import ModelConfig
     from scribelm.data.corpora import write_kjv_text
     from scribelm.data.loader import TokenBatchLoader
-    from scribelm.data.prepare import find_input_files, prepare, train_tokenizer_on
+    from scribelm.data.prepare import prepare, train_tokenizer_on
+    from scribelm.data.sources import find_input_files
     from scribelm.io import check_replaceable
     from scribelm.lm import LM, load
     from scribelm.model import Transformer
