@@ -114,6 +114,7 @@ class BatchGeneration:
         skip_special_tokens: bool = True,
         extra_stop_ids: Sequence[int] = (),
         seed_offsets: Sequence[int] | None = None,
+        compile: bool = False,
     ) -> None:
         if not prompts:
             raise ScribeError("no prompts to generate from")
@@ -150,6 +151,11 @@ class BatchGeneration:
         ]
         self.completions: list[Completion | None] = [None] * len(prompts)
         self._started = False
+        self._step = None  # the decode step: `feed` (eager), or one compiled graph (compile=True)
+        if compile:
+            from scribelm.compiled_decode import compiled_step_for
+
+            self._step = compiled_step_for(model)
 
     def _window_keep(self) -> int:
         return max(1, self.context - max(1, self.context // 4))
@@ -175,6 +181,10 @@ class BatchGeneration:
         longest = max(len(p) for p in self.prompts)
         budget = max(s.max_new_tokens for s in self.settings)
         cache_length = self.context if sliding else min(self.context, longest + budget)
+        if self._step is not None:
+            from scribelm.compiled_decode import static_cache_length
+
+            cache_length = static_cache_length(cache_length, self.context)
         cache = self.cache = KVCache(self.model.config, len(self.rows), cache_length, device=self.device,
                                      dtype=_model_dtype(self.model))
         logits = prefill(self.model, cache, 0, self.prompts)
@@ -194,7 +204,8 @@ class BatchGeneration:
             finished = [b for b, row in enumerate(self.rows) if row.done]
             for b in finished:  # a finished row is fed too (one batch), at a position that stays put
                 cache.set_length(b, min(cache.row_length(b), cache.max_length - 1))
-            logits = feed(self.model, cache, [row.generated[-1] if row.generated else 0 for row in self.rows])
+            last = [row.generated[-1] if row.generated else 0 for row in self.rows]
+            logits = feed(self.model, cache, last) if self._step is None else self._step(cache, last)
             for b in finished:
                 cache.set_length(b, cache.row_length(b) - 1)
 
@@ -387,11 +398,13 @@ def generate(
     skip_special_tokens: bool = True,
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
+    compile: bool = False,
     **overrides: Any,
 ):
     """Text in, text out; a list in, a list out (a list of ints is one prompt of token
     ids). With num_return_sequences > 1 each prompt gives a list. return_details=True
-    gives `Completion`s instead of str."""
+    gives `Completion`s instead of str. compile=True runs each decode step as one
+    compiled graph (`scribelm.compiled_decode`; the first call compiles)."""
     s = resolve_settings(lm, settings, **overrides)
     single = isinstance(prompt_or_prompts, str) or (
         isinstance(prompt_or_prompts, Sequence) and len(prompt_or_prompts) > 0
@@ -412,7 +425,7 @@ def generate(
         rows = [p for p in ids for _ in range(n)]
         offsets = [i for _ in ids for i in range(n)]
         done = BatchGeneration(lm.model, lm.tokenizer, rows, s, skip_special_tokens=skip_special_tokens,
-                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets).run()
+                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets, compile=compile).run()
         per_prompt = [done[i * n:(i + 1) * n] for i in range(len(ids))]
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
@@ -427,6 +440,7 @@ def stream(
     skip_special_tokens: bool = True,
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
+    compile: bool = False,
     **overrides: Any,
 ) -> Iterator[str]:
     """Yield the text of one generation piece by piece; concatenated, it equals `generate`'s text.
@@ -437,7 +451,7 @@ def stream(
     ids = encode_prompt(lm, prompt, add_bos=add_bos)
     lm.model.eval()
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
-                          extra_stop_ids=extra_stop_ids)
+                          extra_stop_ids=extra_stop_ids, compile=compile)
     return _text_deltas(gen)
 
 

@@ -132,6 +132,8 @@ def fused_linear(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Te
     gradient is wanted (a product over the shared buffer would not reach each parameter)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())):
         return tuple(layer(x) for layer in layers)
+    if torch.compiler.is_compiling():  # a compiled graph fuses on its own; packed views are found by address
+        return tuple(layer(x) for layer in layers)
     operands = _packed_operands(layers)
     if operands is not None:
         outputs = linear(x, *operands)  # (..., ΣN)

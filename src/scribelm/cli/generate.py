@@ -108,6 +108,8 @@ def register(subparsers) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="report each token's log-probability and N alternatives")
     p.add_argument("--json", action="store_true", help="print text, token ids, finish reason (and log-probs) as JSON")
     p.add_argument("--show-probs", action="store_true", help="print each generated token with its top candidates")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile graph (compiling takes a while first)")
     p.add_argument("--stats", action="store_true",
                    help="after the text, print prefill and decode speed (tokens/s, GB/s of weights read) to stderr")
     p.set_defaults(handler=run)
@@ -145,7 +147,7 @@ def run(args) -> int:
     one_stream = settings.num_beams == 1 and settings.num_return_sequences == 1
 
     if args.json or not one_stream:
-        out = generate(lm, prompt, settings=settings, return_details=True)
+        out = generate(lm, prompt, settings=settings, return_details=True, compile=args.compile)
         choices = out if isinstance(out, list) else [out]
         if args.json:
             dicts = [_completion_json(c, settings.logprobs) for c in choices]
@@ -160,7 +162,7 @@ def run(args) -> int:
 
     ids = encode_prompt(lm, prompt)
     lm.model.eval()
-    gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings)
+    gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings, compile=args.compile)
     if args.show_probs or args.logprobs is not None:
         _print_probs(gen, lm.tokenizer, top_n)
         return 0

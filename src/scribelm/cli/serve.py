@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                    help="unload a model after this many idle seconds; loaded again on the next request (0: never; default 900)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile graph (the first request waits for compiling)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--store", help="model store directory (default: $SCRIBE_MODELS_DIR or ~/.cache/scribelm/models)")
     p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN...]",
@@ -123,7 +125,7 @@ def run(args) -> int:
         raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err}); check --host and --port") from None
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                     idle_unload=args.idle_unload, device=args.device, adapters=adapters)
+                     idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 

@@ -190,6 +190,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_context: int | None = DEFAULT_MAX_CONTEXT,
+        compile: bool = False,
     ) -> None:
         if lm.tokenizer is None:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
@@ -210,6 +211,11 @@ class Engine:
                 f"{need * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB and could not be allocated ({err}); "
                 "lower --max-batch or --max-context"
             ) from None
+        self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
+        if compile:
+            from scribelm.compiled_decode import compiled_step_for
+
+            self._step = compiled_step_for(self.model)
         self.eos_ids = frozenset(i for i in (self.tokenizer.eos_id,) if i is not None)
         self.special_ids = frozenset(i for i in self.tokenizer.special_ids if i is not None)
         self._waiting: deque[GenerationRequest] = deque()
@@ -410,7 +416,8 @@ class Engine:
     def _decode_step(self) -> None:
         B = len(self._active)
         self.peak_active = max(self.peak_active, B)
-        logits = feed(self.model, self.cache, [s.last_token for s in self._active])  # (B, V)
+        tokens = [s.last_token for s in self._active]
+        logits = feed(self.model, self.cache, tokens) if self._step is None else self._step(self.cache, tokens)  # (B, V)
         self._choose(self._active, logits)
 
     def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
@@ -499,10 +506,12 @@ class ModelPool:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         adapters: dict[str, str | Path] | None = None,
+        compile: bool = False,
     ) -> None:
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
-        self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+        self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                                                   compile=compile)
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
         self.engines: dict[str, Engine] = {}
