@@ -3,6 +3,8 @@
     registry.py   the model store's former place (it is `scribelm.store`)
     engine.py     continuous batching over a slot KV cache; `ModelPool` of lazily loaded models
     api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), auth, the generation routes
+    requests.py   a request body -> chat messages, prompt ids, SamplingSettings; refused fields
+    responses.py  engine events -> OpenAI's responses, stream chunks and log-probs
     schema.py     the request bodies as Pydantic models: validation and the OpenAPI schema
     json_body.py  request bodies to JSON with bounded depth and number sizes
     errors.py     ApiError: every error in OpenAI's JSON shape

@@ -22,9 +22,9 @@ detail is in the server log, never in the answer).
 
 A request goes through: the access log (`access.py`), the Host/Origin guard,
 the key check, a bounded JSON parse (`json_body.py`), the schema
-(`schema.py`), then the engine. Sampling parameters map onto
+(`schema.py`), then the engine; its events become OpenAI's JSON in `responses.py`. Sampling parameters map onto
 `scribelm.sampling.SamplingSettings` one to one (`max_tokens` ->
-max_new_tokens); each request, and each of its `n` choices, is sampled with
+max_new_tokens; `requests.py`); each request, and each of its `n` choices, is sampled with
 its own settings and seed inside the shared batch, and a failure inside one
 request ends that request only.
 
@@ -37,10 +37,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import secrets
 import time
 from importlib import resources
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
@@ -48,14 +46,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scribelm.errors import ScribeError
-from scribelm.generate import chat_stop_ids, encode_prompt
-from scribelm.sampling import SamplingError, SamplingSettings
+from scribelm.generate import chat_stop_ids
 from scribelm.serve.access import AccessLog
 from scribelm.serve.engine import (
     ContextLengthError,
     EngineStoppedError,
     ErrorEvent,
-    FinishEvent,
     GenerationRequest,
     ModelLoadError,
     ModelPool,
@@ -66,14 +62,9 @@ from scribelm.serve.errors import ApiError
 from scribelm.serve.json_body import parse_json_body
 from scribelm.serve.metrics import Metrics
 from scribelm.serve.origins import HostOriginGuard
-from scribelm.serve.schema import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    Message,
-    parse_request,
-    reduce_seed,
-    request_body_schemas,
-)
+from scribelm.serve.requests import chat_messages, prompt_ids, refuse_unsupported, sampling_settings
+from scribelm.serve.responses import CallResponse, int_list, json_response
+from scribelm.serve.schema import ChatCompletionRequest, CompletionRequest, parse_request, request_body_schemas
 
 __all__ = ["ApiError", "Metrics", "create_app"]
 
@@ -81,96 +72,6 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: plenty for prompts, small enough to r
 DEFAULT_BODY_SECONDS = 30.0  # a body that takes longer to arrive is a stalled or hostile client
 DISCONNECT_POLL_SECONDS = 0.05  # how often a waiting request checks that its client is still there
 _CLIENT_GONE = object()  # put on a request's event queue when its client disconnected
-
-
-# ----------------------------------------------------------------------------- request parsing
-
-
-def _message_text(message: Message) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
-
-
-def _messages(messages: list[Message]) -> list[dict[str, str]]:
-    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages]
-
-
-def _prompts(prompt: Any, lm) -> list[list[int]]:
-    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
-    Text is encoded as `LM.generate` encodes it (BOS if the checkpoint asks for one)."""
-    if isinstance(prompt, str):
-        return [encode_prompt(lm, prompt)]
-    if all(isinstance(p, str) for p in prompt):
-        return [encode_prompt(lm, p) for p in prompt]
-    if all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]
-    return [list(p) for p in prompt]
-
-
-def _settings(req, *, chat: bool, prompt_tokens: int, context: int, defaults: dict) -> SamplingSettings:
-    """The request's sampling settings (types and ranges were checked by the schema)."""
-    name = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = getattr(req, name)
-    if max_tokens is None:
-        max_tokens = max(1, context - prompt_tokens) if chat else 16
-    if prompt_tokens + max_tokens > context:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {context} tokens. However, you requested {prompt_tokens + max_tokens} "
-            f"tokens ({prompt_tokens} in the {'messages' if chat else 'prompt'}, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion.",
-            param="messages" if chat else "prompt", code="context_length_exceeded",
-        )
-    if chat:
-        logprobs, top_logprobs = req.logprobs, req.top_logprobs or 0
-        if top_logprobs and not logprobs:
-            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-    else:
-        logprobs, top_logprobs = req.logprobs is not None, req.logprobs or 0
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    extra: dict[str, Any] = {}
-    for key in ("top_k", "min_p", "repetition_penalty"):
-        if getattr(req, key) is not None:
-            extra[key] = getattr(req, key)
-        elif defaults.get(key) is not None:  # the model's own default (generation.json), as for temperature
-            extra[key] = defaults[key]
-    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
-    top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
-    try:
-        return SamplingSettings(
-            max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            logit_bias=req.logit_bias, seed=reduce_seed(req.seed), stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, **extra,
-        )
-    except (SamplingError, TypeError, ValueError) as err:  # also a model default of the wrong type
-        raise ApiError(400, str(err), param=_param_of(str(err))) from None
-
-
-def _param_of(message: str) -> str | None:
-    for name in ("logit_bias", "top_logprobs", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop"):
-        if name in message:
-            return name
-    return None
-
-
-def _refuse_unsupported(req, chat: bool) -> None:
-    """Fields accepted by the schema only so that using them is refused by name."""
-    if chat:
-        for name in ("tools", "functions", "tool_choice", "function_call"):
-            if getattr(req, name) not in (None, [], "none"):
-                raise ApiError(400, f"'{name}' is not supported by this server; call without tools", param=name)
-    else:
-        if req.suffix:
-            raise ApiError(400, "'suffix' is not supported by this server", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise ApiError(400, f"'best_of' must equal 'n' ({req.n}) on this server: every choice is returned", param="best_of")
-    if req.stream_options is not None and not req.stream:
-        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
 
 
 # ----------------------------------------------------------------------------- the app
@@ -306,12 +207,12 @@ def create_app(
     async def generate(request: Request, chat: bool):
         started = time.monotonic()
         req = parse_request(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
-        _refuse_unsupported(req, chat)
+        refuse_unsupported(req, chat)
         engine = await engine_for(req.model)
         request.state.model = engine.name
         tokenizer = engine.tokenizer
         try:
-            prompts = [tokenizer.encode_chat(_messages(req.messages))] if chat else _prompts(req.prompt, engine.lm)
+            prompts = [tokenizer.encode_chat(chat_messages(req.messages))] if chat else prompt_ids(req.prompt, engine.lm)
         except (ScribeError, UnicodeError, ValueError, TypeError) as err:
             raise ApiError(400, f"the {'messages' if chat else 'prompt'} could not be tokenized: {err}",
                            param="messages" if chat else "prompt") from None
@@ -323,13 +224,13 @@ def create_app(
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{engine.config.vocab_size - 1})", param="prompt")
         longest = max(len(p) for p in prompts)
         n = req.n
-        settings = _settings(req, chat=chat, prompt_tokens=longest, context=engine.context_length, defaults=engine.lm.generation_config)
+        settings = sampling_settings(req, chat=chat, prompt_tokens=longest, context=engine.context_length, defaults=engine.lm.generation_config)
         if n * len(prompts) > engine.max_batch:
             raise ApiError(400, f"n x prompts = {n * len(prompts)} exceeds the server's batch of {engine.max_batch} sequences", param="n")
         stream = req.stream
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = bool(getattr(req, "echo", False))
-        stop_ids = set(_int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
+        stop_ids = set(int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
 
@@ -360,7 +261,7 @@ def create_app(
         model_name = engine.name
         prompt_tokens = sum(len(p) for p in prompts)
         total_choices = n * len(prompts)
-        call = _Call(chat=chat, model=model_name, total_choices=total_choices, prompts=prompts, tokenizer=tokenizer)
+        call = CallResponse(chat=chat, model=model_name, total_choices=total_choices, prompts=prompts, tokenizer=tokenizer)
         watcher = asyncio.create_task(watch_disconnect(request, events, requests))
 
         def finish_metrics() -> None:
@@ -391,7 +292,7 @@ def create_app(
             if echo:
                 for i in range(total_choices):
                     call.texts[i] = tokenizer.decode(prompts[i // n]) + call.texts[i]
-            return _json(call.response(prompt_tokens))
+            return json_response(call.response(prompt_tokens))
 
         async def sse():
             try:
@@ -481,122 +382,3 @@ def create_app(
         return HTMLResponse(html)
 
     return app
-
-
-def _json(body: dict) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json")
-
-
-def _int_list(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
-class _Call:
-    """The state of one HTTP generation call: texts, logprobs and finish reasons per choice."""
-
-    def __init__(self, *, chat: bool, model: str, total_choices: int, prompts: list[list[int]], tokenizer) -> None:
-        self.chat, self.model, self.tokenizer = chat, model, tokenizer
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        self.texts = [""] * total_choices
-        self.reasons: list[str | None] = [None] * total_choices
-        self.tokens = [0] * total_choices
-        self.logprobs: list[list[TokenEvent]] = [[] for _ in range(total_choices)]
-        self.finished = 0
-        self.first_token_at: float | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(self.tokens)
-
-    def record(self, event) -> None:
-        if isinstance(event, TokenEvent):
-            self.texts[event.index] += event.text
-            if event.logprob is not None:
-                self.logprobs[event.index].append(event)
-        elif isinstance(event, FinishEvent):
-            self.texts[event.index] += event.text
-            self.reasons[event.index] = event.reason
-            self.tokens[event.index] = event.completion_tokens
-            self.finished += 1
-
-    def usage(self, prompt_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens}
-
-    # -- logprobs in OpenAI's two shapes ----------------------------------------------
-    def _token(self, token_id: int) -> tuple[str, list[int]]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return raw.decode("utf-8", errors="replace"), list(raw)
-
-    def _chat_logprobs(self, events: list[TokenEvent]) -> dict:
-        content = []
-        for e in events:
-            text, raw = self._token(e.token_id)
-            top = []
-            for tid, lp in e.top_logprobs or []:
-                t, b = self._token(tid)
-                top.append({"token": t, "logprob": lp, "bytes": b})
-            content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
-        return {"content": content, "refusal": None}
-
-    def _completion_logprobs(self, events: list[TokenEvent], offset: int = 0) -> dict:
-        tokens, lps, tops, offsets = [], [], [], []
-        position = offset
-        for e in events:
-            text, _ = self._token(e.token_id)
-            tokens.append(text)
-            lps.append(e.logprob)
-            tops.append({self._token(tid)[0]: lp for tid, lp in e.top_logprobs or []} if e.top_logprobs else None)
-            offsets.append(position)
-            position += len(text)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-    # -- whole responses ------------------------------------------------------------
-    def response(self, prompt_tokens: int) -> dict:
-        choices = []
-        for i, text in enumerate(self.texts):
-            lp = None
-            if self.logprobs[i]:
-                lp = self._chat_logprobs(self.logprobs[i]) if self.chat else self._completion_logprobs(self.logprobs[i])
-            if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": lp, "finish_reason": self.reasons[i]})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": self.reasons[i]})
-        return {
-            "id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-            "model": self.model, "system_fingerprint": "scribelm", "choices": choices, "usage": self.usage(prompt_tokens),
-        }
-
-    # -- streaming ---------------------------------------------------------------------
-    def stream_choice(self, event) -> dict | None:
-        """The choice object of one chunk, or None when the event carries nothing to send."""
-        if isinstance(event, TokenEvent):
-            if not event.text and event.logprob is None:
-                return None
-            lp = None
-            if event.logprob is not None:
-                lp = self._chat_logprobs([event]) if self.chat else self._completion_logprobs([event])
-            if self.chat:
-                return {"index": event.index, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
-            return {"index": event.index, "text": event.text, "logprobs": lp, "finish_reason": None}
-        if isinstance(event, FinishEvent):
-            if self.chat:
-                delta = {"content": event.text} if event.text else {}
-                return {"index": event.index, "delta": delta, "logprobs": None, "finish_reason": event.reason}
-            return {"index": event.index, "text": event.text, "logprobs": None, "finish_reason": event.reason}
-        return None
-
-    def chunk_line(self, choice: dict | None, include_usage: bool, usage: dict | None = None) -> str:
-        chunk = {
-            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion", "created": self.created,
-            "model": self.model, "system_fingerprint": "scribelm", "choices": [choice] if choice is not None else [],
-        }
-        if include_usage:
-            chunk["usage"] = usage
-        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"

@@ -1,0 +1,132 @@
+"""Engine events -> OpenAI's JSON: whole responses, server-sent event chunks, and log-probs
+in OpenAI's two shapes (chat: per token with bytes; completions: parallel lists)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from fastapi.responses import Response
+
+from scribelm.serve.engine import FinishEvent, TokenEvent
+
+
+def json_response(body: dict) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), media_type="application/json")
+
+
+def int_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+class CallResponse:
+    """The state of one HTTP generation call: texts, logprobs and finish reasons per choice."""
+
+    def __init__(self, *, chat: bool, model: str, total_choices: int, prompts: list[list[int]], tokenizer) -> None:
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.texts = [""] * total_choices
+        self.reasons: list[str | None] = [None] * total_choices
+        self.tokens = [0] * total_choices
+        self.logprobs: list[list[TokenEvent]] = [[] for _ in range(total_choices)]
+        self.finished = 0
+        self.first_token_at: float | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def record(self, event) -> None:
+        if isinstance(event, TokenEvent):
+            self.texts[event.index] += event.text
+            if event.logprob is not None:
+                self.logprobs[event.index].append(event)
+        elif isinstance(event, FinishEvent):
+            self.texts[event.index] += event.text
+            self.reasons[event.index] = event.reason
+            self.tokens[event.index] = event.completion_tokens
+            self.finished += 1
+
+    def usage(self, prompt_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens}
+
+    # -- logprobs in OpenAI's two shapes ----------------------------------------------
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _chat_logprobs(self, events: list[TokenEvent]) -> dict:
+        content = []
+        for e in events:
+            text, raw = self._token(e.token_id)
+            top = []
+            for tid, lp in e.top_logprobs or []:
+                t, b = self._token(tid)
+                top.append({"token": t, "logprob": lp, "bytes": b})
+            content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content, "refusal": None}
+
+    def _completion_logprobs(self, events: list[TokenEvent], offset: int = 0) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        position = offset
+        for e in events:
+            text, _ = self._token(e.token_id)
+            tokens.append(text)
+            lps.append(e.logprob)
+            tops.append({self._token(tid)[0]: lp for tid, lp in e.top_logprobs or []} if e.top_logprobs else None)
+            offsets.append(position)
+            position += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    # -- whole responses ------------------------------------------------------------
+    def response(self, prompt_tokens: int) -> dict:
+        choices = []
+        for i, text in enumerate(self.texts):
+            lp = None
+            if self.logprobs[i]:
+                lp = self._chat_logprobs(self.logprobs[i]) if self.chat else self._completion_logprobs(self.logprobs[i])
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": lp, "finish_reason": self.reasons[i]})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": self.reasons[i]})
+        return {
+            "id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+            "model": self.model, "system_fingerprint": "scribelm", "choices": choices, "usage": self.usage(prompt_tokens),
+        }
+
+    # -- streaming ---------------------------------------------------------------------
+    def stream_choice(self, event) -> dict | None:
+        """The choice object of one chunk, or None when the event carries nothing to send."""
+        if isinstance(event, TokenEvent):
+            if not event.text and event.logprob is None:
+                return None
+            lp = None
+            if event.logprob is not None:
+                lp = self._chat_logprobs([event]) if self.chat else self._completion_logprobs([event])
+            if self.chat:
+                return {"index": event.index, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+            return {"index": event.index, "text": event.text, "logprobs": lp, "finish_reason": None}
+        if isinstance(event, FinishEvent):
+            if self.chat:
+                delta = {"content": event.text} if event.text else {}
+                return {"index": event.index, "delta": delta, "logprobs": None, "finish_reason": event.reason}
+            return {"index": event.index, "text": event.text, "logprobs": None, "finish_reason": event.reason}
+        return None
+
+    def chunk_line(self, choice: dict | None, include_usage: bool, usage: dict | None = None) -> str:
+        chunk = {
+            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion", "created": self.created,
+            "model": self.model, "system_fingerprint": "scribelm", "choices": [choice] if choice is not None else [],
+        }
+        if include_usage:
+            chunk["usage"] = usage
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
