@@ -45,3 +45,37 @@ def test_compiled_step_advances_only_the_rows_it_feeds(varied_lm):
 
 def test_static_cache_lengths_are_few():
     assert [static_cache_length(n, 4096) for n in (1, 64, 65, 300, 5000)] == [64, 64, 128, 512, 4096]
+
+
+def test_compiled_engine_answers_as_eager_generation(varied_lm):
+    """The server's step compiled over every slot: requests of different lengths that join
+    one batch get LM.generate's greedy text."""
+    import asyncio
+
+    from scribelm.sampling import SamplingSettings
+    from scribelm.serve.engine import Engine, FinishEvent, GenerationRequest
+
+    prompts = ["Call me", "It was the best of times", "The quick brown"]
+    expected = [varied_lm.generate(p, max_new_tokens=10, temperature=0) for p in prompts]
+    engine = Engine(varied_lm, name="varied", max_batch=4, max_context=64, compile=True).start()
+    loop = asyncio.new_event_loop()
+    try:
+        requests = [GenerationRequest(prompt_ids=varied_lm.tokenizer.encode(p), loop=loop, events=asyncio.Queue(),
+                                      settings=SamplingSettings(max_new_tokens=10, temperature=0)) for p in prompts]
+        for r in requests:
+            engine.submit(r)
+
+        async def text(r):
+            pieces = []
+            while not isinstance(event := await r.events.get(), FinishEvent):
+                pieces.append(event.text)
+            return "".join(pieces)
+
+        async def every_text():
+            return await asyncio.wait_for(asyncio.gather(*(text(r) for r in requests)), 300)
+
+        got = loop.run_until_complete(every_text())
+    finally:
+        engine.stop()
+        loop.close()
+    assert got == expected
