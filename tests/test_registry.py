@@ -331,3 +331,24 @@ def test_models_show_on_a_deeply_nested_config_is_one_line(tmp_path, capsys, mon
     _safetensors_with_header(d / "model.safetensors", {})
     code, _, err = run_cli(capsys, monkeypatch, tmp_path / "store", "models", "show", d)
     assert code == 2 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_one_rule_reads_a_model_argument(tmp_path, models, monkeypatch):
+    """A directory wins, else a stored name; scribelm.load, the verbs and the server share it."""
+    import scribelm
+    from scribelm.errors import CheckpointError
+    from scribelm.store import find_model_path
+
+    store = ModelStore(tmp_path / "store")
+    store.add("alpha", models["alpha"])
+    monkeypatch.setenv("SCRIBE_MODELS_DIR", str(store.root))
+    monkeypatch.chdir(tmp_path)
+    assert find_model_path("alpha") == (store.root / "alpha").resolve()
+    assert find_model_path("missing") is None and find_model_path("../alpha") is None
+    (tmp_path / "alpha").mkdir()  # a directory of that name in the working directory wins
+    assert find_model_path("alpha") == Path("alpha")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CheckpointError, match="is a file"):
+        scribelm.load("notes.txt")
+    with pytest.raises(CheckpointError, match="no model at missing"):
+        scribelm.load("missing")
