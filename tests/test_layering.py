@@ -8,7 +8,9 @@ rules are checked:
   pair is listed in LAZY_UPWARD below with the reason;
 - only `cli/` and `serve/` itself import `scribelm.serve` (training and loading never
   depend on serving);
-- only the kernels package (the package that holds `native/`) imports `native`.
+- only the kernels package (the package that holds `native/`) imports `native`;
+- the model (`model.py`) is plain PyTorch: it imports neither the kernels package,
+  nor training, nor serving.
 """
 
 from __future__ import annotations
@@ -171,4 +173,13 @@ def test_only_the_kernels_package_imports_native():
         if (dst == native or dst.startswith(native + "."))
         and not (src == kernels_package or src.startswith(kernels_package + "."))
     )
+    assert offenders == []
+
+
+def test_the_model_imports_no_kernels_training_or_serving():
+    graph = import_graph()
+    natives = [name for name in graph if name.rpartition(".")[2] == "native"]
+    kernels_package = natives[0].rpartition(".")[0] if natives else None
+    above = [p for p in (kernels_package, "scribelm.train", "scribelm.serve", "scribelm.generate") if p]
+    offenders = sorted(dst for dst in graph["scribelm.model"] if any(dst == p or dst.startswith(p + ".") for p in above))
     assert offenders == []
