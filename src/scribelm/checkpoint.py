@@ -240,7 +240,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     with torch.device("meta"):
         model = Transformer(config)
     if quantization is not None:
-        from scribelm.quant import QuantizationError, prepare_quantized_skeleton
+        from scribelm.accel.quantize import QuantizationError, prepare_quantized_skeleton
 
         try:
             prepare_quantized_skeleton(model, quantization, set(shapes))
@@ -264,7 +264,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
             )
     state = read_weights(path)
     if dtype is not None:  # integer codes and their scales keep their own dtypes
-        from scribelm.quant import is_quantized_tensor
+        from scribelm.accel.quantize import is_quantized_tensor
 
         state = {k: v if is_quantized_tensor(k) else v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

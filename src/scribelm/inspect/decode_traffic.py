@@ -8,7 +8,7 @@ benchmarks/decode.py), which is how close it runs to the machine's limit.
 
 from __future__ import annotations
 
-from scribelm.quant import weight_bytes
+from scribelm.accel.quantize import weight_bytes
 
 
 def weight_bytes_per_token(model) -> int:

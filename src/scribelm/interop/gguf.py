@@ -117,7 +117,7 @@ def permute_for_interleaved_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _float_weight(module) -> torch.Tensor:
     """The floating-point weight of a linear layer (dequantized if it is quantized)."""
-    from scribelm.quant import QuantizedLinear
+    from scribelm.accel.quantized import QuantizedLinear
 
     if isinstance(module, QuantizedLinear):
         return module.dequantized_weight(torch.float32)

@@ -101,7 +101,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (the dynamo exporter's translator)
     except ImportError:
         raise ONNXExportError("ONNX export needs onnx and onnxscript: pip install 'scribelm[onnx]'") from None
-    from scribelm.quant import set_kernel, weight_bytes
+    from scribelm.accel.quantize import set_kernel, weight_bytes
 
     model = lm.model
     c = lm.config
