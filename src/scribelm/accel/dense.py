@@ -29,8 +29,6 @@ Layers that read the same input are multiplied together: see packing.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,8 +1,9 @@
 """QLoRA's frozen base: every linear layer and embedding of a model held in 4 bits.
 
-The 4-bit formats (nf4, sym4) and the layers that compute with them, trainable
-through, are inference-and-training kernels and live in `scribelm.accel.fourbit`;
-this module swaps them into a model before LoRA adapters go on top.
+The 4-bit formats (nf4, sym4) and the layers that compute with them (gradients
+flow through them to earlier adapters) live with the other kernels in
+`scribelm.accel.fourbit`; this module swaps them into a model before LoRA
+adapters go on top, and re-exports them for adapters users.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scribelm.accel.fourbit import (  # noqa: F401  (the 4-bit layers, as adapters users import them)
+from scribelm.accel.fourbit import (
     FORMATS,
     NF4_LEVELS,
     SYM4_LEVELS,
@@ -24,6 +25,11 @@ from scribelm.accel.fourbit import (  # noqa: F401  (the 4-bit layers, as adapte
     storage_bytes,
 )
 from scribelm.adapters.lora import LoRALinear
+
+__all__ = [  # the 4-bit layers too, where adapters users import them
+    "FORMATS", "NF4_LEVELS", "SYM4_LEVELS", "Embedding4bit", "Linear4bit", "Quantized4bit", "QuantizationError",
+    "dequantize_4bit", "dequantize_model", "quantize_4bit", "quantize_base", "storage_bytes",
+]
 
 
 def quantize_base(model: nn.Module, kind: str = "nf4", group_size: int = 64,
