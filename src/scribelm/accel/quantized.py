@@ -176,8 +176,8 @@ class QuantizedLinear(nn.Module):
         """The kernel this call runs: 'native', 'dynamic', 'packed' or 'reference'. Checked on
         every call of every layer while decoding, so cheapest tests first."""
         kernel = self.kernel
-        if kernel == "reference":
-            return kernel
+        if kernel == "reference" or _capturing():  # a captured graph (compile, export) gets the plain operations
+            return "reference"
         rows = x.numel() // self.in_features
         on_cpu = x.is_cpu and x.dtype.is_floating_point
         no_grad = not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)))
