@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                    # ~110M-parameter Llama-style model, fp32
     python benchmarks/decode.py --dtype bfloat16 --new-tokens 16 --prompt 64
+    python benchmarks/decode.py --compile          # plus a row with the compiled decode step
 
 Builds a random-init `transformers.LlamaForCausalLM`, saves it and loads the
 same weights with `scribelm.load` (the Hugging Face import), checks that both
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="add a row for scribelm with the compiled decode step")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,9 +94,9 @@ def main() -> None:
         diff = (hf(ids[:1]).logits - ours(ids[:1])).abs().max().item()
     print(f"same weights check: max |logits difference| = {diff:.2e}")
 
-    def ours_generate(batch_ids, n, stamps=None):
+    def ours_generate(batch_ids, n, stamps=None, compile=False):
         settings = SamplingSettings(temperature=0, max_new_tokens=n)
-        gen = BatchGeneration(ours, None, batch_ids.tolist(), settings)
+        gen = BatchGeneration(ours, None, batch_ids.tolist(), settings, compile=compile)
         for _ in gen:
             if stamps is not None:
                 stamps.append(time.perf_counter())
@@ -139,6 +141,12 @@ def main() -> None:
         b = hf_generate(batch_ids, 4)[:, args.prompt:].tolist()
         same = a == b
         impls = {"scribelm": (ours_prefill, ours_generate), "transformers": (hf_prefill, hf_generate)}
+        if args.compile:  # the decode step as one compiled graph (compiled here, before the timing)
+            def ours_compiled(batch_ids, n, stamps=None):
+                return ours_generate(batch_ids, n, stamps, compile=True)
+
+            same = same and [c.token_ids for c in ours_compiled(batch_ids, 4)] == a
+            impls["compiled"] = (ours_prefill, ours_compiled)
         prefill_times = {name: [] for name in impls}
         gaps = {name: [] for name in impls}
         for name, (prefill, _) in impls.items():
