@@ -216,6 +216,9 @@ class Engine:
             from scribelm.compiled_decode import compiled_step_for
 
             self._step = compiled_step_for(self.model)
+            with torch.inference_mode():  # compile now: a model that cannot be compiled fails to load, not a request
+                self._step(self.cache, [0])
+            self.cache.reset()
         self.eos_ids = frozenset(i for i in (self.tokenizer.eos_id,) if i is not None)
         self.special_ids = frozenset(i for i in self.tokenizer.special_ids if i is not None)
         self._waiting: deque[GenerationRequest] = deque()
