@@ -27,7 +27,7 @@ from scribelm.train import (
 )
 from tests.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ListLoader:

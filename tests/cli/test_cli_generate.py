@@ -19,7 +19,7 @@ from scribelm.errors import ScribeError
 from tests.conftest import tiny_config
 from tests.test_generate import as_byte_tokens, scripted_lm
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")

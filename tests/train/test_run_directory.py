@@ -19,7 +19,7 @@ from scribelm.train import CheckpointWarning, TrainConfig, Trainer, list_checkpo
 from scribelm.train.run_dir import RunDirectoryError, claim_run_directory
 from scribelm.io import DiskFullError
 from tests.conftest import tiny_config
-from tests.test_train import ListLoader, random_batches
+from tests.train.test_train import ListLoader, random_batches
 
 
 def scribe(*args):
