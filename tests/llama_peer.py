@@ -112,10 +112,14 @@ def run_child(jobs: list[dict]) -> ChildResult:
     with tempfile.TemporaryDirectory(prefix="llama-peer-") as tmp:
         tmp = Path(tmp)
         (tmp / "jobs.json").write_text(json.dumps(jobs))
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        # Run as a module from the repository root: run as a script, tests/ would come first on
+        # the child's path and tests/inspect would hide the standard library's inspect.
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
-            done = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True,
-                                  timeout=CHILD_TIMEOUT_S)
+            done = subprocess.run([sys.executable, "-m", "tests.llama_peer", str(tmp)], env=env, capture_output=True,
+                                  text=True, timeout=CHILD_TIMEOUT_S, cwd=root)
         except subprocess.TimeoutExpired:
             return ChildResult(None, 1, _running(tmp), f"no answer within {CHILD_TIMEOUT_S} s")
         if done.returncode != 0:
