@@ -42,17 +42,6 @@ def checkpoint_names(out_dir):
     return sorted(p.name for p in list_checkpoints(out_dir))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer, corpus):
-    from scribelm.data import prepare
-
-    root = tmp_path_factory.mktemp("data")
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(f"{i}. {line}" for i, line in enumerate(corpus)))
-    prepare([text], root / "shards", tokenizer, val_fraction=0.1)
-    return root / "shards"
-
-
 def write_recipe(path, data_dir, out_dir, **train):
     recipe = {
         "model": {"vocab_size": 400, "context_length": 32, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_mlp": 32},

@@ -186,17 +186,6 @@ def test_train_config_is_checked():
 # ----------------------------------------------------------------------------- recipes, processes
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer, corpus):
-    from scribelm.data import prepare
-
-    root = tmp_path_factory.mktemp("data")
-    text = root / "corpus.txt"
-    text.write_text("\n\n".join(f"{i}. {line}" for i, line in enumerate(corpus)))
-    prepare([text], root / "shards", tokenizer, val_fraction=0.1)
-    return root / "shards"
-
-
 def write_recipe(path, data_dir, out_dir, **train):
     recipe = {
         "model": {"vocab_size": 400, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
