@@ -595,5 +595,5 @@ def read_json_object(
     except RecursionError:
         raise error(f"{file} is nested too deeply to be a valid file{invalid_hint}") from None
     if not isinstance(data, dict):
-        raise error(f"{file} must hold a JSON object")
+        raise error(f"{file} must hold a JSON object, got a {type(data).__name__}")
     return data

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from scribelm.errors import TokenizerError
+from scribelm.io import read_json_object
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -409,14 +410,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         config_file = file.parent / "tokenizer_config.json"
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise TokenizerError(f"{config_file} is not valid JSON ({err}); save it as UTF-8 JSON") from None
-            except RecursionError:
-                raise TokenizerError(f"{config_file} is nested too deeply to be a tokenizer config") from None
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{config_file} must hold a JSON object, got a {type(config).__name__}")
+            config = read_json_object(config_file, TokenizerError, missing="", invalid_hint="; save it as UTF-8 JSON")
         for key in ("bos_token", "eos_token", "pad_token"):
             value = config.get(key)
             if value is not None and not isinstance(value, str) and not (isinstance(value, dict) and isinstance(value.get("content"), str)):
