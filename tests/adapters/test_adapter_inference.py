@@ -15,7 +15,7 @@ from scribelm.cli import main
 from scribelm.finetune.run import load_with_adapters
 from scribelm.lm import LM
 from scribelm.model import Transformer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, save_tiny_hf_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "It was the best"
@@ -94,13 +94,10 @@ def test_bad_adapters_are_one_line_errors(base_and_adapter, tmp_path, tokenizer,
 def test_a_peft_adapter_loads_and_computes_what_peft_does(tmp_path, tokenizer):
     """The real peer: an adapter made and saved by peft itself, on a transformers Llama."""
     peft = pytest.importorskip("peft")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    save_tiny_hf_llama(tmp_path / "hf", tokenizer.vocab_size)
     for rslora in (False, True):
         hf = peft.get_peft_model(
             LlamaForCausalLM.from_pretrained(tmp_path / "hf"),

@@ -11,7 +11,7 @@ from scribelm.adapters import LoRAConfig
 from scribelm.finetune.run import FinetuneOptions, finetune_sft
 from scribelm.lm import LM
 from scribelm.model import Transformer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, save_tiny_hf_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,17 +177,14 @@ def test_adapters_export_to_peft_and_load_onto_the_transformers_model(tmp_path, 
     """The real peer: peft reads our adapters onto the Hugging Face model and computes the same logits."""
     peft = pytest.importorskip("peft")
     import scribelm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from scribelm.adapters import apply_lora
     from scribelm.adapters.lora import LoRALinear
     from scribelm.adapters.peft_format import save_peft_adapters
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    save_tiny_hf_llama(tmp_path / "hf", tokenizer.vocab_size)
     lm = scribelm.load(tmp_path / "hf")
     apply_lora(lm.model, LoRAConfig(rank=4, alpha=8, targets="q,v,down"))
     with torch.no_grad():
