@@ -15,10 +15,10 @@ and raises a `ScribeError` naming the model, the file and what is wrong.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from scribelm.errors import ScribeError
+from scribelm.io import read_json_object
 from scribelm.store import ModelInfo, describe_model
 
 
@@ -28,11 +28,9 @@ class ModelFilesError(ScribeError):
 
 def _json_object(file: Path, name: str) -> None:
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ModelFilesError(f"model {name!r}: {file} is not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelFilesError(f"model {name!r}: {file} must hold a JSON object, not a {type(data).__name__}")
+        read_json_object(file, ScribeError, missing=f"{file} is missing")
+    except (ScribeError, OSError) as err:
+        raise ModelFilesError(f"model {name!r}: {err}") from None
 
 
 def check_model_files(name: str, path: str | Path) -> ModelInfo:

@@ -3,12 +3,12 @@ model behaves as `transformers.generate` does by default (and an export reads ba
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from scribelm.checkpoint import check_generation
 from scribelm.errors import CheckpointError
+from scribelm.io import read_json_object
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -18,12 +18,7 @@ def read_generation_config(path: Path, hf: dict[str, Any]) -> dict[str, Any]:
     generation: dict[str, Any] = {}
     file = path / GENERATION_CONFIG
     if file.is_file():
-        try:
-            generation = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{file} is not valid JSON ({err})") from None
-        if not isinstance(generation, dict):
-            raise CheckpointError(f"{file} must hold a JSON object")
+        generation = read_json_object(file, CheckpointError, missing="")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # transformers falls back to config.json
         if generation.get(key) is None and hf.get(key) is not None:
             generation[key] = hf[key]

@@ -4,11 +4,11 @@ chat_template.jinja."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from scribelm.errors import CheckpointError
+from scribelm.io import read_json_object
 from scribelm.tokenizer import Tokenizer
 
 
@@ -20,12 +20,7 @@ def _gpt2_vocab_merges_tokenizer(path: Path):
 
     config: dict[str, Any] = {}
     if (path / "tokenizer_config.json").is_file():
-        try:
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON ({err})") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path / 'tokenizer_config.json'} must hold a JSON object")
+        config = read_json_object(path / "tokenizer_config.json", CheckpointError, missing="")
     try:
         backend = Backend(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
     except Exception as err:  # the Rust library raises its own Exception type
