@@ -34,6 +34,7 @@ from torch import nn
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
+from scribelm.moe import MoE
 
 # --------------------------------------------------------------------------- norms
 
@@ -179,12 +180,13 @@ _ACTIVATIONS = {
 class MLP(nn.Module):
     """Position-wise feed-forward: up-project, activate (gated for SwiGLU/GeGLU), down-project."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, d_mlp: int | None = None) -> None:
         super().__init__()
+        d_mlp = d_mlp or config.d_mlp  # a mixture-of-experts' experts have their own width
         self.activation = _ACTIVATIONS[config.activation]
-        self.up = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
-        self.gate = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
-        self.down = nn.Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+        self.up = nn.Linear(config.d_model, d_mlp, bias=config.mlp_bias)
+        self.gate = nn.Linear(config.d_model, d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
+        self.down = nn.Linear(d_mlp, config.d_model, bias=config.mlp_bias)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> gate, up (B, T, d_mlp) each, for the gated activations."""
@@ -209,7 +211,8 @@ class Block(nn.Module):
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_index)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        # a mixture of experts (scribelm.moe) replaces the one MLP when the config has experts
+        self.mlp = MoE(config, lambda width: MLP(config, width)) if config.n_experts else MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, is_causal, cache):
@@ -258,7 +261,7 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scale = 1.0
-                if name.endswith("attention.o") or name.endswith("mlp.down"):
+                if name.endswith("attention.o") or name.endswith("mlp.down") or (".mlp." in name and name.endswith(".down")):
                     scale = 1.0 / math.sqrt(2 * self.config.n_layers)
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:

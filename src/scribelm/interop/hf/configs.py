@@ -225,6 +225,8 @@ def _llama_like_misfit(config: ModelConfig) -> list[str]:
         reasons.append("pre-norm blocks (has post-norm)")
     if config.activation not in ("swiglu", "geglu"):
         reasons.append(f"a gated MLP, swiglu or geglu (has {config.activation!r})")
+    if config.n_experts:
+        reasons.append(f"a dense MLP (has {config.n_experts} experts)")
     return reasons
 
 
