@@ -43,6 +43,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_experts, config.experts_per_token
         self.normalize_top_k = config.normalize_top_k
         self.jitter = config.router_jitter
+        self.aux_loss_coef = config.router_aux_loss_coef
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         self.experts = nn.ModuleList(make_mlp(config.d_expert) for _ in range(config.n_experts))
         self.shared_expert = make_mlp(config.d_shared_expert) if config.d_shared_expert else None
@@ -116,6 +117,23 @@ def load_balancing_loss(
     attention_mask (B, T) with N = B·T excludes padding tokens. Minimal when routing is uniform."""
     f, p = _assignment_stats(logits, n_experts, top_k, attention_mask)
     return n_experts * (f * p).sum()
+
+
+def balance_loss_and_metrics(model: nn.Module, attention_mask: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor | None, dict[str, float | list[float]]]:
+    """After a training forward pass: router_aux_loss_coef · load-balancing loss (None for a model
+    without experts) and what to log, the loss and each expert's share of the assignments.
+    attention_mask: (B, T) 1 for real tokens, 0 for padding; other mask shapes count every token."""
+    layers = [m for m in moe_layers(model) if m.router_logits is not None]
+    if not layers:
+        return None, {}
+    first = layers[0]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        attention_mask = None
+    logits = [m.router_logits for m in layers]
+    aux = load_balancing_loss(logits, first.n_experts, first.top_k, attention_mask)
+    share = expert_share([t.detach() for t in logits], first.n_experts, first.top_k, attention_mask)
+    return first.aux_loss_coef * aux, {"router_aux_loss": float(aux.detach()), "expert_share": share}
 
 
 def expert_share(logits: list[torch.Tensor], n_experts: int, top_k: int,
