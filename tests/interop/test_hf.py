@@ -249,7 +249,7 @@ def test_every_preset_exports_to_a_family_transformers_builds(preset):
         ours = Transformer(config)
     assert type(reference).__name__ == family.architecture
     assert reference.num_parameters() == ours.num_parameters()
-    expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM"}
+    expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM", "mix": "MixtralForCausalLM"}
     assert family.architecture == expected_family.get(preset[:3], "LlamaForCausalLM")
 
 
