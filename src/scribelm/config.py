@@ -64,6 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # unembedding reuses the token embedding matrix
     dropout: float = 0.0
     init_std: float = 0.02
+    sliding_window: int | None = None  # each query sees only the last W keys (itself included); None: all earlier ones
     # Sparse mixture of experts (scribelm.moe): 0 experts keeps the dense MLP; otherwise a router
     # sends each token to its top `experts_per_token` of `n_experts` MLPs of width `d_expert`.
     n_experts: int = 0
@@ -141,6 +142,8 @@ class ModelConfig:
         if self.position == "sinusoidal" and self.d_model % 2 != 0:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         self._validate_experts()
+        if self.sliding_window is not None and not 0 < self.sliding_window <= LIMITS["context_length"]:
+            raise ConfigError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.norm_eps < math.inf:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scribelm.cache import ContextOverflowError, KVCache
+from scribelm.cache import ContextOverflowError, KVCache, RollingKVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
 from scribelm.moe import MoE
@@ -362,6 +362,11 @@ class Transformer(nn.Module):
         elif T > 1:
             mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
 
+        if self.config.sliding_window is not None:
+            if isinstance(cache, RollingKVCache) and attention_mask is not None:
+                raise ScribeError("a rolling cache takes no attention mask; its rows are all one length")
+            mask, is_causal = self._sliding_window(mask, is_causal, T, start, row_positions, cache, ids.device)
+
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
@@ -371,6 +376,23 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # (B, T, C)
+
+    def _sliding_window(self, mask, is_causal, T, start, row_positions, cache, device):
+        """Narrow the mask to a sliding window: the query in slot q sees the keys in slots
+        q-W+1..q only (slots, not position ids, as transformers counts them under left padding)."""
+        W = self.config.sliding_window
+        if start is None:  # rows differ: row b's queries sit in its slots row_positions[b]
+            near = torch.arange(mask.shape[-1], device=device)[None, None, :] > row_positions[:, :, None] - W  # (B, T, S)
+            return mask & near[:, None], False
+        rolling = isinstance(cache, RollingKVCache)
+        if rolling and not is_causal:
+            mask = None  # the keys come in the cache's own order; the window below is the whole mask
+        if mask is None and ((is_causal and T <= W) or (T == 1 and (rolling or start < W))):
+            return mask, is_causal  # every key it would see is inside the window already
+        query_slots = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        key_slots = (cache.key_positions(T, device) if rolling else torch.arange(start + T, device=device))[None, :]
+        window = (key_slots <= query_slots) & (key_slots > query_slots - W)  # (T, S)
+        return (window[None, None] if mask is None else mask & window), False  # (B or 1, 1, T, S)
 
     @staticmethod
     def _last_positions(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Sizes are checked against scribelm's limits before anything is built; RoPE is read in
 both spellings transformers has used (`rope_theta` + `rope_scaling`, `rope_parameters`);
-sliding-window attention is the one adaptation (the context is capped at the window,
-where full and windowed attention agree) and a warning says so. A `*_misfit` function
+sliding-window attention (Mistral, Mixtral, Qwen2 with every layer sliding) is computed
+for real (`ModelConfig.sliding_window`); the one adaptation is a Qwen2 whose layers
+partly slide: the context is capped at the window, where full and windowed attention
+agree, and a warning says so. A `*_misfit` function
 lists what a family would need that a config lacks, so export picks a family that fits.
 """
 
@@ -135,6 +137,7 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
     n_heads = _count(hf, "num_attention_heads", family)
     theta, scaling = _rope_from_hf(hf)
     context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    sliding_window = None
     if name == "llama":
         qkv_bias = out_bias = bool(hf.get("attention_bias", False))
         mlp_bias = bool(hf.get("mlp_bias", False))
@@ -146,10 +149,16 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
             window = None
         if window is not None and layer_types is None and hf.get("max_window_layers", 28) >= hf["num_hidden_layers"]:
             window = None  # only layers from max_window_layers on slide
-        context = _window_context(context, window, family)
+        every_layer_slides = (all(t == "sliding_attention" for t in layer_types) if layer_types is not None
+                              else hf.get("max_window_layers", 28) == 0)
+        if window is not None and every_layer_slides:
+            sliding_window = _count(hf, "sliding_window", family)  # computed for real, as Mistral's
+        else:
+            context = _window_context(context, window, family)  # some layers slide, some not: capped
     else:  # mistral
         qkv_bias = out_bias = mlp_bias = False
-        context = _window_context(context, hf.get("sliding_window", 4096), family)  # transformers' default: 4096
+        window = hf.get("sliding_window", 4096)  # transformers' default: 4096
+        sliding_window = None if window is None else _count(hf, "sliding_window", family)
     return ModelConfig(
         vocab_size=_count(hf, "vocab_size", family),
         context_length=context,
@@ -172,6 +181,7 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dropout=0.0,  # a training choice, not a property of the weights
         init_std=float(hf.get("initializer_range", 0.02)),
+        sliding_window=sliding_window,
         name=name,
     )
 
@@ -230,8 +240,14 @@ def _llama_like_misfit(config: ModelConfig) -> list[str]:
     return reasons
 
 
+def _full_attention_misfit(config: ModelConfig) -> list[str]:
+    if config.sliding_window is not None and config.sliding_window < config.context_length:
+        return [f"full attention (has a sliding window of {config.sliding_window})"]
+    return []
+
+
 def _llama_misfit(config: ModelConfig) -> list[str]:
-    reasons = _llama_like_misfit(config)
+    reasons = _llama_like_misfit(config) + _full_attention_misfit(config)
     if config.qkv_bias != config.attn_out_bias:
         reasons.append("biases on all four attention projections or on none (one attention_bias switch)")
     return reasons
@@ -260,7 +276,7 @@ def _qwen2_misfit(config: ModelConfig) -> list[str]:
 
 
 def _gpt2_misfit(config: ModelConfig) -> list[str]:
-    reasons = []
+    reasons = _full_attention_misfit(config)
     if config.position != "learned":
         reasons.append(f"learned positions (has {config.position!r})")
     if config.norm != "layernorm" or not config.norm_bias:
@@ -301,9 +317,11 @@ def _llama_like_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
     if family.model_type == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
     elif family.model_type == "mistral":
-        hf.update(sliding_window=None)
+        hf.update(sliding_window=config.sliding_window)
     elif family.model_type == "qwen2":
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+        sliding = config.sliding_window is not None  # then every layer slides: max_window_layers 0
+        hf.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
+                  max_window_layers=0 if sliding else config.n_layers)
     return hf
 
 

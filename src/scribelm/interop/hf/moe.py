@@ -109,7 +109,7 @@ def qwen2_moe_misfit(config: ModelConfig) -> list[str]:
 def mixtral_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
     hf = _llama_like_to_hf(config, family)
     hf.update(
-        intermediate_size=config.d_expert, sliding_window=None, num_local_experts=config.n_experts,
+        intermediate_size=config.d_expert, sliding_window=config.sliding_window, num_local_experts=config.n_experts,
         num_experts_per_tok=config.experts_per_token, router_jitter_noise=config.router_jitter,
         router_aux_loss_coef=config.router_aux_loss_coef, output_router_logits=False,
     )
@@ -119,7 +119,8 @@ def mixtral_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
 def qwen2_moe_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
     hf = _llama_like_to_hf(config, family)
     hf.update(
-        use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers, qkv_bias=config.qkv_bias,
+        qkv_bias=config.qkv_bias, use_sliding_window=config.sliding_window is not None,
+        sliding_window=config.sliding_window, max_window_layers=0 if config.sliding_window is not None else config.n_layers,
         num_experts=config.n_experts, num_experts_per_tok=config.experts_per_token,
         moe_intermediate_size=config.d_expert, shared_expert_intermediate_size=config.d_shared_expert,
         norm_topk_prob=config.normalize_top_k, decoder_sparse_step=1, mlp_only_layers=[],
