@@ -57,7 +57,7 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm has none)
     position: str = "learned"  # one of POSITIONS
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"} or {"type": "linear", "factor"}
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"}, {"type": "linear", "factor"}, {"type": "yarn" or "dynamic", "factor", "original_context_length", ...}
     qkv_bias: bool = True  # biases on the query, key and value projections
     attn_out_bias: bool = True  # bias on the attention output projection
     mlp_bias: bool = True  # biases on the MLP projections
@@ -157,9 +157,11 @@ class ModelConfig:
             required = {
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
                 "linear": ("factor",),  # position interpolation: every frequency divided by `factor`
+                "yarn": ("factor", "original_context_length"),  # + optional beta_fast, beta_slow, attention_factor
+                "dynamic": ("factor", "original_context_length"),  # NTK base raised past the original context
             }
             if kind not in required:
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'linear'")
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(map(repr, required))}")
             for key in required[kind]:
                 if key not in self.rope_scaling:
                     raise ConfigError(f"rope_scaling of type {kind!r} needs the key '{key}'")

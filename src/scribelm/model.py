@@ -35,6 +35,7 @@ from scribelm.cache import ContextOverflowError, KVCache, RollingKVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
 from scribelm.moe import MoE
+from scribelm.rope_scaling import dynamic_ntk_inverse_frequencies, yarn_attention_factor, yarn_inverse_frequencies
 
 # --------------------------------------------------------------------------- norms
 
@@ -72,8 +73,9 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return encoding.flatten(-2)  # (B, T, dim): sin, cos, sin, cos, ...
 
 
-def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """θ_i = base^(-2i/d) for each pair of head features, with Llama-3 scaling if configured."""
+def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None, seq_len: int = 0) -> torch.Tensor:
+    """θ_i = base^(-2i/d) for each pair of head features, with Llama-3, linear, YaRN or dynamic
+    NTK scaling if configured (scribelm.rope_scaling; dynamic depends on the sequence length)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = config.rope_scaling
@@ -91,14 +93,23 @@ def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = 
         inv_freq = torch.where(is_medium, blended, scaled)
     elif scaling is not None and scaling["type"] == "linear":
         inv_freq = inv_freq / scaling["factor"]  # positions interpolated: angle(t) = t/factor · θ_i
+    elif scaling is not None and scaling["type"] == "yarn":
+        inv_freq = yarn_inverse_frequencies(dim, config.rope_theta, scaling, device)
+    elif scaling is not None and scaling["type"] == "dynamic":
+        inv_freq = dynamic_ntk_inverse_frequencies(dim, config.rope_theta, scaling, seq_len, device)
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, attention_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin of every (position, frequency) angle, for `apply_rope`:
-    positions (B, T) -> (B, 1, T, head_dim) each; the sin is negated on the first half."""
+    positions (B, T) -> (B, 1, T, head_dim) each; the sin is negated on the first half.
+    attention_factor (YaRN) scales both, so every q·k score by its square."""
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     cos = torch.cat((cos, cos), dim=-1)  # (B, T, hd): halves layout, as Llama/HF
     sin = torch.cat((-sin, sin), dim=-1)  # (B, T, hd)
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
@@ -346,9 +357,15 @@ class Transformer(nn.Module):
 
         rope = None
         if self.config.position == "rope":
-            if self._inv_freq is None or self._inv_freq.device != ids.device:
-                self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
-            rope = rope_cos_sin(self._inv_freq, positions, x.dtype)
+            scaling = self.config.rope_scaling or {}
+            if scaling.get("type") == "dynamic":  # frequencies follow this pass's longest position
+                inv_freq = rope_inverse_frequencies(self.config, ids.device, seq_len=int(positions.max()) + 1)
+            else:
+                if self._inv_freq is None or self._inv_freq.device != ids.device:
+                    self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
+                inv_freq = self._inv_freq
+            factor = yarn_attention_factor(scaling) if scaling.get("type") == "yarn" else 1.0
+            rope = rope_cos_sin(inv_freq, positions, x.dtype, factor)
 
         # Cheapest correct mask: SDPA's built-in causal mask for a fresh full sequence,
         # no mask for one new token attending everything cached, explicit otherwise.

@@ -11,6 +11,7 @@ lists what a family would need that a config lacks, so export picks a family tha
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -90,10 +91,36 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             raise CheckpointError(f"config.json: llama3 rope scaling lacks {err}") from None
     if kind == "linear":
         return float(theta), {"type": "linear", "factor": float(spec["factor"])}
-    if kind == "dynamic":
-        refuse("rope_scaling type 'dynamic'", "dynamic NTK scaling changes the frequencies with the sequence length at run time")
-    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3 and linear")
+    if kind in ("yarn", "dynamic"):
+        return float(theta), _stretched_rope_from_hf(kind, spec, hf)
+    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3, linear, yarn and dynamic")
     raise AssertionError  # unreachable
+
+
+def _stretched_rope_from_hf(kind: str, spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """YaRN / dynamic NTK (scribelm.rope_scaling): the original context is the spec's
+    `original_max_position_embeddings` (YaRN) or the model's `max_position_embeddings` (dynamic)."""
+    factor = spec.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise CheckpointError(f"config.json: {kind} rope scaling needs a positive 'factor', got {factor!r}")
+    original = hf.get("max_position_embeddings") if kind == "dynamic" else (
+        spec.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+    if original is None:
+        raise CheckpointError(f"config.json: {kind} rope scaling needs max_position_embeddings")
+    scaling: dict[str, Any] = {"type": kind, "factor": float(factor), "original_context_length": int(original)}
+    if kind == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            if spec.get(key):
+                scaling[key] = float(spec[key])
+        if spec.get("truncate") is not None:
+            scaling["truncate"] = bool(spec["truncate"])
+        if spec.get("attention_factor") is not None:
+            scaling["attention_factor"] = float(spec["attention_factor"])
+        elif spec.get("mscale") and spec.get("mscale_all_dim"):  # DeepSeek's spelling: a ratio of two mscales
+            def mscale(m: float) -> float:
+                return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+            scaling["attention_factor"] = mscale(spec["mscale"]) / mscale(spec["mscale_all_dim"])
+    return scaling
 
 
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -108,6 +135,12 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
         }
     elif scaling is not None and scaling["type"] == "linear":
         legacy = {"rope_type": "linear", "factor": scaling["factor"]}
+    elif scaling is not None and scaling["type"] == "yarn":
+        legacy = {"rope_type": "yarn", "factor": scaling["factor"],
+                  "original_max_position_embeddings": scaling["original_context_length"],
+                  **{k: scaling[k] for k in ("beta_fast", "beta_slow", "truncate", "attention_factor") if k in scaling}}
+    elif scaling is not None and scaling["type"] == "dynamic":
+        legacy = {"rope_type": "dynamic", "factor": scaling["factor"]}  # its original context: max_position_embeddings
     parameters = dict(legacy or {"rope_type": "default"}, rope_theta=config.rope_theta)
     return {"rope_theta": config.rope_theta, "rope_scaling": legacy, "rope_parameters": parameters}
 
@@ -137,6 +170,8 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
     n_heads = _count(hf, "num_attention_heads", family)
     theta, scaling = _rope_from_hf(hf)
     context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    if scaling is not None and scaling["type"] in ("yarn", "dynamic"):  # stretched to factor × the original
+        context = min(max(context, int(scaling["original_context_length"] * scaling["factor"])), LIMITS["context_length"])
     sliding_window = None
     if name == "llama":
         qkv_bias = out_bias = bool(hf.get("attention_bias", False))
@@ -306,7 +341,8 @@ def _llama_like_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[config.activation],
-        "max_position_embeddings": config.context_length,
+        "max_position_embeddings": (config.rope_scaling["original_context_length"]  # dynamic NTK's reference length
+                                    if (config.rope_scaling or {}).get("type") == "dynamic" else config.context_length),
         "rms_norm_eps": config.norm_eps,
         **_rope_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings,
