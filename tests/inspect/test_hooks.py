@@ -82,6 +82,10 @@ def test_names_and_shapes_on_imported_gpt2_and_llama(tmp_path):
 def test_cache_equals_a_forward_written_out():
     lm = tiny_lm(**FAMILIES["gpt2-like"])
     m, c = lm.model, lm.config
+    with torch.no_grad():  # norms and biases away from their initial 1 and 0
+        for name, param in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
     ids = torch.randint(0, c.vocab_size, (2, 7))
     logits, cache = run_with_cache(lm, ids)
     B, T = ids.shape
@@ -92,7 +96,8 @@ def test_cache_equals_a_forward_written_out():
         expect = {"hook_embed": embed, "hook_pos_embed": pos}
         for L, block in enumerate(m.blocks):
             a, mlp = block.attention, block.mlp
-            ln1 = F.layer_norm(x, (c.d_model,), block.attention_norm.weight, block.attention_norm.bias, c.norm_eps)
+            normalized1 = F.layer_norm(x, (c.d_model,), eps=c.norm_eps)  # hook_normalized: before weight and bias
+            ln1 = normalized1 * block.attention_norm.weight + block.attention_norm.bias
             q = (ln1 @ a.q.weight.T + a.q.bias).view(B, T, c.n_heads, c.head_dim)
             k = (ln1 @ a.k.weight.T + a.k.bias).view(B, T, c.n_heads, c.head_dim)
             v = (ln1 @ a.v.weight.T + a.v.bias).view(B, T, c.n_heads, c.head_dim)
@@ -102,21 +107,22 @@ def test_cache_equals_a_forward_written_out():
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
             attn_out = z.reshape(B, T, -1) @ a.o.weight.T + a.o.bias
             mid = x + attn_out
-            ln2 = F.layer_norm(mid, (c.d_model,), block.mlp_norm.weight, block.mlp_norm.bias, c.norm_eps)
+            normalized2 = F.layer_norm(mid, (c.d_model,), eps=c.norm_eps)
+            ln2 = normalized2 * block.mlp_norm.weight + block.mlp_norm.bias
             pre = ln2 @ mlp.up.weight.T + mlp.up.bias
             post = F.gelu(pre)
             mlp_out = post @ mlp.down.weight.T + mlp.down.bias
             x_next = mid + mlp_out
             for suffix, value in {
-                "hook_resid_pre": x, "ln1.hook_normalized": ln1, "attn.hook_q": q, "attn.hook_k": k, "attn.hook_v": v,
+                "hook_resid_pre": x, "ln1.hook_normalized": normalized1, "attn.hook_q": q, "attn.hook_k": k, "attn.hook_v": v,
                 "attn.hook_attn_scores": scores, "attn.hook_pattern": pattern, "attn.hook_z": z,
-                "hook_attn_out": attn_out, "hook_resid_mid": mid, "ln2.hook_normalized": ln2,
+                "hook_attn_out": attn_out, "hook_resid_mid": mid, "ln2.hook_normalized": normalized2,
                 "mlp.hook_pre": pre, "mlp.hook_post": post, "hook_mlp_out": mlp_out, "hook_resid_post": x_next,
             }.items():
                 expect[f"blocks.{L}.{suffix}"] = value
             x = x_next
-        final = F.layer_norm(x, (c.d_model,), m.final_norm.weight, m.final_norm.bias, c.norm_eps)
-        expect["ln_final.hook_normalized"] = final
+        expect["ln_final.hook_normalized"] = F.layer_norm(x, (c.d_model,), eps=c.norm_eps)
+        final = expect["ln_final.hook_normalized"] * m.final_norm.weight + m.final_norm.bias
     assert set(expect) == set(cache)
     for name, value in expect.items():
         torch.testing.assert_close(cache[name], value, atol=2e-5, rtol=1e-5, msg=name)
@@ -200,3 +206,15 @@ def test_text_in_and_bad_input(tokenizer):
         run_with_cache(lm, list(range(17)))
     with pytest.raises(ScribeError, match="vocabulary"):
         run_with_cache(lm, [tokenizer.vocab_size])
+
+
+def test_replacing_a_normalized_activation_goes_through_the_norms_weight():
+    lm = tiny_lm()
+    ids = torch.randint(0, 400, (1, 5))
+    same = run_with_hooks(lm, ids, {"blocks.0.ln2.hook_normalized": lambda t, hook: t.clone()})
+    torch.testing.assert_close(same, lm.model(ids), atol=1e-5, rtol=1e-5)
+    doubled = run_with_hooks(lm, ids, {"blocks.0.ln2.hook_normalized": lambda t, hook: 2 * t})
+    # RMSNorm is scale-free: doubling its normalized output is doubling the MLP's input
+    via_input = run_with_hooks(lm, ids, {"blocks.0.mlp.hook_pre": lambda t, hook: None,
+                                         "blocks.0.ln2.hook_normalized": lambda t, hook: None})
+    assert (doubled - via_input).abs().max() > 1e-4

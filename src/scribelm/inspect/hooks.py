@@ -4,7 +4,8 @@ Every intermediate tensor of a forward pass has a name, as in TransformerLens:
 
     hook_embed, hook_pos_embed                      token embeddings, learned positions (B, T, C)
     blocks.{L}.hook_resid_pre                       residual stream entering block L (B, T, C)
-    blocks.{L}.ln1.hook_normalized                  its normalized input to attention (pre-norm)
+    blocks.{L}.ln1.hook_normalized                  its normalized input to attention (pre-norm),
+                                                    before the norm's weight and bias, as TransformerLens
     blocks.{L}.attn.hook_q / hook_k / hook_v        per head (B, T, heads, d_head); k, v have the
                                                     key/value heads of grouped-query attention
     blocks.{L}.attn.hook_rot_q / hook_rot_k         q and k after the rotary embedding (RoPE models)
@@ -18,7 +19,7 @@ Every intermediate tensor of a forward pass has a name, as in TransformerLens:
                                                     (gated: the gate before, activation·up after)
     blocks.{L}.hook_mlp_out                         the MLP's output (B, T, C)
     blocks.{L}.hook_resid_post                      residual stream leaving block L (B, T, C)
-    ln_final.hook_normalized                        the final norm's output (B, T, C)
+    ln_final.hook_normalized                        the final norm, before its weight and bias (B, T, C)
 
     logits, cache = run_with_cache(lm, "The cat sat", names=["blocks.0.attn.hook_pattern"])
     logits = run_with_hooks(lm, ids, {"blocks.1.attn.hook_z": zero_head_3})
@@ -194,6 +195,27 @@ class _Attached:
             tap = self._tap(name)
             self.handles.append(module.register_forward_hook(lambda m, args, out: tap(out)))
 
+    def _on_normalized(self, norm: nn.Module, name: str) -> None:
+        """TransformerLens' hook_normalized: the norm's input scaled (and centred, for LayerNorm)
+        to unit size, before its weight and bias; a replacement goes through them."""
+        if not self._wanted(name):
+            return
+        tap = self._tap(name)
+
+        def hook(m, args, out):
+            x = args[0].float()
+            if isinstance(m, nn.LayerNorm):
+                normalized = F.layer_norm(x, m.normalized_shape, eps=m.eps).to(out.dtype)
+            else:  # RMSNorm
+                normalized = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)).to(out.dtype)
+            replaced = tap(normalized)
+            if replaced is normalized:
+                return out
+            bias = getattr(m, "bias", None)
+            return replaced * m.weight + (bias if bias is not None else 0)
+
+        self.handles.append(norm.register_forward_hook(hook))
+
     def _on_input(self, module: nn.Module, name: str, view=None) -> None:
         """A hook on the first argument of `module`, seen through `view(t) -> (shown, back)`."""
         if not self._wanted(name):
@@ -217,7 +239,7 @@ class _Attached:
         for layer, block in enumerate(model.blocks):
             self._attach_block(layer, block)
         if model.final_norm is not None:
-            self._on_output(model.final_norm, "ln_final.hook_normalized")
+            self._on_normalized(model.final_norm, "ln_final.hook_normalized")
 
     def _attach_block(self, layer: int, block: nn.Module) -> None:
         prefix = f"blocks.{layer}."
@@ -240,8 +262,8 @@ class _Attached:
 
             self.handles.append(block.register_forward_pre_hook(block_pre))
         if block.pre_norm:
-            self._on_output(block.attention_norm, prefix + "ln1.hook_normalized")
-            self._on_output(block.mlp_norm, prefix + "ln2.hook_normalized")
+            self._on_normalized(block.attention_norm, prefix + "ln1.hook_normalized")
+            self._on_normalized(block.mlp_norm, prefix + "ln2.hook_normalized")
 
         names = [prefix + f"attn.hook_{n}" for n in ("q", "k", "v")]
         if any(self._wanted(n) for n in names):
