@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -90,6 +89,8 @@ def squad_exact_match(prediction: str, golds: str | Sequence[str]) -> float:
 
 def _token_f1(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:  # nothing to overlap: right only if both are empty (as EM says)
+        return float(pred == ref)
     common = collections.Counter(pred) & collections.Counter(ref)
     same = sum(common.values())
     if same == 0:
@@ -132,19 +133,35 @@ def mean_stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
-def bootstrap_stderr(statistic: Callable[[Sequence], float], items: Sequence, *, iters: int = 1000, seed: int = 1234) -> float:
-    """The standard deviation of `statistic` over `iters` resamples (with replacement) of `items`."""
-    if len(items) < 2:
+def bootstrap_stderr(statistic: Callable[[float], float], lls: Sequence[float], counts: Sequence[int] | None = None,
+                     *, iters: int = 1000, seed: int = 1234) -> float:
+    """The standard deviation of statistic(Σ loglik / Σ count) over `iters` resamples (with
+    replacement) of the samples; count is 1 per sample when not given (a plain mean)."""
+    import numpy as np
+
+    n = len(lls)
+    if n < 2:
         return float("nan")
-    rnd = random.Random(seed)
-    values = []
-    for _ in range(iters):
-        sample = rnd.choices(items, k=len(items))
-        try:
-            values.append(statistic(sample))
-        except (OverflowError, ZeroDivisionError):
-            continue
-    return mean_stderr(values) * math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    ll = np.asarray(lls, dtype=np.float64)
+    count = np.ones(n) if counts is None else np.asarray(counts, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    chunk = max(1, 2_000_000 // n)  # resamples per draw, so the index matrix stays small
+    for start in range(0, iters, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, iters - start), n))
+        ratios.append(ll[idx].sum(1) / count[idx].sum(1))
+    with np.errstate(over="ignore"):
+        values = np.array([statistic(r) for r in np.concatenate(ratios)])
+    values = values[np.isfinite(values)]
+    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _split(pairs: Sequence[tuple[float, int]]) -> tuple[list[float], list[int]]:
+    return [ll for ll, _ in pairs], [c for _, c in pairs]
+
+
+def _exp_neg(r: float) -> float:
+    return math.exp(-r) if -r < 700 else float("inf")
 
 
 #: metric name -> (aggregate, standard error of the aggregate, higher is better)
@@ -155,11 +172,11 @@ AGGREGATES: dict[str, tuple[Callable[[Sequence], float], Callable[[Sequence], fl
     "exact_match": (mean, mean_stderr, True),
     "squad_exact_match": (mean, mean_stderr, True),
     "squad_f1": (mean, mean_stderr, True),
-    "perplexity": (perplexity, lambda xs: bootstrap_stderr(perplexity, xs), False),
-    "word_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(weighted_perplexity, xs), False),
-    "byte_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(weighted_perplexity, xs), False),
-    "token_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(weighted_perplexity, xs), False),
-    "bits_per_byte": (bits_per_byte, lambda xs: bootstrap_stderr(bits_per_byte, xs), False),
+    "perplexity": (perplexity, lambda xs: bootstrap_stderr(_exp_neg, xs), False),
+    "word_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(_exp_neg, *_split(xs)), False),
+    "byte_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(_exp_neg, *_split(xs)), False),
+    "token_perplexity": (weighted_perplexity, lambda xs: bootstrap_stderr(_exp_neg, *_split(xs)), False),
+    "bits_per_byte": (bits_per_byte, lambda xs: bootstrap_stderr(lambda r: -r / math.log(2), *_split(xs)), False),
 }
 
 
