@@ -59,7 +59,7 @@ def _progress(label: str):
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console, transient=True)
 
 
-def _evaluate_one(label: str, model, tasks, args):
+def _evaluate_one(label: str, model, tasks, requests, args):
     from scribelm.evaluate import evaluate
 
     with _progress(label) as bar:
@@ -73,7 +73,7 @@ def _evaluate_one(label: str, model, tasks, args):
             bar.update(task, completed=done, total=total, rate=f"{rate:.1f} req/s")
 
         return evaluate(model, tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
-                        batch_size=args.batch_size, progress=advance)
+                        batch_size=args.batch_size, progress=advance, requests=requests)
 
 
 def _write_samples(directory: Path, label: str, results) -> None:
@@ -100,20 +100,21 @@ def run(args) -> int:
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise ScribeError("--tasks names no task; give task names or YAML files, comma-separated")
-    tasks = load_tasks(names, args.include_path)  # task and data errors before any model loads
+    tasks = load_tasks(names, args.include_path)
+    requests = [t.requests(args.num_fewshot, _limit(args.limit)) for t in tasks]  # data errors before any model loads
 
     per_model = []
     if args.base_url:
         from scribelm.evaluate.remote import CompletionsBackend
 
         backend = CompletionsBackend(args.base_url, model=args.model_name, batch_size=args.batch_size)
-        per_model.append((args.model_name or args.base_url, _evaluate_one(args.base_url, backend, tasks, args)))
+        per_model.append((args.model_name or args.base_url, _evaluate_one(args.base_url, backend, tasks, requests, args)))
     else:
         from scribelm.lm import load
 
         for path in args.models:
             lm = load(path, device=args.device, adapter=args.adapter)
-            per_model.append((path, _evaluate_one(path, lm, tasks, args)))
+            per_model.append((path, _evaluate_one(path, lm, tasks, requests, args)))
             del lm
     if args.log_samples:
         for label, results in per_model:

@@ -75,10 +75,15 @@ def evaluate(
     limit: int | float | None = None,
     batch_size: int = 16,
     progress: ProgressFn | None = None,
+    requests: Sequence[list[Request]] | None = None,
 ) -> list[TaskResult]:
-    """Score each task on `model` (an `LM` or a backend) and aggregate its metrics."""
+    """Score each task on `model` (an `LM` or a backend) and aggregate its metrics.
+    `requests`: each task's `Task.requests(num_fewshot, limit)` when already made (to find
+    mistakes in the data before a model loads, or to score several models on the same ones)."""
     backend = _backend(model, batch_size)
-    planned = [(task, task.requests(num_fewshot, limit)) for task in tasks]
+    if requests is None:
+        requests = [task.requests(num_fewshot, limit) for task in tasks]
+    planned = list(zip(tasks, requests))
     total = sum(_request_count(r) for _, requests in planned for r in requests)
     advance = (lambda n: progress(n, total)) if progress else None
     return [_run_task(backend, task, requests, num_fewshot, advance) for task, requests in planned]

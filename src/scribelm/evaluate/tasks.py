@@ -211,17 +211,11 @@ def load_splits(config: dict[str, Any], yaml_path: Path) -> dict[str, list[Doc]]
     name = config.get("task", yaml_path.stem)
     fmt = config.get("dataset_path")
     kwargs = config.get("dataset_kwargs") or {}
-    if fmt not in FORMATS:
-        if not fmt:
-            raise TaskError(f"task {name}: no dataset_path; use dataset_path: json (or csv, parquet, text) "
-                            "with dataset_kwargs.data_files pointing at local files")
-        raise TaskError(f"task {name}: dataset_path {fmt!r} is not a local format; scribe eval does not download "
-                        "datasets: save the data as JSON lines (or csv, parquet, text), set dataset_path: json "
-                        "and point dataset_kwargs.data_files at the files")
+    check_local_dataset(config, name)
     files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
     if not files:
         raise TaskError(f"task {name}: dataset_path {fmt} needs dataset_kwargs.data_files (local files, "
-                        "e.g. {{test: data.jsonl}})")
+                        "e.g. {test: data.jsonl})")
     if not isinstance(files, dict):
         files = {"train": files}
     splits = {}
@@ -229,6 +223,18 @@ def load_splits(config: dict[str, Any], yaml_path: Path) -> dict[str, list[Doc]]
         paths = [paths] if isinstance(paths, str) else list(paths)
         splits[str(split)] = [d for p in paths for d in read_data_file(_resolve_data_path(str(p), yaml_path.parent), fmt)]
     return splits
+
+
+def check_local_dataset(config: dict[str, Any], name: str) -> None:
+    """Refuse, before anything else, a task whose data would come from the network."""
+    fmt = config.get("dataset_path")
+    if fmt not in FORMATS:
+        if not fmt:
+            raise TaskError(f"task {name}: no dataset_path; use dataset_path: json (or csv, parquet, text) "
+                            "with dataset_kwargs.data_files pointing at local files")
+        raise TaskError(f"task {name}: dataset_path {fmt!r} is not a local format; scribe eval does not download "
+                        "datasets: save the data as JSON lines (or csv, parquet, text), set dataset_path: json "
+                        "and point dataset_kwargs.data_files at the files")
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -437,6 +443,7 @@ def build_task(config: dict[str, Any], path: Path) -> Task:
     name = config.get("task")
     if not isinstance(name, str) or not name:
         raise TaskError(f"{path}: a task file needs task: NAME")
+    check_local_dataset(config, name)
     unknown = sorted(set(config) - KNOWN_KEYS)
     if unknown:
         raise TaskError(f"task {name}: unsupported key(s) {', '.join(unknown)} in {path.name}; "
