@@ -56,7 +56,8 @@ def _progress(label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console, transient=True)
+                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console, transient=True,
+                    disable=not err_console.is_terminal)  # a log file gets the results, not bar frames
 
 
 def _evaluate_one(label: str, model, tasks, requests, args):
