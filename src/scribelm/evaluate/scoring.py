@@ -35,7 +35,7 @@ Only the positions that are scored are unembedded: (N, C) @ (C, V) instead of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,16 @@ from scribelm.cache import KVCache
 from scribelm.errors import ScribeError
 
 Progress = Callable[[int], None]  # called with the number of requests just finished
+
+
+@dataclass
+class ScoringModel:
+    """What scoring needs of an `LM`, for a model that should stay as it is (one in training:
+    an `LM` would swap in inference layers)."""
+
+    model: Any
+    tokenizer: Any
+    generation_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
