@@ -230,6 +230,11 @@ def create_app(
         stream = req.stream
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = bool(getattr(req, "echo", False))
+        # echo + logprobs: the prompt's tokens are scored too (what evaluation harnesses read)
+        prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
+        if not chat and settings.max_new_tokens == 0 and not echo:
+            raise ApiError(400, "'max_tokens': 0 generates nothing; it needs 'echo': true (to score the prompt)",
+                           param="max_tokens")
         stop_ids = set(int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
@@ -238,7 +243,7 @@ def create_app(
         events: asyncio.Queue = asyncio.Queue()
         requests = [
             GenerationRequest(prompt_ids=ids, settings=settings, n=n, stop_token_ids=frozenset(stop_ids),
-                              loop=loop, events=events, choice_offset=k * n)
+                              loop=loop, events=events, choice_offset=k * n, prompt_logprobs=prompt_logprobs)
             for k, ids in enumerate(prompts)
         ]
         try:
@@ -299,7 +304,7 @@ def create_app(
                 if chat:
                     for i in range(total_choices):
                         yield call.chunk_line({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}, include_usage)
-                elif echo:
+                elif echo and prompt_logprobs is None:  # with logprobs the prompt comes with its scores
                     for i in range(total_choices):
                         yield call.chunk_line({"index": i, "text": tokenizer.decode(prompts[i // n]), "logprobs": None, "finish_reason": None}, include_usage)
                 while call.finished < total_choices:

@@ -50,10 +50,11 @@ from scribelm.cache import KVCache
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
 from scribelm.sampling import SamplingSettings
+from scribelm.serve.scoring import PromptLogprobsEvent, prefill_scored
 
 __all__ = [  # TokenEvent is the decode core's: one event type for the library and the server
     "ContextLengthError", "Engine", "EngineStoppedError", "ErrorEvent", "FinishEvent", "GenerationRequest",
-    "ModelLoadError", "ModelPool", "QueueFullError", "TokenEvent",
+    "ModelLoadError", "ModelPool", "PromptLogprobsEvent", "QueueFullError", "TokenEvent",
 ]
 
 
@@ -118,6 +119,7 @@ class GenerationRequest:
     n: int = 1
     stop_token_ids: frozenset[int] = frozenset()
     choice_offset: int = 0  # events number choices from here (several prompts share one event queue)
+    prompt_logprobs: int | None = None  # score the prompt's own tokens too, with this many alternatives (echo)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -377,6 +379,9 @@ class Engine:
         for request in (r for r in requests if not r.cancelled):
             if groups:
                 group = groups[-1]
+                if _scored(group[0]) != _scored(request):  # scored prompts keep every position's hidden state
+                    groups.append([request])
+                    continue
                 longest = max(len(request.prompt_ids), *(len(r.prompt_ids) for r in group))
                 if longest * (len(group) + 1) <= self.PREFILL_TOKENS:
                     group.append(request)
@@ -393,16 +398,27 @@ class Engine:
         copies of that slot."""
         # Each request's own state first: a request whose settings cannot be honoured fails alone.
         ready: list[tuple[GenerationRequest, list[_Sequence]]] = []
+        score_only = []  # max_tokens 0: the prompt is scored (or echoed) and nothing is generated
         for r in requests:
+            if r.settings.max_new_tokens == 0:
+                score_only.append(r)
+                continue
             try:
                 ready.append((r, [self._new_sequence(r, i) for i in range(r.n)]))
             except Exception:
                 log.exception("model %r: request %d could not start", self.name, r.id)
                 r.fail(REQUEST_FAILED)
+        first = len(self._active)
+        if score_only:
+            self._score_only(first, score_only)
         if not ready:
             return
-        first = len(self._active)
-        logits = prefill(self.model, self.cache, first, [r.prompt_ids for r, _ in ready])  # (k, V)
+        prompts = [r.prompt_ids for r, _ in ready]
+        if _scored(ready[0][0]):  # a group is all scored or all plain (_prefill_groups)
+            logits, scores = prefill_scored(self.model, self.cache, first, prompts, max(r.prompt_logprobs for r, _ in ready))
+            _deliver([(r, self._prompt_event(r, i, score)) for (r, _), score in zip(ready, scores) for i in range(r.n)])
+        else:
+            logits = prefill(self.model, self.cache, first, prompts)  # (k, V)
         sequences, rows = [], []
         for j, (r, choices) in enumerate(ready):
             sequences.append(choices[0])
@@ -415,6 +431,34 @@ class Engine:
                 sequences.append(extra)
                 rows.append(j)
         self._choose(sequences, logits[rows])
+
+    def _score_only(self, first: int, requests: list[GenerationRequest]) -> None:
+        """Requests that generate nothing: their prompts' log-probabilities (when asked) in the free
+        rows from `first`, which are free again afterwards; each choice then finishes at once."""
+        scored = [r for r in requests if r.prompt_logprobs is not None]
+        outbox: list[tuple[GenerationRequest, Any]] = []
+        if scored:
+            try:
+                _, scores = prefill_scored(self.model, self.cache, first, [r.prompt_ids for r in scored],
+                                           max(r.prompt_logprobs for r in scored))
+            finally:
+                for j in range(len(scored)):
+                    self.cache.set_length(first + j, 0)
+            outbox += [(r, self._prompt_event(r, i, score)) for r, score in zip(scored, scores) for i in range(r.n)]
+        for r in requests:
+            outbox += [(r, FinishEvent(index=r.choice_offset + i, reason="length", text="", completion_tokens=0))
+                       for i in range(r.n)]
+            if r.first_token_at is None:
+                r.first_token_at = time.monotonic()
+        _deliver(outbox)
+
+    @staticmethod
+    def _prompt_event(request: GenerationRequest, choice: int, score) -> PromptLogprobsEvent:
+        logprobs, top = score
+        if top is not None:
+            top = [None if t is None else t[: request.prompt_logprobs] for t in top]
+        return PromptLogprobsEvent(request.choice_offset + choice, list(request.prompt_ids), logprobs,
+                                   top if request.prompt_logprobs else None)
 
     def _decode_step(self) -> None:
         B = len(self._active)
@@ -452,10 +496,6 @@ class Engine:
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
-            if event.logprob is not None:
-                event.logprob = _finite_logprob(event.logprob)
-            if event.top_logprobs is not None:
-                event.top_logprobs = [(i, _finite_logprob(lp)) for i, lp in event.top_logprobs]
             outbox.append((request, event))
             if event.finished:
                 outbox.append((request, FinishEvent(index=s.index, reason=event.finish_reason, text="",
@@ -484,9 +524,8 @@ class Engine:
                 b += 1
 
 
-def _finite_logprob(value: float) -> float:
-    """JSON has no -Infinity: an impossible token reports -9999.0, as OpenAI's API does."""
-    return value if math.isfinite(value) else -9999.0
+def _scored(request: GenerationRequest) -> bool:
+    return request.prompt_logprobs is not None
 
 
 # ----------------------------------------------------------------------------- several models

@@ -116,7 +116,9 @@ class CompletionRequest(_Sampling):
         | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)] = Field(
             description="a string, a list of strings, a list of token ids or a list of such lists")
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen and this many most likely tokens")
+    max_tokens: int | None = Field(None, ge=0, description="most tokens to generate per choice; 0 with echo: score the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen and this many most likely "
+                                                               "tokens (with echo: of the prompt's tokens too)")
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128, description="only best_of == n is supported")
     suffix: str | None = Field(None, description="not supported: absent or empty")
