@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                         "localhost and these origins' host names are answered (against DNS rebinding)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers before its connection is closed (default 10)")
+    p.add_argument("--chat-template", metavar="NAME_OR_FILE",
+                   help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
+                        "(rendered sandboxed; a model's own template is always preferred)")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
@@ -100,6 +103,11 @@ def run(args) -> int:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
     if not args.header_timeout > 0:
         raise ScribeError("--header-timeout must be a positive number of seconds")
+    chat_template = None
+    if args.chat_template:
+        from scribelm.chat_templates import resolve_chat_template
+
+        chat_template = resolve_chat_template(args.chat_template)
     models, adapters = served_models(args.models, ModelStore(args.store))
     for name, path in models.items():  # a corrupt model is an error now, not at its first request
         check_model_files(name, path)
@@ -125,7 +133,8 @@ def run(args) -> int:
         raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err}); check --host and --port") from None
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                     idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile)
+                     idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
+                     chat_template=chat_template)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 

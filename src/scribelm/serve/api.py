@@ -211,6 +211,9 @@ def create_app(
         engine = await engine_for(req.model)
         request.state.model = engine.name
         tokenizer = engine.tokenizer
+        if chat and not tokenizer.chat_template:
+            raise ApiError(400, f"model {engine.name!r} has no chat template; start the server with --chat-template "
+                                "chatml|llama3|mistral|FILE, or use /v1/completions", param="messages")
         try:
             prompts = [tokenizer.encode_chat(chat_messages(req.messages))] if chat else prompt_ids(req.prompt, engine.lm)
         except (ScribeError, UnicodeError, ValueError, TypeError) as err:
@@ -238,6 +241,8 @@ def create_app(
         stop_ids = set(int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
+            if engine.chat_stop:  # a chosen template's turn markers, also where they are plain text
+                settings.stop = list(settings.stop) + [s for s in engine.chat_stop if s not in settings.stop]
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -353,6 +358,7 @@ def create_app(
         if engine is not None:
             card["context_length"] = engine.context_length
             card["chat"] = bool(engine.tokenizer.chat_template)
+            card["chat_template"] = engine.chat_template  # "model" (its own), a built-in name, "file NAME", or None
         return card
 
     @app.get("/v1/models")

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from scribelm.cache import KVCache
+from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
 from scribelm.sampling import SamplingSettings
@@ -221,6 +222,8 @@ class Engine:
             with torch.inference_mode():  # compile now: a model that cannot be compiled fails to load, not a request
                 self._step(self.cache, [0])
             self.cache.reset()
+        self.chat_template: str | None = "model" if self.tokenizer.chat_template else None  # which one renders chats
+        self.chat_stop: tuple[str, ...] = ()  # strings that end a reply under a chosen (not the model's) template
         self.eos_ids = frozenset(i for i in (self.tokenizer.eos_id,) if i is not None)
         self.special_ids = frozenset(i for i in self.tokenizer.special_ids if i is not None)
         self._waiting: deque[GenerationRequest] = deque()
@@ -549,7 +552,9 @@ class ModelPool:
         dtype: torch.dtype | None = None,
         adapters: dict[str, str | Path] | None = None,
         compile: bool = False,
+        chat_template=None,
     ) -> None:
+        self.chat_template = chat_template  # a ChatTemplate for models that have none of their own
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
@@ -583,7 +588,12 @@ class ModelPool:
                     lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
-                    engine = Engine(lm, name=name, **self.engine_options).start()
+                    in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
+                    engine = Engine(lm, name=name, **self.engine_options)
+                    engine.chat_template = in_use
+                    if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
+                        engine.chat_stop = tuple(self.chat_template.stop)
+                    engine.start()
                 except Exception as err:
                     # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
                     log.error("model %r could not be loaded from %s: %s: %s", name, self.paths[name], type(err).__name__, err)
