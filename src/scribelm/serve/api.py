@@ -62,9 +62,10 @@ from scribelm.serve.errors import ApiError
 from scribelm.serve.json_body import parse_json_body
 from scribelm.serve.metrics import Metrics
 from scribelm.serve.origins import HostOriginGuard
-from scribelm.serve.requests import chat_messages, prompt_ids, refuse_unsupported, sampling_settings
+from scribelm.serve.requests import chat_messages, output_grammar, prompt_ids, refuse_unsupported, sampling_settings
 from scribelm.serve.responses import CallResponse, int_list, json_response
 from scribelm.serve.schema import ChatCompletionRequest, CompletionRequest, parse_request, request_body_schemas
+from scribelm.structured import StructuredOutputError, check_grammar
 
 __all__ = ["ApiError", "Metrics", "create_app"]
 
@@ -208,7 +209,13 @@ def create_app(
         started = time.monotonic()
         req = parse_request(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
         refuse_unsupported(req, chat)
+        grammar, grammar_param = output_grammar(req, chat)
         engine = await engine_for(req.model)
+        if grammar is not None:  # compiled now, so a schema the engine cannot handle is a 400, not a failed stream
+            try:
+                await run_in_threadpool(check_grammar, grammar, engine.tokenizer)
+            except StructuredOutputError as err:
+                raise ApiError(400, str(err), param=grammar_param) from None
         request.state.model = engine.name
         tokenizer = engine.tokenizer
         if chat and not tokenizer.chat_template:
@@ -248,7 +255,8 @@ def create_app(
         events: asyncio.Queue = asyncio.Queue()
         requests = [
             GenerationRequest(prompt_ids=ids, settings=settings, n=n, stop_token_ids=frozenset(stop_ids),
-                              loop=loop, events=events, choice_offset=k * n, prompt_logprobs=prompt_logprobs)
+                              loop=loop, events=events, choice_offset=k * n, prompt_logprobs=prompt_logprobs,
+                              grammar=grammar)
             for k, ids in enumerate(prompts)
         ]
         try:

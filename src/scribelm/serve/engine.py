@@ -52,6 +52,7 @@ from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
 from scribelm.sampling import SamplingSettings
 from scribelm.serve.scoring import PromptLogprobsEvent, prefill_scored
+from scribelm.structured import GrammarConstraint
 
 __all__ = [  # TokenEvent is the decode core's: one event type for the library and the server
     "ContextLengthError", "Engine", "EngineStoppedError", "ErrorEvent", "FinishEvent", "GenerationRequest",
@@ -121,6 +122,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     choice_offset: int = 0  # events number choices from here (several prompts share one event queue)
     prompt_logprobs: int | None = None  # score the prompt's own tokens too, with this many alternatives (echo)
+    grammar: str | None = None  # llguidance grammar every choice must follow (structured output)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -370,11 +372,14 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         # Choice i of a seeded request draws with seed + i: reproducible, and the choices differ.
-        return _Sequence(
+        sequence = _Sequence(
             request, request.choice_offset + index, request.prompt_ids, request.settings, tokenizer=self.tokenizer,
             vocab_size=self.config.vocab_size, device=self.device, stop_ids=self.eos_ids | request.stop_token_ids,
             skip_ids=self.special_ids, seed_offset=index,
         )
+        if request.grammar is not None:
+            sequence.constraint = GrammarConstraint(self.tokenizer, request.grammar, self.config.vocab_size)
+        return sequence
 
     def _prefill_groups(self, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
         """Split newly admitted requests into prefill batches of at most PREFILL_TOKENS padded tokens."""
