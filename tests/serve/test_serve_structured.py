@@ -119,7 +119,8 @@ def test_constraints_leave_the_other_rows_of_the_batch_alone(client, server):
 
     plain, constrained = asyncio.run(together())
     assert plain.choices[0].text == alone.choices[0].text
-    assert plain.choices[0].logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
+    # a batch of another shape may round differently in the last bits; the choices themselves are the same
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-5)
     assert re.fullmatch("[0-9]{30}", constrained.choices[0].text)
 
 

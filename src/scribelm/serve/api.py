@@ -283,6 +283,7 @@ def create_app(
         watcher = asyncio.create_task(watch_disconnect(request, events, requests))
 
         def finish_metrics() -> None:
+            call.cached_tokens = sum(r.cached_tokens for r in requests)
             metrics.count_tokens(model_name, prompt_tokens, call.completion_tokens)
             request.state.tokens = (prompt_tokens, call.completion_tokens)
 
@@ -339,10 +340,10 @@ def create_app(
                             lines.append(call.chunk_line(choice, include_usage))
                     if lines:
                         yield "".join(lines)
+                finish_metrics()
                 if include_usage:
                     yield call.chunk_line(None, include_usage, usage=call.usage(prompt_tokens))
                 yield "data: [DONE]\n\n"
-                finish_metrics()
             finally:  # also on disconnect: the task is cancelled here and the slots freed
                 watcher.cancel()
                 for r in requests:

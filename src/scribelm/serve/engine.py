@@ -51,6 +51,7 @@ from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
 from scribelm.sampling import SamplingSettings
+from scribelm.serve.prefix_cache import PrefixCache
 from scribelm.serve.scoring import PromptLogprobsEvent, prefill_scored
 from scribelm.structured import GrammarConstraint
 
@@ -63,6 +64,8 @@ __all__ = [  # TokenEvent is the decode core's: one event type for the library a
 #: Positions per cache slot unless asked otherwise: the cache holds max_batch x this many,
 #: and a model's full context (128k for Llama 3) would not fit in memory at any useful batch.
 DEFAULT_MAX_CONTEXT = 8192
+#: Bytes of prompt keys/values kept for reuse per model unless asked otherwise.
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 #: What a client is told when its own request failed inside the engine; the detail goes to the log.
 REQUEST_FAILED = "generation failed for this request; the server log has the details"
 
@@ -123,6 +126,7 @@ class GenerationRequest:
     choice_offset: int = 0  # events number choices from here (several prompts share one event queue)
     prompt_logprobs: int | None = None  # score the prompt's own tokens too, with this many alternatives (echo)
     grammar: str | None = None  # llguidance grammar every choice must follow (structured output)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -196,6 +200,7 @@ class Engine:
         max_queue: int = 64,
         max_context: int | None = DEFAULT_MAX_CONTEXT,
         compile: bool = False,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         if lm.tokenizer is None:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
@@ -216,6 +221,8 @@ class Engine:
                 f"{need * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB and could not be allocated ({err}); "
                 "lower --max-batch or --max-context"
             ) from None
+        # Keys/values of recent prompts, for prompts that start the same way (0 bytes: off).
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
         if compile:
             from scribelm.compiled_decode import compiled_step_for
@@ -426,7 +433,7 @@ class Engine:
             logits, scores = prefill_scored(self.model, self.cache, first, prompts, max(r.prompt_logprobs for r, _ in ready))
             _deliver([(r, self._prompt_event(r, i, score)) for (r, _), score in zip(ready, scores) for i in range(r.n)])
         else:
-            logits = prefill(self.model, self.cache, first, prompts)  # (k, V)
+            logits = self._prefill_reusing_prefixes(first, [r for r, _ in ready])  # (k, V)
         sequences, rows = [], []
         for j, (r, choices) in enumerate(ready):
             sequences.append(choices[0])
@@ -439,6 +446,34 @@ class Engine:
                 sequences.append(extra)
                 rows.append(j)
         self._choose(sequences, logits[rows])
+
+    def _prefill_reusing_prefixes(self, first: int, requests: list[GenerationRequest]) -> torch.Tensor:
+        """`prefill` into rows first..; a prompt whose beginning is in the prefix cache copies those
+        keys/values and runs only the rest (alone: its row starts at its own length). Logits (k, V)."""
+        prompts = [r.prompt_ids for r in requests]
+        if self.prefix_cache is None:
+            return prefill(self.model, self.cache, first, prompts)
+        hits = [self.prefix_cache.lookup(p) for p in prompts]
+        if not any(hits):
+            logits = prefill(self.model, self.cache, first, prompts)
+        else:
+            rows = []
+            for j, (request, blocks) in enumerate(zip(requests, hits)):
+                row, ids = first + j, request.prompt_ids
+                if not blocks:
+                    rows.append(prefill(self.model, self.cache, row, [ids]))
+                    continue
+                done = self.prefix_cache.load(blocks, self.cache, row)
+                request.cached_tokens = done
+                view = self.cache.rows(row, 1)
+                view.set_length(0, done)
+                rest = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)  # (1, T)
+                rows.append(self.model(rest, cache=view, last_only=True)[:, 0])
+                self.cache.set_length(row, len(ids))
+            logits = torch.cat(rows)
+        for j, ids in enumerate(prompts):
+            self.prefix_cache.store(ids, self.cache, first + j)
+        return logits
 
     def _score_only(self, first: int, requests: list[GenerationRequest]) -> None:
         """Requests that generate nothing: their prompts' log-probabilities (when asked) in the free
@@ -558,12 +593,13 @@ class ModelPool:
         adapters: dict[str, str | Path] | None = None,
         compile: bool = False,
         chat_template=None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         self.chat_template = chat_template  # a ChatTemplate for models that have none of their own
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                                                   compile=compile)
+                                                   compile=compile, prefix_cache_bytes=prefix_cache_bytes)
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
         self.engines: dict[str, Engine] = {}

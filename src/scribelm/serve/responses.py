@@ -50,6 +50,7 @@ class CallResponse:
         self.logprobs: list[list[TokenEvent]] = [[] for _ in range(total_choices)]
         self.prompt_logprobs: list[PromptLogprobsEvent | None] = [None] * total_choices  # echo + logprobs
         self.finished = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self.first_token_at: float | None = None
 
     @property
@@ -71,7 +72,8 @@ class CallResponse:
 
     def usage(self, prompt_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens}
+                "total_tokens": prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     # -- logprobs in OpenAI's two shapes ----------------------------------------------
     def _token(self, token_id: int) -> tuple[str, list[int]]:
