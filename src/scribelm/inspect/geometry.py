@@ -262,3 +262,28 @@ def google_analogies_path() -> Path:
     if spec is None or spec.origin is None:
         raise GeometryError("the Google analogy set ships with gensim (pip install gensim), or pass a file")
     return Path(spec.origin).parent / "test" / "test_data" / "questions-words.txt"
+
+
+def plot_word_map(word_map: dict[str, Any], path: str | os.PathLike, title: str = "") -> None:
+    """PNG of a `WordVectors.map_2d` result: each word at its point, axes labelled with
+    their share of the variance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scribelm.io import atomic_file
+
+    points = torch.tensor(word_map["points"])  # (n, 2)
+    figure, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(points[:, 0], points[:, 1], s=12)
+    for word, (x, y) in zip(word_map["words"], points.tolist()):
+        ax.annotate(word, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=9)
+    first, second = word_map["explained"]
+    ax.set_xlabel(f"principal direction 1 ({100 * first:.0f}% of variance)")
+    ax.set_ylabel(f"principal direction 2 ({100 * second:.0f}% of variance)")
+    ax.set_title(title or "embeddings, projected to 2-D")
+    figure.tight_layout()
+    with atomic_file(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
+    plt.close(figure)

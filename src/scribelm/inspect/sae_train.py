@@ -301,8 +301,8 @@ def evaluate_sae(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], la
         total += x.sum(0)
         total_sq += x.pow(2).sum(0)
         active += (features > 0).sum().item()
-        now = (features > 0).any(0)
-        fired = now if fired is None else fired | now
+        now = (features > 0).sum(0)  # (F,)
+        fired = now if fired is None else fired + now
         tokens += len(x)
         n_batches += 1
     if n_batches == 0:
@@ -312,13 +312,14 @@ def evaluate_sae(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], la
     return {
         "explained_variance": 1.0 - squared_error / variance,
         "l0": active / tokens,
-        "dead_fraction": 1.0 - fired.float().mean().item(),
+        "dead_fraction": (fired == 0).float().mean().item(),
         "loss_clean": losses["clean"],
         "loss_spliced": losses["spliced"],
         "loss_zero_ablated": losses["zero"],
         "loss_increase": losses["spliced"] - losses["clean"],
         "loss_recovered": (losses["zero"] - losses["spliced"]) / max(losses["zero"] - losses["clean"], 1e-12),
         "tokens": tokens,
+        "firing_counts": fired.tolist(),  # per feature: on how many tokens it fired
     }
 
 
