@@ -88,6 +88,13 @@ def _loaded_openmp() -> Path | None:
     except OSError:
         return None
     runtimes = {line.split(maxsplit=5)[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    # Other wheels (scikit-learn, sentencepiece, faiss) bring their own libgomp copies; the
+    # kernels must share PyTorch's thread pool, so prefer the copy inside torch's directory.
+    torch_dir = Path(torch.__file__).resolve().parent
+    own = {r for r in runtimes if Path(r).resolve().is_relative_to(torch_dir)
+           or Path(r).resolve().is_relative_to(torch_dir.parent / "torch.libs")}
+    if len(own) == 1:
+        return Path(own.pop())
     return Path(runtimes.pop()) if len(runtimes) == 1 else None
 
 
