@@ -109,6 +109,8 @@ class DecodeRow:
         self.logprobs: list[TokenLogprob] | None = [] if (record_logprobs and settings.logprobs) else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        #: What the row may write (a `scribelm.structured.GrammarConstraint`); None: anything.
+        self.constraint = None
 
     @property
     def done(self) -> bool:
@@ -130,6 +132,8 @@ class DecodeRow:
         `room`: whether the cache can take this token for another step."""
         self.sampler.observe(token)
         self.generated.append(token)
+        if self.constraint is not None and token not in self.stop_ids:
+            self.constraint.consume(token)
         event = TokenEvent(self.index, token, "", logprob, top)
         if self.logprobs is not None:
             self.logprobs.append(TokenLogprob(
@@ -144,6 +148,9 @@ class DecodeRow:
             event.text = detok.push(token) if detok else ""
             if detok is not None and detok.stopped:
                 self.finish("stop", detok.stop_string)
+            elif self.constraint is not None and self.constraint.finished:  # the grammar allows nothing more
+                event.text += detok.flush() if detok else ""
+                self.finish("stop")
             elif len(self.generated) >= self.settings.max_new_tokens or not room:
                 event.text += detok.flush() if detok else ""
                 self.finish("length")
@@ -224,7 +231,7 @@ def decode_step(
 
     room[b]: whether row b's cache can take another token. With `on_error`, a row whose
     own work fails is reported there and gets no event; the others go on."""
-    chosen = _choose(rows, logits, on_error)
+    chosen = _choose(rows, _constrained(rows, logits), on_error)  # log-probs below stay the model's own
     top_n = max((r.settings.top_logprobs for r, c in zip(rows, chosen) if r.settings.logprobs and c >= 0), default=-1)
     lp = top_ids = top_lps = None
     if top_n >= 0:
@@ -257,6 +264,17 @@ def decode_step(
                 raise
             on_error(row, err)
     return events
+
+
+def _constrained(rows: Sequence[DecodeRow], logits: torch.Tensor) -> torch.Tensor:
+    """The logits with each constrained row's disallowed tokens at -inf (a copy); unchanged when no row is."""
+    if all(r.constraint is None for r in rows):
+        return logits
+    logits = logits.clone()
+    for b, r in enumerate(rows):
+        if r.constraint is not None:
+            r.constraint.mask_(logits[b])
+    return logits
 
 
 def _choose(rows: Sequence[DecodeRow], logits: torch.Tensor, on_error: ErrorHandler | None) -> list[int]:

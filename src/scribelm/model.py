@@ -132,6 +132,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Masked multi-head self-attention; grouped-query when n_kv_heads < n_heads."""
 
+    # softmax(q·kᵀ/√hd + mask)·v by SDPA's fused kernels; scribelm.inspect sets an explicit
+    # one on a layer while its attention scores or pattern are being read.
+    attend = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -164,7 +168,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, KV, S, hd), S = cached + T
-        y = F.scaled_dot_product_attention(
+        y = self.attend(
             q, k, v,
             attn_mask=mask,
             is_causal=is_causal,
