@@ -168,8 +168,8 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         refuse(f"hidden_act={act!r}", f"supported for {family}: {', '.join(_LLAMA_ACTIVATIONS)}")
     d_model = _count(hf, "hidden_size", family)
     n_heads = _count(hf, "num_attention_heads", family)
-    theta, scaling = _rope_from_hf(hf)
     context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    theta, scaling = _rope_from_hf(dict(hf, max_position_embeddings=context))  # with the family's default context
     if scaling is not None and scaling["type"] in ("yarn", "dynamic"):  # stretched to factor × the original
         context = min(max(context, int(scaling["original_context_length"] * scaling["factor"])), LIMITS["context_length"])
     sliding_window = None
