@@ -1,4 +1,4 @@
-"""A Mixtral-style mixture of experts exported as GGUF and run by llama.cpp (llama-cpp-python)."""
+"""Exporting a mixture of experts: Mixtral-style GGUF run by llama.cpp (llama-cpp-python); what cannot be exported is refused."""
 
 import numpy as np
 import pytest
@@ -38,3 +38,10 @@ def test_other_mixtures_are_refused(tmp_path, overrides):
     with pytest.raises(GGUFExportError, match="a mixture of experts other than Mixtral's"):
         export_gguf(moe_lm(**overrides), tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_refuses_a_mixture_of_experts(tmp_path):
+    from scribelm.interop.onnx import ONNXExportError, export_onnx
+
+    with pytest.raises(ONNXExportError, match="does not support mixtures of experts"):
+        export_onnx(moe_lm(), tmp_path / "moe.onnx")
