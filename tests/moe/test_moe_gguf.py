@@ -1,4 +1,4 @@
-"""Exporting a mixture of experts: Mixtral-style GGUF run by llama.cpp (llama-cpp-python); what cannot be exported is refused."""
+"""Exporting a mixture of experts: Mixtral-style GGUF that llama.cpp (llama-cpp-python) runs; ONNX refused."""
 
 import numpy as np
 import pytest
