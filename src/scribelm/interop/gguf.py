@@ -70,7 +70,7 @@ def gguf_architecture(config) -> str:
     """The llama.cpp architecture that computes exactly what `config` describes, or a clear error."""
     c = config
     problems: list[str] = []
-    if (c.rope_scaling or {}).get("type") in ("yarn", "dynamic"):
+    if (c.rope_scaling or {}).get("type") in ("yarn", "dynamic", "longrope"):
         problems.append(f"{c.rope_scaling['type']} RoPE scaling")
     if c.sliding_window is not None and c.sliding_window < c.context_length:
         problems.append("sliding-window attention")
