@@ -2,6 +2,7 @@
 
     python benchmarks/moe_vs_dense.py                   # 300 steps of 16 × 128 tokens each, bundled corpus
     python benchmarks/moe_vs_dense.py --steps 600 --experts 8 --top-k 2
+    python benchmarks/moe_vs_dense.py --only moe       # one of the two (run both at once on two machines)
 
 Both are the quickstart's shape (width 256, 4 layers, 4096-token BPE on the bundled
 King James Bible). The dense model's SwiGLU MLP has width 768; the MoE has E experts
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--only", choices=["dense", "moe"], help="train just one of the two")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -68,11 +70,15 @@ def main() -> None:
                             d_expert=dense.d_mlp // args.top_k)
         rows = {}
         for name, config in (("dense", dense), (f"moe {args.experts}x top-{args.top_k}", moe)):
+            if args.only and not name.startswith(args.only):
+                continue
             rows[name] = train(config, tmp / "data", tokenizer, args.steps, tmp / name)
             r = rows[name]
             print(f"{name:>16}: val loss {r['val_loss']:.4f}  val bpb {r['val_bpb']:.4f}  "
                   f"params {r['total']:,} total / {r['active']:,} active  {r['tokens']:,} tokens  {r['seconds']:.0f} s",
                   flush=True)
+        if len(rows) < 2:
+            return
         d, m = rows["dense"], rows[f"moe {args.experts}x top-{args.top_k}"]
         print(f"moe - dense: val loss {m['val_loss'] - d['val_loss']:+.4f}, time ×{m['seconds'] / d['seconds']:.2f}")
 
