@@ -37,7 +37,7 @@ def test_unknown_preset_names_the_choices():
         (dict(position="alibi"), "'position' must be one of"),
         (dict(n_layers=0), "'n_layers' must be positive"),
         (dict(dropout=1.5), "dropout must be in"),
-        (dict(rope_scaling={"type": "yarn"}), "rope_scaling type 'yarn'"),
+        (dict(rope_scaling={"type": "ntk-by-parts"}), "rope_scaling type 'ntk-by-parts'"),
         (dict(n_layers=10**9), "'n_layers' is 1000000000, above the limit of 4096"),
         (dict(d_model=1e9), "'d_model' must be int, got float"),
         (dict(vocab_size=2**40), "'vocab_size' is 1099511627776, above the limit"),

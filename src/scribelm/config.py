@@ -159,6 +159,7 @@ class ModelConfig:
                 "linear": ("factor",),  # position interpolation: every frequency divided by `factor`
                 "yarn": ("factor", "original_context_length"),  # + optional beta_fast, beta_slow, attention_factor
                 "dynamic": ("factor", "original_context_length"),  # NTK base raised past the original context
+                "longrope": ("original_context_length", "attention_factor"),  # + short_factor, long_factor lists
             }
             if kind not in required:
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(map(repr, required))}")
@@ -168,6 +169,12 @@ class ModelConfig:
                 value = self.rope_scaling[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ConfigError(f"rope_scaling '{key}' must be a positive number, got {value!r}")
+            for key in ("short_factor", "long_factor") if kind == "longrope" else ():
+                factors = self.rope_scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != self.head_dim // 2 or not all(
+                        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < math.inf for f in factors):
+                    raise ConfigError(f"rope_scaling of type 'longrope' needs '{key}': {self.head_dim // 2} positive "
+                                      "numbers, one per pair of head features")
 
     def _validate_experts(self) -> None:
         if not 0 <= self.n_experts <= 1 << 12:

@@ -35,7 +35,9 @@ from scribelm.cache import ContextOverflowError, KVCache, RollingKVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
 from scribelm.moe import MoE
-from scribelm.rope_scaling import dynamic_ntk_inverse_frequencies, yarn_attention_factor, yarn_inverse_frequencies
+from scribelm.rope_scaling import (
+    dynamic_ntk_inverse_frequencies, longrope_inverse_frequencies, yarn_attention_factor, yarn_inverse_frequencies,
+)
 
 # --------------------------------------------------------------------------- norms
 
@@ -97,6 +99,8 @@ def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = 
         inv_freq = yarn_inverse_frequencies(dim, config.rope_theta, scaling, device)
     elif scaling is not None and scaling["type"] == "dynamic":
         inv_freq = dynamic_ntk_inverse_frequencies(dim, config.rope_theta, scaling, seq_len, device)
+    elif scaling is not None and scaling["type"] == "longrope":
+        inv_freq = longrope_inverse_frequencies(dim, config.rope_theta, scaling, seq_len, device)
     return inv_freq
 
 
@@ -362,13 +366,13 @@ class Transformer(nn.Module):
         rope = None
         if self.config.position == "rope":
             scaling = self.config.rope_scaling or {}
-            if scaling.get("type") == "dynamic":  # frequencies follow this pass's longest position
+            if scaling.get("type") in ("dynamic", "longrope"):  # frequencies follow this pass's longest position
                 inv_freq = rope_inverse_frequencies(self.config, ids.device, seq_len=int(positions.max()) + 1)
             else:
                 if self._inv_freq is None or self._inv_freq.device != ids.device:
                     self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
                 inv_freq = self._inv_freq
-            factor = yarn_attention_factor(scaling) if scaling.get("type") == "yarn" else 1.0
+            factor = yarn_attention_factor(scaling) if scaling.get("type") in ("yarn", "longrope") else 1.0
             rope = rope_cos_sin(inv_freq, positions, x.dtype, factor)
 
         # Cheapest correct mask: SDPA's built-in causal mask for a fresh full sequence,

@@ -16,8 +16,8 @@ one contiguous batch of its tokens, and the weighted outputs are scattered back
 with `index_add_`. An expert no token chose is not run at all, so it gets no gradient.
 
 Training adds the Switch/Mixtral load-balancing loss (`load_balancing_loss`),
-E · Σ_i f_i · P_i with f_i the share of assignments expert i received and P_i its
-mean router probability, smallest when tokens spread evenly; without it the
+E · Σ_i f_i · P_i with f_i the fraction of tokens routed to expert i (the f_i sum to k)
+and P_i its mean router probability, smallest (k) when routing is uniform; without it the
 router tends to collapse onto a few experts. Each `MoE` keeps its last router
 logits (`router_logits`) for that loss and for inspection.
 """

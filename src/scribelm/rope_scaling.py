@@ -17,7 +17,11 @@ the lowest most. The frequencies follow the longest position of each forward pas
 so a decoding step past L uses slightly lower ones than the step before (keys
 already cached keep the angles they were written with, as in transformers).
 
-Both are computed exactly as `transformers` computes them, so imported models give
+LongRoPE (Phi-3) divides each frequency by a searched factor of its own, one list
+for sequences within the original context and one beyond, with an attention factor
+sqrt(1 + ln(factor)/ln(L)).
+
+All are computed exactly as `transformers` computes them, so imported models give
 the reference's numbers below and far beyond the original context.
 """
 
@@ -55,6 +59,15 @@ def yarn_inverse_frequencies(dim: int, theta: float, scaling: dict[str, Any], de
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: frequency kept (extrapolated), 0: divided by factor (interpolated)
     return (1.0 / (factor * wavelengths)) * (1 - keep) + (1.0 / wavelengths) * keep
+
+
+def longrope_inverse_frequencies(dim: int, theta: float, scaling: dict[str, Any], seq_len: int,
+                                 device=None) -> torch.Tensor:
+    """LongRoPE (Phi-3): each θ_i divided by its own searched factor, the `short_factor` list
+    while the sequence fits the original context, the `long_factor` list beyond it."""
+    key = "long_factor" if seq_len > scaling["original_context_length"] else "short_factor"
+    factors = torch.tensor(scaling[key], dtype=torch.float32, device=device)  # (dim/2,)
+    return 1.0 / (factors * theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
 def dynamic_ntk_inverse_frequencies(dim: int, theta: float, scaling: dict[str, Any], seq_len: int,

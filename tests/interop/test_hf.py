@@ -535,11 +535,11 @@ def test_directory_without_config_is_refused(tmp_path):
     ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "architecture Qwen3ForCausalLM is not supported; supported: GPT2LMHeadModel"),
     ({"model_type": "bert"}, "model_type 'bert' is not supported"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
-      "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-     "rope_scaling type 'dynamic'"),
+      "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+     "rope_scaling type 'proportional'"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
-      "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
-     "rope_scaling type 'yarn'"),
+      "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}},
+     "rope_scaling type 'ntk-by-parts'"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
       "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "hidden_act": "relu"}, "hidden_act='relu'"),
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4,
@@ -673,14 +673,18 @@ _ROPE_BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
               "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10}
 
 
-def test_legacy_dynamic_rope_scaling_beside_rope_parameters_is_refused(tmp_path):
-    # transformers runs this config with dynamic NTK scaling: the legacy entry wins
+def test_legacy_dynamic_rope_scaling_beside_rope_parameters_wins(tmp_path):
+    # transformers runs this config with dynamic NTK scaling: the legacy entry wins, here too
+    from scribelm.interop.hf import config_from_hf
+
     config = dict(_ROPE_BASE, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                   rope_scaling={"type": "dynamic", "factor": 2.0})
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_type"] == "dynamic"
-    with pytest.raises(ScribeError, match="rope_scaling type 'dynamic'"):
-        scribelm.load(tmp_path)
+    reference = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    assert reference["rope_type"] == "dynamic"
+    ours = config_from_hf(config)
+    assert ours.rope_scaling["type"] == "dynamic" and ours.rope_scaling["factor"] == reference["factor"]
+    assert ours.rope_theta == reference["rope_theta"]
 
 
 @pytest.mark.parametrize("extra", [{}, {"rope_theta": 20000.0}])

@@ -139,3 +139,23 @@ def test_config_mapping(moe_dirs):
     qwen = scribelm.load(moe_dirs["qwen2_moe_shared"]).config
     assert (qwen.n_experts, qwen.experts_per_token, qwen.d_expert, qwen.d_shared_expert) == (6, 3, 24, 40)
     assert not qwen.normalize_top_k and qwen.qkv_bias and qwen.name == "qwen2_moe"
+
+
+@pytest.mark.parametrize("overrides, architecture", [
+    (dict(), "MixtralForCausalLM"),
+    (dict(d_shared_expert=40, normalize_top_k=False, qkv_bias=True), "Qwen2MoeForCausalLM"),
+])
+def test_scribe_made_mixtures_export_to_the_family_that_fits(tmp_path, overrides, architecture):
+    from scribelm.lm import LM
+    from scribelm.model import Transformer
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=VOCAB, d_model=48, n_heads=4, n_kv_heads=2, d_mlp=64, n_experts=4, experts_per_token=2,
+                         d_expert=32, tie_embeddings=False, init_std=0.2, **overrides)
+    model = Transformer(config).eval()
+    out = LM(model=model, tokenizer=None).save(tmp_path / "exported", format="hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (hf_model(out)(ids).logits - model(ids)).abs().max().item() <= 1e-4

@@ -20,7 +20,12 @@ SCALINGS = {
     "yarn_betas_attention_factor": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                                     "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    # LongRoPE keeps max_position_embeddings as the long context (Phi-3): 4× an original of 32
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": ORIGINAL,
+                 "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+                 "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]},
 }
+MAX_POSITIONS = {"longrope": 4 * ORIGINAL}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,8 @@ def scaled_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rope")
     out = {}
     for kind, scaling in SCALINGS.items():
-        model = make_hf_model("llama2_bias_linear_rope", rope_scaling=scaling, max_position_embeddings=ORIGINAL,
+        model = make_hf_model("llama2_bias_linear_rope", rope_scaling=scaling,
+                              max_position_embeddings=MAX_POSITIONS.get(kind, ORIGINAL),
                               rope_theta=100.0)  # a small base: the low frequencies turn within the short context
         out[kind] = save_hf_model(model, root / kind)
     return out
@@ -53,7 +59,7 @@ def test_logits_match_transformers_below_and_beyond_the_original_context(scaled_
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
+@pytest.mark.parametrize("kind", ["yarn", "dynamic", "longrope"])
 def test_greedy_generation_past_the_original_context_matches_transformers(scaled_dirs, kind):
     lm = scribelm.load(scaled_dirs[kind])
     prompt = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7))

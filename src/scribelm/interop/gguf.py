@@ -70,12 +70,12 @@ def gguf_architecture(config) -> str:
     """The llama.cpp architecture that computes exactly what `config` describes, or a clear error."""
     c = config
     problems: list[str] = []
-    if (c.rope_scaling or {}).get("type") in ("yarn", "dynamic"):
+    if (c.rope_scaling or {}).get("type") in ("yarn", "dynamic", "longrope"):
         problems.append(f"{c.rope_scaling['type']} RoPE scaling")
     if c.sliding_window is not None and c.sliding_window < c.context_length:
         problems.append("sliding-window attention")
-    if c.n_experts:
-        problems.append("a mixture of experts")
+    if c.n_experts and (c.d_shared_expert or not c.normalize_top_k or c.qkv_bias):
+        problems.append("a mixture of experts other than Mixtral's (renormalised top-k, no shared expert, no biases)")
     if c.norm_position != "pre":
         problems.append("post-norm blocks")
     if c.position == "rope":
@@ -165,6 +165,12 @@ def _named_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
                         (f"{p}.attn_v.bias", bias_of(a.v, c.kv_dim))]
             out.append((f"{p}.attn_output.weight", _float_weight(a.o)))
         norm(f"{p}.ffn_norm", block.mlp_norm)
+        if c.n_experts:  # Mixtral-style: the router, then each projection of all experts stacked (E, out, in)
+            out.append((f"{p}.ffn_gate_inp.weight", _float_weight(m.router)))
+            for kind in ("gate", "up", "down"):
+                stacked = torch.stack([_float_weight(getattr(expert, kind)) for expert in m.experts])
+                out.append((f"{p}.ffn_{kind}_exps.weight", stacked))
+            continue
         if m.gate is not None:
             out.append((f"{p}.ffn_gate.weight", _float_weight(m.gate)))
         out.append((f"{p}.ffn_up.weight", _float_weight(m.up)))
@@ -320,7 +326,10 @@ def export_gguf(lm, out_path: str | os.PathLike, type: str = "f32") -> Path:
         writer.add_context_length(c.context_length)
         writer.add_embedding_length(c.d_model)
         writer.add_block_count(c.n_layers)
-        writer.add_feed_forward_length(c.d_mlp)
+        writer.add_feed_forward_length(c.d_expert if c.n_experts else c.d_mlp)
+        if c.n_experts:
+            writer.add_expert_count(c.n_experts)
+            writer.add_expert_used_count(c.experts_per_token)
         writer.add_head_count(c.n_heads)
         writer.add_vocab_size(c.vocab_size)
         file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -107,6 +107,8 @@ def export_onnx(
     c = lm.config
     if c.context_length < 2:
         raise ONNXExportError("ONNX export needs a context of at least 2 tokens")
+    if c.n_experts:  # its dispatch sizes each expert's batch from the data, which a traced graph cannot hold
+        raise ONNXExportError("ONNX export does not support mixtures of experts; export as GGUF or Hugging Face instead")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

@@ -93,7 +93,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         return float(theta), {"type": "linear", "factor": float(spec["factor"])}
     if kind in ("yarn", "dynamic"):
         return float(theta), _stretched_rope_from_hf(kind, spec, hf)
-    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3, linear, yarn and dynamic")
+    if kind == "longrope":
+        return float(theta), _longrope_from_hf(spec, hf)
+    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3, linear, yarn, dynamic and longrope")
     raise AssertionError  # unreachable
 
 
@@ -123,6 +125,22 @@ def _stretched_rope_from_hf(kind: str, spec: dict[str, Any], hf: dict[str, Any])
     return scaling
 
 
+def _longrope_from_hf(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """LongRoPE with its attention factor made explicit (transformers derives it from the
+    ratio of max_position_embeddings to the original context when the spec has none)."""
+    try:
+        original = int(spec.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+        short, long = [float(f) for f in spec["short_factor"]], [float(f) for f in spec["long_factor"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"config.json: longrope rope scaling is incomplete or malformed ({err!r})") from None
+    factor = spec.get("factor") or hf["max_position_embeddings"] / original
+    attention = spec.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"type": "longrope", "short_factor": short, "long_factor": long, "original_context_length": original,
+            "attention_factor": float(attention)}
+
+
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
     """Both spellings: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5)."""
     scaling = config.rope_scaling
@@ -141,6 +159,10 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
                   **{k: scaling[k] for k in ("beta_fast", "beta_slow", "truncate", "attention_factor") if k in scaling}}
     elif scaling is not None and scaling["type"] == "dynamic":
         legacy = {"rope_type": "dynamic", "factor": scaling["factor"]}  # its original context: max_position_embeddings
+    elif scaling is not None and scaling["type"] == "longrope":
+        legacy = {"rope_type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"],
+                  "original_max_position_embeddings": scaling["original_context_length"],
+                  "attention_factor": scaling["attention_factor"]}
     parameters = dict(legacy or {"rope_type": "default"}, rope_theta=config.rope_theta)
     return {"rope_theta": config.rope_theta, "rope_scaling": legacy, "rope_parameters": parameters}
 
@@ -168,8 +190,8 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         refuse(f"hidden_act={act!r}", f"supported for {family}: {', '.join(_LLAMA_ACTIVATIONS)}")
     d_model = _count(hf, "hidden_size", family)
     n_heads = _count(hf, "num_attention_heads", family)
-    theta, scaling = _rope_from_hf(hf)
     context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    theta, scaling = _rope_from_hf(dict(hf, max_position_embeddings=context))  # with the family's default context
     if scaling is not None and scaling["type"] in ("yarn", "dynamic"):  # stretched to factor × the original
         context = min(max(context, int(scaling["original_context_length"] * scaling["factor"])), LIMITS["context_length"])
     sliding_window = None
