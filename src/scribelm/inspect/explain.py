@@ -76,7 +76,7 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         pca = centred @ v[:2].T  # (T, 2)
         if pca.shape[1] < 2:
-            pca = torch.cat([pca, torch.zeros(T, 2 - pca.shape[1])], dim=1)
+            pca = torch.cat([pca, torch.zeros(T, 2 - pca.shape[1], device=pca.device)], dim=1)
     else:
         pca = torch.zeros(T, 2)
 

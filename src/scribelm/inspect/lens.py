@@ -130,8 +130,9 @@ def direct_logit_attribution(lm, text_or_ids, token: int, *, versus: int | None 
     dtype = final.dtype
 
     def through_unembedding(x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (...): the logit (difference)
-        logits = model.unembedding(x.to(dtype))  # any linear kind: plain, quantized, adapted
-        return (logits[..., token] - (logits[..., versus] if versus is not None else 0)).float()
+        rows = x.to(dtype).reshape(-1, x.shape[-1])  # (N, C): quantized kernels want rows
+        logits = model.unembedding(rows).reshape(*x.shape[:-1], -1)  # any linear kind: plain, quantized, adapted
+        return (logits[..., token] - (logits[..., versus] if versus is not None else 0)).float().cpu()
 
     def share(part: torch.Tensor) -> torch.Tensor:  # (..., C) -> (...)
         part = part.float()

@@ -47,13 +47,13 @@ def next_token_view(lm, text_or_ids, *, temperatures: Sequence[float] = TEMPERAT
     candidates = logits.topk(min(top, logits.shape[-1])).indices
     rows = []
     for t in temperatures:
-        scaled = apply_temperature(logits[None], torch.tensor([float(t)]))  # (1, V)
+        scaled = apply_temperature(logits[None], torch.tensor([float(t)], device=logits.device))  # (1, V)
         probs = scaled.softmax(-1)[0]
         rows.append({
             "temperature": float(t),
             "probs": [float(probs[i]) for i in candidates],
-            "top_k": _kept(apply_top_k(scaled, torch.tensor([top_k]))[0]),
-            "top_p": _kept(apply_top_p(scaled, torch.tensor([float(top_p)]))[0]),
+            "top_k": _kept(apply_top_k(scaled, torch.tensor([top_k], device=logits.device))[0]),
+            "top_p": _kept(apply_top_p(scaled, torch.tensor([float(top_p)], device=logits.device))[0]),
         })
     return {
         "candidates": [
