@@ -129,3 +129,17 @@ def test_the_page_in_chromium(page_dir, tmp_path):
         finally:
             context.close()
     assert problems == []
+
+
+def test_a_post_norm_model_and_a_single_token(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=tokenizer.vocab_size, norm_position="post", position="sinusoidal", norm="layernorm",
+                         activation="gelu", n_kv_heads=4)
+    lm = LM(model=Transformer(config).eval(), tokenizer=tokenizer)
+    data = explain_data(lm, "the best of")
+    assert data["attribution"] is None  # no final norm to split the stream by
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer.encode("the best of")])
+        assert data["logit_lens"]["top_ids"][-1] == lm.model(ids)[0].argmax(-1).tolist()
+    one = explain_data(lm, [int(ids[0, 0])])
+    assert one["embedding_pca"] == [[0.0, 0.0]] and len(one["attention"][0][0]) == 1
