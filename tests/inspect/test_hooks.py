@@ -218,3 +218,21 @@ def test_replacing_a_normalized_activation_goes_through_the_norms_weight():
     via_input = run_with_hooks(lm, ids, {"blocks.0.mlp.hook_pre": lambda t, hook: None,
                                          "blocks.0.ln2.hook_normalized": lambda t, hook: None})
     assert (doubled - via_input).abs().max() > 1e-4
+
+
+def test_hooks_attached_steer_a_generation_with_the_kv_cache(tokenizer):
+    from scribelm.inspect import hooks_attached
+
+    torch.manual_seed(0)
+    lm = LM(model=Transformer(tiny_config(vocab_size=tokenizer.vocab_size, init_std=0.2)).eval(), tokenizer=tokenizer)
+    plain = lm.generate("It was the", max_new_tokens=8, temperature=0)
+    patterns = []
+    with hooks_attached(lm, {"blocks.1.hook_resid_post": lambda t, hook: None,
+                             "blocks.0.attn.hook_pattern": lambda p, hook: patterns.append(tuple(p.shape))}):
+        assert lm.generate("It was the", max_new_tokens=8, temperature=0) == plain
+    prompt = len(tokenizer.encode("It was the"))
+    assert patterns[0] == (1, 4, prompt, prompt)  # the prompt at once, then one query per new token over the cache
+    assert patterns[1:3] == [(1, 4, 1, prompt + 1), (1, 4, 1, prompt + 2)]
+    direction = 3 * torch.randn(lm.config.d_model)
+    with hooks_attached(lm, {"blocks.1.hook_resid_mid": lambda t, hook: t + direction}):
+        assert lm.generate("It was the", max_new_tokens=8, temperature=0) != plain
