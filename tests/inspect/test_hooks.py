@@ -236,3 +236,20 @@ def test_hooks_attached_steer_a_generation_with_the_kv_cache(tokenizer):
     direction = 3 * torch.randn(lm.config.d_model)
     with hooks_attached(lm, {"blocks.1.hook_resid_mid": lambda t, hook: t + direction}):
         assert lm.generate("It was the", max_new_tokens=8, temperature=0) != plain
+
+
+def test_unmerged_lora_adapters_are_seen_by_the_hooks():
+    from scribelm.adapters.lora import LoRAConfig, apply_lora, lora_modules, merge_lora
+
+    lm = tiny_lm()
+    apply_lora(lm.model, LoRAConfig(rank=2, targets="attention-qv"))
+    with torch.no_grad():
+        for module in lora_modules(lm.model).values():
+            module.lora_B.normal_(0, 0.5)  # a trained-looking correction, not zero
+    lm.model.eval()
+    ids = torch.randint(0, 400, (1, 6))
+    logits, cache = run_with_cache(lm, ids, names=["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    merge_lora(lm.model)  # the same numbers in the plain layers
+    merged_logits, merged = run_with_cache(lm, ids, names=["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    torch.testing.assert_close(cache["blocks.0.attn.hook_q"], merged["blocks.0.attn.hook_q"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, merged_logits, atol=1e-5, rtol=1e-5)
