@@ -35,7 +35,7 @@ def expected_shapes(config, B, T):
         "attn.hook_q": (B, T, H, hd), "attn.hook_rot_q": (B, T, H, hd),
         "attn.hook_k": (B, T, KV, hd), "attn.hook_v": (B, T, KV, hd), "attn.hook_rot_k": (B, T, KV, hd),
         "attn.hook_attn_scores": (B, H, T, T), "attn.hook_pattern": (B, H, T, T), "attn.hook_z": (B, T, H, hd),
-        "mlp.hook_pre": (B, T, M), "mlp.hook_post": (B, T, M),
+        "mlp.hook_pre": (B, T, M), "mlp.hook_post": (B, T, M), "mlp.hook_pre_linear": (B, T, M),
     }
     return lambda name: per_suffix.get(name.split(".", 2)[-1], (B, T, C))
 

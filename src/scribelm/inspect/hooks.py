@@ -17,6 +17,7 @@ Every intermediate tensor of a forward pass has a name, as in TransformerLens:
     blocks.{L}.ln2.hook_normalized                  normalized input to the MLP (pre-norm)
     blocks.{L}.mlp.hook_pre / hook_post             MLP hidden before / after its activation (B, T, d_mlp)
                                                     (gated: the gate before, activation·up after)
+    blocks.{L}.mlp.hook_pre_linear                  gated MLPs: the up projection (B, T, d_mlp)
     blocks.{L}.hook_mlp_out                         the MLP's output (B, T, C)
     blocks.{L}.hook_resid_post                      residual stream leaving block L (B, T, C)
     ln_final.hook_normalized                        the final norm, before its weight and bias (B, T, C)
@@ -92,7 +93,10 @@ def _block_suffixes(model: nn.Module) -> list[str]:
     names += ["attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid"]
     if pre_norm:
         names.append("ln2.hook_normalized")
-    names += ["mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+    names.append("mlp.hook_pre")
+    if config.gated_mlp:
+        names.append("mlp.hook_pre_linear")
+    names += ["mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
     return names
 
 
@@ -303,6 +307,14 @@ class _Attached:
         if self._wanted(prefix + "mlp.hook_pre"):
             tap_act, activation = self._tap(prefix + "mlp.hook_pre"), mlp.activation
             self._shadow(mlp, "activation", lambda t: activation(tap_act(t)))
+        if self._wanted(prefix + "mlp.hook_pre_linear"):  # gated MLPs: the up projection, before the product
+            tap_up, project_gate_up = self._tap(prefix + "mlp.hook_pre_linear"), mlp.project_gate_up
+
+            def gate_up(x):
+                gate, up = project_gate_up(x)
+                return gate, tap_up(up)
+
+            self._shadow(mlp, "project_gate_up", gate_up)
         self._on_input(mlp.down, prefix + "mlp.hook_post")
         self._on_output(mlp, prefix + "hook_mlp_out")
         if block.pre_norm:
