@@ -253,3 +253,16 @@ def test_unmerged_lora_adapters_are_seen_by_the_hooks():
     merged_logits, merged = run_with_cache(lm, ids, names=["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
     torch.testing.assert_close(cache["blocks.0.attn.hook_q"], merged["blocks.0.attn.hook_q"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, merged_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_at_layer_returns_the_stream_there():
+    lm = tiny_lm(**FAMILIES["gpt2-like"])
+    ids = torch.randint(0, 400, (2, 5))
+    _, full = run_with_cache(lm, ids)
+    stream, cache = run_with_cache(lm, ids, names=lambda n: "mlp.hook_post" in n, stop_at_layer=1)
+    assert list(cache) == ["blocks.0.mlp.hook_post"]
+    torch.testing.assert_close(stream, full["blocks.0.hook_resid_post"])
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], full["blocks.0.mlp.hook_post"])
+    assert not any(m._forward_hooks for m in lm.model.modules())
+    with pytest.raises(ScribeError, match="stop_at_layer must lie in 1-2"):
+        run_with_cache(lm, ids, stop_at_layer=3)

@@ -384,19 +384,52 @@ def _select(model, names) -> list[str]:
     return check_names(model, names)
 
 
-def run_with_cache(lm, text_or_ids, names=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _reached(name: str, stop_at_layer: int) -> bool:
+    """Whether a forward pass that stops after block stop_at_layer-1 computes `name`."""
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        return name in ("hook_embed", "hook_pos_embed")  # not the final norm
+    return int(match.group(1)) < stop_at_layer
+
+
+class _Stopped(Exception):
+    """Raised by the hook that ends a forward pass early (`stop_at_layer`), carrying the stream."""
+
+    def __init__(self, stream: torch.Tensor) -> None:
+        self.stream = stream
+
+
+def run_with_cache(lm, text_or_ids, names=None, *, stop_at_layer: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass that also keeps activations: `(logits (B, T, V), {name: tensor})`.
-    `names`: None for all of them, a list of names, or a filter `name -> bool`."""
+    `names`: None for all of them, a list of names, or a filter `name -> bool`.
+    `stop_at_layer`: run only blocks 0 .. stop_at_layer-1 and return the residual stream
+    there (B, T, C) in place of the logits, as TransformerLens does (for collecting one
+    layer's activations without paying for the rest)."""
     model = _transformer(lm)
     ids = as_ids(lm, text_or_ids)
+    selected = _select(model, names)
+    if stop_at_layer is not None:
+        if not 1 <= stop_at_layer <= len(model.blocks):
+            raise ScribeError(f"stop_at_layer must lie in 1-{len(model.blocks)}, the model's number of blocks")
+        selected = [n for n in selected if _reached(n, stop_at_layer)]
     cache: dict[str, torch.Tensor] = {}
 
     def keep(tensor, hook):
         cache[hook.name] = tensor.detach()
 
-    with hooks_attached(model, {name: keep for name in _select(model, names)}), torch.no_grad():
-        logits = model(ids)
-    return logits, {name: cache[name] for name in hook_names(model) if name in cache}
+    def stop(module, args, out):
+        raise _Stopped(out)
+
+    with hooks_attached(model, {name: keep for name in selected}), torch.no_grad():
+        handle = model.blocks[stop_at_layer - 1].register_forward_hook(stop) if stop_at_layer is not None else None
+        try:
+            result = model(ids)
+        except _Stopped as stopped:
+            result = stopped.stream
+        finally:
+            if handle is not None:
+                handle.remove()
+    return result, {name: cache[name] for name in hook_names(model) if name in cache}
 
 
 def run_with_hooks(lm, text_or_ids, hooks: Mapping[str, HookFn | Iterable[HookFn]]) -> torch.Tensor:
