@@ -86,6 +86,9 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
 
     neurons = []
     for i in range(L):
+        if f"blocks.{i}.mlp.hook_post" not in cache:  # a feed-forward without one hidden layer (mixture of experts)
+            neurons.append([[] for _ in range(T)])
+            continue
         post = cache[f"blocks.{i}.mlp.hook_post"][0].float()  # (T, d_mlp)
         top = post.topk(min(TOP_NEURONS, post.shape[-1]), dim=-1)
         neurons.append([[{"neuron": int(n), "value": round(float(a), 4)} for n, a in zip(idx, val)]

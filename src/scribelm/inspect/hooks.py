@@ -93,11 +93,18 @@ def _block_suffixes(model: nn.Module) -> list[str]:
     names += ["attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid"]
     if pre_norm:
         names.append("ln2.hook_normalized")
-    names.append("mlp.hook_pre")
-    if config.gated_mlp:
-        names.append("mlp.hook_pre_linear")
-    names += ["mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+    if _dense_mlp(model.blocks[0].mlp):  # a feed-forward of another kind shows its output only
+        names.append("mlp.hook_pre")
+        if config.gated_mlp:
+            names.append("mlp.hook_pre_linear")
+        names.append("mlp.hook_post")
+    names += ["hook_mlp_out", "hook_resid_post"]
     return names
+
+
+def _dense_mlp(mlp: nn.Module) -> bool:
+    """Whether the feed-forward layer is the model's MLP (up, activation, down)."""
+    return all(hasattr(mlp, part) for part in ("activation", "down", "project_gate_up"))
 
 
 def hook_names(lm_or_model) -> list[str]:
@@ -304,6 +311,15 @@ class _Attached:
         elif resid_mid:  # post-norm: the first norm's output is the residual stream
             self._on_output(block.attention_norm, prefix + "hook_resid_mid")
 
+        if _dense_mlp(mlp):
+            self._attach_mlp(prefix, mlp)
+        self._on_output(mlp, prefix + "hook_mlp_out")
+        if block.pre_norm:
+            self._on_output(block, prefix + "hook_resid_post")
+        else:  # post-norm: the residual stream after the block is the second norm's output
+            self._on_output(block.mlp_norm, prefix + "hook_resid_post")
+
+    def _attach_mlp(self, prefix: str, mlp: nn.Module) -> None:
         if self._wanted(prefix + "mlp.hook_pre"):
             tap_act, activation = self._tap(prefix + "mlp.hook_pre"), mlp.activation
             self._shadow(mlp, "activation", lambda t: activation(tap_act(t)))
@@ -316,11 +332,6 @@ class _Attached:
 
             self._shadow(mlp, "project_gate_up", gate_up)
         self._on_input(mlp.down, prefix + "mlp.hook_post")
-        self._on_output(mlp, prefix + "hook_mlp_out")
-        if block.pre_norm:
-            self._on_output(block, prefix + "hook_resid_post")
-        else:  # post-norm: the residual stream after the block is the second norm's output
-            self._on_output(block.mlp_norm, prefix + "hook_resid_post")
 
     def remove(self) -> None:
         for handle in self.handles:
