@@ -21,6 +21,7 @@ FAMILIES = {
     "gpt2-like": dict(position="learned", norm="layernorm", activation="gelu", n_kv_heads=4, qkv_bias=True,
                       attn_out_bias=True, mlp_bias=True),
     "post-norm": dict(norm_position="post", position="sinusoidal", norm="layernorm", activation="relu", n_kv_heads=4),
+    "mixtral-like": dict(n_experts=4, experts_per_token=2, sliding_window=3),
 }
 
 
@@ -59,11 +60,14 @@ def test_names_and_shapes_on_own_models(family):
     assert ("ln_final.hook_normalized" in cache) == pre_norm
     assert ("blocks.1.attn.hook_rot_q" in cache) == rope
     assert ("hook_pos_embed" in cache) == (lm.config.position == "learned")
+    assert ("blocks.0.mlp.hook_post" in cache) == (not lm.config.n_experts)  # experts have no one hidden layer
     # the residual stream is one stream: what leaves a block enters the next
     torch.testing.assert_close(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
     pattern = cache["blocks.1.attn.hook_pattern"]
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
     assert pattern.triu(1).abs().max() == 0  # causal: no query sees a later key
+    if lm.config.sliding_window:  # nor one further back than the window
+        assert pattern.tril(-lm.config.sliding_window).abs().max() == 0
 
 
 def test_names_and_shapes_on_imported_gpt2_and_llama(tmp_path):
