@@ -143,3 +143,16 @@ def test_a_post_norm_model_and_a_single_token(tokenizer):
         assert data["logit_lens"]["top_ids"][-1] == lm.model(ids)[0].argmax(-1).tolist()
     one = explain_data(lm, [int(ids[0, 0])])
     assert one["embedding_pca"] == [[0.0, 0.0]] and len(one["attention"][0][0]) == 1
+
+
+def test_sub_verbs_and_the_page_share_the_verb(model_dir, capsys):
+    from scribelm.cli.explain import sub_verb_parser
+
+    _, names = sub_verb_parser()
+    for name in sorted(names):  # each sub-verb module present answers under `scribe explain NAME`
+        with pytest.raises(SystemExit) as exit_:
+            main(["explain", name, "--help"])
+        assert exit_.value.code == 0 and f"usage: scribe explain {name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # anything else is a MODEL for the page
+        main(["explain", str(model_dir[0]), "--help"])
+    assert exit_.value.code == 0 and "--layer" in capsys.readouterr().out
