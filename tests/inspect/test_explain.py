@@ -121,11 +121,17 @@ def test_the_page_in_chromium(page_dir, tmp_path):
             assert page.eval_on_selector("#head-map", "c => c.toDataURL()") != first_map
             # the temperature slider changes the probabilities: colder puts more on the top token
             at_one = [float(x) for x in page.locator("#next-token td.prob").all_inner_texts()]
+            kept_at_one = page.locator("#next-token td.keep-p").all_inner_texts().count("kept")
             assert page.inner_text("#temperature-value") == "1.00"
             page.eval_on_selector("#temperature", "e => { e.value = '3'; e.dispatchEvent(new Event('input')); }")
             assert page.inner_text("#temperature-value") == "0.20"
             cold = [float(x) for x in page.locator("#next-token td.prob").all_inner_texts()]
             assert cold != at_one and cold[0] > at_one[0]
+            # what top-p 0.9 keeps follows the probabilities shown: fewer tokens when colder
+            kept = page.locator("#next-token td.keep-p").all_inner_texts()
+            n = kept.count("kept")
+            assert n <= kept_at_one and kept[:n] == ["kept"] * n and sum(cold[:n - 1]) < 0.9 and (n == len(cold) or sum(cold[:n]) >= 0.9 - 1e-3)
+            assert page.locator("#next-token td.keep-k").all_inner_texts().count("kept") == 5
         finally:
             context.close()
     assert problems == []
