@@ -24,6 +24,9 @@ Every intermediate tensor of a forward pass has a name, as in TransformerLens:
 
     logits, cache = run_with_cache(lm, "The cat sat", names=["blocks.0.attn.hook_pattern"])
     logits = run_with_hooks(lm, ids, {"blocks.1.attn.hook_z": zero_head_3})
+    stream, cache = run_with_cache(lm, ids, names=[...], stop_at_layer=2)   # blocks 0 and 1 only
+    with hooks_attached(lm, {"blocks.3.hook_resid_post": steer}):           # held over many passes,
+        lm.generate("...")                                                  # KV-cache steps included
 
 A hook function is called as `fn(tensor, hook=point)` and returns the tensor to use in
 its place, or None to leave it be (`point.name`, `point.layer()` say where it is).
