@@ -77,7 +77,8 @@ class HookPoint:
 # --------------------------------------------------------------------------- names
 
 
-def _transformer(lm_or_model) -> nn.Module:
+def transformer_of(lm_or_model) -> nn.Module:
+    """The `Transformer` of an `LM` (or the model itself), or a one-line error."""
     model = getattr(lm_or_model, "model", lm_or_model)
     if not hasattr(model, "blocks") or not hasattr(model, "token_embedding"):
         raise ScribeError(f"{type(model).__name__} is not a scribelm Transformer; hooks need one")
@@ -112,7 +113,7 @@ def _dense_mlp(mlp: nn.Module) -> bool:
 
 def hook_names(lm_or_model) -> list[str]:
     """Every activation name of this model, in the order the forward pass computes them."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     names = ["hook_embed"]
     if model.position_embedding is not None:
         names.append("hook_pos_embed")
@@ -126,7 +127,7 @@ def hook_names(lm_or_model) -> list[str]:
 
 def check_names(lm_or_model, names: Iterable[str]) -> list[str]:
     """The names as a list, or a one-line error for the first that this model does not have."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     known = set(hook_names(model))
     names = list(names)
     for name in names:
@@ -351,7 +352,7 @@ class _Attached:
 @contextmanager
 def hooks_attached(lm_or_model, hooks: Mapping[str, HookFn | Iterable[HookFn]]):
     """Attach `{name: fn or [fns]}` for the length of the `with` block."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     check_names(model, hooks)
     as_lists = {name: [fns] if callable(fns) else list(fns) for name, fns in hooks.items()}
     attached = _Attached(model, as_lists)
@@ -367,7 +368,7 @@ def hooks_attached(lm_or_model, hooks: Mapping[str, HookFn | Iterable[HookFn]]):
 def as_ids(lm, text_or_ids) -> torch.Tensor:
     """Text (tokenized without special tokens), a list of ids, or a (T,) / (B, T) tensor -> ids (B, T),
     checked against the model's vocabulary and context."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     if isinstance(text_or_ids, str):
         tokenizer = getattr(lm, "tokenizer", None)
         if tokenizer is None:
@@ -419,7 +420,7 @@ def run_with_cache(lm, text_or_ids, names=None, *, stop_at_layer: int | None = N
     `stop_at_layer`: run only blocks 0 .. stop_at_layer-1 and return the residual stream
     there (B, T, C) in place of the logits, as TransformerLens does (for collecting one
     layer's activations without paying for the rest)."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)
     selected = _select(model, names)
     if stop_at_layer is not None:
@@ -449,7 +450,7 @@ def run_with_cache(lm, text_or_ids, names=None, *, stop_at_layer: int | None = N
 def run_with_hooks(lm, text_or_ids, hooks: Mapping[str, HookFn | Iterable[HookFn]]) -> torch.Tensor:
     """One forward pass with `{name: fn}` applied (each `fn(tensor, hook=point)` returns the
     replacement, or None); returns the logits (B, T, V)."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)
     with hooks_attached(model, hooks), torch.no_grad():
         return model(ids)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from scribelm.errors import ScribeError
-from scribelm.inspect.hooks import _transformer, as_ids
+from scribelm.inspect.hooks import transformer_of, as_ids
 from scribelm.sampling import apply_temperature, apply_top_k, apply_top_p
 
 TEMPERATURES = (0.2, 0.7, 1.0, 1.5)
@@ -40,7 +40,7 @@ def next_token_view(lm, text_or_ids, *, temperatures: Sequence[float] = TEMPERAT
         raise ScribeError("temperatures must be above 0 (0 is greedy: the first candidate)")
     if top_k < 1 or not 0 < top_p <= 1:
         raise ScribeError("top_k must be at least 1 and top_p in (0, 1]")
-    model = _transformer(lm)
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)[:1]
     logits = model(ids, last_only=True)[0, -1].float()  # (V,)
     tokenizer = getattr(lm, "tokenizer", None)
