@@ -121,11 +121,44 @@ def test_the_page_in_chromium(page_dir, tmp_path):
             assert page.eval_on_selector("#head-map", "c => c.toDataURL()") != first_map
             # the temperature slider changes the probabilities: colder puts more on the top token
             at_one = [float(x) for x in page.locator("#next-token td.prob").all_inner_texts()]
+            kept_at_one = page.locator("#next-token td.keep-p").all_inner_texts().count("kept")
             assert page.inner_text("#temperature-value") == "1.00"
             page.eval_on_selector("#temperature", "e => { e.value = '3'; e.dispatchEvent(new Event('input')); }")
             assert page.inner_text("#temperature-value") == "0.20"
             cold = [float(x) for x in page.locator("#next-token td.prob").all_inner_texts()]
             assert cold != at_one and cold[0] > at_one[0]
+            # what top-p 0.9 keeps follows the probabilities shown: fewer tokens when colder
+            kept = page.locator("#next-token td.keep-p").all_inner_texts()
+            n = kept.count("kept")
+            assert n <= kept_at_one and kept[:n] == ["kept"] * n and sum(cold[:n - 1]) < 0.9 and (n == len(cold) or sum(cold[:n]) >= 0.9 - 1e-3)
+            assert page.locator("#next-token td.keep-k").all_inner_texts().count("kept") == 5
         finally:
             context.close()
     assert problems == []
+
+
+def test_a_post_norm_model_and_a_single_token(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=tokenizer.vocab_size, norm_position="post", position="sinusoidal", norm="layernorm",
+                         activation="gelu", n_kv_heads=4)
+    lm = LM(model=Transformer(config).eval(), tokenizer=tokenizer)
+    data = explain_data(lm, "the best of")
+    assert data["attribution"] is None  # no final norm to split the stream by
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer.encode("the best of")])
+        assert data["logit_lens"]["top_ids"][-1] == lm.model(ids)[0].argmax(-1).tolist()
+    one = explain_data(lm, [int(ids[0, 0])])
+    assert one["embedding_pca"] == [[0.0, 0.0]] and len(one["attention"][0][0]) == 1
+
+
+def test_sub_verbs_and_the_page_share_the_verb(model_dir, capsys):
+    from scribelm.cli.explain import sub_verb_parser
+
+    _, names = sub_verb_parser()
+    for name in sorted(names):  # each sub-verb module present answers under `scribe explain NAME`
+        with pytest.raises(SystemExit) as exit_:
+            main(["explain", name, "--help"])
+        assert exit_.value.code == 0 and f"usage: scribe explain {name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # anything else is a MODEL for the page
+        main(["explain", str(model_dir[0]), "--help"])
+    assert exit_.value.code == 0 and "--layer" in capsys.readouterr().out

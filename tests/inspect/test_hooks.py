@@ -21,6 +21,7 @@ FAMILIES = {
     "gpt2-like": dict(position="learned", norm="layernorm", activation="gelu", n_kv_heads=4, qkv_bias=True,
                       attn_out_bias=True, mlp_bias=True),
     "post-norm": dict(norm_position="post", position="sinusoidal", norm="layernorm", activation="relu", n_kv_heads=4),
+    "mixtral-like": dict(n_experts=4, experts_per_token=2, sliding_window=3),
 }
 
 
@@ -35,7 +36,7 @@ def expected_shapes(config, B, T):
         "attn.hook_q": (B, T, H, hd), "attn.hook_rot_q": (B, T, H, hd),
         "attn.hook_k": (B, T, KV, hd), "attn.hook_v": (B, T, KV, hd), "attn.hook_rot_k": (B, T, KV, hd),
         "attn.hook_attn_scores": (B, H, T, T), "attn.hook_pattern": (B, H, T, T), "attn.hook_z": (B, T, H, hd),
-        "mlp.hook_pre": (B, T, M), "mlp.hook_post": (B, T, M),
+        "mlp.hook_pre": (B, T, M), "mlp.hook_post": (B, T, M), "mlp.hook_pre_linear": (B, T, M),
     }
     return lambda name: per_suffix.get(name.split(".", 2)[-1], (B, T, C))
 
@@ -59,11 +60,14 @@ def test_names_and_shapes_on_own_models(family):
     assert ("ln_final.hook_normalized" in cache) == pre_norm
     assert ("blocks.1.attn.hook_rot_q" in cache) == rope
     assert ("hook_pos_embed" in cache) == (lm.config.position == "learned")
+    assert ("blocks.0.mlp.hook_post" in cache) == (not lm.config.n_experts)  # experts have no one hidden layer
     # the residual stream is one stream: what leaves a block enters the next
     torch.testing.assert_close(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
     pattern = cache["blocks.1.attn.hook_pattern"]
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
     assert pattern.triu(1).abs().max() == 0  # causal: no query sees a later key
+    if lm.config.sliding_window:  # nor one further back than the window
+        assert pattern.tril(-lm.config.sliding_window).abs().max() == 0
 
 
 def test_names_and_shapes_on_imported_gpt2_and_llama(tmp_path):
@@ -218,3 +222,51 @@ def test_replacing_a_normalized_activation_goes_through_the_norms_weight():
     via_input = run_with_hooks(lm, ids, {"blocks.0.mlp.hook_pre": lambda t, hook: None,
                                          "blocks.0.ln2.hook_normalized": lambda t, hook: None})
     assert (doubled - via_input).abs().max() > 1e-4
+
+
+def test_hooks_attached_steer_a_generation_with_the_kv_cache(tokenizer):
+    from scribelm.inspect import hooks_attached
+
+    torch.manual_seed(0)
+    lm = LM(model=Transformer(tiny_config(vocab_size=tokenizer.vocab_size, init_std=0.2)).eval(), tokenizer=tokenizer)
+    plain = lm.generate("It was the", max_new_tokens=8, temperature=0)
+    patterns = []
+    with hooks_attached(lm, {"blocks.1.hook_resid_post": lambda t, hook: None,
+                             "blocks.0.attn.hook_pattern": lambda p, hook: patterns.append(tuple(p.shape))}):
+        assert lm.generate("It was the", max_new_tokens=8, temperature=0) == plain
+    prompt = len(tokenizer.encode("It was the"))
+    assert patterns[0] == (1, 4, prompt, prompt)  # the prompt at once, then one query per new token over the cache
+    assert patterns[1:3] == [(1, 4, 1, prompt + 1), (1, 4, 1, prompt + 2)]
+    direction = 3 * torch.randn(lm.config.d_model)
+    with hooks_attached(lm, {"blocks.1.hook_resid_mid": lambda t, hook: t + direction}):
+        assert lm.generate("It was the", max_new_tokens=8, temperature=0) != plain
+
+
+def test_unmerged_lora_adapters_are_seen_by_the_hooks():
+    from scribelm.adapters.lora import LoRAConfig, apply_lora, lora_modules, merge_lora
+
+    lm = tiny_lm()
+    apply_lora(lm.model, LoRAConfig(rank=2, targets="attention-qv"))
+    with torch.no_grad():
+        for module in lora_modules(lm.model).values():
+            module.lora_B.normal_(0, 0.5)  # a trained-looking correction, not zero
+    lm.model.eval()
+    ids = torch.randint(0, 400, (1, 6))
+    logits, cache = run_with_cache(lm, ids, names=["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    merge_lora(lm.model)  # the same numbers in the plain layers
+    merged_logits, merged = run_with_cache(lm, ids, names=["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    torch.testing.assert_close(cache["blocks.0.attn.hook_q"], merged["blocks.0.attn.hook_q"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, merged_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_at_layer_returns_the_stream_there():
+    lm = tiny_lm(**FAMILIES["gpt2-like"])
+    ids = torch.randint(0, 400, (2, 5))
+    _, full = run_with_cache(lm, ids)
+    stream, cache = run_with_cache(lm, ids, names=lambda n: "mlp.hook_post" in n, stop_at_layer=1)
+    assert list(cache) == ["blocks.0.mlp.hook_post"]
+    torch.testing.assert_close(stream, full["blocks.0.hook_resid_post"])
+    torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], full["blocks.0.mlp.hook_post"])
+    assert not any(m._forward_hooks for m in lm.model.modules())
+    with pytest.raises(ScribeError, match="stop_at_layer must lie in 1-2"):
+        run_with_cache(lm, ids, stop_at_layer=3)

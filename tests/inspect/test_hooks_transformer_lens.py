@@ -78,3 +78,35 @@ def test_activation_patching_gives_the_same_logit_difference(both):
         unpatched = logit_difference(bridge(corrupted))
     assert abs(ours - theirs) < 1e-5
     assert abs(ours - unpatched) > 1e-2  # the patch did something
+
+
+def test_a_llama_with_grouped_query_attention_and_rope_agrees_too(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import save_tiny_hf_llama
+
+    torch.manual_seed(0)
+    save_tiny_hf_llama(tmp_path, vocab_size=120)
+    # the bridge wants a tokenizer object; the directory has none, so give it a word-level one
+    words = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w0")))
+    bridge = bridge_module.TransformerBridge.boot_transformers(str(tmp_path), device="cpu", tokenizer=words)
+    lm = scribelm.load(tmp_path)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(3))
+    logits, cache = run_with_cache(lm, ids)
+    with torch.no_grad():
+        tl_logits, tl_cache = bridge.run_with_cache(ids)
+    names = ["hook_embed", "ln_final.hook_normalized"] + [
+        f"blocks.{L}.{suffix}" for L in range(2)
+        for suffix in ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
+                       "attn.hook_rot_k", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                       "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out",
+                       "hook_resid_post")
+    ]
+    for name in names:
+        torch.testing.assert_close(cache[name], tl_cache[name], atol=1e-5, rtol=1e-5, msg=name)
+    scores, tl_scores = cache["blocks.1.attn.hook_attn_scores"], tl_cache["blocks.1.attn.hook_attn_scores"]
+    seen = torch.isfinite(scores)  # masked: -inf here, the dtype's lowest number there
+    assert torch.equal(seen, torch.ones(9, 9, dtype=torch.bool).tril().expand_as(seen))
+    torch.testing.assert_close(scores[seen], tl_scores[seen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from scribelm.errors import ScribeError
-from scribelm.inspect.hooks import _transformer, as_ids, run_with_cache
+from scribelm.inspect.hooks import transformer_of, as_ids, run_with_cache
 from scribelm.inspect.lens import direct_logit_attribution, layer_labels, unembed
 
 #: the slider's temperatures: probabilities are precomputed for each, so the page needs no vocabulary
@@ -45,7 +45,7 @@ def _round(values, digits: int = 5):
 
 def check_layer_head(lm, layer: int | None, head: int | None) -> tuple[int, int]:
     """The layer and head to show first (default: the last layer, head 0), or a one-line error."""
-    config = _transformer(lm).config
+    config = transformer_of(lm).config
     layer = config.n_layers - 1 if layer is None else layer
     head = 0 if head is None else head
     if not 0 <= layer < config.n_layers:
@@ -58,7 +58,7 @@ def check_layer_head(lm, layer: int | None, head: int | None) -> tuple[int, int]
 @torch.no_grad()
 def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None = None) -> dict:
     """Everything the explain page shows, as plain numbers and strings."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     config = model.config
     layer, head = check_layer_head(lm, layer, head)
     ids = as_ids(lm, text_or_ids)[:1]
@@ -76,7 +76,7 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         pca = centred @ v[:2].T  # (T, 2)
         if pca.shape[1] < 2:
-            pca = torch.cat([pca, torch.zeros(T, 2 - pca.shape[1])], dim=1)
+            pca = torch.cat([pca, torch.zeros(T, 2 - pca.shape[1], device=pca.device)], dim=1)
     else:
         pca = torch.zeros(T, 2)
 
@@ -86,6 +86,9 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
 
     neurons = []
     for i in range(L):
+        if f"blocks.{i}.mlp.hook_post" not in cache:  # a feed-forward without one hidden layer (mixture of experts)
+            neurons.append([[] for _ in range(T)])
+            continue
         post = cache[f"blocks.{i}.mlp.hook_post"][0].float()  # (T, d_mlp)
         top = post.topk(min(TOP_NEURONS, post.shape[-1]), dim=-1)
         neurons.append([[{"neuron": int(n), "value": round(float(a), 4)} for n, a in zip(idx, val)]

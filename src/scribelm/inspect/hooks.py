@@ -17,12 +17,16 @@ Every intermediate tensor of a forward pass has a name, as in TransformerLens:
     blocks.{L}.ln2.hook_normalized                  normalized input to the MLP (pre-norm)
     blocks.{L}.mlp.hook_pre / hook_post             MLP hidden before / after its activation (B, T, d_mlp)
                                                     (gated: the gate before, activation·up after)
+    blocks.{L}.mlp.hook_pre_linear                  gated MLPs: the up projection (B, T, d_mlp)
     blocks.{L}.hook_mlp_out                         the MLP's output (B, T, C)
     blocks.{L}.hook_resid_post                      residual stream leaving block L (B, T, C)
     ln_final.hook_normalized                        the final norm, before its weight and bias (B, T, C)
 
     logits, cache = run_with_cache(lm, "The cat sat", names=["blocks.0.attn.hook_pattern"])
     logits = run_with_hooks(lm, ids, {"blocks.1.attn.hook_z": zero_head_3})
+    stream, cache = run_with_cache(lm, ids, names=[...], stop_at_layer=2)   # blocks 0 and 1 only
+    with hooks_attached(lm, {"blocks.3.hook_resid_post": steer}):           # held over many passes,
+        lm.generate("...")                                                  # KV-cache steps included
 
 A hook function is called as `fn(tensor, hook=point)` and returns the tensor to use in
 its place, or None to leave it be (`point.name`, `point.layer()` say where it is).
@@ -73,7 +77,8 @@ class HookPoint:
 # --------------------------------------------------------------------------- names
 
 
-def _transformer(lm_or_model) -> nn.Module:
+def transformer_of(lm_or_model) -> nn.Module:
+    """The `Transformer` of an `LM` (or the model itself), or a one-line error."""
     model = getattr(lm_or_model, "model", lm_or_model)
     if not hasattr(model, "blocks") or not hasattr(model, "token_embedding"):
         raise ScribeError(f"{type(model).__name__} is not a scribelm Transformer; hooks need one")
@@ -92,13 +97,23 @@ def _block_suffixes(model: nn.Module) -> list[str]:
     names += ["attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid"]
     if pre_norm:
         names.append("ln2.hook_normalized")
-    names += ["mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+    if _dense_mlp(model.blocks[0].mlp):  # a feed-forward of another kind shows its output only
+        names.append("mlp.hook_pre")
+        if config.gated_mlp:
+            names.append("mlp.hook_pre_linear")
+        names.append("mlp.hook_post")
+    names += ["hook_mlp_out", "hook_resid_post"]
     return names
+
+
+def _dense_mlp(mlp: nn.Module) -> bool:
+    """Whether the feed-forward layer is the model's MLP (up, activation, down)."""
+    return all(hasattr(mlp, part) for part in ("activation", "down", "project_gate_up"))
 
 
 def hook_names(lm_or_model) -> list[str]:
     """Every activation name of this model, in the order the forward pass computes them."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     names = ["hook_embed"]
     if model.position_embedding is not None:
         names.append("hook_pos_embed")
@@ -112,7 +127,7 @@ def hook_names(lm_or_model) -> list[str]:
 
 def check_names(lm_or_model, names: Iterable[str]) -> list[str]:
     """The names as a list, or a one-line error for the first that this model does not have."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     known = set(hook_names(model))
     names = list(names)
     for name in names:
@@ -300,15 +315,27 @@ class _Attached:
         elif resid_mid:  # post-norm: the first norm's output is the residual stream
             self._on_output(block.attention_norm, prefix + "hook_resid_mid")
 
-        if self._wanted(prefix + "mlp.hook_pre"):
-            tap_act, activation = self._tap(prefix + "mlp.hook_pre"), mlp.activation
-            self._shadow(mlp, "activation", lambda t: activation(tap_act(t)))
-        self._on_input(mlp.down, prefix + "mlp.hook_post")
+        if _dense_mlp(mlp):
+            self._attach_mlp(prefix, mlp)
         self._on_output(mlp, prefix + "hook_mlp_out")
         if block.pre_norm:
             self._on_output(block, prefix + "hook_resid_post")
         else:  # post-norm: the residual stream after the block is the second norm's output
             self._on_output(block.mlp_norm, prefix + "hook_resid_post")
+
+    def _attach_mlp(self, prefix: str, mlp: nn.Module) -> None:
+        if self._wanted(prefix + "mlp.hook_pre"):
+            tap_act, activation = self._tap(prefix + "mlp.hook_pre"), mlp.activation
+            self._shadow(mlp, "activation", lambda t: activation(tap_act(t)))
+        if self._wanted(prefix + "mlp.hook_pre_linear"):  # gated MLPs: the up projection, before the product
+            tap_up, project_gate_up = self._tap(prefix + "mlp.hook_pre_linear"), mlp.project_gate_up
+
+            def gate_up(x):
+                gate, up = project_gate_up(x)
+                return gate, tap_up(up)
+
+            self._shadow(mlp, "project_gate_up", gate_up)
+        self._on_input(mlp.down, prefix + "mlp.hook_post")
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -325,7 +352,7 @@ class _Attached:
 @contextmanager
 def hooks_attached(lm_or_model, hooks: Mapping[str, HookFn | Iterable[HookFn]]):
     """Attach `{name: fn or [fns]}` for the length of the `with` block."""
-    model = _transformer(lm_or_model)
+    model = transformer_of(lm_or_model)
     check_names(model, hooks)
     as_lists = {name: [fns] if callable(fns) else list(fns) for name, fns in hooks.items()}
     attached = _Attached(model, as_lists)
@@ -341,7 +368,7 @@ def hooks_attached(lm_or_model, hooks: Mapping[str, HookFn | Iterable[HookFn]]):
 def as_ids(lm, text_or_ids) -> torch.Tensor:
     """Text (tokenized without special tokens), a list of ids, or a (T,) / (B, T) tensor -> ids (B, T),
     checked against the model's vocabulary and context."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     if isinstance(text_or_ids, str):
         tokenizer = getattr(lm, "tokenizer", None)
         if tokenizer is None:
@@ -372,25 +399,58 @@ def _select(model, names) -> list[str]:
     return check_names(model, names)
 
 
-def run_with_cache(lm, text_or_ids, names=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _reached(name: str, stop_at_layer: int) -> bool:
+    """Whether a forward pass that stops after block stop_at_layer-1 computes `name`."""
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        return name in ("hook_embed", "hook_pos_embed")  # not the final norm
+    return int(match.group(1)) < stop_at_layer
+
+
+class _Stopped(Exception):
+    """Raised by the hook that ends a forward pass early (`stop_at_layer`), carrying the stream."""
+
+    def __init__(self, stream: torch.Tensor) -> None:
+        self.stream = stream
+
+
+def run_with_cache(lm, text_or_ids, names=None, *, stop_at_layer: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass that also keeps activations: `(logits (B, T, V), {name: tensor})`.
-    `names`: None for all of them, a list of names, or a filter `name -> bool`."""
-    model = _transformer(lm)
+    `names`: None for all of them, a list of names, or a filter `name -> bool`.
+    `stop_at_layer`: run only blocks 0 .. stop_at_layer-1 and return the residual stream
+    there (B, T, C) in place of the logits, as TransformerLens does (for collecting one
+    layer's activations without paying for the rest)."""
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)
+    selected = _select(model, names)
+    if stop_at_layer is not None:
+        if not 1 <= stop_at_layer <= len(model.blocks):
+            raise ScribeError(f"stop_at_layer must lie in 1-{len(model.blocks)}, the model's number of blocks")
+        selected = [n for n in selected if _reached(n, stop_at_layer)]
     cache: dict[str, torch.Tensor] = {}
 
     def keep(tensor, hook):
         cache[hook.name] = tensor.detach()
 
-    with hooks_attached(model, {name: keep for name in _select(model, names)}), torch.no_grad():
-        logits = model(ids)
-    return logits, {name: cache[name] for name in hook_names(model) if name in cache}
+    def stop(module, args, out):
+        raise _Stopped(out)
+
+    with hooks_attached(model, {name: keep for name in selected}), torch.no_grad():
+        handle = model.blocks[stop_at_layer - 1].register_forward_hook(stop) if stop_at_layer is not None else None
+        try:
+            result = model(ids)
+        except _Stopped as stopped:
+            result = stopped.stream
+        finally:
+            if handle is not None:
+                handle.remove()
+    return result, {name: cache[name] for name in hook_names(model) if name in cache}
 
 
 def run_with_hooks(lm, text_or_ids, hooks: Mapping[str, HookFn | Iterable[HookFn]]) -> torch.Tensor:
     """One forward pass with `{name: fn}` applied (each `fn(tensor, hook=point)` returns the
     replacement, or None); returns the logits (B, T, V)."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)
     with hooks_attached(model, hooks), torch.no_grad():
         return model(ids)

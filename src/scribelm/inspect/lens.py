@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from scribelm.errors import ScribeError
-from scribelm.inspect.hooks import _transformer, as_ids, run_with_cache
+from scribelm.inspect.hooks import transformer_of, as_ids, run_with_cache
 
 
 def _stream_names(n_layers: int) -> list[str]:
@@ -45,7 +45,7 @@ def unembed(model: nn.Module, stream: torch.Tensor) -> torch.Tensor:
 def layer_logits(lm, text_or_ids) -> torch.Tensor:
     """The logit lens: (n_layers + 1, B, T, V), the residual stream after the embeddings and
     after each block, read through the final norm and the unembedding. The last is the model's logits."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     names = _stream_names(len(model.blocks))
     _, cache = run_with_cache(lm, text_or_ids, names=names)
     return torch.stack([unembed(model, cache[name]) for name in names])
@@ -106,7 +106,7 @@ class Attribution:
 def direct_logit_attribution(lm, text_or_ids, token: int, *, versus: int | None = None, position: int = -1) -> Attribution:
     """How much each head, MLP and the embeddings write directly into the logit of `token`
     (minus the logit of `versus`, if given) at `position` of the first row."""
-    model = _transformer(lm)
+    model = transformer_of(lm)
     config = model.config
     if model.final_norm is None:
         raise ScribeError("direct logit attribution needs a pre-norm model (its final norm is what splits the stream)")
@@ -130,8 +130,9 @@ def direct_logit_attribution(lm, text_or_ids, token: int, *, versus: int | None 
     dtype = final.dtype
 
     def through_unembedding(x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (...): the logit (difference)
-        logits = model.unembedding(x.to(dtype))  # any linear kind: plain, quantized, adapted
-        return (logits[..., token] - (logits[..., versus] if versus is not None else 0)).float()
+        rows = x.to(dtype).reshape(-1, x.shape[-1])  # (N, C): quantized kernels want rows
+        logits = model.unembedding(rows).reshape(*x.shape[:-1], -1)  # any linear kind: plain, quantized, adapted
+        return (logits[..., token] - (logits[..., versus] if versus is not None else 0)).float().cpu()
 
     def share(part: torch.Tensor) -> torch.Tensor:  # (..., C) -> (...)
         part = part.float()

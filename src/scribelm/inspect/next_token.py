@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from scribelm.errors import ScribeError
-from scribelm.inspect.hooks import _transformer, as_ids
+from scribelm.inspect.hooks import transformer_of, as_ids
 from scribelm.sampling import apply_temperature, apply_top_k, apply_top_p
 
 TEMPERATURES = (0.2, 0.7, 1.0, 1.5)
@@ -40,20 +40,20 @@ def next_token_view(lm, text_or_ids, *, temperatures: Sequence[float] = TEMPERAT
         raise ScribeError("temperatures must be above 0 (0 is greedy: the first candidate)")
     if top_k < 1 or not 0 < top_p <= 1:
         raise ScribeError("top_k must be at least 1 and top_p in (0, 1]")
-    model = _transformer(lm)
+    model = transformer_of(lm)
     ids = as_ids(lm, text_or_ids)[:1]
     logits = model(ids, last_only=True)[0, -1].float()  # (V,)
     tokenizer = getattr(lm, "tokenizer", None)
     candidates = logits.topk(min(top, logits.shape[-1])).indices
     rows = []
     for t in temperatures:
-        scaled = apply_temperature(logits[None], torch.tensor([float(t)]))  # (1, V)
+        scaled = apply_temperature(logits[None], torch.tensor([float(t)], device=logits.device))  # (1, V)
         probs = scaled.softmax(-1)[0]
         rows.append({
             "temperature": float(t),
             "probs": [float(probs[i]) for i in candidates],
-            "top_k": _kept(apply_top_k(scaled, torch.tensor([top_k]))[0]),
-            "top_p": _kept(apply_top_p(scaled, torch.tensor([float(top_p)]))[0]),
+            "top_k": _kept(apply_top_k(scaled, torch.tensor([top_k], device=logits.device))[0]),
+            "top_p": _kept(apply_top_p(scaled, torch.tensor([float(top_p)], device=logits.device))[0]),
         })
     return {
         "candidates": [
