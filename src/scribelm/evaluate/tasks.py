@@ -261,7 +261,7 @@ class Task:
     output_type: str
     docs: list[Doc]
     fewshot_docs: list[Doc]
-    fewshot_is_eval_split: bool
+    excludes_scored_doc: bool
     config: dict[str, Any]
     metrics: list[tuple[str, dict[str, Any]]]
     source: Path
@@ -368,7 +368,7 @@ class Task:
         # As lm-eval's ContextSampler: draw n (n + 1 when the examples come from the scored split,
         # then drop the document itself), from one generator shared by the whole task in order.
         pool = self.fewshot_docs
-        if not self.fewshot_is_eval_split:
+        if not self.excludes_scored_doc:
             if len(pool) < n:
                 raise TaskError(f"task {self.name}: {n} few-shot examples asked for, the few-shot split has {len(pool)}")
             return rnd.sample(pool, n)
@@ -470,8 +470,11 @@ def build_task(config: dict[str, Any], path: Path) -> Task:
     if eval_split is None:
         raise TaskError(f"task {name}: set test_split (or validation_split) to the split to score")
     fewshot_split = split("fewshot_split") or split("training_split") or split("validation_split") or eval_split
+    # As lm-eval: the scored document is kept out of its own examples only when fewshot_split names
+    # the scored split; left to fall back on it, examples are drawn from all of its documents.
+    excludes_doc = split("fewshot_split") is not None and split("fewshot_split") == split("test_split")
     return Task(name=name, output_type=output_type, docs=splits[eval_split], fewshot_docs=splits[fewshot_split],
-                fewshot_is_eval_split=(fewshot_split == eval_split), config=config, metrics=metrics, source=path)
+                excludes_scored_doc=excludes_doc, config=config, metrics=metrics, source=path)
 
 
 # ----------------------------------------------------------------------------- finding tasks
