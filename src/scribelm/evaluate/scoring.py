@@ -213,7 +213,8 @@ def loglikelihood_tokens(
     shared, whole = [], []
     for ctx, members in groups.items():
         longest = max(len(pairs[i][1]) for i in members)
-        fits = len(ctx) + longest - 1 <= max_length
+        # a sliding-window model runs each sequence whole: its cache is not the plain one sharing copies
+        fits = len(ctx) + longest - 1 <= max_length and getattr(model.config, "sliding_window", None) is None
         gains = len(members) > 1 and len(ctx) >= longest
         (shared if fits and (share_prefix or (share_prefix is None and gains)) else whole).append(members)
 

@@ -171,6 +171,7 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed_s = 0.0  # training time, carried across resumes
         self.best_val_loss: float | None = None
+        self._train_metrics: dict[str, Any] = {}  # what the objective reported for the last micro-batch
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self._flops_per_token: float | None = None
@@ -259,6 +260,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "peak_flops": self._peak_flops,
                 "elapsed_s": self.elapsed_s,
             }
+            record.update(self._train_metrics)  # e.g. the router's balance
             if self.step % cfg.log_every == 0:
                 self.metrics.append(record)
             record["eta_s"] = self._eta()
@@ -322,7 +324,7 @@ class Trainer:
             sync = micro == k - 1 or not isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self._autocast():
-                    loss, _ = self.objective(self.train_model, batch)
+                    loss, self._train_metrics = self.objective(self.train_model, batch)
                 scaled = loss / k
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
