@@ -78,8 +78,9 @@ doc_to_text: "The capital of {{{{country}}}} is"
 doc_to_choice: options
 doc_to_target: "{{{{answer}}}}"
 """)
+    # examples from the scored split itself: the scored document is never its own example
     write_yaml(directory / "capitals_ll.yaml", f"""task: capitals_ll
-{data}output_type: loglikelihood
+{data.replace("fewshot_split: train", "fewshot_split: test")}output_type: loglikelihood
 num_fewshot: 1
 doc_to_text: "{{{{country}}}}:"
 doc_to_target: answer
