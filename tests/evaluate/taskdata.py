@@ -70,6 +70,7 @@ doc_to_target: label
 metric_list:
   - metric: acc
   - metric: acc_norm
+  - metric: acc_mutual_info
 """)
     write_yaml(directory / "capitals_mc2.yaml", f"""task: capitals_mc2
 {data}output_type: multiple_choice
