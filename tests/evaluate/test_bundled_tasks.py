@@ -3,7 +3,6 @@ name and by their group, and they tell a trained model from an untrained one."""
 
 import json
 
-import pytest
 import torch
 
 import scribelm

@@ -3,7 +3,6 @@ model "hf") and by scribelm on random-init transformers Llama and GPT-2 models s
 test: per-sample log-likelihoods within 1e-4, the same acc / acc_norm / perplexity /
 bits_per_byte, the same generations and exact match."""
 
-import json
 import os
 
 import pytest
