@@ -70,6 +70,7 @@ doc_to_target: label
 metric_list:
   - metric: acc
   - metric: acc_norm
+  - metric: acc_mutual_info
 """)
     write_yaml(directory / "capitals_mc2.yaml", f"""task: capitals_mc2
 {data}output_type: multiple_choice
@@ -78,8 +79,9 @@ doc_to_text: "The capital of {{{{country}}}} is"
 doc_to_choice: options
 doc_to_target: "{{{{answer}}}}"
 """)
+    # examples from the scored split itself: the scored document is never its own example
     write_yaml(directory / "capitals_ll.yaml", f"""task: capitals_ll
-{data}output_type: loglikelihood
+{data.replace("fewshot_split: train", "fewshot_split: test")}output_type: loglikelihood
 num_fewshot: 1
 doc_to_text: "{{{{country}}}}:"
 doc_to_target: answer

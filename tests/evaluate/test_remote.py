@@ -65,3 +65,33 @@ def test_unreachable_server_is_one_line(tmp_path, capsys):
     assert err.startswith(f"error: cannot reach http://127.0.0.1:{port}/v1/completions") and err.count("\n") == 1
     assert main(["eval", "--base-url", "localhost:8080", "--tasks", "kjv_cloze"]) == 2
     assert "must start with http://" in capsys.readouterr().err
+
+
+def test_scribe_serve_scores_as_the_model_in_process(tmp_path, lm, one_thread):
+    """`scribe eval --base-url` against a real `scribe serve`: the same per-sample log-likelihoods,
+    accuracies and generations as scoring the same model in this process."""
+    from scribelm.evaluate import evaluate, load_tasks
+    from scribelm.serve.api import create_app
+    from scribelm.serve.engine import ModelPool
+    from tests.evaluate.taskdata import write_parity_tasks
+    from tests.serving import ServerThread
+
+    torch.manual_seed(4)
+    lm = LM(model=Transformer(tiny_config(vocab_size=lm.tokenizer.vocab_size, context_length=256)).eval(),
+            tokenizer=lm.tokenizer)
+    path = lm.save(tmp_path / "model")
+    tasks = write_parity_tasks(tmp_path / "tasks")
+    names = ["capitals_mc2", "capitals_ll", "capitals_gen"]
+    local = evaluate(lm, load_tasks(names, [tasks]), limit=4)
+    with ServerThread(create_app(ModelPool({"tiny": str(path)}, max_batch=8))) as server:
+        remote = evaluate(CompletionsBackend(server.url + "/v1", model="tiny", batch_size=4),
+                          load_tasks(names, [tasks]), limit=4)
+    for ours, theirs in zip(local, remote):
+        assert {m: v for m, (v, _) in ours.metrics.items()} == pytest.approx(
+            {m: v for m, (v, _) in theirs.metrics.items()}, rel=1e-4)
+        for a, b in zip(ours.samples, theirs.samples):
+            if "loglikelihoods" in a:
+                assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+                assert a["is_greedy"] == b["is_greedy"]
+            else:
+                assert a["generation"] == b["generation"]

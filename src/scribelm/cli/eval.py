@@ -27,12 +27,14 @@ def register(subparsers) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="checkpoint directories, Hugging Face directories or store names; several give one table")
     p.add_argument("--tasks", required=True, metavar="NAMES",
-                   help="comma-separated task names, group names or task YAML files")
+                   help="comma-separated task names, group names or task YAML files "
+                        "(bundled: kjv = kjv_bpb, kjv_cloze, kjv_mc)")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="a folder of task YAML files")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="worked examples before each question")
     p.add_argument("--limit", type=float, default=None, metavar="N",
                    help="score the first N documents of each task (below 1: that fraction)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="sequences per forward pass (default 16); the scores do not depend on it")
     p.add_argument("--log-samples", default=None, metavar="DIR", help="write each task's requests and scores as JSONL here")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the results as JSON to this file")

@@ -8,7 +8,8 @@
 
 Parts: `scoring` (the model's three answers, batched, shared prefixes),
 `metrics` (acc, acc_norm, EM/F1, perplexities, standard errors), `tasks`
-(lm-eval task YAML and local data), `runner` (tasks -> metrics), `remote`
+(lm-eval task YAML), `documents` (their local data), `kjv_tasks` (the bundled
+tasks' build), `runner` (tasks -> metrics), `remote`
 (a model behind an OpenAI-compatible completions server), `table` (the
 results as lm-eval's table and as JSON).
 """

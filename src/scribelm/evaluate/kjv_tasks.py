@@ -103,6 +103,7 @@ dataset_kwargs:
   data_files:
     test: kjv_cloze.jsonl
 test_split: test
+fewshot_split: test  # examples: other verses of the same split (never the one scored)
 output_type: loglikelihood
 doc_to_text: "{{context}}"
 doc_to_target: target
@@ -120,6 +121,7 @@ dataset_kwargs:
   data_files:
     test: kjv_mc.jsonl
 test_split: test
+fewshot_split: test  # examples: other verses of the same split (never the one scored)
 output_type: multiple_choice
 doc_to_text: "{{start}}"
 doc_to_choice: endings

@@ -6,14 +6,15 @@
 Scoring uses the legacy completions protocol that evaluation harnesses rely on
 (OpenAI's original API; `scribe serve`, llama.cpp's server and vLLM speak it):
 
-    POST /v1/completions {"prompt": [context + continuation, ...], "echo": true, "max_tokens": 1,
+    POST /v1/completions {"prompt": [context + continuation, ...], "echo": true, "max_tokens": 0,
                           "logprobs": 1, "temperature": 0}
     -> choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}
 
 With `echo` the prompt's own tokens come back with their log-probabilities
-(the first is null: nothing precedes it); the one token generated after the
-prompt (`max_tokens: 1`, as lm-eval's `local-completions` asks, since not every
-server takes 0) is cut off by its text offset. The continuation's tokens are those
+(the first is null: nothing precedes it). A server that refuses `max_tokens: 0`
+is asked again with 1, as lm-eval's `local-completions` asks, and the generated
+token is cut off by its text offset. Prompts longer than the server's context are
+its error (local scoring keeps their last tokens). The continuation's tokens are those
 that start at or after the end of the context (trailing spaces of the context
 count as the continuation's, as in local scoring); a token that straddles the
 boundary counts as the continuation's. A token is greedy when no alternative
@@ -81,6 +82,7 @@ class CompletionsBackend:
             raise ScribeError(f"--base-url must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/completions"
         self.model, self.batch_size, self.timeout_s, self.api_key = model, batch_size, timeout_s, api_key
+        self.scoring_max_tokens = 0  # score without generating; 1 (then cut off) for servers that refuse 0
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.model is not None:
@@ -120,18 +122,27 @@ class CompletionsBackend:
                 progress(len(chunk))
         return out
 
+    def _echoed(self, prompts: list[str], progress) -> list[dict[str, Any]]:
+        """Each prompt's tokens with their log-probabilities (echo), generating nothing if the server allows."""
+        while True:
+            echo = {"echo": True, "max_tokens": self.scoring_max_tokens, "logprobs": 1, "temperature": 0}
+            try:
+                return self._batched(prompts, echo, progress)
+            except RemoteError as err:
+                if self.scoring_max_tokens != 0 or "max_tokens" not in str(err):
+                    raise
+                self.scoring_max_tokens = 1  # as lm-eval asks; the generated token is cut off by its offset
+
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
         if any(not ctx for ctx, _ in pairs):
             raise RemoteError("a server cannot score a continuation after an empty context (the first token of a "
                               "prompt gets no log-probability); drop acc_mutual_info for remote models")
-        echo = {"echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0}
-        choices = self._batched([ctx + cont for ctx, cont in pairs], echo, progress)
+        choices = self._echoed([ctx + cont for ctx, cont in pairs], progress)
         return [parse_echo_logprobs(choice, ctx, ctx + cont) for choice, (ctx, cont) in zip(choices, pairs)]
 
     def rolling_loglikelihood(self, texts: Sequence[str], progress=None) -> list[RollingScore]:
-        echo = {"echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0}
         out = []
-        for text, choice in zip(texts, self._batched(list(texts), echo, progress)):
+        for text, choice in zip(texts, self._echoed(list(texts), progress)):
             logprobs = choice.get("logprobs") or {}
             offsets = logprobs.get("text_offset") or []
             values = [v for v, offset in zip(logprobs.get("token_logprobs") or [], offsets) if offset < len(text)]

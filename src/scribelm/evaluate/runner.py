@@ -109,6 +109,7 @@ def _run_task(backend, task: Task, requests: list[Request], num_fewshot: int | N
                 if r.unconditional:
                     uncond = [ll for ll, _ in scores[unconditional_at:unconditional_at + len(r.choices)]]
                     unconditional_at += len(r.choices)
+                    sample["unconditional"] = uncond
                 per = M.multiple_choice_scores([ll for ll, _ in got], r.choices, r.target, uncond)
             else:
                 ll, greedy = got[0]

@@ -91,15 +91,20 @@ def prefix_token_id(lm) -> int:
     return token
 
 
-def encode_pair(lm, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), split from the encoding of the whole text."""
+def encode_pair(lm, context: str, continuation: str, *, memo: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), split from the encoding of the whole text. `memo`
+    keeps the contexts' encodings across calls (the choices of one question share one)."""
     if not context:
         return [prefix_token_id(lm)], encode(lm, continuation)
     spaces = len(context) - len(context.rstrip())
     if spaces:  # "Answer: " + "Paris" is tokenized as "Answer:" + " Paris", as the model saw text
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = encode(lm, context + continuation)
-    context_ids = encode(lm, context)
+    if memo is None or context not in memo:
+        context_ids = encode(lm, context)
+        if memo is not None:
+            memo[context] = context_ids
+    context_ids = memo[context] if memo is not None else context_ids
     return context_ids, whole[len(context_ids):]
 
 
@@ -208,7 +213,8 @@ def loglikelihood_tokens(
     shared, whole = [], []
     for ctx, members in groups.items():
         longest = max(len(pairs[i][1]) for i in members)
-        fits = len(ctx) + longest - 1 <= max_length
+        # a sliding-window model runs each sequence whole: its cache is not the plain one sharing copies
+        fits = len(ctx) + longest - 1 <= max_length and getattr(model.config, "sliding_window", None) is None
         gains = len(members) > 1 and len(ctx) >= longest
         (shared if fits and (share_prefix or (share_prefix is None and gains)) else whole).append(members)
 
@@ -249,7 +255,8 @@ def loglikelihood(
     """[(context, continuation), ...] -> [(summed log-probability of the continuation, whether
     greedy decoding would produce it), ...]. Contexts longer than the model's context keep
     their most recent tokens."""
-    pairs = [encode_pair(lm, ctx, cont) for ctx, cont in requests]
+    memo: dict[str, list[int]] = {}
+    pairs = [encode_pair(lm, ctx, cont, memo=memo) for ctx, cont in requests]
     for (ctx, cont), (_, cont_ids) in zip(requests, pairs):
         if not cont_ids:
             raise ScribeError(f"the continuation {cont!r} after {ctx[-40:]!r} is empty in tokens; nothing to score")

@@ -20,9 +20,8 @@ A YAML with `group: NAME` and `task: [a, b]` is a group; a task's `tag:` (or a
 string `group:`) puts it in one. `include: base.yaml` merges a base file
 first. Templates are Jinja, rendered in a sandbox (no attribute access to
 Python internals) with lm-eval's `regex_replace` filter; a field name alone
-is that field's value. Relative data paths are read next to the YAML file,
-else from the working directory. Nothing is downloaded: a dataset from the
-Hugging Face hub is refused with what to do instead.
+is that field's value. The data comes from local files only
+(`scribelm.evaluate.documents`).
 
 `Task.requests(num_fewshot, limit)` turns the documents into the prompts the
 scorer answers, with the documents' origin (file and line) kept for errors.
@@ -31,7 +30,6 @@ scorer answers, with the documents' origin (file and line) kept for errors.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import random
 import re
@@ -42,12 +40,7 @@ from typing import Any
 
 import yaml
 
-from scribelm.errors import ScribeError
-
-
-class TaskError(ScribeError):
-    """A task file or its data that cannot be evaluated."""
-
+from scribelm.evaluate.documents import Doc, TaskError, check_local_dataset, load_splits
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 DEFAULT_METRICS = {
@@ -62,7 +55,6 @@ METRICS_FOR = {
     "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"},
     "generate_until": {"exact_match", "squad_exact_match", "squad_f1"},
 }
-FORMATS = ("json", "csv", "parquet", "text")
 KNOWN_KEYS = {
     "task", "task_alias", "tag", "group", "include", "dataset_path", "dataset_name", "dataset_kwargs",
     "training_split", "validation_split", "test_split", "fewshot_split", "doc_to_text", "doc_to_target",
@@ -133,110 +125,6 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return config
 
 
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Doc:
-    """One document (a row of the data) and where it came from, for error messages."""
-
-    fields: dict[str, Any]
-    origin: str  # "data.jsonl line 7"
-
-
-def _resolve_data_path(name: str, yaml_dir: Path) -> Path:
-    if re.match(r"^[a-z][a-z0-9+.-]*://", name):
-        raise TaskError(f"data file {name} is a URL; scribe eval reads local files only: download it and point data_files at it")
-    candidate = Path(name).expanduser()
-    if not candidate.is_absolute() and (yaml_dir / candidate).exists():
-        return yaml_dir / candidate
-    return candidate
-
-
-def _plain(value: Any) -> Any:
-    """numpy / pandas scalars and arrays as Python values, as `datasets` hands them out."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
-def read_data_file(path: Path, fmt: str) -> list[Doc]:
-    if not path.is_file():
-        raise TaskError(f"missing data file {path}")
-    docs: list[Doc] = []
-    if fmt == "json":
-        text = path.read_text(encoding="utf-8")
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path}: not valid JSON ({err})") from None
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise TaskError(f"{path} item {i}: each document is a JSON object, got {type(row).__name__}")
-                docs.append(Doc(row, f"{path.name} item {i}"))
-            return docs
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path} line {n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{path} line {n}: each line is a JSON object, got {type(row).__name__}")
-            docs.append(Doc(row, f"{path.name} line {n}"))
-        return docs
-    if fmt == "text":
-        return [Doc({"text": line}, f"{path.name} line {n}")
-                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
-    except Exception as err:  # pandas raises many kinds; the message is what matters
-        raise TaskError(f"{path}: cannot read as {fmt} ({str(err).splitlines()[0]})") from None
-    offset = 2 if fmt == "csv" else 0  # csv: line 1 is the header
-    for i, row in enumerate(frame.to_dict("records")):
-        where = f"{path.name} line {i + offset}" if fmt == "csv" else f"{path.name} row {i}"
-        docs.append(Doc({k: _plain(v) for k, v in row.items()}, where))
-    return docs
-
-
-def load_splits(config: dict[str, Any], yaml_path: Path) -> dict[str, list[Doc]]:
-    """The task's data, split name -> documents, from local files only."""
-    name = config.get("task", yaml_path.stem)
-    fmt = config.get("dataset_path")
-    kwargs = config.get("dataset_kwargs") or {}
-    check_local_dataset(config, name)
-    files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
-    if not files:
-        raise TaskError(f"task {name}: dataset_path {fmt} needs dataset_kwargs.data_files (local files, "
-                        "e.g. {test: data.jsonl})")
-    if not isinstance(files, dict):
-        files = {"train": files}
-    splits = {}
-    for split, paths in files.items():
-        paths = [paths] if isinstance(paths, str) else list(paths)
-        splits[str(split)] = [d for p in paths for d in read_data_file(_resolve_data_path(str(p), yaml_path.parent), fmt)]
-    return splits
-
-
-def check_local_dataset(config: dict[str, Any], name: str) -> None:
-    """Refuse, before anything else, a task whose data would come from the network."""
-    fmt = config.get("dataset_path")
-    if fmt not in FORMATS:
-        if not fmt:
-            raise TaskError(f"task {name}: no dataset_path; use dataset_path: json (or csv, parquet, text) "
-                            "with dataset_kwargs.data_files pointing at local files")
-        raise TaskError(f"task {name}: dataset_path {fmt!r} is not a local format; scribe eval does not download "
-                        "datasets: save the data as JSON lines (or csv, parquet, text), set dataset_path: json "
-                        "and point dataset_kwargs.data_files at the files")
-
-
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -261,7 +149,7 @@ class Task:
     output_type: str
     docs: list[Doc]
     fewshot_docs: list[Doc]
-    fewshot_is_eval_split: bool
+    excludes_scored_doc: bool
     config: dict[str, Any]
     metrics: list[tuple[str, dict[str, Any]]]
     source: Path
@@ -368,7 +256,7 @@ class Task:
         # As lm-eval's ContextSampler: draw n (n + 1 when the examples come from the scored split,
         # then drop the document itself), from one generator shared by the whole task in order.
         pool = self.fewshot_docs
-        if not self.fewshot_is_eval_split:
+        if not self.excludes_scored_doc:
             if len(pool) < n:
                 raise TaskError(f"task {self.name}: {n} few-shot examples asked for, the few-shot split has {len(pool)}")
             return rnd.sample(pool, n)
@@ -470,8 +358,11 @@ def build_task(config: dict[str, Any], path: Path) -> Task:
     if eval_split is None:
         raise TaskError(f"task {name}: set test_split (or validation_split) to the split to score")
     fewshot_split = split("fewshot_split") or split("training_split") or split("validation_split") or eval_split
+    # As lm-eval: the scored document is kept out of its own examples only when fewshot_split names
+    # the scored split; left to fall back on it, examples are drawn from all of its documents.
+    excludes_doc = split("fewshot_split") is not None and split("fewshot_split") == split("test_split")
     return Task(name=name, output_type=output_type, docs=splits[eval_split], fewshot_docs=splits[fewshot_split],
-                fewshot_is_eval_split=(fewshot_split == eval_split), config=config, metrics=metrics, source=path)
+                excludes_scored_doc=excludes_doc, config=config, metrics=metrics, source=path)
 
 
 # ----------------------------------------------------------------------------- finding tasks
