@@ -161,10 +161,18 @@ class DecodeRow:
 # ----------------------------------------------------------------------------- the model's side
 
 
-def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+#: Prompts longer than this are run through the cache this many tokens at a time: activations
+#: and attention scores then grow with the chunk, not with the prompt (a 32K-token prompt never
+#: holds a 32K × 32K score matrix), and only the last positions are unembedded.
+PREFILL_CHUNK = 512
+
+
+def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]],
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run prompts into cache rows first.. (right-padded, from empty rows); logits of each
     prompt's last token (k, V). With the causal mask a real token never sees the padding
-    after it, and each row's length is set to its own prompt's, so padding is never read."""
+    after it, and each row's length is set to its own prompt's, so padding is never read.
+    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`)."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
     P = max(lengths)
@@ -174,10 +182,32 @@ def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]])
     padding = None
     if min(lengths) != P:
         padding = (torch.arange(P)[None, :] < torch.tensor(lengths)[:, None]).to(device)  # (k, P): picks each last token
-    logits = model(ids.to(device), cache=cache.rows(first, len(prompts)), attention_mask=padding, last_only=True)
+    rows = cache.rows(first, len(prompts))
+    if P > chunk:
+        logits = prefill_in_chunks(model, rows, ids.to(device), padding, torch.tensor(lengths), chunk)
+    else:
+        logits = model(ids.to(device), cache=rows, attention_mask=padding, last_only=True)
     for j, n in enumerate(lengths):
         cache.set_length(first + j, n)
     return logits[:, 0]  # (k, V)
+
+
+def prefill_in_chunks(model, cache, ids: torch.Tensor, padding: torch.Tensor | None, lengths: torch.Tensor,
+                      chunk: int) -> torch.Tensor:
+    """ids (k, P) through an empty cache `chunk` positions at a time; logits of each row's
+    last real token (k, 1, V). Each chunk attends the cached chunks before it and itself;
+    a row's final hidden state is taken from the chunk its last token falls in."""
+    last = (lengths - 1).to(ids.device)  # (k,) each row's last real position
+    final = None  # (k, C) hidden state at each row's last position
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        mask = None if padding is None else padding[:, :end]  # (k, S) cached and new positions
+        hidden = model.hidden_states(ids[:, start:end], cache=cache, attention_mask=mask)  # (k, t, C)
+        if final is None:
+            final = hidden.new_zeros(hidden.shape[0], hidden.shape[2])
+        inside = ((last >= start) & (last < end)).nonzero().flatten()  # rows whose prompt ends here
+        final[inside] = hidden[inside, last[inside] - start]
+    return model.unembedding(final[:, None])  # (k, 1, V)
 
 
 def feed(model, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
