@@ -75,6 +75,19 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, hf_dir, tokeni
     assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
 
 
+def test_long_prompts_are_scored_chunk_by_chunk(server, hf_dir, tokenizer, monkeypatch):
+    monkeypatch.setattr("scribelm.serve.scoring.CHUNK", 8)  # several chunks, rows ending in different ones
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = [tokenizer.encode("It was the best of times, it was the worst of times, it was the age of wisdom."),
+               tokenizer.encode("Call me Ishmael."), tokenizer.encode("In the beginning God created the heaven")]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=2, echo=True, logprobs=1, temperature=0)
+    for ids, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index)):
+        scored = choice.logprobs.token_logprobs[: len(ids)]
+        assert torch.allclose(torch.tensor(scored[1:]), reference_logprobs(hf_dir, ids), atol=1e-4)
+        plain = client.completions.create(model="tiny", prompt=ids, max_tokens=2, logprobs=1, temperature=0)
+        assert plain.choices[0].text == choice.text[len(tokenizer.decode(ids)):]
+
+
 def test_max_tokens_zero_needs_echo(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 0}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
