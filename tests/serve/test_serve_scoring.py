@@ -3,6 +3,7 @@ and lm-eval's `local-completions` model against `scribe serve` agreeing with its
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -33,11 +34,16 @@ def server(hf_dir):
         yield running
 
 
-def reference_logprobs(hf_dir, ids: list[int]) -> torch.Tensor:
-    """transformers' own log-probabilities of ids[1:] given what precedes each, (T-1,)."""
+@functools.lru_cache(maxsize=2)
+def transformers_model(hf_dir):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def reference_logprobs(hf_dir, ids: list[int]) -> torch.Tensor:
+    """transformers' own log-probabilities of ids[1:] given what precedes each, (T-1,)."""
+    model = transformers_model(hf_dir)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()  # (T, V)
     return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
