@@ -80,8 +80,12 @@ def grammar_tokenizer(tokenizer):
         found = _tokenizers.get(tokenizer)
         if found is None:
             llg = _llguidance()
-            eos = tokenizer.eos_id
-            found = llg.LLTokenizer(tokenizer.backend.to_str(), eos_token=eos)
+            if tokenizer.eos_id is None:
+                raise StructuredOutputError("structured output needs a tokenizer with an end-of-text token")
+            try:
+                found = llg.LLTokenizer(tokenizer.backend.to_str(), eos_token=tokenizer.eos_id)
+            except (ValueError, RuntimeError) as err:
+                raise StructuredOutputError(f"the grammar engine cannot read this tokenizer: {err}") from None
             _tokenizers[tokenizer] = found
         return found
 

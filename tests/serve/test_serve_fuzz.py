@@ -46,6 +46,9 @@ def _check(response: httpx.Response, what: str) -> None:
         body = response.json()
         assert set(body) == {"error"}, what
         error = body["error"]
+        if response.request.url.path.startswith("/api/"):  # Ollama's routes answer in Ollama's shape
+            assert isinstance(error, str) and error, what
+            return
         assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str) and error["message"], what
     elif response.headers.get("content-type", "").startswith("application/json"):
         response.json()
@@ -61,8 +64,8 @@ def test_api_fuzzed_from_its_schema(served):
     with httpx.Client(base_url=served.url, timeout=60) as http:
         for operation in operations:
             for mode, examples in EXAMPLES.items():
-                if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
-                    continue  # the GET routes take no body: nothing to break
+                if mode is GenerationMode.NEGATIVE and (operation.method.upper() != "POST" or not len(operation.body)):
+                    continue  # routes whose body the schema does not describe (GET, Ollama's): nothing to break
 
                 @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
                           suppress_health_check=list(HealthCheck))

@@ -123,3 +123,16 @@ def test_eviction_keeps_within_the_budget_and_drops_the_least_recently_used(path
     assert len(kept) == 1  # a's first block survived: its descendants were evicted before it
     assert torch.equal(kept[0][0], cache.keys[:, 0, :, :BLOCK])
     assert block_keys(a)[:2] == block_keys(a[:40])[:2] and block_keys(a)[0] != block_keys(b)[0]
+
+
+def test_a_small_budget_evicts_and_answers_stay_the_same(paths):
+    with serve(paths, 0) as cold_server:
+        cold = openai.OpenAI(base_url=cold_server.url + "/v1", api_key="x", max_retries=0)
+        expected = [answer_of(ask(cold, conversation(t))) for t in range(3)]
+    with serve(paths, 40_000) as server:  # a few blocks of this model: every new prompt evicts older ones
+        warm = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        for _ in range(2):
+            for t in range(3):
+                same_answer(answer_of(ask(warm, conversation(t))), expected[t])
+        prefixes = server.app.state.pool.get("alpha").prefix_cache
+        assert prefixes.evictions > 0 and prefixes.nbytes <= 40_000 and len(prefixes) > 0

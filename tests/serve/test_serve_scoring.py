@@ -3,6 +3,7 @@ and lm-eval's `local-completions` model against `scribe serve` agreeing with its
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -33,11 +34,16 @@ def server(hf_dir):
         yield running
 
 
-def reference_logprobs(hf_dir, ids: list[int]) -> torch.Tensor:
-    """transformers' own log-probabilities of ids[1:] given what precedes each, (T-1,)."""
+@functools.lru_cache(maxsize=2)
+def transformers_model(hf_dir):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def reference_logprobs(hf_dir, ids: list[int]) -> torch.Tensor:
+    """transformers' own log-probabilities of ids[1:] given what precedes each, (T-1,)."""
+    model = transformers_model(hf_dir)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()  # (T, V)
     return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -73,6 +79,19 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, hf_dir, tokeni
                                             temperature=0, stream=True))
     assert chunks[0].choices[0].text == tokenizer.decode(ids)
     assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+
+
+def test_long_prompts_are_scored_chunk_by_chunk(server, hf_dir, tokenizer, monkeypatch):
+    monkeypatch.setattr("scribelm.serve.scoring.CHUNK", 8)  # several chunks, rows ending in different ones
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = [tokenizer.encode("It was the best of times, it was the worst of times, it was the age of wisdom."),
+               tokenizer.encode("Call me Ishmael."), tokenizer.encode("In the beginning God created the heaven")]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=2, echo=True, logprobs=1, temperature=0)
+    for ids, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index)):
+        scored = choice.logprobs.token_logprobs[: len(ids)]
+        assert torch.allclose(torch.tensor(scored[1:]), reference_logprobs(hf_dir, ids), atol=1e-4)
+        plain = client.completions.create(model="tiny", prompt=ids, max_tokens=2, logprobs=1, temperature=0)
+        assert plain.choices[0].text == choice.text[len(tokenizer.decode(ids)):]
 
 
 def test_max_tokens_zero_needs_echo(server):

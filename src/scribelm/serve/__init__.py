@@ -5,6 +5,9 @@
     api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), auth, the generation routes
     requests.py   a request body -> chat messages, prompt ids, SamplingSettings; refused fields
     responses.py  engine events -> OpenAI's responses, stream chunks and log-probs
+    scoring.py    log-probabilities of a prompt's own tokens (echo + logprobs: an evaluation backend)
+    prefix_cache.py  keys/values of recent prompts, reused by prompts that start the same way
+    ollama.py     Ollama's API (/api/tags, /api/show, /api/generate, /api/chat) on the same engines
     schema.py     the request bodies as Pydantic models: validation and the OpenAPI schema
     json_body.py  request bodies to JSON with bounded depth and number sizes
     errors.py     ApiError: every error in OpenAI's JSON shape

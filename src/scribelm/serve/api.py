@@ -7,6 +7,7 @@
     GET  /metrics                Prometheus text: requests, tokens, queue, TTFT, tokens/s
     GET  /openapi.json           the API's schema, request bodies included (no key needed)
     GET  /                       the chat page
+    /api/tags, /api/show, /api/generate, /api/chat, /api/version   Ollama's API (`ollama.py`)
 
 Any client that speaks OpenAI's API (the official `openai` package, LangChain,
 curl) works unchanged: same JSON, same server-sent events for streaming
@@ -38,7 +39,9 @@ import asyncio
 import hmac
 import json
 import time
+from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
@@ -61,6 +64,7 @@ from scribelm.serve.engine import (
 from scribelm.serve.errors import ApiError
 from scribelm.serve.json_body import parse_json_body
 from scribelm.serve.metrics import Metrics
+from scribelm.serve.ollama import register_ollama_routes
 from scribelm.serve.origins import HostOriginGuard
 from scribelm.serve.requests import chat_messages, output_grammar, prompt_ids, refuse_unsupported, sampling_settings
 from scribelm.serve.responses import CallResponse, int_list, json_response
@@ -73,6 +77,21 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: plenty for prompts, small enough to r
 DEFAULT_BODY_SECONDS = 30.0  # a body that takes longer to arrive is a stalled or hostile client
 DISCONNECT_POLL_SECONDS = 0.05  # how often a waiting request checks that its client is still there
 _CLIENT_GONE = object()  # put on a request's event queue when its client disconnected
+
+
+@dataclass
+class GenerationRun:
+    """A generation call submitted to the engine, for a renderer of another API's answers (`ollama.py`)."""
+
+    call: CallResponse
+    requests: list[GenerationRequest]
+    next_event: Any  # async () -> the next engine event (or client_gone)
+    watcher: asyncio.Task
+    finish_metrics: Any
+    prompt_tokens: int
+    stream: bool
+    started: float
+    client_gone: object
 
 
 # ----------------------------------------------------------------------------- the app
@@ -205,9 +224,12 @@ def create_app(
         events.put_nowait(_CLIENT_GONE)
 
     # -- generation ---------------------------------------------------------------
-    async def generate(request: Request, chat: bool):
+    async def generate(request: Request, chat: bool, body: dict | None = None, render=None):
+        """One generation call. `body`: an OpenAI-shaped body already read (another API's request,
+        translated); `render(run)`: answers in another API's shape instead of OpenAI's."""
         started = time.monotonic()
-        req = parse_request(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
+        req = parse_request(ChatCompletionRequest if chat else CompletionRequest,
+                            body if body is not None else await read_json(request))
         refuse_unsupported(req, chat)
         grammar, grammar_param = output_grammar(req, chat)
         engine = await engine_for(req.model)
@@ -294,6 +316,10 @@ def create_app(
                 metrics.observe_ttft(model_name, call.first_token_at - started)
             return event
 
+        if render is not None:
+            return await render(GenerationRun(call=call, requests=requests, next_event=next_event, watcher=watcher,
+                                        finish_metrics=finish_metrics, prompt_tokens=prompt_tokens, stream=stream,
+                                        started=started, client_gone=_CLIENT_GONE))
         if not stream:
             try:
                 while call.finished < total_choices:
@@ -350,6 +376,8 @@ def create_app(
                     r.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    register_ollama_routes(app, pool, generate=generate, engine_for=engine_for, read_json=read_json)
 
     @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):

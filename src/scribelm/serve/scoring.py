@@ -9,10 +9,11 @@ with `max_tokens: 0` (or 1) and sum the continuation's log-probabilities.
 
 The prompt is prefilled as usual, but every position's hidden state is kept:
 
-    hidden (k, P, C) = model.hidden_states(prompts, cache=rows)     one pass, keys/values cached
-    position t of row j predicts token t+1:
-        log_softmax(unembedding(hidden[j, t]))[prompt[t+1]]          in chunks of CHUNK positions,
-                                                                     so (P, V) is never whole in memory
+    for each chunk of CHUNK positions (keys/values cached, as a chunked prefill):
+        hidden (k, t, C) = model.hidden_states(chunk, cache=rows)
+        position t of row j predicts token t+1:
+            log_softmax(unembedding(hidden[j, t]))[prompt[t+1]]      so neither (P, P) attention
+                                                                     scores nor (P, V) logits exist
     the last real position's logits start generation, as `decode.prefill`'s do
 
 These are the model's raw log-probabilities (no temperature or penalties), as
@@ -30,7 +31,7 @@ from scribelm.cache import KVCache
 
 __all__ = ["PromptLogprobsEvent", "prefill_scored"]
 
-CHUNK = 256  # positions unembedded at once: bounds the (CHUNK, V) logits of a long prompt
+CHUNK = 256  # positions run and unembedded at once: bounds attention scores and logits of a long prompt
 
 
 @dataclass
@@ -47,33 +48,41 @@ def prefill_scored(
     model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]], top_n: int,
 ) -> tuple[torch.Tensor, list[tuple[list[float | None], list[list[tuple[int, float]] | None] | None]]]:
     """`decode.prefill` that also scores each prompt's tokens: (logits of each last token (k, V),
-    [(logprobs, top) per prompt]); `top` lists the top_n alternatives per token (None when top_n is 0)."""
+    [(logprobs, top) per prompt]); `top` lists the top_n alternatives per token (None when top_n is 0).
+
+    The prompts go through the cache CHUNK positions at a time, each chunk scored as it comes,
+    so neither the attention scores nor the logits ever span the whole prompt."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
     P = max(lengths)
     ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (k, P)
     for j, p in enumerate(prompts):
         ids[j, : lengths[j]] = torch.tensor(list(p), dtype=torch.long)
+    ids = ids.to(device)
     padding = None
     if min(lengths) != P:
         padding = (torch.arange(P)[None, :] < torch.tensor(lengths)[:, None]).to(device)  # (k, P)
-    hidden = model.hidden_states(ids.to(device), cache=cache.rows(first, len(prompts)), attention_mask=padding)  # (k, P, C)
-    for j, n in enumerate(lengths):
-        cache.set_length(first + j, n)
-    rows = torch.arange(len(prompts), device=device)
-    last_logits = model.unembedding(hidden[rows, torch.tensor(lengths, device=device) - 1])  # (k, V)
-
-    scores = []
-    for j, n in enumerate(lengths):
-        logprobs: list[float | None] = [None]
-        top: list[list[tuple[int, float]] | None] | None = [None] if top_n > 0 else None
-        targets = ids[j, 1:n].to(device)  # (n-1,): position t predicts token t+1
-        for start in range(0, n - 1, CHUNK):
-            end = min(start + CHUNK, n - 1)
-            lp = model.unembedding(hidden[j, start:end]).float().log_softmax(-1)  # (chunk, V)
-            logprobs.extend(lp.gather(-1, targets[start:end, None]).squeeze(-1).tolist())
+    rows = cache.rows(first, len(prompts))
+    scores = [([None], [None] if top_n > 0 else None) for _ in prompts]  # nothing predicts a first token
+    final = None  # (k, C): each row's hidden state at its last token
+    for start in range(0, P, CHUNK):
+        end = min(start + CHUNK, P)
+        mask = None if padding is None else padding[:, :end]  # (k, S) cached and new positions
+        hidden = model.hidden_states(ids[:, start:end], cache=rows, attention_mask=mask)  # (k, t, C)
+        if final is None:
+            final = hidden.new_zeros(hidden.shape[0], hidden.shape[2])
+        for j, n in enumerate(lengths):
+            if start <= n - 1 < end:
+                final[j] = hidden[j, n - 1 - start]
+            stop = min(end, n - 1)  # position t predicts token t+1; the last token predicts nothing here
+            if stop <= start:
+                continue
+            lp = model.unembedding(hidden[j, : stop - start]).float().log_softmax(-1)  # (t, V)
+            logprobs, top = scores[j]
+            logprobs.extend(lp.gather(-1, ids[j, start + 1 : stop + 1, None]).squeeze(-1).tolist())
             if top is not None:
                 best = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
                 top.extend(list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist()))
-        scores.append((logprobs, top))
-    return last_logits, scores
+    for j, n in enumerate(lengths):
+        cache.set_length(first + j, n)
+    return model.unembedding(final), scores  # (k, V)
