@@ -137,18 +137,21 @@ def activation_stream(lm, batches: Iterable[torch.Tensor], layer: int, site: str
     """Shuffled SAE batches (batch_tokens, d) of the site's activations, streamed: a buffer
     of `buffer_tokens` activations is filled, shuffled, and its first half handed out."""
     generator = torch.Generator().manual_seed(seed)
-    device = lm.device
-    buffer = torch.empty(0)
     batches = iter(batches)
+    buffer: torch.Tensor | None = None  # (n, d) float32, on the model's device
     while True:
-        while len(buffer) < buffer_tokens:
+        chunks = [] if buffer is None else [buffer]
+        filled = 0 if buffer is None else len(buffer)
+        while filled < buffer_tokens:
             ids = next(batches, None)
             if ids is None:
                 break
-            acts = activations(lm.model, ids.to(device), layer, site)  # (B, T, d)
-            buffer = torch.cat([buffer.to(acts.device, acts.dtype), acts.flatten(0, 1).float()])
-        if len(buffer) < batch_tokens:
+            acts = activations(lm.model, ids.to(lm.device), layer, site).flatten(0, 1).float()  # (B·T, d)
+            chunks.append(acts)
+            filled += len(acts)
+        if filled < batch_tokens:
             return
+        buffer = torch.cat(chunks)
         buffer = buffer[torch.randperm(len(buffer), generator=generator).to(buffer.device)]
         give = max(batch_tokens, len(buffer) // 2) // batch_tokens * batch_tokens
         for start in range(0, give, batch_tokens):
