@@ -44,7 +44,12 @@ def main() -> None:
         settings = SAETraining(layer=args.layer, site="mlp", expansion=8, k=args.k if kind == "topk" else None,
                                l1_coefficient=args.l1, steps=args.steps, batch_tokens=args.batch_tokens)
         start = time.perf_counter()
-        sae, _ = train_sae(lm, token_batches(lm, args.data, **windows), settings)
+        def progress(step: int, entry: dict) -> None:
+            if step % 50 == 0:
+                print(f"  {kind} step {step}: mse {entry['mse']:.2f}, L0 {entry['l0']:.1f}, dead {100 * entry['dead_fraction']:.1f}%",
+                      flush=True)
+
+        sae, _ = train_sae(lm, token_batches(lm, args.data, **windows), settings, on_step=progress)
         seconds = time.perf_counter() - start
         held_out = itertools.islice(token_batches(lm, args.data, split="validation", loop=False, **windows), 32)
         metrics = evaluate_sae(lm, sae, held_out, args.layer, "mlp")
