@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from scribelm.inspect.hooks import hooks_attached
 from scribelm.inspect.sae import SAEConfig, SAEError, SparseAutoencoder, default_input_scale
 
 SITES = {"mlp": "blocks.{layer}.mlp.hook_post", "resid": "blocks.{layer}.hook_resid_post"}
@@ -65,23 +66,10 @@ def check_site(model, layer: int, site: str) -> None:
 @contextmanager
 def hooked(model, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor | None]):
     """While inside, `edit(activation)` sees the site's activation (B, T, d) on every forward
-    and may return a replacement. The MLP's hidden units are the input of its down
-    projection; the residual stream after block L is the block's output."""
+    and may return a replacement (the named hook points of `scribelm.inspect.hooks`)."""
     check_site(model, layer, site)
-    block = model.blocks[layer]
-    if site == "mlp":
-        def pre_hook(module, args):
-            replacement = edit(args[0])
-            return None if replacement is None else (replacement, *args[1:])
-        handle = block.mlp.down.register_forward_pre_hook(pre_hook)
-    else:
-        def post_hook(module, args, output):
-            return edit(output)
-        handle = block.register_forward_hook(post_hook)
-    try:
+    with hooks_attached(model, {hook_name(layer, site): lambda tensor, hook: edit(tensor)}):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
