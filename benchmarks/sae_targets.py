@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=512)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1", type=float, default=1.0)
+    parser.add_argument("--aux", type=float, default=1 / 32, help="top-k's dead-feature loss coefficient")
+    parser.add_argument("--resample-every", type=int, default=250)
+    parser.add_argument("--dead-window", type=int, default=200)
     parser.add_argument("--only", choices=["topk", "relu"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -42,7 +45,9 @@ def main() -> None:
         if args.only and kind != args.only:
             continue
         settings = SAETraining(layer=args.layer, site="mlp", expansion=8, k=args.k if kind == "topk" else None,
-                               l1_coefficient=args.l1, steps=args.steps, batch_tokens=args.batch_tokens)
+                               l1_coefficient=args.l1, aux_coefficient=args.aux, steps=args.steps,
+                               batch_tokens=args.batch_tokens, resample_every=args.resample_every,
+                               dead_window=args.dead_window)
         start = time.perf_counter()
         def progress(step: int, entry: dict) -> None:
             if step % 50 == 0:

@@ -158,6 +158,7 @@ class SAETraining:
     features: int | None = None
     k: int | None = None  # top-k; None: ReLU + L1
     l1_coefficient: float = 1.0  # in units where E‖x‖² = d (SparseAutoencoder.input_scale)
+    aux_coefficient: float = 1 / 32  # top-k's dead-feature loss
     steps: int = 2000
     batch_tokens: int = 1024
     lr: float = 1e-3
@@ -182,7 +183,7 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
     torch.manual_seed(settings.seed)
     d = site_width(lm.model, settings.site)
     config = SAEConfig(d_in=d, n_features=settings.features or settings.expansion * d, k=settings.k,
-                       l1_coefficient=settings.l1_coefficient)
+                       l1_coefficient=settings.l1_coefficient, aux_coefficient=settings.aux_coefficient)
     sae = SparseAutoencoder(config).to(lm.device)
     stream = activation_stream(lm, batches, settings.layer, settings.site, batch_tokens=settings.batch_tokens,
                                buffer_tokens=max(16 * settings.batch_tokens, 8192), seed=settings.seed)
