@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=512)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1", type=float, default=1.0)
-    parser.add_argument("--aux", type=float, default=1 / 32, help="top-k's dead-feature loss coefficient")
+    parser.add_argument("--aux", type=float, default=1.0, help="top-k's dead-feature loss coefficient")
     parser.add_argument("--resample-every", type=int, default=250)
     parser.add_argument("--dead-window", type=int, default=200)
     parser.add_argument("--only", choices=["topk", "relu"])
