@@ -170,6 +170,8 @@ class SAETraining:
     def check(self) -> None:
         if self.steps < 1 or self.batch_tokens < 1 or self.lr <= 0:
             raise SAEError("steps, batch_tokens and lr must be positive")
+        if self.resample_every < 0 or self.dead_window < 1:
+            raise SAEError("resample_every must be ≥ 0 and dead_window ≥ 1")
         if self.expansion < 1 or (self.features is not None and self.features < 1):
             raise SAEError("the dictionary needs at least one feature")
 
