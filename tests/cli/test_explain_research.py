@@ -3,28 +3,16 @@ MiniLM weights and a small trained model, and their one-line errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from scribelm.errors import ScribeError
+from scribelm.cli import main
 
 
 def explain(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `scribe explain SUBVERB ...` the way the explain verb dispatches its sub-verbs."""
-    from scribelm.cli import explain_embeddings, explain_sae, explain_superposition
-
-    parser = argparse.ArgumentParser(prog="scribe explain")
-    subparsers = parser.add_subparsers()
-    for module in (explain_embeddings, explain_superposition, explain_sae):
-        module.register(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        code = args.handler(args)
-    except ScribeError as err:
-        print(f"error: {err}")
-        code = 2
+    """`scribe explain SUBVERB ...` in this process: (exit status, stdout, stderr)."""
+    code = main(["explain", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -72,8 +60,8 @@ def test_embeddings_of_a_trained_model_and_bad_words(model_dir, capsys):
     word = lm_input_embeddings(trained_lm("llama")).words[0]
     code, out, _ = explain(["embeddings", str(model_dir), "--nearest", word, "-k", "3"], capsys)
     assert code == 0 and f"nearest to {word}:" in out
-    code, out, _ = explain(["embeddings", "minilm", "--analogy", "king", "man", "zzqxv"], capsys)
-    assert code == 2 and out.startswith("error: not in the vocabulary: 'zzqxv'")
+    code, out, err = explain(["embeddings", "minilm", "--analogy", "king", "man", "zzqxv"], capsys)
+    assert code == 2 and err.startswith("error: not in the vocabulary: 'zzqxv'")
 
 
 def test_superposition_writes_plots(tmp_path, capsys):
@@ -84,10 +72,10 @@ def test_superposition_writes_plots(tmp_path, capsys):
     result = json.loads(out)
     assert result["counting"]["random"]["n"] == 300 and result["toy"][0]["represented"] >= 4
     assert sorted(p.name for p in out_dir.glob("*.png")) == ["angles.png", "toy-sparsity-0.9.png"]
-    code, out, _ = explain(["superposition", "--only", "toy", "-o", str(out_dir)], capsys)
-    assert code == 2 and "--force" in out  # an earlier run is not replaced silently
-    code, out, _ = explain(["superposition", "--hidden", "5", "-o", str(tmp_path / "other")], capsys)
-    assert code == 2 and "d < n" in out
+    code, _, err = explain(["superposition", "--only", "toy", "-o", str(out_dir)], capsys)
+    assert code == 2 and "--force" in err  # an earlier run is not replaced silently
+    code, _, err = explain(["superposition", "--hidden", "5", "-o", str(tmp_path / "other")], capsys)
+    assert code == 2 and "d < n" in err
 
 
 def test_sae_trains_reports_and_shows_features(model_dir, text_file, tmp_path, capsys):
@@ -108,6 +96,6 @@ def test_sae_trains_reports_and_shows_features(model_dir, text_file, tmp_path, c
 
 
 def test_sae_on_a_layer_the_model_lacks(model_dir, text_file, tmp_path, capsys):
-    code, out, _ = explain(["sae", str(model_dir), "--data", str(text_file), "--layer", "7", "-o", str(tmp_path / "x")], capsys)
-    assert code == 2 and out.strip() == "error: the model has 2 layers (0..1); there is no layer 7"
+    code, _, err = explain(["sae", str(model_dir), "--data", str(text_file), "--layer", "7", "-o", str(tmp_path / "x")], capsys)
+    assert code == 2 and err.strip() == "error: the model has 2 layers (0..1); there is no layer 7"
     assert not (tmp_path / "x").exists()

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--features", type=int, help="dictionary size (default 8 × the activation width)")
     p.add_argument("--k", type=int, help="top-k SAE with k active features; without it: ReLU with an L1 penalty")
     p.add_argument("--l1", type=float, default=1.0, help="L1 coefficient of the ReLU SAE (default 1.0)")
+    p.add_argument("--resample-every", type=int, help="resample dead features every N steps (default: 250 for ReLU; "
+                   "never for top-k, whose auxiliary loss revives them)")
     p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--batch-tokens", type=int, default=1024, help="activations per step (default 1024)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -49,7 +51,8 @@ def run(args) -> int:
     from scribelm.io import atomic_directory, claim_output_directory
 
     settings = SAETraining(layer=args.layer, site=args.site, features=args.features, k=args.k, l1_coefficient=args.l1,
-                           steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed)
+                           steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
+                           resample_every=args.resample_every if args.resample_every is not None else (0 if args.k else 250))
     settings.check()
     out = claim_output_directory(args.output, force=args.force, kind="sparse autoencoder")
     lm = scribelm.load(args.model, device=args.device)

@@ -48,7 +48,7 @@ class SAEConfig:
     n_features: int
     k: int | None = None  # top-k; None: ReLU with an L1 penalty
     l1_coefficient: float = 5.0
-    aux_coefficient: float = 1 / 32  # top-k's dead-feature loss, as in Gao et al. 2024
+    aux_coefficient: float = 1.0  # top-k's dead-feature loss (sae-lens's default; Gao et al. 2024 use 1/32)
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.n_features < 1:

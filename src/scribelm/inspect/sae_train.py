@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from scribelm.inspect.hooks import hooks_attached
 from scribelm.inspect.sae import SAEConfig, SAEError, SparseAutoencoder, default_input_scale
 
 SITES = {"mlp": "blocks.{layer}.mlp.hook_post", "resid": "blocks.{layer}.hook_resid_post"}
@@ -65,23 +66,10 @@ def check_site(model, layer: int, site: str) -> None:
 @contextmanager
 def hooked(model, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor | None]):
     """While inside, `edit(activation)` sees the site's activation (B, T, d) on every forward
-    and may return a replacement. The MLP's hidden units are the input of its down
-    projection; the residual stream after block L is the block's output."""
+    and may return a replacement (the named hook points of `scribelm.inspect.hooks`)."""
     check_site(model, layer, site)
-    block = model.blocks[layer]
-    if site == "mlp":
-        def pre_hook(module, args):
-            replacement = edit(args[0])
-            return None if replacement is None else (replacement, *args[1:])
-        handle = block.mlp.down.register_forward_pre_hook(pre_hook)
-    else:
-        def post_hook(module, args, output):
-            return edit(output)
-        handle = block.register_forward_hook(post_hook)
-    try:
+    with hooks_attached(model, {hook_name(layer, site): lambda tensor, hook: edit(tensor)}):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -137,18 +125,21 @@ def activation_stream(lm, batches: Iterable[torch.Tensor], layer: int, site: str
     """Shuffled SAE batches (batch_tokens, d) of the site's activations, streamed: a buffer
     of `buffer_tokens` activations is filled, shuffled, and its first half handed out."""
     generator = torch.Generator().manual_seed(seed)
-    device = lm.device
-    buffer = torch.empty(0)
     batches = iter(batches)
+    buffer: torch.Tensor | None = None  # (n, d) float32, on the model's device
     while True:
-        while len(buffer) < buffer_tokens:
+        chunks = [] if buffer is None else [buffer]
+        filled = 0 if buffer is None else len(buffer)
+        while filled < buffer_tokens:
             ids = next(batches, None)
             if ids is None:
                 break
-            acts = activations(lm.model, ids.to(device), layer, site)  # (B, T, d)
-            buffer = torch.cat([buffer.to(acts.device, acts.dtype), acts.flatten(0, 1).float()])
-        if len(buffer) < batch_tokens:
+            acts = activations(lm.model, ids.to(lm.device), layer, site).flatten(0, 1).float()  # (B·T, d)
+            chunks.append(acts)
+            filled += len(acts)
+        if filled < batch_tokens:
             return
+        buffer = torch.cat(chunks)
         buffer = buffer[torch.randperm(len(buffer), generator=generator).to(buffer.device)]
         give = max(batch_tokens, len(buffer) // 2) // batch_tokens * batch_tokens
         for start in range(0, give, batch_tokens):
@@ -167,6 +158,7 @@ class SAETraining:
     features: int | None = None
     k: int | None = None  # top-k; None: ReLU + L1
     l1_coefficient: float = 1.0  # in units where E‖x‖² = d (SparseAutoencoder.input_scale)
+    aux_coefficient: float = 1.0  # top-k's dead-feature loss (on the quickstart model 1 left far fewer dead than 1/32)
     steps: int = 2000
     batch_tokens: int = 1024
     lr: float = 1e-3
@@ -178,6 +170,8 @@ class SAETraining:
     def check(self) -> None:
         if self.steps < 1 or self.batch_tokens < 1 or self.lr <= 0:
             raise SAEError("steps, batch_tokens and lr must be positive")
+        if self.resample_every < 0 or self.dead_window < 1:
+            raise SAEError("resample_every must be ≥ 0 and dead_window ≥ 1")
         if self.expansion < 1 or (self.features is not None and self.features < 1):
             raise SAEError("the dictionary needs at least one feature")
 
@@ -191,7 +185,7 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
     torch.manual_seed(settings.seed)
     d = site_width(lm.model, settings.site)
     config = SAEConfig(d_in=d, n_features=settings.features or settings.expansion * d, k=settings.k,
-                       l1_coefficient=settings.l1_coefficient)
+                       l1_coefficient=settings.l1_coefficient, aux_coefficient=settings.aux_coefficient)
     sae = SparseAutoencoder(config).to(lm.device)
     stream = activation_stream(lm, batches, settings.layer, settings.site, batch_tokens=settings.batch_tokens,
                                buffer_tokens=max(16 * settings.batch_tokens, 8192), seed=settings.seed)

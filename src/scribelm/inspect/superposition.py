@@ -234,6 +234,7 @@ def plot_angle_histograms(before: torch.Tensor, after: torch.Tensor, path: str |
         cos = unit @ unit.T
         upper = torch.triu(torch.ones_like(cos, dtype=torch.bool), diagonal=1)
         ax.hist(torch.rad2deg(torch.arccos(cos[upper].clamp(-1, 1))).numpy(), bins=120, alpha=0.6, label=label, density=True)
+    ax.set_yscale("log")  # the optimisation moves the tails, which a linear scale hides
     ax.set_xlabel("angle between two vectors (degrees)")
     ax.set_title(f"{len(before)} unit vectors in {before.shape[1]} dimensions")
     ax.legend()
