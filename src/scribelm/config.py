@@ -40,7 +40,7 @@ LIMITS = {
 
 @dataclass
 class ModelConfig:
-    """Every architectural choice of a decoder-only transformer."""
+    """Every architectural choice of a transformer: decoder-only (causal) or encoder (bidirectional)."""
 
     vocab_size: int = 50257
     context_length: int = 1024
@@ -65,6 +65,14 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     name: str = "custom"
+    # Encoders (BERT): bidirectional attention, segment embeddings, a norm on the embeddings,
+    # the masked-LM head's transform, the CLS pooler.
+    causal: bool = True  # False: every position sees every (non-padding) position
+    type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the token embeddings
+    embedding_norm: bool = False  # a norm (config.norm) on the summed embeddings, as BERT
+    mlm_head: bool = False  # dense -> activation -> norm before the unembedding (BERT's MLM transform)
+    unembedding_bias: bool = False  # a bias on the unembedding (BERT's MLM decoder)
+    pooler: bool = False  # BERT's pooler: dense + tanh on the first ([CLS]) position
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -129,6 +137,8 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.position == "sinusoidal" and self.d_model % 2 != 0:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.type_vocab_size < 0 or self.type_vocab_size > LIMITS["vocab_size"]:
+            raise ConfigError(f"config field 'type_vocab_size' must be in 0..{LIMITS['vocab_size']}, got {self.type_vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.norm_eps < math.inf:
@@ -244,6 +254,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-0.5b": dict(
         _LLAMA, vocab_size=151936, context_length=32768, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
         d_mlp=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+    ),
+    # BERT-base uncased as published (Devlin et al. 2019): a post-norm bidirectional encoder.
+    "bert-base": dict(
+        vocab_size=30522, context_length=512, d_model=768, n_layers=12, n_heads=12, d_mlp=3072, activation="gelu",
+        norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", tie_embeddings=True,
+        causal=False, type_vocab_size=2, embedding_norm=True, pooler=True,
+    ),
+    # A BERT small enough to pretrain with `objective: mlm` on a laptop CPU in minutes.
+    "tiny-bert": dict(
+        vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4, d_mlp=512, activation="gelu",
+        norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", tie_embeddings=True,
+        causal=False, type_vocab_size=2, embedding_norm=True, mlm_head=True, unembedding_bias=True,
     ),
     # GPT-3 175B as published (Brown et al. 2020, table 2.1): GPT-2 style blocks.
     "gpt3-175b": dict(

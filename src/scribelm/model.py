@@ -12,7 +12,9 @@
     final Norm → unembedding → logits (B, T, V);  softmax gives next-token probabilities
 
 Everything that differs between GPT-2, GPT-3, Llama, Mistral and Qwen2 is a
-field of `ModelConfig`; there is one model class. Attention runs through
+field of `ModelConfig`; there is one model class. An encoder (BERT) is the same
+class with `causal=False` (each position sees the whole sequence), post-norm,
+token-type embeddings, a norm on the embeddings and the masked-LM transform. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
 kernel (flash / memory-efficient) where one applies. Keys and values can be
 written to a `KVCache` so that generation computes each position once.
@@ -225,11 +227,24 @@ class Block(nn.Module):
         return self.residual_dropout(h) if self.training else h  # eval: not even a call
 
 
+class MaskedLMTransform(nn.Module):
+    """BERT's masked-LM head before the unembedding: dense -> activation -> norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.activation]
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.activation(self.dense(x)))  # (B, T, C)
+
+
 # --------------------------------------------------------------------------- transformer
 
 
 class Transformer(nn.Module):
-    """A decoder-only transformer configured by a `ModelConfig`."""
+    """A transformer configured by a `ModelConfig`: decoder-only (causal) or encoder (bidirectional)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -238,10 +253,17 @@ class Transformer(nn.Module):
         self.position_embedding = (
             nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
         )
+        # Encoders (BERT): segment embeddings and a norm on the summed embeddings.
+        self.token_type_embedding = (
+            nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        )
+        self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config) if config.norm_position == "pre" else None
-        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mlm_transform = MaskedLMTransform(config) if config.mlm_head else None
+        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=config.unembedding_bias)
+        self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None  # see `pooled`
         if config.tie_embeddings:
             self.unembedding.weight = self.token_embedding.weight
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the right device
@@ -280,11 +302,11 @@ class Transformer(nn.Module):
         return torch.arange(start, start + T, device=ids.device).expand(B, T)
 
     @staticmethod
-    def _attention_mask(T: int, S: int, start: int, mask: torch.Tensor, device) -> torch.Tensor:
+    def _attention_mask(T: int, S: int, start: int, mask: torch.Tensor, device, causal_attention: bool = True) -> torch.Tensor:
         """Boolean (B, 1, T, S): True where query t may attend key s."""
         query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-        causal = key_pos <= query_pos  # (T, S)
+        causal = key_pos <= query_pos if causal_attention else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
         if mask.dim() == 2:  # (B, S) padding mask: 1 real, 0 pad
             allowed = causal[None] & mask[:, None, :].bool()  # (B, T, S)
         else:  # (B, T, S) explicit mask, e.g. block-diagonal for packed examples
@@ -302,6 +324,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normalized hidden states (B, T, C), before the unembedding; (B, 1, C) with
         `last_only` (see `forward`).
@@ -310,6 +333,7 @@ class Transformer(nn.Module):
         cached positions plus the T new ones), or (B, T, S) booleans saying which
         keys each query may see (combined with the causal mask),
         or (B, 1, T, S) booleans used as they are (the caller owns causality).
+        token_types: (B, T) segment ids for models with token-type embeddings (default all 0).
         """
         B, T = ids.shape
         start, row_positions, row_mask = (0, None, None) if cache is None else cache.prepare(B, T)
@@ -338,6 +362,11 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(positions)  # (B, T, C)
         elif self.config.position == "sinusoidal":
             x = x + sinusoidal_encoding(positions, self.config.d_model).to(x.dtype)
+        if self.token_type_embedding is not None:
+            token_types = torch.zeros_like(ids) if token_types is None else token_types
+            x = x + self.token_type_embedding(token_types)  # (B, T, C)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         if self.training:
             x = self.embedding_dropout(x)
 
@@ -353,7 +382,9 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask.bool()  # (B, 1, T, S) final: rows whose caches differ in length (serving slots)
         elif attention_mask is not None:
-            mask = self._attention_mask(T, S, start, attention_mask, ids.device)
+            mask = self._attention_mask(T, S, start, attention_mask, ids.device, self.config.causal)
+        elif not self.config.causal:
+            pass  # an encoder: every position sees every position, no mask at all
         elif start == 0 and T > 1:
             is_causal = True
         elif T > 1:
@@ -386,6 +417,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V); the one forward pass of training and inference.
 
@@ -394,9 +426,19 @@ class Transformer(nn.Module):
         positions: (B, T) or (T,) position of each token, when not the natural ones.
         attention_mask: see `hidden_states`.
         last_only: logits of each row's last position only, (B, 1, V) (the last real one
-        under a (B, S) padding mask): what generation needs, without unembedding the rest."""
-        x = self.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache, last_only=last_only)
+        under a (B, S) padding mask): what generation needs, without unembedding the rest.
+        token_types: (B, T) segment ids (encoders with token-type embeddings)."""
+        x = self.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache, last_only=last_only,
+                               token_types=token_types)
+        if self.mlm_transform is not None:
+            x = self.mlm_transform(x)  # (B, T, C)
         return self.unembedding(x)  # (B, T, V)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler output: tanh(dense(h at position 0)). hidden (B, T, C) -> (B, C)."""
+        if self.pooler is None:
+            raise ScribeError("this model has no pooler (config pooler=false)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def loss(
         self,
@@ -426,7 +468,7 @@ class Transformer(nn.Module):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if exclude_embeddings and name.startswith(("token_embedding", "position_embedding")):
+            if exclude_embeddings and name.startswith(("token_embedding", "position_embedding", "token_type_embedding")):
                 continue
             total += param.numel()
         return total

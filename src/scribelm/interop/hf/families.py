@@ -12,6 +12,9 @@ from scribelm.interop.hf.configs import (
     _gpt2_from_hf, _gpt2_misfit, _gpt2_to_hf, _llama_like_from_hf, _llama_like_to_hf, _llama_misfit, _mistral_misfit,
     _qwen2_misfit, refuse,
 )
+from scribelm.interop.hf.bert import (
+    BERT_IGNORED, BERT_MLM_WEIGHTS, BERT_MODEL_WEIGHTS, bert_from_hf, bert_mlm_misfit, bert_model_misfit, bert_to_hf,
+)
 from scribelm.interop.hf.weights import GPT2_WEIGHTS, LLAMA_WEIGHTS, WeightRule
 
 @dataclass(frozen=True)
@@ -27,9 +30,10 @@ class Family:
     misfit: Callable[[ModelConfig], list[str]]  # what this family would need that the config lacks
     ignored: str = r"$^"  # tensors that carry no weights: old causal-mask buffers, cached RoPE tables
     prefix: str = ""  # the base model's prefix, absent in checkpoints saved from the base model
+    heads: tuple[str, ...] = ("lm_head.",)  # names outside the base model, never prefixed
 
     def normalize(self, name: str) -> str:
-        if self.prefix and not name.startswith(self.prefix) and not name.startswith("lm_head."):
+        if self.prefix and not name.startswith(self.prefix) and not name.startswith(self.heads):
             return self.prefix + name
         return name
 
@@ -44,6 +48,10 @@ FAMILIES: dict[str, Family] = {
                       ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "Qwen2", LLAMA_WEIGHTS, lambda hf: _llama_like_from_hf(hf, "Qwen2"),
                     _llama_like_to_hf, _qwen2_misfit, ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+    "bert": Family("bert", "BertForMaskedLM", "BERT (masked LM)", BERT_MLM_WEIGHTS, lambda hf: bert_from_hf(hf, True),
+                   bert_to_hf, bert_mlm_misfit, ignored=BERT_IGNORED, prefix="bert.", heads=("cls.",)),
+    "bert-encoder": Family("bert", "BertModel", "BERT", BERT_MODEL_WEIGHTS, lambda hf: bert_from_hf(hf, False),
+                           bert_to_hf, bert_model_misfit, ignored=BERT_IGNORED),
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 

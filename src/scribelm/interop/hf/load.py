@@ -36,7 +36,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-_HF_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+_HF_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.")
 
 
 def _check_layer_count(path: Path, family: Family, config: ModelConfig, names: Iterable[str]) -> None:
