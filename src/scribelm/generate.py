@@ -82,6 +82,16 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def require_decoder(config) -> None:
+    """Generation writes one token after another, each seeing only those before it: an
+    encoder (bidirectional attention, BERT) was never trained to do that."""
+    if not getattr(config, "causal", True):
+        raise ScribeError(
+            f"this model ({config.name}) is an encoder with bidirectional attention and cannot generate text; "
+            "use it for embeddings: lm.embed(texts) (or `scribe embed`)"
+        )
+
+
 def _check_prompt(ids: Sequence[int], vocab_size: int, index: int) -> list[int]:
     ids = [int(i) for i in ids]
     if not ids:
@@ -125,6 +135,7 @@ class BatchGeneration:
         for s in settings:
             if s.num_beams > 1:
                 raise SamplingError("BatchGeneration samples or decodes greedily; use beam_search for num_beams > 1")
+        require_decoder(model.config)
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.context = config.context_length
@@ -257,6 +268,7 @@ def beam_search(
     (judged at the current length, as Hugging Face does). Penalties and
     logit_bias apply; temperature and truncation do not (beam search is
     deterministic)."""
+    require_decoder(model.config)
     config = model.config
     K, V = settings.num_beams, config.vocab_size
     prompt = _check_prompt(prompt_ids, V, 0)
@@ -357,6 +369,7 @@ def beam_search(
 
 def resolve_settings(lm, settings: SamplingSettings | None = None, **overrides: Any) -> SamplingSettings:
     """The checkpoint's generation.json defaults, then `settings`, then keyword overrides."""
+    require_decoder(lm.config)
     reject_unknown_fields(overrides, SamplingSettings, "generation setting", SamplingError)
     if settings is not None:
         base = settings.to_dict()

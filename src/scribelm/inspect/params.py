@@ -75,6 +75,11 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
         add("norms", norms, total(lambda n: n.startswith("blocks.0.") and "norm" in n))
     if model.position_embedding is not None:
         add("learned positions", params["position_embedding.weight"].numel())
+    for label, prefix in (("token-type embeddings", "token_type_embedding."), ("masked-LM head", "mlm_transform."),
+                          ("unembedding bias", "unembedding.bias"), ("pooler", "pooler.")):
+        count = total(lambda n: n.startswith(prefix) and not (label == "masked-LM head" and "norm" in n))
+        if count:
+            add(label, count)
 
     grand_total = sum(p.numel() for p in params.values())
     embeddings = params["token_embedding.weight"].numel() + (
