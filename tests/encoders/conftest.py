@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from tests.train.conftest import data_dir  # noqa: F401  (the prepared-data fixture, shared)
+
 
 def save_tiny_hf_bert(path, masked_lm: bool, **overrides):
     """A random-init transformers BertModel / BertForMaskedLM (2 layers, width 32) whose every
