@@ -101,7 +101,7 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
         return family
     name = config.name.lower()
     hinted = [f for key, f in FAMILIES.items() if name.startswith(key)]
-    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"]]:
+    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"], FAMILIES["bert-encoder"], FAMILIES["bert"]]:
         if not family.misfit(config):
             return family
     reasons = "; ".join(f"{f.title} needs {', '.join(f.misfit(config))}" for f in (FAMILIES["llama"], FAMILIES["gpt2"]))
