@@ -28,7 +28,7 @@ from scribelm.errors import ConfigError, reject_unknown_fields
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")  # relative: T5's bucketed bias per head
 
 #: Largest accepted size of each dimension: far beyond any published model, yet small enough that
 #: a mistyped or hostile config.json (n_layers: 1e9) is refused before anything is built from it.
@@ -73,6 +73,13 @@ class ModelConfig:
     mlm_head: bool = False  # dense -> activation -> norm before the unembedding (BERT's MLM transform)
     unembedding_bias: bool = False  # a bias on the unembedding (BERT's MLM decoder)
     pooler: bool = False  # BERT's pooler: dense + tanh on the first ([CLS]) position
+    # Encoder-decoders (T5): this config is the decoder's; the encoder has the same widths.
+    encoder_layers: int = 0  # > 0: an encoder of this many bidirectional blocks feeds the decoder (scribelm.seq2seq)
+    cross_attention: bool = False  # decoder blocks attend to the encoder's output after self-attention
+    attention_scale: float | None = None  # scores scale; None: 1/sqrt(head_dim); T5: 1 (folded into its init)
+    relative_buckets: int = 32  # position "relative": distance buckets per direction pair (T5)
+    relative_max_distance: int = 128  # position "relative": distances beyond this share the last bucket
+    scale_decoder_output: bool = False  # T5 v1.0: decoder output × 1/sqrt(d_model) before the unembedding
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -139,6 +146,15 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.type_vocab_size < 0 or self.type_vocab_size > LIMITS["vocab_size"]:
             raise ConfigError(f"config field 'type_vocab_size' must be in 0..{LIMITS['vocab_size']}, got {self.type_vocab_size}")
+        if self.encoder_layers < 0 or self.encoder_layers > LIMITS["n_layers"]:
+            raise ConfigError(f"config field 'encoder_layers' must be in 0..{LIMITS['n_layers']}, got {self.encoder_layers}")
+        if self.encoder_layers and not self.cross_attention:
+            raise ConfigError("an encoder-decoder (encoder_layers > 0) needs cross_attention: true in its decoder")
+        if self.position == "relative" and not (2 <= self.relative_buckets <= 4096 and self.relative_max_distance > 0):
+            raise ConfigError(f"relative positions need 2..4096 relative_buckets and a positive relative_max_distance, "
+                              f"got {self.relative_buckets} and {self.relative_max_distance}")
+        if self.attention_scale is not None and not 0 < self.attention_scale < math.inf:
+            raise ConfigError(f"attention_scale must be a positive number, got {self.attention_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.norm_eps < math.inf:
@@ -266,6 +282,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4, d_mlp=512, activation="gelu",
         norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", tie_embeddings=True,
         causal=False, type_vocab_size=2, embedding_norm=True, mlm_head=True, unembedding_bias=True,
+    ),
+    # T5 v1.0 as published (Raffel et al. 2020): an encoder-decoder with relative position bias.
+    "t5-small": dict(
+        vocab_size=32128, context_length=512, d_model=512, n_layers=6, n_heads=8, head_dim=64, d_mlp=2048,
+        activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_bias=False, position="relative", qkv_bias=False,
+        attn_out_bias=False, mlp_bias=False, tie_embeddings=True, encoder_layers=6, cross_attention=True,
+        attention_scale=1.0, scale_decoder_output=True,
+    ),
+    "t5-base": dict(
+        vocab_size=32128, context_length=512, d_model=768, n_layers=12, n_heads=12, head_dim=64, d_mlp=3072,
+        activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_bias=False, position="relative", qkv_bias=False,
+        attn_out_bias=False, mlp_bias=False, tie_embeddings=True, encoder_layers=12, cross_attention=True,
+        attention_scale=1.0, scale_decoder_output=True,
     ),
     # GPT-3 175B as published (Brown et al. 2020, table 2.1): GPT-2 style blocks.
     "gpt3-175b": dict(

@@ -430,7 +430,9 @@ def generate(
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
-    if s.num_beams > 1:
+    if getattr(lm.model, "is_encoder_decoder", False):  # T5: the prompt goes to the encoder
+        per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
+    elif s.num_beams > 1:
         for p in ids:
             per_prompt.append(beam_search(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
                                           skip_special_tokens=skip_special_tokens))
@@ -443,6 +445,22 @@ def generate(
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
     return out[0] if single else out
+
+
+def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                        skip_special_tokens: bool) -> Completion:
+    from scribelm.seq2seq import greedy_generate
+
+    if s.temperature != 0 or s.num_beams > 1 or s.num_return_sequences > 1:
+        raise SamplingError("encoder-decoder models decode greedily here: pass temperature=0 "
+                            "(no sampling, beams or several sequences)")
+    _check_prompt(prompt_ids, lm.config.vocab_size, 0)
+    stops = stop_ids_for(lm.tokenizer, s, extra_stop_ids)
+    new, finish = greedy_generate(lm.model, prompt_ids, max_new_tokens=s.max_new_tokens, stop_ids=sorted(stops))
+    shown = new[:-1] if finish == "stop" else new
+    text = lm.tokenizer.decode(shown, skip_special_tokens=skip_special_tokens) if lm.tokenizer is not None else ""
+    return Completion(text=text, token_ids=new, finish_reason=finish, stop_reason=new[-1] if finish == "stop" else None,
+                      prompt_tokens=len(prompt_ids))
 
 
 def stream(

@@ -36,6 +36,7 @@ from torch import nn
 from scribelm.cache import ContextOverflowError, KVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
+from scribelm.relative_position import RelativePositionBias
 
 # --------------------------------------------------------------------------- norms
 
@@ -127,6 +128,7 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
+        self.scale = config.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
         self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
@@ -159,10 +161,42 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·hd)
         return self.o(y)  # (B, T, C)
+
+
+class EncoderMemory:
+    """What a decoder cross-attends to: the encoder's output states (B, S, C), its padding
+    mask (B, S) or None, and each layer's keys and values of them, computed on first use
+    and kept, so generation projects the encoder's output once per prompt, not per token."""
+
+    def __init__(self, states: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        self.states = states
+        self.mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        self.keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class CrossAttention(Attention):
+    """Queries from the decoder, keys and values from the encoder's output (no causal mask:
+    the whole source is known). Same projections as self-attention."""
+
+    def forward(self, x: torch.Tensor, memory: EncoderMemory) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.layer_index not in memory.keys_values:
+            S = memory.states.shape[1]
+            k = self.k(memory.states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, S, hd)
+            v = self.v(memory.states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, S, hd)
+            memory.keys_values[self.layer_index] = (k, v)
+        k, v = memory.keys_values[self.layer_index]
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory.mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -210,13 +244,18 @@ class Block(nn.Module):
         self.pre_norm = config.norm_position == "pre"
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_index)
+        if config.cross_attention:  # encoder-decoder: the decoder's second sub-layer reads the source
+            self.cross_attention_norm = make_norm(config)
+            self.cross_attention = CrossAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, is_causal, cache):
+    def forward(self, x, rope, mask, is_causal, cache, memory: EncoderMemory | None = None):
         if self.pre_norm:
             x = x + self.dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, cache))
+            if memory is not None:
+                x = x + self.dropout(self.cross_attention(self.cross_attention_norm(x), memory))
             x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         else:
             x = self.attention_norm(x + self.dropout(self.attention(x, rope, mask, is_causal, cache)))
@@ -253,6 +292,7 @@ class Transformer(nn.Module):
         self.position_embedding = (
             nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
         )
+        self.relative_position = RelativePositionBias(config) if config.position == "relative" else None
         # Encoders (BERT): segment embeddings and a norm on the summed embeddings.
         self.token_type_embedding = (
             nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
@@ -325,6 +365,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         token_types: torch.Tensor | None = None,
+        memory: EncoderMemory | None = None,
     ) -> torch.Tensor:
         """Final normalized hidden states (B, T, C), before the unembedding; (B, 1, C) with
         `last_only` (see `forward`).
@@ -334,6 +375,7 @@ class Transformer(nn.Module):
         keys each query may see (combined with the causal mask),
         or (B, 1, T, S) booleans used as they are (the caller owns causality).
         token_types: (B, T) segment ids for models with token-type embeddings (default all 0).
+        memory: the encoder's output, for the cross-attention of an encoder-decoder's decoder.
         """
         B, T = ids.shape
         start, row_positions, row_mask = (0, None, None) if cache is None else cache.prepare(B, T)
@@ -389,9 +431,17 @@ class Transformer(nn.Module):
             is_causal = True
         elif T > 1:
             mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
+        if self.relative_position is not None:  # T5: a learned bias per head and distance, added to the scores
+            if start is None:
+                raise ScribeError("relative position bias needs every cache row at the same length")
+            if is_causal:
+                mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
+            bias = self.relative_position(start, T, S, ids.device).to(x.dtype)  # (1, H, T, S)
+            mask = bias if mask is None else torch.where(mask, bias, torch.finfo(x.dtype).min)  # (B, H, T, S)
+            is_causal = False
 
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            x = block(x, rope, mask, is_causal, cache, memory)
         if cache is not None:
             cache.advance(T)
         if last_only:

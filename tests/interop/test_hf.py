@@ -240,19 +240,22 @@ def test_published_configs_map_tensor_for_tensor(tmp_path, name):
 def test_every_preset_exports_to_a_family_transformers_builds(preset):
     from scribelm.config import ModelConfig
     from scribelm.interop.hf import family_for
+    from scribelm.seq2seq import build_model
 
     config = ModelConfig.from_preset(preset)
     family = family_for(config)
     hf = transformers.AutoConfig.for_model(**family.to_hf(config, family))
     with torch.device("meta"):
-        loader = {"BertModel": transformers.AutoModel, "BertForMaskedLM": transformers.AutoModelForMaskedLM}.get(
+        loader = {"BertModel": transformers.AutoModel, "BertForMaskedLM": transformers.AutoModelForMaskedLM,
+                  "T5ForConditionalGeneration": transformers.AutoModelForSeq2SeqLM}.get(
             family.architecture, transformers.AutoModelForCausalLM)
         reference = loader.from_config(hf)
-        ours = Transformer(config)
+        ours = build_model(config)
     assert type(reference).__name__ == family.architecture
     assert reference.num_parameters() == ours.num_parameters()
     expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM"}
-    encoders = {"bert-base": "BertModel", "tiny-bert": "BertForMaskedLM"}
+    encoders = {"bert-base": "BertModel", "tiny-bert": "BertForMaskedLM", "t5-small": "T5ForConditionalGeneration",
+                "t5-base": "T5ForConditionalGeneration"}
     assert family.architecture == encoders.get(preset, expected_family.get(preset[:3], "LlamaForCausalLM"))
 
 

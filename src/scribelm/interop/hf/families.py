@@ -15,6 +15,7 @@ from scribelm.interop.hf.configs import (
 from scribelm.interop.hf.bert import (
     BERT_IGNORED, BERT_MLM_WEIGHTS, BERT_MODEL_WEIGHTS, bert_from_hf, bert_mlm_misfit, bert_model_misfit, bert_to_hf,
 )
+from scribelm.interop.hf.t5 import T5_IGNORED, T5_WEIGHTS, t5_from_hf, t5_misfit, t5_to_hf
 from scribelm.interop.hf.weights import GPT2_WEIGHTS, LLAMA_WEIGHTS, WeightRule
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ FAMILIES: dict[str, Family] = {
                    bert_to_hf, bert_mlm_misfit, ignored=BERT_IGNORED, prefix="bert.", heads=("cls.",)),
     "bert-encoder": Family("bert", "BertModel", "BERT", BERT_MODEL_WEIGHTS, lambda hf: bert_from_hf(hf, False),
                            bert_to_hf, bert_model_misfit, ignored=BERT_IGNORED),
+    "t5": Family("t5", "T5ForConditionalGeneration", "T5", T5_WEIGHTS, t5_from_hf, t5_to_hf, t5_misfit,
+                 ignored=T5_IGNORED),
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 
@@ -101,7 +104,7 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
         return family
     name = config.name.lower()
     hinted = [f for key, f in FAMILIES.items() if name.startswith(key)]
-    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"], FAMILIES["bert-encoder"], FAMILIES["bert"]]:
+    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"], FAMILIES["bert-encoder"], FAMILIES["bert"], FAMILIES["t5"]]:
         if not family.misfit(config):
             return family
     reasons = "; ".join(f"{f.title} needs {', '.join(f.misfit(config))}" for f in (FAMILIES["llama"], FAMILIES["gpt2"]))

@@ -27,6 +27,7 @@ class WeightRule:
     hf: str
     ours: tuple[str, ...]
     kind: str = "same"
+    when: str = ""  # a ModelConfig property the rule needs true ("gated_mlp"), or false ("!gated_mlp")
 
 
 def _same(*pairs: tuple[str, str]) -> tuple[WeightRule, ...]:
@@ -85,11 +86,13 @@ def expand_rules(rules: tuple[WeightRule, ...], config: ModelConfig, present: se
     """Concrete rules (layer indices filled in) for the scribelm tensors `present` in this config."""
     out = []
     for rule in rules:
-        layers = range(config.n_layers) if "{i}" in rule.hf else [None]
+        if rule.when and bool(getattr(config, rule.when.lstrip("!"))) == rule.when.startswith("!"):
+            continue
+        layers = range(max(config.n_layers, config.encoder_layers)) if "{i}" in rule.hf else [None]
         for i in layers:
             ours = tuple(o.format(i=i) for o in rule.ours)
             if all(o in present for o in ours):
-                out.append(WeightRule(rule.hf.format(i=i), ours, rule.kind))
+                out.append(WeightRule(rule.hf.format(i=i), ours, rule.kind, rule.when))
     return out
 
 
