@@ -136,6 +136,8 @@ class BatchGeneration:
             if s.num_beams > 1:
                 raise SamplingError("BatchGeneration samples or decodes greedily; use beam_search for num_beams > 1")
         require_decoder(model.config)
+        if getattr(model, "is_encoder_decoder", False):
+            raise ScribeError("an encoder-decoder model generates through LM.generate (the prompt goes to its encoder)")
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.context = config.context_length

@@ -128,3 +128,16 @@ def test_unsupported_t5_variants_are_refused_in_one_line(tmp_path):
                                                       "model_type": "umt5"}))
     with pytest.raises(ScribeError, match="architecture UMT5ForConditionalGeneration is not supported"):
         scribelm.load(tmp_path)
+
+
+def test_t5_through_the_command_line(tmp_path, capsys):
+    from scribelm.cli import main
+
+    ref = save_tiny_hf_t5(tmp_path / "in", "relu", True, seed=3)
+    expected = ref.generate(torch.tensor([[5, 17, 42]]), max_new_tokens=8, do_sample=False)[0, 1:].tolist()
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    lm = scribelm.load(tmp_path / "out")
+    assert lm.generate([5, 17, 42], max_new_tokens=8, temperature=0, return_details=True).token_ids == expected
+    assert main(["convert", str(tmp_path / "in"), str(tmp_path / "native"), "--to", "scribe"]) == 2
+    assert "Hugging Face format" in capsys.readouterr().err
