@@ -141,3 +141,17 @@ def test_t5_through_the_command_line(tmp_path, capsys):
     assert lm.generate([5, 17, 42], max_new_tokens=8, temperature=0, return_details=True).token_ids == expected
     assert main(["convert", str(tmp_path / "in"), str(tmp_path / "native"), "--to", "scribe"]) == 2
     assert "Hugging Face format" in capsys.readouterr().err
+
+
+def test_scribe_params_counts_encoder_decoder_and_cross_attention_apart(capsys):
+    import json
+
+    from scribelm.cli import main
+
+    assert main(["params", "t5-small", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r["count"] for r in table["rows"]}
+    assert table["total"] == 60_506_624 == sum(rows.values())
+    attention = 4 * 512 * 512  # q, k, v, o per layer
+    assert rows["encoder self-attention"] == rows["decoder self-attention"] == rows["decoder cross-attention"] == 6 * attention
+    assert rows["shared token embedding"] == 32128 * 512
