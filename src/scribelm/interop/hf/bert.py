@@ -133,6 +133,8 @@ def _encoder_misfit(config: ModelConfig) -> list[str]:
         reasons.append("plain multi-head attention with head_dim = d_model / n_heads")
     if config.type_vocab_size == 0:
         reasons.append("token-type embeddings")
+    if config.n_experts or config.sliding_window is not None:
+        reasons.append("dense MLPs and full attention (no experts, no sliding window)")
     return reasons
 
 

@@ -16,6 +16,10 @@ from scribelm.interop.hf.bert import (
     BERT_IGNORED, BERT_MLM_WEIGHTS, BERT_MODEL_WEIGHTS, bert_from_hf, bert_mlm_misfit, bert_model_misfit, bert_to_hf,
 )
 from scribelm.interop.hf.t5 import T5_IGNORED, T5_WEIGHTS, t5_from_hf, t5_misfit, t5_to_hf
+from scribelm.interop.hf.moe import (
+    MIXTRAL_WEIGHTS, QWEN2_MOE_WEIGHTS, mixtral_from_hf, mixtral_misfit, mixtral_to_hf, qwen2_moe_from_hf,
+    qwen2_moe_misfit, qwen2_moe_to_hf,
+)
 from scribelm.interop.hf.weights import GPT2_WEIGHTS, LLAMA_WEIGHTS, WeightRule
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ FAMILIES: dict[str, Family] = {
                            bert_to_hf, bert_model_misfit, ignored=BERT_IGNORED),
     "t5": Family("t5", "T5ForConditionalGeneration", "T5", T5_WEIGHTS, t5_from_hf, t5_to_hf, t5_misfit,
                  ignored=T5_IGNORED),
+    "mixtral": Family("mixtral", "MixtralForCausalLM", "Mixtral", MIXTRAL_WEIGHTS, mixtral_from_hf, mixtral_to_hf,
+                      mixtral_misfit),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE", QWEN2_MOE_WEIGHTS, qwen2_moe_from_hf,
+                        qwen2_moe_to_hf, qwen2_moe_misfit),
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 
@@ -104,7 +112,7 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
         return family
     name = config.name.lower()
     hinted = [f for key, f in FAMILIES.items() if name.startswith(key)]
-    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"], FAMILIES["bert-encoder"], FAMILIES["bert"], FAMILIES["t5"]]:
+    for family in hinted + [FAMILIES[k] for k in ("llama", "qwen2", "gpt2", "mixtral", "qwen2_moe", "bert-encoder", "bert", "t5")]:
         if not family.misfit(config):
             return family
     reasons = "; ".join(f"{f.title} needs {', '.join(f.misfit(config))}" for f in (FAMILIES["llama"], FAMILIES["gpt2"]))

@@ -122,6 +122,8 @@ def t5_misfit(config: ModelConfig) -> list[str]:
         reasons.append(f"a relu or gated feed-forward (has {config.activation!r})")
     if config.n_kv_heads != config.n_heads:
         reasons.append("as many key/value heads as query heads")
+    if config.n_experts or config.sliding_window is not None:
+        reasons.append("dense MLPs and full attention (no experts, no sliding window)")
     return reasons
 
 

@@ -83,16 +83,19 @@ GPT2_WEIGHTS: tuple[WeightRule, ...] = _same(
 
 
 def expand_rules(rules: tuple[WeightRule, ...], config: ModelConfig, present: set[str]) -> list[WeightRule]:
-    """Concrete rules (layer indices filled in) for the scribelm tensors `present` in this config."""
+    """Concrete rules (layer indices `{i}` and expert indices `{j}` filled in) for the scribelm
+    tensors `present` in this config."""
     out = []
     for rule in rules:
         if rule.when and bool(getattr(config, rule.when.lstrip("!"))) == rule.when.startswith("!"):
             continue
         layers = range(max(config.n_layers, config.encoder_layers)) if "{i}" in rule.hf else [None]
+        experts = range(config.n_experts) if "{j}" in rule.hf else [None]
         for i in layers:
-            ours = tuple(o.format(i=i) for o in rule.ours)
-            if all(o in present for o in ours):
-                out.append(WeightRule(rule.hf.format(i=i), ours, rule.kind, rule.when))
+            for j in experts:
+                ours = tuple(o.format(i=i, j=j) for o in rule.ours)
+                if all(o in present for o in ours):
+                    out.append(WeightRule(rule.hf.format(i=i, j=j), ours, rule.kind, rule.when))
     return out
 
 
