@@ -121,9 +121,6 @@ class LM:
             raise ScribeError(f"unknown save format {format!r}; supported: 'scribe', 'hf'")
         if options:
             raise ScribeError(f"unknown option(s) for the scribe format: {', '.join(sorted(options))}")
-        if getattr(self.model, "is_encoder_decoder", False):
-            raise ScribeError("encoder-decoder models (T5) are saved in the Hugging Face format: "
-                              "lm.save(path, format='hf'), or `scribe convert MODEL OUT --to hf`")
         return save_checkpoint(path, self.model, self.config, self.tokenizer, self.generation_config)
 
 
