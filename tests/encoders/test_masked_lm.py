@@ -73,5 +73,7 @@ def test_objective_and_model_must_agree(tmp_path, data_dir):
         run_pretraining(_recipe(tmp_path, data_dir, model={"preset": "tiny", "d_model": 32, "n_layers": 1}))
     with pytest.raises(ScribeError, match="objective causal needs a causal model"):
         run_pretraining(_recipe(tmp_path, data_dir, objective="causal"))
-    with pytest.raises(ScribeError, match="unknown objective 'span'"):
+    with pytest.raises(ScribeError, match="unknown objective 'prefix'"):
+        run_pretraining(_recipe(tmp_path, data_dir, objective="prefix"))
+    with pytest.raises(ScribeError, match="objective span needs an encoder-decoder"):
         run_pretraining(_recipe(tmp_path, data_dir, objective="span"))

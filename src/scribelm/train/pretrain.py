@@ -49,7 +49,8 @@ from scribelm.train.trainer import Trainer, resolve_device
 
 RECIPE_KEYS = ("model", "data", "train", "out_dir", "resume", "tokenizer", "generation", "objective")
 #: What the model learns: the next token (decoders), or masked tokens from both sides (encoders, BERT).
-OBJECTIVES = ("causal", "mlm")
+#: span: T5's span corruption, for encoder-decoders.
+OBJECTIVES = ("causal", "mlm", "span")
 # Recipe keys that may change when a run resumes: they say how long, how often, where and how fast,
 # not what the run computes. (The tokenizer is pinned by the data's hash; data.dir may move.)
 RESUMABLE_CHANGES = (
@@ -169,8 +170,16 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
     if objective_name == "mlm":
         mask_id = _mask_token_id(tokenizer)
         data_vocab_size = max(data_vocab_size, mask_id + 1)
+    sentinel_ids: list[int] = []
+    if objective_name == "span":
+        sentinel_ids = _sentinel_ids(tokenizer)
+        data_vocab_size = max(data_vocab_size, max(sentinel_ids) + 1)
     model_config = model_config_from_recipe(recipe.get("model") or {}, data_vocab_size)
-    if model_config.causal != (objective_name == "causal"):
+    if objective_name == "span" and not model_config.encoder_layers:
+        raise ConfigError("objective span needs an encoder-decoder model (model.encoder_layers > 0), e.g. preset t5-small")
+    if objective_name != "span" and model_config.encoder_layers:
+        raise ConfigError(f"an encoder-decoder model trains with objective: span, not {objective_name}")
+    if objective_name != "span" and model_config.causal != (objective_name == "causal"):
         raise ConfigError(
             f"objective {objective_name} needs a {'causal' if objective_name == 'causal' else 'bidirectional'} model "
             f"but model.causal is {str(model_config.causal).lower()}; "
@@ -219,6 +228,10 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
         from scribelm.train.masking import MaskedLMObjective
 
         objective = MaskedLMObjective(mask_id, manifest["vocab_size"], tokenizer.special_ids, seed=train_config.seed)
+    elif objective_name == "span":
+        from scribelm.train.seq2seq_objectives import SpanCorruptionObjective
+
+        objective = SpanCorruptionObjective(sentinel_ids, seed=train_config.seed)
     else:
         objective = NextTokenObjective(token_byte_lengths(tokenizer))
     trainer = Trainer(
@@ -246,10 +259,24 @@ def _mask_token_id(tokenizer) -> int:
     return mask_id
 
 
-def _build_model(config: ModelConfig) -> torch.nn.Module:
-    from scribelm.model import Transformer
+def _sentinel_ids(tokenizer, count: int = 100) -> list[int]:
+    """The tokenizer's span sentinels (<extra_id_N>), or `count` new special tokens <|sentinel_N|>."""
+    from tokenizers import AddedToken
 
-    return Transformer(config)
+    from scribelm.train.seq2seq_objectives import SENTINEL_FORMATS, find_sentinel_ids
+
+    found = find_sentinel_ids(tokenizer)
+    if found:
+        return found
+    names = [SENTINEL_FORMATS[1].format(i) for i in range(count)]
+    tokenizer.backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    return [tokenizer.token_to_id(n) for n in names]
+
+
+def _build_model(config: ModelConfig) -> torch.nn.Module:
+    from scribelm.seq2seq import build_model
+
+    return build_model(config)  # a Transformer, or an EncoderDecoder
 
 
 def run_pretraining(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], None] | None = None, *,
