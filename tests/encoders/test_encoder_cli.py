@@ -30,3 +30,10 @@ def test_an_encoder_handed_to_generate_says_to_embed(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "hello"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "embed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_server_refuses_an_encoder_with_the_reason(minilm_dir):
+    from scribelm.serve.engine import Engine
+
+    with pytest.raises(ScribeError, match="encoder with bidirectional attention and cannot generate"):
+        Engine(scribelm.load(minilm_dir), name="minilm")

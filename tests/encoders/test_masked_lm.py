@@ -63,9 +63,10 @@ def test_mlm_pretraining_lowers_the_validation_loss_and_saves_a_mask_token(tmp_p
     assert lm.embed(["In the beginning", "and the earth"]).shape == (2, 32)
 
 
-def test_the_tiny_bert_recipe_reads():
-    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "tiny-bert.yaml")
-    assert recipe["objective"] == "mlm" and recipe["model"]["preset"] == "tiny-bert"
+def test_the_tiny_bert_and_tiny_t5_recipes_read():
+    recipes = Path(__file__).parents[2] / "recipes"
+    assert load_recipe(recipes / "tiny-bert.yaml")["objective"] == "mlm"
+    assert load_recipe(recipes / "tiny-t5.yaml")["objective"] == "span"
 
 
 def test_objective_and_model_must_agree(tmp_path, data_dir):
