@@ -432,7 +432,12 @@ def generate(
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
-    if getattr(lm.model, "is_encoder_decoder", False):  # T5: the prompt goes to the encoder
+    if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
+        from scribelm.seq2seq import beam_generate
+
+        per_prompt = [beam_generate(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
+                                    skip_special_tokens=skip_special_tokens) for p in ids]
+    elif getattr(lm.model, "is_encoder_decoder", False):
         per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
     elif s.num_beams > 1:
         for p in ids:
@@ -453,9 +458,9 @@ def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_st
                         skip_special_tokens: bool) -> Completion:
     from scribelm.seq2seq import greedy_generate
 
-    if s.temperature != 0 or s.num_beams > 1 or s.num_return_sequences > 1:
-        raise SamplingError("encoder-decoder models decode greedily here: pass temperature=0 "
-                            "(no sampling, beams or several sequences)")
+    if s.temperature != 0 or s.num_return_sequences > 1:
+        raise SamplingError("encoder-decoder models decode greedily or by beam search here: pass temperature=0 "
+                            "or num_beams > 1 (no sampling)")
     _check_prompt(prompt_ids, lm.config.vocab_size, 0)
     stops = stop_ids_for(lm.tokenizer, s, extra_stop_ids)
     new, finish = greedy_generate(lm.model, prompt_ids, max_new_tokens=s.max_new_tokens, stop_ids=sorted(stops))

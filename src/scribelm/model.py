@@ -202,11 +202,13 @@ class CrossAttention(Attention):
     def forward(self, x: torch.Tensor, memory: EncoderMemory) -> torch.Tensor:
         B, T, _ = x.shape
         if self.layer_index not in memory.keys_values:
-            S = memory.states.shape[1]
-            k = self.k(memory.states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, S, hd)
-            v = self.v(memory.states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, S, hd)
+            M, S, _ = memory.states.shape  # M = B, or 1 for one source shared by several rows (beams)
+            k = self.k(memory.states).view(M, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (M, KV, S, hd)
+            v = self.v(memory.states).view(M, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (M, KV, S, hd)
             memory.keys_values[self.layer_index] = (k, v)
         k, v = memory.keys_values[self.layer_index]
+        if k.shape[0] != B:
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)  # (B, KV, S, hd): views, no copies
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         y = self.attend(
             q, k, v, attn_mask=memory.mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,

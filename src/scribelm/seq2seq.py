@@ -110,6 +110,34 @@ def shift_right(targets: torch.Tensor, start_id: int, ignore_index: int = -100) 
     return shifted.masked_fill(shifted == ignore_index, start_id)
 
 
+class BoundDecoder:
+    """The decoder of an `EncoderDecoder` with one source's memory bound to it, called as a
+    decoder-only model is (ids, cache, last_only -> logits): what beam search drives. The
+    beams share the source, so its cross-attention keys and values are never reordered."""
+
+    def __init__(self, model: EncoderDecoder, memory: EncoderMemory) -> None:
+        self.model, self.memory, self.config = model, memory, model.config
+
+    def __call__(self, ids: torch.Tensor, *, cache: KVCache | None = None, attention_mask=None,
+                 last_only: bool = False) -> torch.Tensor:
+        return self.model.decode(ids, self.memory, cache=cache, last_only=last_only)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+@torch.inference_mode()
+def beam_generate(model: EncoderDecoder, tokenizer, prompt_ids: Sequence[int], settings, *, start_id: int = 0,
+                  extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    """Beam search over the decoder (`scribelm.generate.beam_search`), the prompt encoded once."""
+    from scribelm.generate import beam_search
+
+    device = next(model.parameters()).device
+    memory = model.encode(torch.tensor([list(prompt_ids)], device=device))
+    return beam_search(BoundDecoder(model, memory), tokenizer, [start_id], settings, extra_stop_ids=extra_stop_ids,
+                       skip_special_tokens=skip_special_tokens)
+
+
 @torch.inference_mode()
 def greedy_generate(model: EncoderDecoder, prompt_ids: Sequence[int], *, max_new_tokens: int,
                     stop_ids: Sequence[int] = (), start_id: int = 0) -> tuple[list[int], str]:

@@ -68,7 +68,7 @@ def test_t5_encoder_states_and_logits_match_transformers(tmp_path, feed_forward,
 
 
 @pytest.mark.parametrize("feed_forward, scale", VARIANTS)
-def test_t5_greedy_generation_is_token_identical_for_32_tokens(tmp_path, feed_forward, scale):
+def test_t5_greedy_and_beam_generation_are_token_identical_for_32_tokens(tmp_path, feed_forward, scale):
     ref = save_tiny_hf_t5(tmp_path, feed_forward, scale, seed=3)
     lm = scribelm.load(tmp_path)
     for prompt in ([5, 17, 42, 8, 9, 60, 33, 2, 71], [88, 14]):
@@ -77,6 +77,9 @@ def test_t5_greedy_generation_is_token_identical_for_32_tokens(tmp_path, feed_fo
         assert new == expected
         # the library entry point: the prompt goes to the encoder
         assert lm.generate(prompt, max_new_tokens=32, temperature=0, return_details=True).token_ids == expected
+        beams = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, num_beams=4)[0, 1:].tolist()
+        ours = lm.generate(prompt, max_new_tokens=32, temperature=0, num_beams=4, return_details=True)
+        assert ours.token_ids == beams
 
 
 def test_cross_attention_keys_and_values_are_computed_once_per_prompt(tmp_path):
