@@ -119,7 +119,8 @@ def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: 
         raise ScribeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if lm.tokenizer is None:
         raise ScribeError("this model has no tokenizer (tokenizer.json), so it cannot embed text")
-    config = lm.config
+    model = lm.model.encoder if getattr(lm.model, "is_encoder_decoder", False) else lm.model  # T5: its encoder
+    config = model.config
     sentence = getattr(lm, "sentence_config", None) or {}
     if pooling is None:
         pooling = sentence.get("pooling") or ("last" if config.causal else "mean")
@@ -133,7 +134,6 @@ def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: 
     if any(not ids for ids in encoded):
         raise ScribeError("a text encodes to no tokens at all (an empty string with a tokenizer that adds none)")
     pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
-    model = lm.model
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: batches pad little
     out = torch.empty(len(encoded), config.d_model)

@@ -428,7 +428,12 @@ def generate(
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     if not prompts:
         raise ScribeError("no prompts given; pass a string or a non-empty list of strings")
-    ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
+    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None:
+        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
+        ids = [lm.tokenizer.backend.encode(_check_text_prompt(p), add_special_tokens=True).ids if isinstance(p, str)
+               else encode_prompt(lm, p) for p in prompts]
+    else:
+        ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
@@ -452,6 +457,12 @@ def generate(
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
     return out[0] if single else out
+
+
+def _check_text_prompt(prompt: str) -> str:
+    from scribelm.tokenizer import _check_text
+
+    return _check_text(prompt, "the prompt")
 
 
 def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],

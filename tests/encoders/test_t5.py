@@ -159,3 +159,26 @@ def test_scribe_params_counts_encoder_decoder_and_cross_attention_apart(capsys):
     attention = 4 * 512 * 512  # q, k, v, o per layer
     assert rows["encoder self-attention"] == rows["decoder self-attention"] == rows["decoder cross-attention"] == 6 * attention
     assert rows["shared token embedding"] == 32128 * 512
+
+
+def test_t5_text_prompts_get_the_tokenizers_closing_token_and_embed_uses_the_encoder(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, processors
+
+    from scribelm.tokenizer import Tokenizer
+
+    ref = save_tiny_hf_t5(tmp_path, "relu", True, seed=3)
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 99)}}
+    backend = Backend(models.WordLevel(vocab, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    backend.add_special_tokens(["<pad>", "</s>"])
+    Tokenizer(backend, eos_token="</s>", pad_token="<pad>").save(tmp_path)
+    lm = scribelm.load(tmp_path)
+    text = "w5 w17 w42 w8"
+    expected = ref.generate(torch.tensor([[5, 17, 42, 8, 1]]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+    ids = lm.generate(text, max_new_tokens=12, temperature=0, return_details=True).token_ids
+    assert ids == expected[: len(ids)] and len(ids) >= 1
+    with torch.no_grad():
+        states = ref.encoder(input_ids=torch.tensor([[5, 17, 42, 8, 1]])).last_hidden_state.mean(1)
+    assert torch.allclose(lm.embed(text, normalize=False), states, atol=1e-4)
