@@ -438,10 +438,7 @@ def generate(
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
     if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
-        from scribelm.seq2seq import beam_generate
-
-        per_prompt = [beam_generate(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
-                                    skip_special_tokens=skip_special_tokens) for p in ids]
+        per_prompt = [_seq2seq_beams(lm, p, s, extra_stop_ids, skip_special_tokens) for p in ids]
     elif getattr(lm.model, "is_encoder_decoder", False):
         per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
     elif s.num_beams > 1:
@@ -463,6 +460,18 @@ def _check_text_prompt(prompt: str) -> str:
     from scribelm.tokenizer import _check_text
 
     return _check_text(prompt, "the prompt")
+
+
+@torch.inference_mode()
+def _seq2seq_beams(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                   skip_special_tokens: bool) -> list[Completion]:
+    """Beam search over an encoder-decoder's decoder, the prompt encoded once (start token: 0)."""
+    from scribelm.seq2seq import BoundDecoder
+
+    _check_prompt(prompt_ids, lm.config.vocab_size, 0)
+    memory = lm.model.encode(torch.tensor([prompt_ids], device=next(lm.model.parameters()).device))
+    return beam_search(BoundDecoder(lm.model, memory), lm.tokenizer, [0], s, extra_stop_ids=extra_stop_ids,
+                       skip_special_tokens=skip_special_tokens)
 
 
 def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],

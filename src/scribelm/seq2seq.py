@@ -127,18 +127,6 @@ class BoundDecoder:
 
 
 @torch.inference_mode()
-def beam_generate(model: EncoderDecoder, tokenizer, prompt_ids: Sequence[int], settings, *, start_id: int = 0,
-                  extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True):
-    """Beam search over the decoder (`scribelm.generate.beam_search`), the prompt encoded once."""
-    from scribelm.generate import beam_search
-
-    device = next(model.parameters()).device
-    memory = model.encode(torch.tensor([list(prompt_ids)], device=device))
-    return beam_search(BoundDecoder(model, memory), tokenizer, [start_id], settings, extra_stop_ids=extra_stop_ids,
-                       skip_special_tokens=skip_special_tokens)
-
-
-@torch.inference_mode()
 def greedy_generate(model: EncoderDecoder, prompt_ids: Sequence[int], *, max_new_tokens: int,
                     stop_ids: Sequence[int] = (), start_id: int = 0) -> tuple[list[int], str]:
     """The most likely continuation, token by token: (new ids, "stop" | "length").
