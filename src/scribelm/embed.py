@@ -81,6 +81,23 @@ def read_sentence_config(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def write_sentence_config(directory: str | os.PathLike, sentence: dict[str, Any], dim: int) -> None:
+    """The inverse of `read_sentence_config`: modules.json, the Pooling module's config and
+    sentence_bert_config.json, so that sentence-transformers loads the directory as it was."""
+    directory = Path(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if sentence.get("normalize"):
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": dim, **{key: sentence.get("pooling") == ours for key, ours in _POOLING_KEYS.items()}}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    if "max_length" in sentence:
+        (directory / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": sentence["max_length"], "do_lower_case": False}, indent=2))
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """hidden (B, T, C), mask (B, T) with 1 for real tokens (right padding) -> (B, C)."""
     if pooling == "mean":

@@ -65,3 +65,14 @@ def test_embed_refuses_bad_input(tokenizer):
         lm.embed([1, 2])
     with pytest.raises(ScribeError, match="batch_size"):
         lm.embed("x", batch_size=0)
+
+
+def test_minilm_exported_loads_in_sentence_transformers_with_its_pooling(minilm_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    lm = scribelm.load(minilm_dir)
+    lm.save(tmp_path / "out", format="hf")
+    texts = ["In the beginning God created the heaven and the earth.", "a cat", "Hello World, [SEP] typed"]
+    exported = SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(texts, normalize_embeddings=True)
+    assert (lm.embed(texts) * torch.from_numpy(exported)).sum(-1).min() >= 0.99999
+    assert scribelm.load(tmp_path / "out").sentence_config == lm.sentence_config

@@ -118,4 +118,8 @@ def save_hf(
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+        if getattr(lm, "sentence_config", None):  # a sentence-transformers model stays one
+            from scribelm.embed import write_sentence_config
+
+            write_sentence_config(tmp, lm.sentence_config, config.d_model)
     return path
