@@ -14,7 +14,10 @@
 Everything that differs between GPT-2, GPT-3, Llama, Mistral and Qwen2 is a
 field of `ModelConfig`; there is one model class. An encoder (BERT) is the same
 class with `causal=False` (each position sees the whole sequence), post-norm,
-token-type embeddings, a norm on the embeddings and the masked-LM transform. Attention runs through
+token-type embeddings, a norm on the embeddings and the masked-LM transform.
+An encoder-decoder (T5, `scribelm.seq2seq`) is two of them: its decoder's blocks add a
+cross-attention sub-layer that reads the encoder's output (`EncoderMemory`), and
+`position="relative"` adds T5's learned bias per head and distance to the scores. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
 kernel (flash / memory-efficient) where one applies. Keys and values can be
 written to a `KVCache` so that generation computes each position once.
