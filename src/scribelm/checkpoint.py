@@ -49,12 +49,14 @@ def is_scribe_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights as contiguous tensors, without the tied unembedding (stored once)."""
-    config = getattr(model, "config", None)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if config is not None and config.tie_embeddings and name == "unembedding.weight":
+    """Weights as contiguous tensors, each stored once: a tied unembedding, or an encoder-decoder's
+    shared embedding, under the first name it has."""
+    state: dict[str, torch.Tensor] = {}
+    seen: list[torch.Tensor] = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if any(tensor is other for other in seen):
             continue
+        seen.append(tensor)
         state[name] = tensor.detach().contiguous()
     return state
 
@@ -188,7 +190,7 @@ def read_weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); restore it from a copy") from None
 
 
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
+_BLOCK = re.compile(r"(?:decoder\.)?blocks\.(\d+)\.")  # an encoder-decoder's n_layers counts its decoder
 
 # Which config fields decide the shape of each kind of weight (for naming them when one disagrees).
 _SHAPE_FIELDS = (
@@ -230,7 +232,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
 
     config.json is checked against the weights' header first, then the model is built on
     the meta device (no memory) and the memory-mapped tensors are assigned to it."""
-    from scribelm.model import Transformer
+    from scribelm.seq2seq import build_model
 
     path = Path(path)
     data = _read_checkpoint_json(path)  # config.json, read once
@@ -238,7 +240,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
     shapes = read_weight_shapes(path)
     check_config_against_weights(path, config, shapes)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)  # a Transformer, or an EncoderDecoder
     if quantization is not None:
         from scribelm.accel.quantize import QuantizationError, prepare_quantized_skeleton
 
@@ -246,7 +248,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", d
             prepare_quantized_skeleton(model, quantization, set(shapes))
         except QuantizationError as err:
             raise CheckpointError(f"{path}: {err}") from None
-    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "unembedding.weight")}
+    expected = state_dict_for_saving(model)  # each tensor once, as saved
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:

@@ -28,7 +28,7 @@ from scribelm.errors import ConfigError, reject_unknown_fields
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")  # relative: T5's bucketed bias per head
 
 #: Largest accepted size of each dimension: far beyond any published model, yet small enough that
 #: a mistyped or hostile config.json (n_layers: 1e9) is refused before anything is built from it.
@@ -40,7 +40,7 @@ LIMITS = {
 
 @dataclass
 class ModelConfig:
-    """Every architectural choice of a decoder-only transformer."""
+    """Every architectural choice of a transformer: decoder-only (causal) or encoder (bidirectional)."""
 
     vocab_size: int = 50257
     context_length: int = 1024
@@ -75,6 +75,21 @@ class ModelConfig:
     router_jitter: float = 0.0  # training only: the MoE input is multiplied by noise from U(1-jitter, 1+jitter)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added in training
     name: str = "custom"
+    # Encoders (BERT): bidirectional attention, segment embeddings, a norm on the embeddings,
+    # the masked-LM head's transform, the CLS pooler.
+    causal: bool = True  # False: every position sees every (non-padding) position
+    type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the token embeddings
+    embedding_norm: bool = False  # a norm (config.norm) on the summed embeddings, as BERT
+    mlm_head: bool = False  # dense -> activation -> norm before the unembedding (BERT's MLM transform)
+    unembedding_bias: bool = False  # a bias on the unembedding (BERT's MLM decoder)
+    pooler: bool = False  # BERT's pooler: dense + tanh on the first ([CLS]) position
+    # Encoder-decoders (T5): this config is the decoder's; the encoder has the same widths.
+    encoder_layers: int = 0  # > 0: an encoder of this many bidirectional blocks feeds the decoder (scribelm.seq2seq)
+    cross_attention: bool = False  # decoder blocks attend to the encoder's output after self-attention
+    attention_scale: float | None = None  # scores scale; None: 1/sqrt(head_dim); T5: 1 (folded into its init)
+    relative_buckets: int = 32  # position "relative": distance buckets per direction pair (T5)
+    relative_max_distance: int = 128  # position "relative": distances beyond this share the last bucket
+    scale_decoder_output: bool = False  # T5 v1.0: decoder output × 1/sqrt(d_model) before the unembedding
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -141,6 +156,21 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.position == "sinusoidal" and self.d_model % 2 != 0:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.type_vocab_size < 0 or self.type_vocab_size > LIMITS["vocab_size"]:
+            raise ConfigError(f"config field 'type_vocab_size' must be in 0..{LIMITS['vocab_size']}, got {self.type_vocab_size}")
+        if self.encoder_layers < 0 or self.encoder_layers > LIMITS["n_layers"]:
+            raise ConfigError(f"config field 'encoder_layers' must be in 0..{LIMITS['n_layers']}, got {self.encoder_layers}")
+        if self.encoder_layers and not self.cross_attention:
+            raise ConfigError("an encoder-decoder (encoder_layers > 0) needs cross_attention: true in its decoder")
+        if self.position == "relative" and not (2 <= self.relative_buckets <= 4096 and self.relative_max_distance > 0):
+            raise ConfigError(f"relative positions need 2..4096 relative_buckets and a positive relative_max_distance, "
+                              f"got {self.relative_buckets} and {self.relative_max_distance}")
+        if self.cross_attention and self.norm_position != "pre":
+            raise ConfigError("cross-attention blocks are pre-norm (as T5); set norm_position: pre")
+        if self.sliding_window is not None and (not self.causal or self.position == "relative"):
+            raise ConfigError("a sliding window needs causal attention without relative position bias")
+        if self.attention_scale is not None and not 0 < self.attention_scale < math.inf:
+            raise ConfigError(f"attention_scale must be a positive number, got {self.attention_scale}")
         self._validate_experts()
         if self.sliding_window is not None and not 0 < self.sliding_window <= LIMITS["context_length"]:
             raise ConfigError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
@@ -293,6 +323,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-0.5b": dict(
         _LLAMA, vocab_size=151936, context_length=32768, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
         d_mlp=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+    ),
+    # BERT-base uncased as published (Devlin et al. 2019): a post-norm bidirectional encoder.
+    "bert-base": dict(
+        vocab_size=30522, context_length=512, d_model=768, n_layers=12, n_heads=12, d_mlp=3072, activation="gelu",
+        norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", tie_embeddings=True,
+        causal=False, type_vocab_size=2, embedding_norm=True, pooler=True,
+    ),
+    # A BERT small enough to pretrain with `objective: mlm` on a laptop CPU in minutes.
+    "tiny-bert": dict(
+        vocab_size=4096, context_length=128, d_model=128, n_layers=2, n_heads=4, d_mlp=512, activation="gelu",
+        norm="layernorm", norm_eps=1e-12, norm_position="post", position="learned", tie_embeddings=True,
+        causal=False, type_vocab_size=2, embedding_norm=True, mlm_head=True, unembedding_bias=True,
+    ),
+    # T5 v1.0 as published (Raffel et al. 2020): an encoder-decoder with relative position bias.
+    "t5-small": dict(
+        vocab_size=32128, context_length=512, d_model=512, n_layers=6, n_heads=8, head_dim=64, d_mlp=2048,
+        activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_bias=False, position="relative", qkv_bias=False,
+        attn_out_bias=False, mlp_bias=False, tie_embeddings=True, encoder_layers=6, cross_attention=True,
+        attention_scale=1.0, scale_decoder_output=True,
+    ),
+    "t5-base": dict(
+        vocab_size=32128, context_length=512, d_model=768, n_layers=12, n_heads=12, head_dim=64, d_mlp=3072,
+        activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_bias=False, position="relative", qkv_bias=False,
+        attn_out_bias=False, mlp_bias=False, tie_embeddings=True, encoder_layers=12, cross_attention=True,
+        attention_scale=1.0, scale_decoder_output=True,
     ),
     # GPT-3 175B as published (Brown et al. 2020, table 2.1): GPT-2 style blocks.
     "gpt3-175b": dict(

@@ -82,6 +82,16 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def require_decoder(config) -> None:
+    """Generation writes one token after another, each seeing only those before it: an
+    encoder (bidirectional attention, BERT) was never trained to do that."""
+    if not getattr(config, "causal", True):
+        raise ScribeError(
+            f"this model ({config.name}) is an encoder with bidirectional attention and cannot generate text; "
+            "use it for embeddings: lm.embed(texts) (or `scribe embed`)"
+        )
+
+
 def _check_prompt(ids: Sequence[int], vocab_size: int, index: int) -> list[int]:
     ids = [int(i) for i in ids]
     if not ids:
@@ -125,6 +135,9 @@ class BatchGeneration:
         for s in settings:
             if s.num_beams > 1:
                 raise SamplingError("BatchGeneration samples or decodes greedily; use beam_search for num_beams > 1")
+        require_decoder(model.config)
+        if getattr(model, "is_encoder_decoder", False):
+            raise ScribeError("an encoder-decoder model generates through LM.generate (the prompt goes to its encoder)")
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.context = config.context_length
@@ -257,6 +270,7 @@ def beam_search(
     (judged at the current length, as Hugging Face does). Penalties and
     logit_bias apply; temperature and truncation do not (beam search is
     deterministic)."""
+    require_decoder(model.config)
     config = model.config
     K, V = settings.num_beams, config.vocab_size
     prompt = _check_prompt(prompt_ids, V, 0)
@@ -357,6 +371,7 @@ def beam_search(
 
 def resolve_settings(lm, settings: SamplingSettings | None = None, **overrides: Any) -> SamplingSettings:
     """The checkpoint's generation.json defaults, then `settings`, then keyword overrides."""
+    require_decoder(lm.config)
     reject_unknown_fields(overrides, SamplingSettings, "generation setting", SamplingError)
     if settings is not None:
         base = settings.to_dict()
@@ -413,11 +428,20 @@ def generate(
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     if not prompts:
         raise ScribeError("no prompts given; pass a string or a non-empty list of strings")
-    ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
+    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None:
+        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
+        ids = [lm.tokenizer.backend.encode(_check_text_prompt(p), add_special_tokens=True).ids if isinstance(p, str)
+               else encode_prompt(lm, p) for p in prompts]
+    else:
+        ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
-    if s.num_beams > 1:
+    if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
+        per_prompt = [_seq2seq_beams(lm, p, s, extra_stop_ids, skip_special_tokens) for p in ids]
+    elif getattr(lm.model, "is_encoder_decoder", False):
+        per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
+    elif s.num_beams > 1:
         for p in ids:
             per_prompt.append(beam_search(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
                                           skip_special_tokens=skip_special_tokens))
@@ -430,6 +454,40 @@ def generate(
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
     return out[0] if single else out
+
+
+def _check_text_prompt(prompt: str) -> str:
+    from scribelm.tokenizer import _check_text
+
+    return _check_text(prompt, "the prompt")
+
+
+@torch.inference_mode()
+def _seq2seq_beams(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                   skip_special_tokens: bool) -> list[Completion]:
+    """Beam search over an encoder-decoder's decoder, the prompt encoded once (start token: 0)."""
+    from scribelm.seq2seq import BoundDecoder
+
+    _check_prompt(prompt_ids, lm.config.vocab_size, 0)
+    memory = lm.model.encode(torch.tensor([prompt_ids], device=next(lm.model.parameters()).device))
+    return beam_search(BoundDecoder(lm.model, memory), lm.tokenizer, [0], s, extra_stop_ids=extra_stop_ids,
+                       skip_special_tokens=skip_special_tokens)
+
+
+def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                        skip_special_tokens: bool) -> Completion:
+    from scribelm.seq2seq import greedy_generate
+
+    if s.temperature != 0 or s.num_return_sequences > 1:
+        raise SamplingError("encoder-decoder models decode greedily or by beam search here: pass temperature=0 "
+                            "or num_beams > 1 (no sampling)")
+    _check_prompt(prompt_ids, lm.config.vocab_size, 0)
+    stops = stop_ids_for(lm.tokenizer, s, extra_stop_ids)
+    new, finish = greedy_generate(lm.model, prompt_ids, max_new_tokens=s.max_new_tokens, stop_ids=sorted(stops))
+    shown = new[:-1] if finish == "stop" else new
+    text = lm.tokenizer.decode(shown, skip_special_tokens=skip_special_tokens) if lm.tokenizer is not None else ""
+    return Completion(text=text, token_ids=new, finish_reason=finish, stop_reason=new[-1] if finish == "stop" else None,
+                      prompt_tokens=len(prompt_ids))
 
 
 def stream(

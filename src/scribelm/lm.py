@@ -7,6 +7,7 @@
     lm.generate(["a", "b"], temperature=0)           # -> [str, str], batched
     for delta in lm.stream("Once"): ...              # text deltas
     lm.chat([{"role": "user", "content": "Hi"}])     # chat template applied
+    lm.embed(["a text", "another"])                  # (2, C) unit vectors (scribelm.embed)
     (settings: scribelm.sampling.SamplingSettings; loop: scribelm.generate)
 """
 
@@ -34,6 +35,7 @@ class LM:
     model: Transformer
     tokenizer: Tokenizer | None
     generation_config: dict[str, Any] = field(default_factory=dict)
+    sentence_config: dict[str, Any] = field(default_factory=dict)  # a sentence-transformers directory's pooling
 
     def __post_init__(self) -> None:
         # Inference layers (packed projections, native CPU kernels) by default; they keep the
@@ -67,6 +69,15 @@ class LM:
         from scribelm.generate import chat
 
         return chat(self, messages, stream=stream, **settings)
+
+    def embed(self, texts: str | list[str], *, pooling: str | None = None, normalize: bool = True,
+              batch_size: int = 32) -> torch.Tensor:
+        """(N, C) float32 sentence embeddings. pooling: "mean", "cls", "max" or "last"; None
+        follows the directory's sentence-transformers config, else mean for encoders and
+        last-token for decoders (see `scribelm.embed`)."""
+        from scribelm.embed import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
 
     def apply_adapter(self, directory: str | os.PathLike) -> "LM":
         """Put saved LoRA adapters (a `scribe finetune lora` result, or a peft adapter
@@ -141,8 +152,11 @@ def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) 
         from scribelm.interop.hf import is_hf_directory, load_hf_parts
 
         if is_hf_directory(path):
+            from scribelm.embed import read_sentence_config
+
+            sentence = read_sentence_config(path)
             model, tokenizer, generation = load_hf_parts(path, device=device, dtype=dtype)
-            return LM(model=model, tokenizer=tokenizer, generation_config=generation)
+            return LM(model=model, tokenizer=tokenizer, generation_config=generation, sentence_config=sentence)
         # otherwise read_config gives the precise reason (corrupt JSON, foreign format, ...)
     # the small side files first: a mistake in them is reported before the weights are read
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None

@@ -12,7 +12,12 @@
     final Norm → unembedding → logits (B, T, V);  softmax gives next-token probabilities
 
 Everything that differs between GPT-2, GPT-3, Llama, Mistral and Qwen2 is a
-field of `ModelConfig`; there is one model class. Attention runs through
+field of `ModelConfig`; there is one model class. An encoder (BERT) is the same
+class with `causal=False` (each position sees the whole sequence), post-norm,
+token-type embeddings, a norm on the embeddings and the masked-LM transform.
+An encoder-decoder (T5, `scribelm.seq2seq`) is two of them: its decoder's blocks add a
+cross-attention sub-layer that reads the encoder's output (`EncoderMemory`), and
+`position="relative"` adds T5's learned bias per head and distance to the scores. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
 kernel (flash / memory-efficient) where one applies. Keys and values can be
 written to a `KVCache` so that generation computes each position once.
@@ -35,6 +40,7 @@ from scribelm.cache import ContextOverflowError, KVCache, RollingKVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
 from scribelm.moe import MoE
+from scribelm.relative_position import RelativePositionBias
 from scribelm.rope_scaling import (
     dynamic_ntk_inverse_frequencies, longrope_inverse_frequencies, yarn_attention_factor, yarn_inverse_frequencies,
 )
@@ -145,6 +151,7 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
+        self.scale = config.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.q = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
         self.k = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.v = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
@@ -177,10 +184,44 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·hd)
         return self.o(y)  # (B, T, C)
+
+
+class EncoderMemory:
+    """What a decoder cross-attends to: the encoder's output states (B, S, C), its padding
+    mask (B, S) or None, and each layer's keys and values of them, computed on first use
+    and kept, so generation projects the encoder's output once per prompt, not per token."""
+
+    def __init__(self, states: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        self.states = states
+        self.mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        self.keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class CrossAttention(Attention):
+    """Queries from the decoder, keys and values from the encoder's output (no causal mask:
+    the whole source is known). Same projections as self-attention."""
+
+    def forward(self, x: torch.Tensor, memory: EncoderMemory) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.layer_index not in memory.keys_values:
+            M, S, _ = memory.states.shape  # M = B, or 1 for one source shared by several rows (beams)
+            k = self.k(memory.states).view(M, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (M, KV, S, hd)
+            v = self.v(memory.states).view(M, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (M, KV, S, hd)
+            memory.keys_values[self.layer_index] = (k, v)
+        k, v = memory.keys_values[self.layer_index]
+        if k.shape[0] != B:
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)  # (B, KV, S, hd): views, no copies
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        y = self.attend(
+            q, k, v, attn_mask=memory.mask, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -229,14 +270,19 @@ class Block(nn.Module):
         self.pre_norm = config.norm_position == "pre"
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_index)
+        if config.cross_attention:  # encoder-decoder: the decoder's second sub-layer reads the source
+            self.cross_attention_norm = make_norm(config)
+            self.cross_attention = CrossAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         # a mixture of experts (scribelm.moe) replaces the one MLP when the config has experts
         self.mlp = MoE(config, lambda width: MLP(config, width)) if config.n_experts else MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, is_causal, cache):
+    def forward(self, x, rope, mask, is_causal, cache, memory: EncoderMemory | None = None):
         if self.pre_norm:
             x = x + self.dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, cache))
+            if memory is not None:
+                x = x + self.dropout(self.cross_attention(self.cross_attention_norm(x), memory))
             x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         else:
             x = self.attention_norm(x + self.dropout(self.attention(x, rope, mask, is_causal, cache)))
@@ -247,11 +293,24 @@ class Block(nn.Module):
         return self.residual_dropout(h) if self.training else h  # eval: not even a call
 
 
+class MaskedLMTransform(nn.Module):
+    """BERT's masked-LM head before the unembedding: dense -> activation -> norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.activation]
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.activation(self.dense(x)))  # (B, T, C)
+
+
 # --------------------------------------------------------------------------- transformer
 
 
 class Transformer(nn.Module):
-    """A decoder-only transformer configured by a `ModelConfig`."""
+    """A transformer configured by a `ModelConfig`: decoder-only (causal) or encoder (bidirectional)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -260,10 +319,18 @@ class Transformer(nn.Module):
         self.position_embedding = (
             nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
         )
+        self.relative_position = RelativePositionBias(config) if config.position == "relative" else None
+        # Encoders (BERT): segment embeddings and a norm on the summed embeddings.
+        self.token_type_embedding = (
+            nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        )
+        self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config) if config.norm_position == "pre" else None
-        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mlm_transform = MaskedLMTransform(config) if config.mlm_head else None
+        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=config.unembedding_bias)
+        self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None  # see `pooled`
         if config.tie_embeddings:
             self.unembedding.weight = self.token_embedding.weight
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the right device
@@ -302,11 +369,11 @@ class Transformer(nn.Module):
         return torch.arange(start, start + T, device=ids.device).expand(B, T)
 
     @staticmethod
-    def _attention_mask(T: int, S: int, start: int, mask: torch.Tensor, device) -> torch.Tensor:
+    def _attention_mask(T: int, S: int, start: int, mask: torch.Tensor, device, causal_attention: bool = True) -> torch.Tensor:
         """Boolean (B, 1, T, S): True where query t may attend key s."""
         query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-        causal = key_pos <= query_pos  # (T, S)
+        causal = key_pos <= query_pos if causal_attention else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
         if mask.dim() == 2:  # (B, S) padding mask: 1 real, 0 pad
             allowed = causal[None] & mask[:, None, :].bool()  # (B, T, S)
         else:  # (B, T, S) explicit mask, e.g. block-diagonal for packed examples
@@ -324,6 +391,8 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        token_types: torch.Tensor | None = None,
+        memory: EncoderMemory | None = None,
     ) -> torch.Tensor:
         """Final normalized hidden states (B, T, C), before the unembedding; (B, 1, C) with
         `last_only` (see `forward`).
@@ -332,6 +401,8 @@ class Transformer(nn.Module):
         cached positions plus the T new ones), or (B, T, S) booleans saying which
         keys each query may see (combined with the causal mask),
         or (B, 1, T, S) booleans used as they are (the caller owns causality).
+        token_types: (B, T) segment ids for models with token-type embeddings (default all 0).
+        memory: the encoder's output, for the cross-attention of an encoder-decoder's decoder.
         """
         B, T = ids.shape
         start, row_positions, row_mask = (0, None, None) if cache is None else cache.prepare(B, T)
@@ -360,6 +431,11 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(positions)  # (B, T, C)
         elif self.config.position == "sinusoidal":
             x = x + sinusoidal_encoding(positions, self.config.d_model).to(x.dtype)
+        if self.token_type_embedding is not None:
+            token_types = torch.zeros_like(ids) if token_types is None else token_types
+            x = x + self.token_type_embedding(token_types)  # (B, T, C)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         if self.training:
             x = self.embedding_dropout(x)
 
@@ -381,11 +457,21 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask.bool()  # (B, 1, T, S) final: rows whose caches differ in length (serving slots)
         elif attention_mask is not None:
-            mask = self._attention_mask(T, S, start, attention_mask, ids.device)
+            mask = self._attention_mask(T, S, start, attention_mask, ids.device, self.config.causal)
+        elif not self.config.causal:
+            pass  # an encoder: every position sees every position, no mask at all
         elif start == 0 and T > 1:
             is_causal = True
         elif T > 1:
             mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
+        if self.relative_position is not None:  # T5: a learned bias per head and distance, added to the scores
+            if start is None:
+                raise ScribeError("relative position bias needs every cache row at the same length")
+            if is_causal:
+                mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
+            bias = self.relative_position(start, T, S, ids.device).to(x.dtype)  # (1, H, T, S)
+            mask = bias if mask is None else torch.where(mask, bias, torch.finfo(x.dtype).min)  # (B, H, T, S)
+            is_causal = False
 
         if self.config.sliding_window is not None:
             if isinstance(cache, RollingKVCache) and attention_mask is not None:
@@ -393,7 +479,7 @@ class Transformer(nn.Module):
             mask, is_causal = self._sliding_window(mask, is_causal, T, start, row_positions, cache, ids.device)
 
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            x = block(x, rope, mask, is_causal, cache, memory)
         if cache is not None:
             cache.advance(T)
         if last_only:
@@ -436,6 +522,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V); the one forward pass of training and inference.
 
@@ -444,9 +531,19 @@ class Transformer(nn.Module):
         positions: (B, T) or (T,) position of each token, when not the natural ones.
         attention_mask: see `hidden_states`.
         last_only: logits of each row's last position only, (B, 1, V) (the last real one
-        under a (B, S) padding mask): what generation needs, without unembedding the rest."""
-        x = self.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache, last_only=last_only)
+        under a (B, S) padding mask): what generation needs, without unembedding the rest.
+        token_types: (B, T) segment ids (encoders with token-type embeddings)."""
+        x = self.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache, last_only=last_only,
+                               token_types=token_types)
+        if self.mlm_transform is not None:
+            x = self.mlm_transform(x)  # (B, T, C)
         return self.unembedding(x)  # (B, T, V)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler output: tanh(dense(h at position 0)). hidden (B, T, C) -> (B, C)."""
+        if self.pooler is None:
+            raise ScribeError("this model has no pooler (config pooler=false)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def loss(
         self,
@@ -476,7 +573,7 @@ class Transformer(nn.Module):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if exclude_embeddings and name.startswith(("token_embedding", "position_embedding")):
+            if exclude_embeddings and name.startswith(("token_embedding", "position_embedding", "token_type_embedding")):
                 continue
             total += param.numel()
         return total

@@ -241,17 +241,23 @@ def test_published_configs_map_tensor_for_tensor(tmp_path, name):
 def test_every_preset_exports_to_a_family_transformers_builds(preset):
     from scribelm.config import ModelConfig
     from scribelm.interop.hf import family_for
+    from scribelm.seq2seq import build_model
 
     config = ModelConfig.from_preset(preset)
     family = family_for(config)
     hf = transformers.AutoConfig.for_model(**family.to_hf(config, family))
     with torch.device("meta"):
-        reference = transformers.AutoModelForCausalLM.from_config(hf)
-        ours = Transformer(config)
+        loader = {"BertModel": transformers.AutoModel, "BertForMaskedLM": transformers.AutoModelForMaskedLM,
+                  "T5ForConditionalGeneration": transformers.AutoModelForSeq2SeqLM}.get(
+            family.architecture, transformers.AutoModelForCausalLM)
+        reference = loader.from_config(hf)
+        ours = build_model(config)
     assert type(reference).__name__ == family.architecture
     assert reference.num_parameters() == ours.num_parameters()
     expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM", "mix": "MixtralForCausalLM"}
-    assert family.architecture == expected_family.get(preset[:3], "LlamaForCausalLM")
+    encoders = {"bert-base": "BertModel", "tiny-bert": "BertForMaskedLM", "t5-small": "T5ForConditionalGeneration",
+                "t5-base": "T5ForConditionalGeneration"}
+    assert family.architecture == encoders.get(preset, expected_family.get(preset[:3], "LlamaForCausalLM"))
 
 
 def test_sliding_window_caps_context_exactly(tmp_path, capsys):
@@ -533,7 +539,7 @@ def test_directory_without_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("config, message", [
     ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "architecture Qwen3ForCausalLM is not supported; supported: GPT2LMHeadModel"),
-    ({"model_type": "bert"}, "model_type 'bert' is not supported"),
+    ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
       "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
      "rope_scaling type 'proportional'"),

@@ -31,6 +31,7 @@ VERB_MODULES = [
     "convert",
     "quantize",
     "params",
+    "embed",
     "explain",
     "rag",
 ]

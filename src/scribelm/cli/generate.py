@@ -146,7 +146,7 @@ def run(args) -> int:
     settings = resolve_settings(lm, **overrides)
     one_stream = settings.num_beams == 1 and settings.num_return_sequences == 1
 
-    if args.json or not one_stream:
+    if args.json or not one_stream or getattr(lm.model, "is_encoder_decoder", False):  # T5: no token stream
         out = generate(lm, prompt, settings=settings, return_details=True, compile=args.compile)
         choices = out if isinstance(out, list) else [out]
         if args.json:

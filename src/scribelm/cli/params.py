@@ -24,7 +24,8 @@ def run(args) -> int:
         return 0
     c = config
     console.print(
-        f"[bold]{c.name}[/bold]: {c.n_layers} layers, width {c.d_model}, {c.n_heads} heads of {c.head_dim}"
+        f"[bold]{c.name}[/bold]: {f'{c.encoder_layers} encoder + ' if c.encoder_layers else ''}{c.n_layers} "
+        f"{'decoder ' if c.encoder_layers else ''}layers, width {c.d_model}, {c.n_heads} heads of {c.head_dim}"
         f" ({c.n_kv_heads} key/value heads), MLP {c.d_mlp} ({c.activation}), vocab {c.vocab_size}, context {c.context_length}"
     )
     table = Table(show_edge=False)

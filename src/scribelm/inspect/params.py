@@ -51,6 +51,8 @@ _BLOCK_MATRICES = [
 
 
 def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
+    if config.encoder_layers:
+        return _encoder_decoder_breakdown(config)
     with torch.device("meta"):
         model = Transformer(config)
     params = dict(model.named_parameters())  # a tied unembedding appears once, under token_embedding
@@ -89,6 +91,11 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
         add("norms", norms, total(lambda n: n.startswith("blocks.0.") and "norm" in n))
     if model.position_embedding is not None:
         add("learned positions", params["position_embedding.weight"].numel())
+    for label, prefix in (("token-type embeddings", "token_type_embedding."), ("masked-LM head", "mlm_transform."),
+                          ("unembedding bias", "unembedding.bias"), ("pooler", "pooler.")):
+        count = total(lambda n: n.startswith(prefix) and not (label == "masked-LM head" and "norm" in n))
+        if count:
+            add(label, count)
 
     grand_total = sum(p.numel() for p in params.values())
     embeddings = params["token_embedding.weight"].numel() + (
@@ -118,6 +125,61 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
             "attention": attention_flops,
             "total": 6 * matmul_params + attention_flops,
         },
+        "weights_bytes": {"fp32": 4 * grand_total, "bf16": 2 * grand_total, "int8": grand_total, "int4": grand_total // 2},
+        "kv_cache_bytes_per_token": {"fp32": 4 * kv_per_token, "bf16": 2 * kv_per_token},
+    }
+
+
+def _encoder_decoder_breakdown(config: ModelConfig) -> dict[str, Any]:
+    """The same table for an encoder-decoder (T5): the shared embedding, then the encoder,
+    the decoder's self-attention, its cross-attention and its MLPs, each counted apart."""
+    from scribelm.seq2seq import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    params = dict(model.named_parameters())  # shared tensors appear once, under their first name
+
+    def total(pred) -> int:
+        return sum(p.numel() for n, p in params.items() if pred(n))
+
+    E, L = config.encoder_layers, config.n_layers
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, count: int, layers: int | None = None, matrix: bool = False) -> None:
+        rows.append({"name": name, "count": count, "per_layer": count // layers if layers else None,
+                     "weight_matrix": matrix})
+
+    add("shared token embedding", params["shared.weight"].numel(), matrix=True)
+    add("encoder self-attention", total(lambda n: n.startswith("encoder.blocks.") and ".attention." in n), E, True)
+    add("encoder mlp", total(lambda n: n.startswith("encoder.blocks.") and ".mlp." in n), E, True)
+    add("decoder self-attention", total(lambda n: n.startswith("decoder.blocks.") and ".attention." in n), L, True)
+    add("decoder cross-attention", total(lambda n: ".cross_attention." in n), L, True)
+    add("decoder mlp", total(lambda n: n.startswith("decoder.blocks.") and ".mlp." in n), L, True)
+    unembedding = config.d_model * config.vocab_size
+    add("unembedding" + (" (tied: shares the token embedding)" if config.tie_embeddings else ""),
+        0 if config.tie_embeddings else unembedding, matrix=True)
+    weight_matrices = sum(r["count"] for r in rows)
+    add("norms", total(lambda n: "norm" in n))
+    add("relative position bias", total(lambda n: "relative_position" in n))
+    rows = [r for r in rows if r["count"] or r["name"].startswith("unembedding")]
+
+    grand_total = sum(p.numel() for p in params.values())
+    embeddings = params["shared.weight"].numel()
+    matmul_params = grand_total - embeddings + unembedding - total(lambda n: "norm" in n or "relative_position" in n)
+    # scores and weighted sums: encoder and decoder self-attention over the context, cross-attention to the source
+    attention_flops = 12 * (E + 2 * L) * config.n_heads * config.head_dim * config.context_length
+    kv_per_token = 2 * L * config.n_kv_heads * config.head_dim  # the decoder's self-attention cache
+    return {
+        "config": config.to_dict(),
+        "rows": rows,
+        "weight_matrices": weight_matrices,
+        "total": grand_total,
+        "non_embedding": grand_total - embeddings,
+        "per_layer": total(lambda n: n.startswith(("encoder.blocks.0.", "decoder.blocks.0."))),
+        "active": grand_total,  # every parameter takes part in every token (no experts)
+        "matmul_params": matmul_params,
+        "train_flops_per_token": {"6n": 6 * matmul_params, "attention": attention_flops,
+                                  "total": 6 * matmul_params + attention_flops},
         "weights_bytes": {"fp32": 4 * grand_total, "bf16": 2 * grand_total, "int8": grand_total, "int4": grand_total // 2},
         "kv_cache_bytes_per_token": {"fp32": 4 * kv_per_token, "bf16": 2 * kv_per_token},
     }

@@ -206,6 +206,12 @@ class Engine:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
         if max_batch < 1 or max_queue < 1:
             raise ScribeError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
+        from scribelm.generate import require_decoder
+
+        require_decoder(lm.config)  # an encoder (BERT) cannot generate
+        if getattr(lm.model, "is_encoder_decoder", False):
+            raise ScribeError(f"model {name!r} is an encoder-decoder (T5); the server batches decoder-only models, "
+                              "generate with LM.generate or `scribe generate` instead")
         self.lm, self.name = lm, name
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
         self.max_batch, self.max_queue = max_batch, max_queue

@@ -47,7 +47,10 @@ from scribelm.errors import ConfigError
 from scribelm.train.config import TrainConfig, TrainResult
 from scribelm.train.trainer import Trainer, resolve_device
 
-RECIPE_KEYS = ("model", "data", "train", "out_dir", "resume", "tokenizer", "generation")
+RECIPE_KEYS = ("model", "data", "train", "out_dir", "resume", "tokenizer", "generation", "objective")
+#: What the model learns: the next token (decoders), or masked tokens from both sides (encoders, BERT).
+#: span: T5's span corruption, for encoder-decoders.
+OBJECTIVES = ("causal", "mlm", "span")
 # Recipe keys that may change when a run resumes: they say how long, how often, where and how fast,
 # not what the run computes. (The tokenizer is pinned by the data's hash; data.dir may move.)
 RESUMABLE_CHANGES = (
@@ -159,7 +162,30 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
     tokenizer_path = Path(recipe.get("tokenizer") or data_dir)
     tokenizer = Tokenizer.load(tokenizer_path)
     check_tokenizer_matches(manifest, tokenizer, data_dir=data_dir)
-    model_config = model_config_from_recipe(recipe.get("model") or {}, manifest["vocab_size"])
+    objective_name = recipe.get("objective") or "causal"
+    if objective_name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective_name!r}; choose one of {', '.join(OBJECTIVES)}")
+    data_vocab_size = manifest["vocab_size"]
+    mask_id = None
+    if objective_name == "mlm":
+        mask_id = _mask_token_id(tokenizer)
+        data_vocab_size = max(data_vocab_size, mask_id + 1)
+    sentinel_ids: list[int] = []
+    if objective_name == "span":
+        sentinel_ids = _sentinel_ids(tokenizer)
+        data_vocab_size = max(data_vocab_size, max(sentinel_ids) + 1)
+    model_config = model_config_from_recipe(recipe.get("model") or {}, data_vocab_size)
+    if objective_name == "span" and not model_config.encoder_layers:
+        raise ConfigError("objective span needs an encoder-decoder model (model.encoder_layers > 0), e.g. preset t5-small")
+    if objective_name != "span" and model_config.encoder_layers:
+        raise ConfigError(f"an encoder-decoder model trains with objective: span, not {objective_name}")
+    if objective_name != "span" and model_config.causal != (objective_name == "causal"):
+        raise ConfigError(
+            f"objective {objective_name} needs a {'causal' if objective_name == 'causal' else 'bidirectional'} model "
+            f"but model.causal is {str(model_config.causal).lower()}; "
+            + ("use a bidirectional preset such as tiny-bert, or set model.causal: false" if objective_name == "mlm"
+               else "set objective: mlm for an encoder (a bidirectional model sees the token it should predict)")
+        )
     check_tokenizer_matches(manifest, model_vocab_size=model_config.vocab_size, data_dir=data_dir)
     if sequence_length > model_config.context_length:
         raise ConfigError(
@@ -198,8 +224,18 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
         claim = claim_run_directory(out_dir, "training run", defining, new=new, resume=bool(recipe.get("resume", True)),
                                     may_change=RESUMABLE_CHANGES)
     dist_utils.barrier()  # the other ranks read checkpoints only once rank 0 has claimed (and maybe cleaned) out_dir
+    if objective_name == "mlm":
+        from scribelm.train.masking import MaskedLMObjective
+
+        objective = MaskedLMObjective(mask_id, manifest["vocab_size"], tokenizer.special_ids, seed=train_config.seed)
+    elif objective_name == "span":
+        from scribelm.train.seq2seq_objectives import SpanCorruptionObjective
+
+        objective = SpanCorruptionObjective(sentinel_ids, seed=train_config.seed)
+    else:
+        objective = NextTokenObjective(token_byte_lengths(tokenizer))
     trainer = Trainer(
-        model, NextTokenObjective(token_byte_lengths(tokenizer)), train_loader, val_loader, train_config, out_dir,
+        model, objective, train_loader, val_loader, train_config, out_dir,
         tokenizer=tokenizer, run_config=effective, generation=recipe.get("generation"), progress=progress,
     )
     trainer.memory_estimate = estimate
@@ -209,10 +245,38 @@ def build_run(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], 
     return trainer
 
 
-def _build_model(config: ModelConfig) -> torch.nn.Module:
-    from scribelm.model import Transformer
+def _mask_token_id(tokenizer) -> int:
+    """The tokenizer's mask token, added as a new special token (the next id) when it has none;
+    the checkpoints then carry a tokenizer that knows it."""
+    from tokenizers import AddedToken
 
-    return Transformer(config)
+    from scribelm.train.masking import NEW_MASK_TOKEN, find_mask_id
+
+    mask_id = find_mask_id(tokenizer)
+    if mask_id is None:
+        tokenizer.backend.add_special_tokens([AddedToken(NEW_MASK_TOKEN, special=True, normalized=False)])
+        mask_id = tokenizer.token_to_id(NEW_MASK_TOKEN)
+    return mask_id
+
+
+def _sentinel_ids(tokenizer, count: int = 100) -> list[int]:
+    """The tokenizer's span sentinels (<extra_id_N>), or `count` new special tokens <|sentinel_N|>."""
+    from tokenizers import AddedToken
+
+    from scribelm.train.seq2seq_objectives import SENTINEL_FORMATS, find_sentinel_ids
+
+    found = find_sentinel_ids(tokenizer)
+    if found:
+        return found
+    names = [SENTINEL_FORMATS[1].format(i) for i in range(count)]
+    tokenizer.backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    return [tokenizer.token_to_id(n) for n in names]
+
+
+def _build_model(config: ModelConfig) -> torch.nn.Module:
+    from scribelm.seq2seq import build_model
+
+    return build_model(config)  # a Transformer, or an EncoderDecoder
 
 
 def run_pretraining(recipe: dict[str, Any], progress: Callable[[str, dict[str, Any]], None] | None = None, *,

@@ -282,8 +282,18 @@ def _gpt2_from_hf(hf: dict[str, Any]) -> ModelConfig:
 # -- export: which family can hold a scribelm config, and its config.json
 
 
-def _llama_like_misfit(config: ModelConfig) -> list[str]:
+def decoder_misfit(config: ModelConfig) -> list[str]:
+    """What a decoder-only family (GPT-2, Llama, ...) cannot hold of an encoder config."""
     reasons = []
+    if not config.causal:
+        reasons.append("causal attention (has bidirectional)")
+    if config.type_vocab_size or config.embedding_norm or config.mlm_head or config.unembedding_bias or config.pooler:
+        reasons.append("no token-type embeddings, embedding norm, masked-LM head or pooler")
+    return reasons
+
+
+def _llama_like_misfit(config: ModelConfig) -> list[str]:
+    reasons = decoder_misfit(config)
     if config.position != "rope":
         reasons.append(f"RoPE positions (has {config.position!r})")
     if config.norm != "rmsnorm":
@@ -333,7 +343,7 @@ def _qwen2_misfit(config: ModelConfig) -> list[str]:
 
 
 def _gpt2_misfit(config: ModelConfig) -> list[str]:
-    reasons = _full_attention_misfit(config)
+    reasons = decoder_misfit(config) + _full_attention_misfit(config)
     if config.position != "learned":
         reasons.append(f"learned positions (has {config.position!r})")
     if config.norm != "layernorm" or not config.norm_bias:

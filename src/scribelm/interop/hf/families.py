@@ -12,6 +12,10 @@ from scribelm.interop.hf.configs import (
     _gpt2_from_hf, _gpt2_misfit, _gpt2_to_hf, _llama_like_from_hf, _llama_like_to_hf, _llama_misfit, _mistral_misfit,
     _qwen2_misfit, refuse,
 )
+from scribelm.interop.hf.bert import (
+    BERT_IGNORED, BERT_MLM_WEIGHTS, BERT_MODEL_WEIGHTS, bert_from_hf, bert_mlm_misfit, bert_model_misfit, bert_to_hf,
+)
+from scribelm.interop.hf.t5 import T5_IGNORED, T5_WEIGHTS, t5_from_hf, t5_misfit, t5_to_hf
 from scribelm.interop.hf.moe import (
     MIXTRAL_WEIGHTS, QWEN2_MOE_WEIGHTS, mixtral_from_hf, mixtral_misfit, mixtral_to_hf, qwen2_moe_from_hf,
     qwen2_moe_misfit, qwen2_moe_to_hf,
@@ -31,9 +35,10 @@ class Family:
     misfit: Callable[[ModelConfig], list[str]]  # what this family would need that the config lacks
     ignored: str = r"$^"  # tensors that carry no weights: old causal-mask buffers, cached RoPE tables
     prefix: str = ""  # the base model's prefix, absent in checkpoints saved from the base model
+    heads: tuple[str, ...] = ("lm_head.",)  # names outside the base model, never prefixed
 
     def normalize(self, name: str) -> str:
-        if self.prefix and not name.startswith(self.prefix) and not name.startswith("lm_head."):
+        if self.prefix and not name.startswith(self.prefix) and not name.startswith(self.heads):
             return self.prefix + name
         return name
 
@@ -48,6 +53,12 @@ FAMILIES: dict[str, Family] = {
                       ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "Qwen2", LLAMA_WEIGHTS, lambda hf: _llama_like_from_hf(hf, "Qwen2"),
                     _llama_like_to_hf, _qwen2_misfit, ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+    "bert": Family("bert", "BertForMaskedLM", "BERT (masked LM)", BERT_MLM_WEIGHTS, lambda hf: bert_from_hf(hf, True),
+                   bert_to_hf, bert_mlm_misfit, ignored=BERT_IGNORED, prefix="bert.", heads=("cls.",)),
+    "bert-encoder": Family("bert", "BertModel", "BERT", BERT_MODEL_WEIGHTS, lambda hf: bert_from_hf(hf, False),
+                           bert_to_hf, bert_model_misfit, ignored=BERT_IGNORED),
+    "t5": Family("t5", "T5ForConditionalGeneration", "T5", T5_WEIGHTS, t5_from_hf, t5_to_hf, t5_misfit,
+                 ignored=T5_IGNORED),
     "mixtral": Family("mixtral", "MixtralForCausalLM", "Mixtral", MIXTRAL_WEIGHTS, mixtral_from_hf, mixtral_to_hf,
                       mixtral_misfit),
     "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE", QWEN2_MOE_WEIGHTS, qwen2_moe_from_hf,
@@ -101,7 +112,7 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
         return family
     name = config.name.lower()
     hinted = [f for key, f in FAMILIES.items() if name.startswith(key)]
-    for family in hinted + [FAMILIES[k] for k in ("llama", "qwen2", "gpt2", "mixtral", "qwen2_moe")]:
+    for family in hinted + [FAMILIES[k] for k in ("llama", "qwen2", "gpt2", "mixtral", "qwen2_moe", "bert-encoder", "bert", "t5")]:
         if not family.misfit(config):
             return family
     reasons = "; ".join(f"{f.title} needs {', '.join(f.misfit(config))}" for f in (FAMILIES["llama"], FAMILIES["gpt2"]))

@@ -28,6 +28,7 @@ from scribelm.interop.hf.generation import generation_from_hf, read_generation_c
 from scribelm.interop.hf.tokenizer import load_tokenizer
 from scribelm.interop.hf.weights import expand_rules, hf_shape, to_ours
 from scribelm.model import Transformer
+from scribelm.seq2seq import build_model
 from scribelm.tokenizer import Tokenizer
 
 _SAFETENSORS_DTYPES = {
@@ -36,14 +37,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-_HF_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+_HF_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block)\.(\d+)\.")  # T5's block.{i}.layer.{j}: the first
 
 
 def _check_layer_count(path: Path, family: Family, config: ModelConfig, names: Iterable[str]) -> None:
     """Refuse a layer count the weight names contradict before a model is built from it
     (building follows the config, so a wrong count would cost in proportion to the mistake)."""
     layers = {int(m.group(1)) for name in names if (m := _HF_LAYER.search(name))}
-    if layers != set(range(config.n_layers)):
+    if layers != set(range(max(config.n_layers, config.encoder_layers))):
         key = "n_layer" if family.model_type == "gpt2" else "num_hidden_layers"
         held = f"layers {min(layers)}..{max(layers)}" if layers else "no layers"
         raise CheckpointError(
@@ -68,12 +69,13 @@ def load_hf_parts(
     generation = generation_from_hf(read_generation_config(path, hf), tokenizer)
 
     with torch.device("meta"):  # no memory: the tensors are assigned below
-        model = Transformer(config)
-    expected = {
-        name: tuple(t.shape)
-        for name, t in model.state_dict().items()
-        if not (config.tie_embeddings and name == "unembedding.weight")
-    }
+        model = build_model(config)  # a Transformer, or an EncoderDecoder (T5)
+    expected: dict[str, tuple[int, ...]] = {}
+    seen: list[torch.Tensor] = []
+    for name, t in model.state_dict(keep_vars=True).items():  # a tensor shared under several names: its first name
+        if not any(t is other for other in seen):
+            seen.append(t)
+            expected[name] = tuple(t.shape)
     rules = expand_rules(family.weights, config, set(expected))
     by_name = {family.normalize(name): name for name in files}  # our spelling -> the file's spelling
 

@@ -56,7 +56,11 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 def hf_state_dict(model: torch.nn.Module, family: Family) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names (GPT-2's fused and transposed as Conv1D)."""
     config = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict(keep_vars=True).items():  # a tensor shared under several names: its first name
+        if not any(v is seen for seen in state.values()):
+            state[k] = v
+    state = {k: v.detach() for k, v in state.items()}
     present = {k for k in state if not (config.tie_embeddings and k == "unembedding.weight")}
     rules = expand_rules(family.weights, config, present)
     uncovered = sorted(present - {o for r in rules for o in r.ours})
@@ -114,4 +118,8 @@ def save_hf(
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+        if getattr(lm, "sentence_config", None):  # a sentence-transformers model stays one
+            from scribelm.embed import write_sentence_config
+
+            write_sentence_config(tmp, lm.sentence_config, config.d_model)
     return path

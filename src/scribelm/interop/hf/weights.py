@@ -27,6 +27,7 @@ class WeightRule:
     hf: str
     ours: tuple[str, ...]
     kind: str = "same"
+    when: str = ""  # a ModelConfig property the rule needs true ("gated_mlp"), or false ("!gated_mlp")
 
 
 def _same(*pairs: tuple[str, str]) -> tuple[WeightRule, ...]:
@@ -86,13 +87,15 @@ def expand_rules(rules: tuple[WeightRule, ...], config: ModelConfig, present: se
     tensors `present` in this config."""
     out = []
     for rule in rules:
-        layers = range(config.n_layers) if "{i}" in rule.hf else [None]
+        if rule.when and bool(getattr(config, rule.when.lstrip("!"))) == rule.when.startswith("!"):
+            continue
+        layers = range(max(config.n_layers, config.encoder_layers)) if "{i}" in rule.hf else [None]
         experts = range(config.n_experts) if "{j}" in rule.hf else [None]
         for i in layers:
             for j in experts:
                 ours = tuple(o.format(i=i, j=j) for o in rule.ours)
                 if all(o in present for o in ours):
-                    out.append(WeightRule(rule.hf.format(i=i, j=j), ours, rule.kind))
+                    out.append(WeightRule(rule.hf.format(i=i, j=j), ours, rule.kind, rule.when))
     return out
 
 

@@ -1,0 +1,172 @@
+"""Sentence embeddings: one vector per text, from any model's hidden states.
+
+    texts ──tokenize──▶ ids (B, T), padding mask (B, T)
+          ──model.hidden_states──▶ h (B, T, C)
+          ──pool──▶ (B, C)          mean over real tokens, the first ([CLS]) token,
+                                    the max per feature, or the last real token
+          ──normalize──▶ unit length, so a dot product is the cosine similarity
+
+An encoder (BERT, MiniLM) sees the whole text at every position, so the mean of its
+token states summarises the text; a decoder's last real token is the only one that has
+seen all of it, so decoders pool the last token by default. A sentence-transformers
+directory says which pooling its weights were trained with (modules.json -> the Pooling
+module's config.json, the Normalize module, sentence_bert_config.json's max_seq_length);
+`read_sentence_config` reads that, and `LM.embed` follows it unless told otherwise.
+
+Texts are encoded with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT),
+truncated to the maximum length, sorted by length so each batch pads little, and the
+vectors come back in the order the texts were given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scribelm.errors import CheckpointError, ScribeError
+from scribelm.io import read_json_object
+
+POOLINGS = ("mean", "cls", "max", "last")
+
+# sentence-transformers' Pooling config keys -> ours
+_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last",
+}
+_UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+
+
+def read_sentence_config(path: str | os.PathLike) -> dict[str, Any]:
+    """{"pooling", "normalize", "max_length"} from a sentence-transformers directory's
+    modules.json and its module configs; {} when the directory has no modules.json."""
+    path = Path(path)
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{modules_file} is not valid JSON ({err})") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CheckpointError(f"{modules_file} must be a list of module entries")
+    out: dict[str, Any] = {"normalize": False}
+    for module in modules:
+        kind = str(module.get("type", ""))
+        where = path / str(module.get("path", ""))
+        if kind.endswith(".Pooling"):
+            config = read_json_object(where / "config.json", CheckpointError,
+                                      missing=f"{where / 'config.json'}: the Pooling module's config is missing")
+            bad = [k for k in _UNSUPPORTED_POOLING if config.get(k)]
+            modes = [ours for key, ours in _POOLING_KEYS.items() if config.get(key)]
+            if bad or len(modes) != 1:
+                raise CheckpointError(
+                    f"{where / 'config.json'}: scribelm pools with exactly one of {', '.join(_POOLING_KEYS)}; "
+                    f"this one asks for {', '.join(bad + [k for k in _POOLING_KEYS if config.get(k)]) or 'none'}"
+                )
+            out["pooling"] = modes[0]
+        elif kind.endswith(".Normalize"):
+            out["normalize"] = True
+        elif kind.endswith(".Dense"):
+            raise CheckpointError(f"{modules_file}: a Dense module after pooling is not supported")
+    sentence_file = path / "sentence_bert_config.json"
+    if sentence_file.is_file():
+        max_length = read_json_object(sentence_file, CheckpointError, missing="").get("max_seq_length")
+        if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0:
+            out["max_length"] = max_length
+    return out
+
+
+def write_sentence_config(directory: str | os.PathLike, sentence: dict[str, Any], dim: int) -> None:
+    """The inverse of `read_sentence_config`: modules.json, the Pooling module's config and
+    sentence_bert_config.json, so that sentence-transformers loads the directory as it was."""
+    directory = Path(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if sentence.get("normalize"):
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": dim, **{key: sentence.get("pooling") == ours for key, ours in _POOLING_KEYS.items()}}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    if "max_length" in sentence:
+        (directory / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": sentence["max_length"], "do_lower_case": False}, indent=2))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """hidden (B, T, C), mask (B, T) with 1 for real tokens (right padding) -> (B, C)."""
+    if pooling == "mean":
+        weights = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, C)
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, C)
+    if pooling == "max":
+        return hidden.masked_fill(~mask.bool()[..., None], torch.finfo(hidden.dtype).min).amax(1)  # (B, C)
+    if pooling == "last":
+        last = mask.long().sum(1) - 1  # (B,): index of each row's last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.clamp(min=0)]  # (B, C)
+    raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def _encoder_backend(tokenizer, max_length: int):
+    """A copy of the tokenizer's backend that adds its special tokens and truncates as the
+    reference libraries do (the LM's own tokenizer stays as it is)."""
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_length)
+    return backend
+
+
+@torch.inference_mode()
+def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: bool = True,
+          batch_size: int = 32) -> torch.Tensor:
+    """(N, C) float32 embeddings of `texts` (see the module docstring and `LM.embed`)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ScribeError("embed takes a string or a list of strings")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScribeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if lm.tokenizer is None:
+        raise ScribeError("this model has no tokenizer (tokenizer.json), so it cannot embed text")
+    model = lm.model.encoder if getattr(lm.model, "is_encoder_decoder", False) else lm.model  # T5: its encoder
+    config = model.config
+    sentence = getattr(lm, "sentence_config", None) or {}
+    if pooling is None:
+        pooling = sentence.get("pooling") or ("last" if config.causal else "mean")
+    if pooling not in POOLINGS:
+        raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if not texts:
+        return torch.zeros(0, config.d_model)
+    max_length = min(sentence.get("max_length", config.context_length), config.context_length)
+    backend = _encoder_backend(lm.tokenizer, max_length)
+    encoded = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
+    if any(not ids for ids in encoded):
+        raise ScribeError("a text encodes to no tokens at all (an empty string with a tokenizer that adds none)")
+    pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: batches pad little
+    out = torch.empty(len(encoded), config.d_model)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        padded = not bool(mask.all())
+        hidden = model.hidden_states(ids, attention_mask=mask if padded else None)  # (b, T, C)
+        vectors = pool(hidden.float(), mask, pooling)  # (b, C)
+        if normalize:
+            vectors = F.normalize(vectors, dim=-1)
+        out[torch.tensor(rows)] = vectors.cpu()
+    return out
