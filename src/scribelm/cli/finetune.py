@@ -1,9 +1,11 @@
-"""`scribe finetune sft|lora|dpo MODEL --data FILE -o OUT`: adapt a model to chat data or preferences.
+"""`scribe finetune sft|lora|dpo|reward|grpo MODEL ...`: adapt a model to chat data, preferences or rewards.
 
     scribe finetune sft  my-model --data chat.jsonl -o runs/sft           # all weights train
     scribe finetune lora my-model --data chat.jsonl -o runs/lora --rank 16 --targets all-linear
     scribe finetune lora my-model --data chat.jsonl -o runs/qlora --quantize nf4
     scribe finetune dpo  my-model --data prefs.jsonl -o runs/dpo --beta 0.1 [--lora]
+    scribe finetune reward my-model --data prefs.jsonl -o runs/rm            # a reward model
+    scribe finetune grpo my-model --prompts prompts.jsonl --reward mod:fn -o runs/grpo   (cli/finetune_rl.py)
 
 MODEL is a scribelm checkpoint or a Hugging Face model directory. OUT gets
 the Trainer's checkpoints (resume with --resume), metrics.jsonl, loss.png,
@@ -84,6 +86,16 @@ def register(subparsers) -> None:
                           "model: keep a frozen copy (with --lora: the base without adapters)")
     dpo.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed share of flipped labels")
     dpo.set_defaults(handler=run_dpo, method="full")
+
+    reward = verbs.add_parser("reward", help="a reward model (scalar head, Bradley–Terry loss) on {prompt, chosen, "
+                                             "rejected[, margin]} data")
+    _common(reward)
+    reward.add_argument("--center-rewards", type=float, default=None, metavar="C",
+                        help="add C·mean((r_chosen + r_rejected)²) to keep scores near zero (e.g. 0.01)")
+    reward.set_defaults(handler=run_reward, method="full")
+    from scribelm.cli.finetune_rl import register_rl
+
+    register_rl(verbs, _common, _lora)
 
 
 def p_no_pack(p) -> None:
@@ -250,4 +262,21 @@ def run_dpo(args) -> int:
             f"{100 * after['reward_accuracy']:.1f}%, loss {before['loss']:.4f} -> {after['loss']:.4f}"
         )
     console.print(f"wrote {result.output}")
+    return 0
+
+
+def run_reward(args) -> int:
+    import functools
+
+    from scribelm.finetune.reward_run import finetune_reward
+
+    result, _ = _run_and_report(functools.partial(finetune_reward, center_coefficient=args.center_rewards), args)
+    before, after = result.extra.get("held_out_before"), result.extra.get("held_out_after")
+    if after:
+        console.print(
+            f"held-out pairs ({int(after['pairs'])}): pairwise accuracy {100 * before['accuracy']:.1f}% -> "
+            f"{100 * after['accuracy']:.1f}%, mean margin {before['reward_margin']:+.4f} -> "
+            f"{after['reward_margin']:+.4f}, loss {before['loss']:.4f} -> {after['loss']:.4f}"
+        )
+    console.print(f"wrote {result.output} (a reward model: a checkpoint with {'reward_head.safetensors'} beside it)")
     return 0

@@ -258,6 +258,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "peak_flops": self._peak_flops,
                 "elapsed_s": self.elapsed_s,
             }
+            record = {**self.step_metrics, **record}  # the loop's own figures win a name clash
             if self.step % cfg.log_every == 0:
                 self.metrics.append(record)
             record["eta_s"] = self._eta()
@@ -314,6 +315,7 @@ class Trainer:
         k = cfg.grad_accum_steps
         total_loss = torch.zeros((), device=self.device)
         tokens = 0
+        self.step_metrics: dict[str, float] = {}
         for micro in range(k):
             batch = _to_device(next(batches), self.device)
             tokens += batch["ids"].numel()
@@ -321,7 +323,9 @@ class Trainer:
             sync = micro == k - 1 or not isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self._autocast():
-                    loss, _ = self.objective(self.train_model, batch)
+                    loss, metrics = self.objective(self.train_model, batch)
+                for key, value in metrics.items():  # the objective's own figures, averaged over micro-batches
+                    self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value) / k
                 scaled = loss / k
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()

@@ -1,0 +1,4 @@
+"""placeholder"""
+
+def register_rl(verbs, common, lora):
+    pass
