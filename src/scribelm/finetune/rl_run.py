@@ -1,0 +1,164 @@
+"""Online RL runs on the shared Trainer: GRPO (and the pieces PPO shares).
+
+    import scribelm
+    from scribelm.finetune.grpo import GRPOOptions
+    from scribelm.finetune.rl_run import finetune_grpo
+    from scribelm.finetune.run import FinetuneOptions
+
+    def short_and_done(prompt, completion):            # any (prompt, completion) -> float
+        return float(completion.strip().endswith("."))
+
+    lm = scribelm.load("my-model")
+    result = finetune_grpo(lm, "prompts.jsonl", [short_and_done], "runs/grpo",
+                           FinetuneOptions(max_steps=100, lr=1e-5), GRPOOptions(num_generations=8))
+    result.extra["held_out_before"]["reward_mean"], result.extra["held_out_after"]["reward_mean"]
+
+The run directory is a fine-tuning run's (checkpoints/ to resume from,
+metrics.jsonl with the RL figures each step, loss.png) plus samples.jsonl
+and the result, `model/` (full) or `adapter/` (LoRA). Held-out prompts
+(--val-data, else a share of the prompts when there are at least 10) are
+scored before and after training with the same sampling seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scribelm.errors import ScribeError
+from scribelm.finetune.grpo import SAMPLES_FILE, GRPOObjective, GRPOOptions, RolloutLoader, evaluate_rewards
+from scribelm.finetune.reward_functions import load_reward_sources
+from scribelm.finetune.rollouts import completion_token_logps, prompt_ids, read_prompts
+from scribelm.finetune.run import (
+    FinetuneOptions, FinetuneResult, _adapter_savers, _counts, _plan, _save_output, _train_config, _write_result,
+    prepare_model,
+)
+from scribelm.lm import CHAT_TUNED_KEY
+from scribelm.train import Trainer
+
+
+def _device(options: FinetuneOptions) -> torch.device:
+    if options.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(options.device)
+
+
+def _prompts(lm, prompts: str | os.PathLike | Sequence[str], options: FinetuneOptions):
+    """(training prompts, held-out prompts or [], a line about validation)."""
+    train = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    if not train:
+        raise ScribeError("no prompts to train on")
+    if options.val_data:
+        return train, read_prompts(options.val_data), f"held-out prompts from {options.val_data}"
+    if options.val_fraction > 0 and len(train) >= 10:
+        order = list(range(len(train)))
+        random.Random(options.seed).shuffle(order)
+        n_val = max(1, round(len(train) * options.val_fraction))
+        val = [train[i] for i in sorted(order[:n_val])]
+        return [train[i] for i in sorted(order[n_val:])], val, f"{n_val} of the {len(train)} prompts held out"
+    return train, [], "none (give --val-data to measure held-out reward)"
+
+
+def _encode(lm, texts: Sequence[str], chat: bool, max_new_tokens: int) -> list[list[int]]:
+    context = lm.config.context_length
+    encoded = []
+    for text in texts:
+        ids = prompt_ids(lm, text, chat)
+        if len(ids) + max_new_tokens > context:
+            raise ScribeError(f"a prompt of {len(ids)} tokens leaves no room for {max_new_tokens} new tokens in the "
+                              f"model's context of {context}; shorten it or lower --max-new-tokens")
+        encoded.append(ids)
+    return encoded
+
+
+def make_reference(model: torch.nn.Module, options: FinetuneOptions, temperature: float):
+    """`reference(ids, targets) -> per-token log-probs` of the frozen starting model: the base
+    without adapters under LoRA (free), else a frozen copy made now."""
+    if options.method != "full":
+        from scribelm.finetune.dpo import adapters_disabled
+
+        def with_adapters_off(ids, targets):
+            was_training = model.training
+            model.eval()
+            try:
+                with adapters_disabled(model):
+                    return completion_token_logps(model, ids, targets, temperature)[0]
+            finally:
+                model.train(was_training)
+
+        return with_adapters_off
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda ids, targets: completion_token_logps(frozen, ids, targets, temperature)[0]
+
+
+def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Sequence[str | Callable[[str, str], float]],
+                  out_dir: str | os.PathLike, options: FinetuneOptions | None = None, rl: GRPOOptions | None = None,
+                  *, base_name: str | None = None,
+                  progress: Callable[[str, dict[str, Any]], None] | None = None) -> FinetuneResult:
+    """GRPO on a prompts file with reward functions / reward models (see `reward_functions`)."""
+    options = options or FinetuneOptions()
+    rl = rl or GRPOOptions()
+    out_dir = Path(out_dir)
+    if lm.tokenizer is None:
+        raise ScribeError("this model directory has no tokenizer; RL on text prompts needs tokenizer.json")
+    device = _device(options)
+    lm.model.to(device)
+    sources = load_reward_sources(rewards, rl.reward_weights, device=device)
+    chat = rl.chat if rl.chat is not None else bool((lm.generation_config or {}).get(CHAT_TUNED_KEY))
+    train_prompts, val_prompts, validation = _prompts(lm, prompts, options)
+    train_ids = _encode(lm, train_prompts, chat, rl.max_new_tokens)
+    val_ids = _encode(lm, val_prompts, chat, rl.max_new_tokens)
+    from scribelm.generate import chat_stop_ids
+
+    stops = chat_stop_ids(lm.tokenizer) if chat else []
+
+    model = lm.model
+    wrapped = prepare_model(model, options)
+    reference = make_reference(model, options, rl.temperature)
+    trainable, total, base_bytes = _counts(model)
+    before = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
+                              extra_stop_ids=stops) if val_prompts else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = RolloutLoader(lm, train_prompts, train_ids, sources, rl, reference=reference, seed=options.seed,
+                           samples_path=out_dir / SAMPLES_FILE, extra_stop_ids=stops)
+    stats = {"records": len(train_prompts) + len(val_prompts), "examples": len(train_prompts), "truncated": 0,
+             "skipped": 0, "validation": validation, "train_prompts": len(train_prompts),
+             "val_prompts": len(val_prompts), "rollouts_per_step": rl.prompts_per_step * rl.num_generations}
+    is_adapter = options.method != "full"
+    config = _train_config(options, len(loader), 1e-5 if is_adapter else 1e-6)
+    _plan(options, config, len(loader), stats, progress)
+    save_fn = load_fn = None
+    if is_adapter:
+        save_fn, load_fn = _adapter_savers(base_name)
+    objective = GRPOObjective(rl)
+    trainer = Trainer(
+        model, objective, loader, None, config, out_dir, tokenizer=lm.tokenizer, generation=lm.generation_config,
+        progress=progress, save_model=save_fn, load_model_state=load_fn,
+        run_config={"finetune": "grpo", "method": options.method, "prompts": str(prompts) if isinstance(
+            prompts, (str, os.PathLike)) else f"{len(train_prompts)} prompts", "base_model": base_name,
+            "rewards": [r if isinstance(r, str) else getattr(r, "__name__", "reward") for r in rewards],
+            "rl": {k: v for k, v in vars(rl).items() if k != "reward_weights"} | {"reward_weights": list(
+                rl.reward_weights) if rl.reward_weights else None}, "wrapped": wrapped},
+    )
+    objective.last_checkpoint = lambda: trainer.last_checkpoint
+    if options.resume:
+        trainer.resume()
+    fit = trainer.fit()
+    model.eval()
+    after = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
+                             extra_stop_ids=stops) if val_prompts else {}
+    output = _save_output(lm, model, options, out_dir, base_name)
+    result = FinetuneResult(output=output, steps=fit.steps, data=stats, final_eval=fit.final_eval,
+                            trainable_parameters=trainable, total_parameters=total, base_bytes=base_bytes,
+                            extra={"held_out_before": before, "held_out_after": after,
+                                   "reward_failures": {s.name: s.failures for s in sources}})
+    _write_result(out_dir, result)
+    return result
