@@ -20,9 +20,9 @@ import warnings
 from scribelm.cli.common import console, err_console, human_bytes, human_count
 
 
-def _common(p) -> None:
+def _common(p, data_flag: str = "--data", data_help: str = "JSONL training file") -> None:
     p.add_argument("model", help="scribelm checkpoint or Hugging Face model directory")
-    p.add_argument("--data", required=True, help="JSONL training file")
+    p.add_argument(data_flag, dest="data", required=True, help=data_help)
     p.add_argument("-o", "--output", required=True, help="run directory (checkpoints, metrics, result)")
     p.add_argument("--val-data", help="JSONL validation file (default: hold out --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out when no --val-data (0: none)")
