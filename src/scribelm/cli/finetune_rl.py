@@ -50,6 +50,47 @@ def register_rl(verbs, common, lora) -> None:
                       help="divide advantages by the group's std, the batch's, or not at all (Dr. GRPO)")
     grpo.add_argument("--iterations", type=int, default=1, help="optimizer steps on each batch of rollouts (μ)")
     grpo.set_defaults(handler=run_grpo, method="full")
+    register_ppo(verbs, common, lora)
+
+
+def register_ppo(verbs, common, lora) -> None:
+    ppo = verbs.add_parser("ppo", help="PPO: value head, KL-penalised reward, GAE, clipped losses over minibatch epochs",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+    _rl_arguments(ppo, common, lora)
+    ppo.add_argument("--rollouts", type=int, default=16, help="completions per rollout batch")
+    ppo.add_argument("--minibatches", type=int, default=2, help="minibatches per epoch (each one optimizer step)")
+    ppo.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
+    ppo.add_argument("--kl-coef", type=float, default=0.05, help="β: per-token KL penalty in the reward")
+    ppo.add_argument("--kl-target", type=float, help="adaptive β tracking this KL per sequence (default: fixed β)")
+    ppo.add_argument("--gamma", type=float, default=1.0, help="discount γ")
+    ppo.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    ppo.add_argument("--clip", type=float, default=0.2, help="policy ratio clip ε")
+    ppo.add_argument("--clip-value", type=float, default=0.2, help="value clip ε_v")
+    ppo.add_argument("--value-coef", type=float, default=0.1, help="weight of the value loss")
+    ppo.set_defaults(handler=run_ppo, method="full")
+
+
+def run_ppo(args) -> int:
+    import functools
+
+    from scribelm.cli.common import console
+    from scribelm.cli.finetune import _run_and_report
+    from scribelm.finetune.ppo import PPOOptions
+    from scribelm.finetune.rl_run import finetune_ppo
+
+    rl = PPOOptions(rollouts_per_batch=args.rollouts, minibatches=args.minibatches, ppo_epochs=args.ppo_epochs,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, kl_coef=args.kl_coef, kl_target=args.kl_target, gamma=args.gamma,
+                    lam=args.lam, clip=args.clip, clip_value=args.clip_value, value_coef=args.value_coef,
+                    max_kl=args.max_kl, sample_every=args.sample_every, chat=_chat(args),
+                    reward_weights=args.reward_weights)
+
+    def ppo(lm, prompts, out_dir, options, **kwargs):
+        return finetune_ppo(lm, prompts, args.reward, out_dir, options, rl, **kwargs)
+
+    result, _ = _run_and_report(functools.update_wrapper(ppo, finetune_ppo), args)
+    _report_rewards(console, result)
+    return 0
 
 
 def _chat(args) -> bool | None:

@@ -1,4 +1,4 @@
-"""Online RL runs on the shared Trainer: GRPO (and the pieces PPO shares).
+"""Online RL runs on the shared Trainer: GRPO and PPO.
 
     import scribelm
     from scribelm.finetune.grpo import GRPOOptions
@@ -159,6 +159,95 @@ def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Seque
     result = FinetuneResult(output=output, steps=fit.steps, data=stats, final_eval=fit.final_eval,
                             trainable_parameters=trainable, total_parameters=total, base_bytes=base_bytes,
                             extra={"held_out_before": before, "held_out_after": after,
+                                   "reward_failures": {s.name: s.failures for s in sources}})
+    _write_result(out_dir, result)
+    return result
+
+
+def finetune_ppo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Sequence[str | Callable[[str, str], float]],
+                 out_dir: str | os.PathLike, options: FinetuneOptions | None = None, rl: "PPOOptions | None" = None,
+                 *, base_name: str | None = None,
+                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> FinetuneResult:
+    """PPO with a value head on the policy, KL-penalised rewards and GAE (see `scribelm.finetune.ppo`)."""
+    from scribelm.finetune.ppo import (
+        VALUE_HEAD_FILE, PolicyWithValue, PPOObjective, PPOOptions, PPORolloutLoader, load_value_head,
+        value_head_bytes,
+    )
+
+    options = options or FinetuneOptions()
+    rl = rl or PPOOptions()
+    out_dir = Path(out_dir)
+    if lm.tokenizer is None:
+        raise ScribeError("this model directory has no tokenizer; RL on text prompts needs tokenizer.json")
+    device = _device(options)
+    lm.model.to(device)
+    sources = load_reward_sources(rewards, rl.reward_weights, device=device)
+    chat = rl.chat if rl.chat is not None else bool((lm.generation_config or {}).get(CHAT_TUNED_KEY))
+    train_prompts, val_prompts, validation = _prompts(lm, prompts, options)
+    train_ids = _encode(lm, train_prompts, chat, rl.max_new_tokens)
+    val_ids = _encode(lm, val_prompts, chat, rl.max_new_tokens)
+    from scribelm.generate import chat_stop_ids
+
+    stops = chat_stop_ids(lm.tokenizer) if chat else []
+    policy = lm.model
+    wrapped = prepare_model(policy, options)
+    reference = make_reference(policy, options, rl.temperature)
+    torch.manual_seed(options.seed)
+    actor = PolicyWithValue(policy)
+    trainable, total, base_bytes = _counts(actor)
+    samples = 4
+    before = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=samples,
+                              extra_stop_ids=stops) if val_prompts else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = PPORolloutLoader(lm, actor, train_prompts, train_ids, sources, rl, reference=reference,
+                              seed=options.seed, samples_path=out_dir / SAMPLES_FILE, extra_stop_ids=stops)
+    stats = {"records": len(train_prompts) + len(val_prompts), "examples": len(train_prompts), "truncated": 0,
+             "skipped": 0, "validation": validation, "train_prompts": len(train_prompts),
+             "val_prompts": len(val_prompts), "rollouts_per_batch": rl.rollouts_per_batch}
+    is_adapter = options.method != "full"
+    config = _train_config(options, len(loader), 1e-5 if is_adapter else 1e-6)
+    _plan(options, config, len(loader), stats, progress)
+    save_adapter, load_adapter = _adapter_savers(base_name) if is_adapter else (None, None)
+
+    def save(path: Path, module: torch.nn.Module, extra_files: dict[str, bytes | str]) -> None:
+        files = {**extra_files, VALUE_HEAD_FILE: value_head_bytes(module)}
+        if save_adapter is not None:
+            save_adapter(path, module.policy, files)
+        else:
+            from scribelm.checkpoint import save_checkpoint
+
+            save_checkpoint(path, module.policy, module.config, lm.tokenizer, lm.generation_config, files)
+
+    def load(path: Path, module: torch.nn.Module) -> None:
+        if load_adapter is not None:
+            load_adapter(path, module.policy)
+        else:
+            from scribelm.train.checkpoints import copy_weights_into
+
+            copy_weights_into(module.policy, Path(path))
+        load_value_head(path, module)
+
+    objective = PPOObjective(rl)
+    trainer = Trainer(
+        actor, objective, loader, None, config, out_dir, tokenizer=lm.tokenizer, generation=lm.generation_config,
+        progress=progress, save_model=save, load_model_state=load,
+        run_config={"finetune": "ppo", "method": options.method, "prompts": str(prompts) if isinstance(
+            prompts, (str, os.PathLike)) else f"{len(train_prompts)} prompts", "base_model": base_name,
+            "rewards": [r if isinstance(r, str) else getattr(r, "__name__", "reward") for r in rewards],
+            "rl": {k: v for k, v in vars(rl).items() if k != "reward_weights"} | {"reward_weights": list(
+                rl.reward_weights) if rl.reward_weights else None}, "wrapped": wrapped},
+    )
+    objective.last_checkpoint = lambda: trainer.last_checkpoint
+    if options.resume:
+        trainer.resume()
+    fit = trainer.fit()
+    actor.eval()
+    after = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=samples,
+                             extra_stop_ids=stops) if val_prompts else {}
+    output = _save_output(lm, policy, options, out_dir, base_name)
+    result = FinetuneResult(output=output, steps=fit.steps, data=stats, final_eval=fit.final_eval,
+                            trainable_parameters=trainable, total_parameters=total, base_bytes=base_bytes,
+                            extra={"held_out_before": before, "held_out_after": after, "kl_coef": loader.kl_coef,
                                    "reward_failures": {s.name: s.failures for s in sources}})
     _write_result(out_dir, result)
     return result
