@@ -21,7 +21,7 @@ loss.png); this module supplies the batches (`RolloutLoader`: generation,
 scoring, advantages) and the objective (`GRPOObjective`). Logged each step:
 reward mean and std (and each reward's own mean), completions that could
 not be scored, KL to the reference, entropy, clip fraction, completion
-length and the share cut off by max_new_tokens. Every `sample_every` steps
+length, the share cut off by max_new_tokens, and rollout tokens/s. Every `sample_every` steps
 a few completions with their rewards go to `samples.jsonl`.
 
 A KL that explodes (mean per-token KL above `max_kl`) stops the run with
@@ -31,6 +31,7 @@ the last good checkpoint, like a NaN loss does.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,8 +136,10 @@ class RolloutLoader:
         rows = [self.prompt_ids[i] for i in chosen for _ in range(G)]
         texts = [self.prompts[i] for i in chosen for _ in range(G)]
         pad = self.lm.tokenizer.pad_id or 0
+        started = time.perf_counter()
         rollouts = sample_rollouts(model, self.lm.tokenizer, rows, self.settings, seed=self.seed * 7919 + self.draws,
                                    pad_id=pad, extra_stop_ids=self.extra_stop_ids)
+        generation_s = time.perf_counter() - started
         self.draws += 1
         rewards, per_source = combined_rewards(self.sources, texts, rollouts.completion_texts)  # (N,), (N, K)
         failed = check_failures(rewards, self.sources)
@@ -154,7 +157,8 @@ class RolloutLoader:
         grouped = rewards.view(-1, G)
         stats = {"reward_mean": torch.nanmean(rewards), "reward_std": torch.nanmean(_row_std(grouped)),
                  "reward_failed": float(failed), "completion_length": rollouts.completion_lengths.float().mean(),
-                 "truncated_fraction": rollouts.truncated.float().mean()}
+                 "truncated_fraction": rollouts.truncated.float().mean(),
+                 "rollout_tokens_per_s": rollouts.completion_lengths.sum() / max(generation_s, 1e-9)}
         if len(self.sources) > 1:
             for k, source in enumerate(self.sources):
                 stats[f"reward_{source.name}"] = torch.nanmean(per_source[:, k])
