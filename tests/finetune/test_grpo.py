@@ -4,8 +4,6 @@ a sentence within 16 tokens (a reward anyone can check), and bad input fails as 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -124,24 +122,22 @@ def test_a_reward_model_with_another_tokenizer_scores_the_text(tmp_path, tokeniz
     assert result.steps == 2
 
 
-def test_cli_grpo_with_a_reward_file(tmp_path):
-    lm = trained_lm("llama")
+def test_cli_grpo_with_a_reward_file(tmp_path, capsys):
     from scribelm.checkpoint import save_checkpoint
+    from scribelm.cli import main
 
+    lm = trained_lm("llama")
     save_checkpoint(tmp_path / "policy", lm.model, lm.config, lm.tokenizer)
     (tmp_path / "rewards.py").write_text("def full_stop(prompt, completion):\n    return float('.' in completion)\n")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in verse_openings(12)))
-    base = [sys.executable, "-m", "scribelm.cli", "finetune", "grpo", str(tmp_path / "policy"), "--reward",
-            f"{tmp_path / 'rewards.py'}:full_stop", "--max-steps", "2", "-G", "4", "--prompts-per-step", "2",
-            "--max-new-tokens", "8", "--lr", "1e-4"]
-    done = subprocess.run(base + ["--prompts", str(prompts), "-o", str(tmp_path / "run")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "held-out reward" in done.stdout and (tmp_path / "run" / "model").is_dir()
+    base = ["finetune", "grpo", str(tmp_path / "policy"), "--reward", f"{tmp_path / 'rewards.py'}:full_stop",
+            "--max-steps", "2", "-G", "4", "--prompts-per-step", "2", "--max-new-tokens", "8", "--lr", "1e-4"]
+    assert main(base + ["--prompts", str(prompts), "-o", str(tmp_path / "run")]) == 0
+    assert "held-out reward" in capsys.readouterr().out and (tmp_path / "run" / "model").is_dir()
     (tmp_path / "none.jsonl").write_text("")
-    done = subprocess.run(base + ["--prompts", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "run2")],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "no prompts" in done.stderr and "Traceback" not in done.stderr
-    done = subprocess.run(base[:7] + ["nomodule:fn", "--prompts", str(prompts), "-o", str(tmp_path / "run3")],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "cannot import nomodule" in done.stderr
+    assert main(base + ["--prompts", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "no prompts" in err and "Traceback" not in err
+    assert main(base[:4] + ["nomodule:fn", "--prompts", str(prompts), "-o", str(tmp_path / "run3")]) == 2
+    assert "cannot import nomodule" in capsys.readouterr().err

@@ -4,8 +4,6 @@ KL in the reward (fixed and adaptive), LoRA, resume, and the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -79,17 +77,16 @@ def test_adaptive_kl_lora_and_exact_resume(tmp_path):
     assert a[-1]["kl_coef"] == b[-1]["kl_coef"]
 
 
-def test_cli_ppo(tmp_path):
-    lm = trained_lm("llama")
+def test_cli_ppo(tmp_path, capsys):
     from scribelm.checkpoint import save_checkpoint
+    from scribelm.cli import main
 
+    lm = trained_lm("llama")
     save_checkpoint(tmp_path / "policy", lm.model, lm.config, lm.tokenizer)
     (tmp_path / "rewards.py").write_text("def full_stop(prompt, completion):\n    return float('.' in completion)\n")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in verse_openings(12)))
-    done = subprocess.run([sys.executable, "-m", "scribelm.cli", "finetune", "ppo", str(tmp_path / "policy"),
-                           "--prompts", str(prompts), "--reward", f"{tmp_path / 'rewards.py'}:full_stop",
-                           "--max-steps", "2", "--rollouts", "4", "--max-new-tokens", "8", "--kl-target", "0.1",
-                           "-o", str(tmp_path / "run")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "held-out reward" in done.stdout and (tmp_path / "run" / "model").is_dir()
+    assert main(["finetune", "ppo", str(tmp_path / "policy"), "--prompts", str(prompts), "--reward",
+                 f"{tmp_path / 'rewards.py'}:full_stop", "--max-steps", "2", "--rollouts", "4", "--max-new-tokens", "8",
+                 "--kl-target", "0.1", "-o", str(tmp_path / "run")]) == 0
+    assert "held-out reward" in capsys.readouterr().out and (tmp_path / "run" / "model").is_dir()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -95,20 +93,19 @@ def test_a_directory_without_a_head_is_refused(tmp_path, tokenizer):
         load_reward_model(tmp_path / "plain")
 
 
-def test_cli_trains_a_reward_model(tmp_path, tokenizer):
+def test_cli_trains_a_reward_model(tmp_path, tokenizer, capsys):
     from scribelm.checkpoint import save_checkpoint
+    from scribelm.cli import main
 
     lm = tiny_lm(tokenizer)
     save_checkpoint(tmp_path / "base", lm.model, lm.config, tokenizer)
     data = write_prefs(tmp_path / "prefs.jsonl", n=24, seed=1)
-    run = subprocess.run([sys.executable, "-m", "scribelm.cli", "finetune", "reward", str(tmp_path / "base"),
-                          "--data", str(data), "-o", str(tmp_path / "run"), "--max-steps", "4", "--lr", "1e-3",
-                          "--batch-size", "8"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "pairwise accuracy" in run.stdout
+    assert main(["finetune", "reward", str(tmp_path / "base"), "--data", str(data), "-o", str(tmp_path / "run"),
+                 "--max-steps", "4", "--lr", "1e-3", "--batch-size", "8"]) == 0
+    assert "pairwise accuracy" in capsys.readouterr().out
     load_reward_model(tmp_path / "run" / "model")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "margin": "big"}) + "\n")
-    run = subprocess.run([sys.executable, "-m", "scribelm.cli", "finetune", "reward", str(tmp_path / "base"),
-                          "--data", str(bad), "-o", str(tmp_path / "run2")], capture_output=True, text=True)
-    assert run.returncode == 2 and "margin" in run.stderr and "Traceback" not in run.stderr
+    assert main(["finetune", "reward", str(tmp_path / "base"), "--data", str(bad), "-o", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "margin" in err and "Traceback" not in err

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
     reward.set_defaults(handler=run_reward, method="full")
     from scribelm.cli.finetune_rl import register_rl
 
-    register_rl(verbs, _common, _lora)
+    register_rl(verbs, _common, _lora, _run_and_report)
 
 
 def p_no_pack(p) -> None:

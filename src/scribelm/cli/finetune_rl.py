@@ -36,7 +36,8 @@ def _rl_arguments(p, common, lora) -> None:
                    help="render prompts with the chat template (auto: if the model is chat-tuned)")
 
 
-def register_rl(verbs, common, lora) -> None:
+def register_rl(verbs, common, lora, run_and_report) -> None:
+    """Add grpo and ppo; `common`, `lora` and `run_and_report` are the shared pieces of `cli/finetune.py`."""
     grpo = verbs.add_parser("grpo", help="GRPO: G sampled completions per prompt, rewarded against their group",
                             formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     _rl_arguments(grpo, common, lora)
@@ -49,11 +50,11 @@ def register_rl(verbs, common, lora) -> None:
     grpo.add_argument("--scale-rewards", choices=("group", "batch", "none"), default="group",
                       help="divide advantages by the group's std, the batch's, or not at all (Dr. GRPO)")
     grpo.add_argument("--iterations", type=int, default=1, help="optimizer steps on each batch of rollouts (μ)")
-    grpo.set_defaults(handler=run_grpo, method="full")
-    register_ppo(verbs, common, lora)
+    grpo.set_defaults(handler=run_grpo, method="full", run_and_report=run_and_report)
+    register_ppo(verbs, common, lora, run_and_report)
 
 
-def register_ppo(verbs, common, lora) -> None:
+def register_ppo(verbs, common, lora, run_and_report) -> None:
     ppo = verbs.add_parser("ppo", help="PPO: value head, KL-penalised reward, GAE, clipped losses over minibatch epochs",
                            formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     _rl_arguments(ppo, common, lora)
@@ -67,14 +68,13 @@ def register_ppo(verbs, common, lora) -> None:
     ppo.add_argument("--clip", type=float, default=0.2, help="policy ratio clip ε")
     ppo.add_argument("--clip-value", type=float, default=0.2, help="value clip ε_v")
     ppo.add_argument("--value-coef", type=float, default=0.1, help="weight of the value loss")
-    ppo.set_defaults(handler=run_ppo, method="full")
+    ppo.set_defaults(handler=run_ppo, method="full", run_and_report=run_and_report)
 
 
 def run_ppo(args) -> int:
     import functools
 
     from scribelm.cli.common import console
-    from scribelm.cli.finetune import _run_and_report
     from scribelm.finetune.ppo import PPOOptions
     from scribelm.finetune.rl_run import finetune_ppo
 
@@ -88,7 +88,7 @@ def run_ppo(args) -> int:
     def ppo(lm, prompts, out_dir, options, **kwargs):
         return finetune_ppo(lm, prompts, args.reward, out_dir, options, rl, **kwargs)
 
-    result, _ = _run_and_report(functools.update_wrapper(ppo, finetune_ppo), args)
+    result, _ = args.run_and_report(functools.update_wrapper(ppo, finetune_ppo), args)
     _report_rewards(console, result)
     return 0
 
@@ -101,7 +101,6 @@ def run_grpo(args) -> int:
     import functools
 
     from scribelm.cli.common import console
-    from scribelm.cli.finetune import _run_and_report
     from scribelm.finetune.grpo import GRPOOptions
     from scribelm.finetune.rl_run import finetune_grpo
 
@@ -115,7 +114,7 @@ def run_grpo(args) -> int:
     def grpo(lm, prompts, out_dir, options, **kwargs):
         return finetune_grpo(lm, prompts, args.reward, out_dir, options, rl, **kwargs)
 
-    result, _ = _run_and_report(functools.update_wrapper(grpo, finetune_grpo), args)
+    result, _ = args.run_and_report(functools.update_wrapper(grpo, finetune_grpo), args)
     _report_rewards(console, result)
     return 0
 
