@@ -61,6 +61,7 @@ def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path):
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "reward", "group_rewards"} <= set(samples[0])
+    assert (tmp_path / "run" / "rewards.png").stat().st_size > 0
     tuned = scribelm.load(result.output)
     assert tuned.generate("And God said", max_new_tokens=4, temperature=0)
 

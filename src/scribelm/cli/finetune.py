@@ -222,7 +222,7 @@ def _run_and_report(finetune, args):
     claim_growing_directory(args.output, kind="fine-tune run", force=args.force, resume=args.resume,
                             force_flag="--force (or --resume to continue it)",
                             entries=[CHECKPOINTS_DIR, BEST_DIR, METRICS_FILE, PLOT_FILE, "tensorboard", RESULT_FILE,
-                                     "model", "adapter", "adapter-peft"])
+                                     "model", "adapter", "adapter-peft", "samples.jsonl", "rewards.png"])
     lm = _load(args)
     progress = _Progress()
 

@@ -14,8 +14,8 @@
     result.extra["held_out_before"]["reward_mean"], result.extra["held_out_after"]["reward_mean"]
 
 The run directory is a fine-tuning run's (checkpoints/ to resume from,
-metrics.jsonl with the RL figures each step, loss.png) plus samples.jsonl
-and the result, `model/` (full) or `adapter/` (LoRA). Held-out prompts
+metrics.jsonl with the RL figures each step, loss.png) plus rewards.png
+(reward mean ± std and KL per step), samples.jsonl and the result, `model/` (full) or `adapter/` (LoRA). Held-out prompts
 (--val-data, else a share of the prompts when there are at least 10) are
 scored before and after training with the same sampling seed.
 """
@@ -77,6 +77,60 @@ def _encode(lm, texts: Sequence[str], chat: bool, max_new_tokens: int) -> list[l
     return encoded
 
 
+REWARD_PLOT_FILE = "rewards.png"
+
+
+def plot_rewards(metrics_file: str | os.PathLike, png: str | os.PathLike) -> Path:
+    """Mean reward (± its spread) and KL to the reference against step, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scribelm.io import atomic_file
+    from scribelm.train.metrics import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if "reward_mean" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if records:
+        steps = [r["step"] for r in records]
+        mean = [r["reward_mean"] for r in records]
+        std = [r.get("reward_std", 0.0) for r in records]
+        ax.plot(steps, mean, label="reward (mean)", linewidth=1)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                        label="± std")
+        if any("kl" in r for r in records):
+            kl_axis = ax.twinx()
+            kl_axis.plot([r["step"] for r in records if "kl" in r], [r["kl"] for r in records if "kl" in r],
+                         color="tab:red", linewidth=1, label="KL to reference")
+            kl_axis.set_ylabel("KL per token", color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    png = Path(png)
+    try:
+        with atomic_file(png, "wb") as handle:
+            fig.savefig(handle, format="png")
+    finally:
+        plt.close(fig)
+    return png
+
+
+def _writes_samples(out_dir: Path) -> Path | None:
+    from scribelm.train.distributed import world_info
+
+    return out_dir / SAMPLES_FILE if world_info().is_main else None  # one writer per run
+
+
+def _rank_seed(seed: int) -> int:
+    """Each process of a torchrun job samples its own prompts and completions."""
+    from scribelm.train.distributed import world_info
+
+    return seed + 1_000_003 * world_info().rank
+
+
 def make_reference(model: torch.nn.Module, options: FinetuneOptions, temperature: float):
     """`reference(ids, targets) -> per-token log-probs` of the frozen starting model: the base
     without adapters under LoRA (free), else a frozen copy made now."""
@@ -127,8 +181,8 @@ def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Seque
     before = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
                               extra_stop_ids=stops) if val_prompts else {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = RolloutLoader(lm, train_prompts, train_ids, sources, rl, reference=reference, seed=options.seed,
-                           samples_path=out_dir / SAMPLES_FILE, extra_stop_ids=stops)
+    loader = RolloutLoader(lm, train_prompts, train_ids, sources, rl, reference=reference, seed=_rank_seed(options.seed),
+                           samples_path=_writes_samples(out_dir), extra_stop_ids=stops)
     stats = {"records": len(train_prompts) + len(val_prompts), "examples": len(train_prompts), "truncated": 0,
              "skipped": 0, "validation": validation, "train_prompts": len(train_prompts),
              "val_prompts": len(val_prompts), "rollouts_per_step": rl.prompts_per_step * rl.num_generations}
@@ -152,6 +206,8 @@ def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Seque
     if options.resume:
         trainer.resume()
     fit = trainer.fit()
+    if trainer.world.is_main:
+        plot_rewards(out_dir / "metrics.jsonl", out_dir / REWARD_PLOT_FILE)
     model.eval()
     after = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
                              extra_stop_ids=stops) if val_prompts else {}
@@ -200,7 +256,8 @@ def finetune_ppo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Sequen
                               extra_stop_ids=stops) if val_prompts else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = PPORolloutLoader(lm, actor, train_prompts, train_ids, sources, rl, reference=reference,
-                              seed=options.seed, samples_path=out_dir / SAMPLES_FILE, extra_stop_ids=stops)
+                              seed=_rank_seed(options.seed), samples_path=_writes_samples(out_dir),
+                              extra_stop_ids=stops)
     stats = {"records": len(train_prompts) + len(val_prompts), "examples": len(train_prompts), "truncated": 0,
              "skipped": 0, "validation": validation, "train_prompts": len(train_prompts),
              "val_prompts": len(val_prompts), "rollouts_per_batch": rl.rollouts_per_batch}
@@ -241,6 +298,8 @@ def finetune_ppo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Sequen
     if options.resume:
         trainer.resume()
     fit = trainer.fit()
+    if trainer.world.is_main:
+        plot_rewards(out_dir / "metrics.jsonl", out_dir / REWARD_PLOT_FILE)
     actor.eval()
     after = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=samples,
                              extra_stop_ids=stops) if val_prompts else {}
