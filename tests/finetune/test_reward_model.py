@@ -101,9 +101,11 @@ def test_cli_trains_a_reward_model(tmp_path, tokenizer, capsys):
     save_checkpoint(tmp_path / "base", lm.model, lm.config, tokenizer)
     data = write_prefs(tmp_path / "prefs.jsonl", n=24, seed=1)
     assert main(["finetune", "reward", str(tmp_path / "base"), "--data", str(data), "-o", str(tmp_path / "run"),
-                 "--max-steps", "4", "--lr", "1e-3", "--batch-size", "8"]) == 0
+                 "--max-steps", "4", "--lr", "1e-3", "--batch-size", "8", "--export-hf", str(tmp_path / "hf")]) == 0
     assert "pairwise accuracy" in capsys.readouterr().out
     load_reward_model(tmp_path / "run" / "model")
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["architectures"] == ["LlamaForSequenceClassification"] and exported["num_labels"] == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "margin": "big"}) + "\n")
     assert main(["finetune", "reward", str(tmp_path / "base"), "--data", str(bad), "-o", str(tmp_path / "run2")]) == 2

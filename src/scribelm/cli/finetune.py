@@ -92,6 +92,8 @@ def register(subparsers) -> None:
     _common(reward)
     reward.add_argument("--center-rewards", type=float, default=None, metavar="C",
                         help="add C·mean((r_chosen + r_rejected)²) to keep scores near zero (e.g. 0.01)")
+    reward.add_argument("--export-hf", metavar="DIR",
+                        help="also write a Hugging Face …ForSequenceClassification (num_labels 1) directory")
     reward.set_defaults(handler=run_reward, method="full")
     from scribelm.cli.finetune_rl import register_rl
 
@@ -278,5 +280,11 @@ def run_reward(args) -> int:
             f"{100 * after['accuracy']:.1f}%, mean margin {before['reward_margin']:+.4f} -> "
             f"{after['reward_margin']:+.4f}, loss {before['loss']:.4f} -> {after['loss']:.4f}"
         )
-    console.print(f"wrote {result.output} (a reward model: a checkpoint with {'reward_head.safetensors'} beside it)")
+    console.print(f"wrote {result.output} (a reward model: a checkpoint with reward_head.safetensors beside it)")
+    if args.export_hf:
+        from scribelm.finetune.reward import export_reward_hf, load_reward_model
+
+        model, tokenizer = load_reward_model(result.output)
+        console.print(f"wrote {export_reward_hf(model, tokenizer, args.export_hf)} (transformers "
+                      "AutoModelForSequenceClassification)")
     return 0
