@@ -1,9 +1,11 @@
-"""`scribe finetune sft|lora|dpo MODEL --data FILE -o OUT`: adapt a model to chat data or preferences.
+"""`scribe finetune sft|lora|dpo|reward|grpo MODEL ...`: adapt a model to chat data, preferences or rewards.
 
     scribe finetune sft  my-model --data chat.jsonl -o runs/sft           # all weights train
     scribe finetune lora my-model --data chat.jsonl -o runs/lora --rank 16 --targets all-linear
     scribe finetune lora my-model --data chat.jsonl -o runs/qlora --quantize nf4
     scribe finetune dpo  my-model --data prefs.jsonl -o runs/dpo --beta 0.1 [--lora]
+    scribe finetune reward my-model --data prefs.jsonl -o runs/rm            # a reward model
+    scribe finetune grpo my-model --prompts prompts.jsonl --reward mod:fn -o runs/grpo   (cli/finetune_rl.py)
 
 MODEL is a scribelm checkpoint or a Hugging Face model directory. OUT gets
 the Trainer's checkpoints (resume with --resume), metrics.jsonl, loss.png,
@@ -18,9 +20,9 @@ import warnings
 from scribelm.cli.common import console, err_console, human_bytes, human_count
 
 
-def _common(p) -> None:
+def _common(p, data_flag: str = "--data", data_help: str = "JSONL training file") -> None:
     p.add_argument("model", help="scribelm checkpoint or Hugging Face model directory")
-    p.add_argument("--data", required=True, help="JSONL training file")
+    p.add_argument(data_flag, dest="data", required=True, help=data_help)
     p.add_argument("-o", "--output", required=True, help="run directory (checkpoints, metrics, result)")
     p.add_argument("--val-data", help="JSONL validation file (default: hold out --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out when no --val-data (0: none)")
@@ -84,6 +86,18 @@ def register(subparsers) -> None:
                           "model: keep a frozen copy (with --lora: the base without adapters)")
     dpo.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed share of flipped labels")
     dpo.set_defaults(handler=run_dpo, method="full")
+
+    reward = verbs.add_parser("reward", help="a reward model (scalar head, Bradley–Terry loss) on {prompt, chosen, "
+                                             "rejected[, margin]} data")
+    _common(reward)
+    reward.add_argument("--center-rewards", type=float, default=None, metavar="C",
+                        help="add C·mean((r_chosen + r_rejected)²) to keep scores near zero (e.g. 0.01)")
+    reward.add_argument("--export-hf", metavar="DIR",
+                        help="also write a Hugging Face …ForSequenceClassification (num_labels 1) directory")
+    reward.set_defaults(handler=run_reward, method="full")
+    from scribelm.cli.finetune_rl import register_rl
+
+    register_rl(verbs, _common, _lora, _run_and_report)
 
 
 def p_no_pack(p) -> None:
@@ -210,7 +224,7 @@ def _run_and_report(finetune, args):
     claim_growing_directory(args.output, kind="fine-tune run", force=args.force, resume=args.resume,
                             force_flag="--force (or --resume to continue it)",
                             entries=[CHECKPOINTS_DIR, BEST_DIR, METRICS_FILE, PLOT_FILE, "tensorboard", RESULT_FILE,
-                                     "model", "adapter", "adapter-peft"])
+                                     "model", "adapter", "adapter-peft", "samples.jsonl", "rewards.png"])
     lm = _load(args)
     progress = _Progress()
 
@@ -250,4 +264,27 @@ def run_dpo(args) -> int:
             f"{100 * after['reward_accuracy']:.1f}%, loss {before['loss']:.4f} -> {after['loss']:.4f}"
         )
     console.print(f"wrote {result.output}")
+    return 0
+
+
+def run_reward(args) -> int:
+    import functools
+
+    from scribelm.finetune.reward_run import finetune_reward
+
+    result, _ = _run_and_report(functools.partial(finetune_reward, center_coefficient=args.center_rewards), args)
+    before, after = result.extra.get("held_out_before"), result.extra.get("held_out_after")
+    if after:
+        console.print(
+            f"held-out pairs ({int(after['pairs'])}): pairwise accuracy {100 * before['accuracy']:.1f}% -> "
+            f"{100 * after['accuracy']:.1f}%, mean margin {before['reward_margin']:+.4f} -> "
+            f"{after['reward_margin']:+.4f}, loss {before['loss']:.4f} -> {after['loss']:.4f}"
+        )
+    console.print(f"wrote {result.output} (a reward model: a checkpoint with reward_head.safetensors beside it)")
+    if args.export_hf:
+        from scribelm.finetune.reward import export_reward_hf, load_reward_model
+
+        model, tokenizer = load_reward_model(result.output)
+        console.print(f"wrote {export_reward_hf(model, tokenizer, args.export_hf)} (transformers "
+                      "AutoModelForSequenceClassification)")
     return 0
