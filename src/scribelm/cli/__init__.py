@@ -33,6 +33,7 @@ VERB_MODULES = [
     "params",
     "explain",
     "rag",
+    "sweep",
 ]
 
 
