@@ -134,3 +134,14 @@ def test_bad_sweeps_are_refused_up_front(micro_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: budget 10 FLOPs is too small") and err.count("\n") == 1
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_parallel_runs_record_what_one_at_a_time_records(micro_data, tmp_path, one_thread):
+    shapes = {"list": [[1, 16]], "head_dim": 16, "mlp_ratio": 2}
+    one = run_sweep(plan_sweep(micro_recipe(micro_data, tmp_path / "one", shapes=shapes)))
+    two = run_sweep(plan_sweep(micro_recipe(micro_data, tmp_path / "two", shapes=shapes), parallel=2))
+    assert [r["run"] for r in one] == [r["run"] for r in two] and len(two) == 2
+    for a, b in zip(one, two):
+        assert (a["steps"], a["D"]) == (b["steps"], b["D"])
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    assert len(read_records(tmp_path / "two")) == 2

@@ -223,6 +223,7 @@ def plan_sweep(recipe: dict[str, Any], *, vocab_size: int | None = None, paralle
                 f"budget {budget:.3g} FLOPs is too small for even the smallest shape to train on one batch of "
                 f"{batch_tokens} tokens (that needs {cheapest * batch_tokens:.3g} FLOPs); raise it or use a smaller batch"
             )
+    runs.sort(key=lambda r: (r.budget, r.N))  # the cheap budgets first: a sweep stopped early still has whole profiles
     return SweepPlan(recipe=recipe, out_dir=out_dir, data_dir=data_dir, batch_size=batch_size,
                      sequence_length=sequence_length, runs=runs, left_out=left_out, parallel=parallel)
 
