@@ -67,7 +67,7 @@ def _show(event: str, info: dict) -> None:
         console.print(info["message"])
     elif event == "skip":
         console.print(f"[dim]{info['run']}: recorded already, skipped[/dim]")
-    elif event == "run_start":
+    elif event in ("run_start", "run_queued"):
         console.print(f"{info['run']}: N {human_count(info['N'])}, D {human_count(info['D'])}, {info['steps']} steps")
     elif event == "run_end":
         bpb = info.get("val_bpb")

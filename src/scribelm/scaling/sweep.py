@@ -375,7 +375,7 @@ def run_sweep(plan: SweepPlan, progress: Progress | None = None) -> list[dict[st
         with ProcessPoolExecutor(max_workers=plan.parallel, mp_context=context) as pool:
             pending = set()
             for run in todo:
-                say("run_start", {"run": run.name, "steps": run.steps, "N": run.N, "D": run.tokens})
+                say("run_queued", {"run": run.name, "steps": run.steps, "N": run.N, "D": run.tokens})
                 pending.add(pool.submit(train_one, run_recipe(plan, run), asdict(run), threads))
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
