@@ -145,3 +145,29 @@ def test_parallel_runs_record_what_one_at_a_time_records(micro_data, tmp_path, o
         assert (a["steps"], a["D"]) == (b["steps"], b["D"])
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
     assert len(read_records(tmp_path / "two")) == 2
+
+
+def test_predict_and_optimal_answer_from_recorded_runs(tmp_path, capsys):
+    from scribelm.scaling.fit import BESIROGLU_2024, chinchilla_loss
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    lines = []
+    for budget in (1e12, 1e13, 1e14):
+        for n in (2e4, 6e4, 2e5, 6e5):
+            d = budget / (6 * n)
+            lines.append({"run": f"n{n:.0e}-C{budget:.0e}", "N": n, "D": d, "C": budget, "budget": budget,
+                          "val_loss": float(chinchilla_loss(n, d, **BESIROGLU_2024))})
+    (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dir": "unused"}, "shapes": {"list": [[1, 16]]}, "budgets": [1e12],
+                                      "out_dir": str(out)}))
+    assert main(["sweep", "--config", str(config), "--predict", "1e5", "1e7", "--optimal", "1e15", "--bootstrap", "5"]) == 0
+    text = capsys.readouterr().out
+    expected = float(chinchilla_loss(1e5, 1e7, **BESIROGLU_2024))
+    import re
+
+    predicted = float(re.search(r"predicted loss for N = 100.00K, D = 10.00M: ([\d.]+)", text).group(1))
+    assert predicted == pytest.approx(expected, rel=2e-3)  # noise-free records: the fit is the law itself
+    assert "compute-optimal at 1e+15 FLOPs (C = 6ND)" in text and "tokens per parameter" in text
+    assert main(["sweep", "--config", str(config), "--optimal", "-1"]) == 2
