@@ -95,3 +95,7 @@ def test_too_few_points_or_shapeless_data_are_refused():
              for C in (1e12, 1e13) for n, loss in ((1e5, 3.0), (2e5, 3.5), (4e5, 3.0))]
     with pytest.raises(FitError, match="does not curve upward"):
         isoflop_optima(frown)
+    smile = [{"budget": 1e14, "N": n, "D": 1e14 / (6 * n), "loss": loss} for n, loss in ((1e5, 3.0), (2e5, 2.5), (4e5, 3.0))]
+    smile += [{**r, "budget": 1e15, "D": r["D"] * 10} for r in smile]
+    fit = isoflop_optima(frown + smile)  # the budgets without a minimum are set aside, and said so
+    assert [p.C for p in fit.profiles] == [1e14, 1e15] and len(fit.skipped) == 2

@@ -100,6 +100,8 @@ def _summary(analysis) -> None:
         tpp = iso.tokens_per_parameter()
         console.print(f"IsoFLOP: N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f}; tokens per parameter {tpp['value']:.1f} "
                       f"(per budget {tpp['range'][0]:.1f}–{tpp['range'][1]:.1f})")
+        for reason in iso.skipped:
+            console.print(f"[yellow]{reason}[/yellow]")
         for p in iso.profiles:
             if not p.bracketed:
                 console.print(f"[yellow]at {p.C:.2g} FLOPs the optimum lies outside the sizes run (an extrapolation)[/yellow]")

@@ -274,6 +274,8 @@ class IsoFlopFit:
     b: float
     kN: float
     kD: float
+    skipped: list[str] = field(default_factory=list)  # budgets without a minimum, and why
+    power_law_budgets: list[float] = field(default_factory=list)  # the budgets the power laws were fitted through
     convention: str = PARAMETER_CONVENTION
 
     def optimal(self, C: float) -> tuple[float, float]:
@@ -286,7 +288,8 @@ class IsoFlopFit:
                 "range": (float(min(ratios)), float(max(ratios)))}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "kN": self.kN, "kD": self.kD,
+        return {"a": self.a, "b": self.b, "kN": self.kN, "kD": self.kD, "skipped": self.skipped,
+                "power_law_budgets": self.power_law_budgets,
                 "tokens_per_parameter": self.tokens_per_parameter(), "convention": self.convention,
                 "profiles": [{"C": p.C, "N_opt": p.N_opt, "D_opt": p.D_opt, "loss_opt": p.loss_opt,
                               "coefficients": list(p.coefficients), "bracketed": p.bracketed, "points": p.points}
@@ -297,7 +300,9 @@ def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "b
     """IsoFLOP analysis of runs given as mappings with N, D, a loss and a budget.
 
     Runs are grouped by `budget_key` (falling back to "C"); each group needs 3 or more
-    sizes for its parabola, and 2 or more budgets are needed for the power laws. Within a
+    sizes for its parabola, and 2 or more budgets with a minimum are needed for the power
+    laws (a budget whose loss does not curve upward is listed in `skipped`). The power laws
+    go through the vertices that lie inside the sizes run, when there are two or more. Within a
     budget ln D is fitted as a straight line in ln N (exact when C ∝ N·D) to read D at the vertex.
     """
     groups: dict[float, list[Mapping[str, Any]]] = {}
@@ -310,7 +315,7 @@ def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "b
     if len(usable) < 2:
         raise FitError(f"IsoFLOP profiles need at least 2 budgets with 3 or more model sizes each; "
                        f"got {len(usable)} such budget(s) among {len(groups)}")
-    profiles = []
+    profiles, skipped = [], []
     for C in sorted(usable):
         rows = usable[C]
         x = np.log(_as_positive_array([r["N"] for r in rows], "N"))
@@ -318,8 +323,9 @@ def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "b
         loss = np.asarray([float(r[loss_key]) for r in rows])
         c2, c1, c0 = np.polyfit(x, loss, 2)
         if c2 <= 0:
-            raise FitError(f"at budget {C:.3g} FLOPs loss does not curve upward in log N, so it has no minimum; "
+            skipped.append(f"at budget {C:.3g} FLOPs loss does not curve upward in log N, so it has no minimum; "
                            "add sizes on both sides of the best one")
+            continue
         vertex = -c1 / (2 * c2)
         slope, intercept = np.polyfit(x, y, 1)
         profiles.append(IsoFlopProfile(
@@ -327,7 +333,15 @@ def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "b
             loss_opt=float(c0 - c1**2 / (4 * c2)), coefficients=(float(c2), float(c1), float(c0)),
             bracketed=bool(x.min() <= vertex <= x.max()), points=len(rows),
         ))
-    log_c = np.log([p.C for p in profiles])
-    a, log_kn = np.polyfit(log_c, np.log([p.N_opt for p in profiles]), 1)
-    b, log_kd = np.polyfit(log_c, np.log([p.D_opt for p in profiles]), 1)
-    return IsoFlopFit(profiles=profiles, a=float(a), b=float(b), kN=float(np.exp(log_kn)), kD=float(np.exp(log_kd)))
+    if len(profiles) < 2:
+        raise FitError("IsoFLOP profiles need at least 2 budgets with a minimum: " + "; ".join(skipped))
+    # The power laws go through vertices inside the sizes run when there are two or more: an extrapolated
+    # vertex (the optimum beyond the smallest or largest size) is a guess, not a measurement.
+    through = [p for p in profiles if p.bracketed]
+    if len(through) < 2:
+        through = profiles
+    log_c = np.log([p.C for p in through])
+    a, log_kn = np.polyfit(log_c, np.log([p.N_opt for p in through]), 1)
+    b, log_kd = np.polyfit(log_c, np.log([p.D_opt for p in through]), 1)
+    return IsoFlopFit(profiles=profiles, a=float(a), b=float(b), kN=float(np.exp(log_kn)), kD=float(np.exp(log_kd)),
+                      skipped=skipped, power_law_budgets=[p.C for p in through])
