@@ -282,8 +282,8 @@ class IsoFlopFit:
         return self.kN * C**self.a, self.kD * C**self.b
 
     def tokens_per_parameter(self) -> dict[str, Any]:
-        """D_opt/N_opt at each budget, their geometric mean and range."""
-        ratios = [p.D_opt / p.N_opt for p in self.profiles]
+        """D_opt/N_opt at each budget the power laws went through, their geometric mean and range."""
+        ratios = [p.D_opt / p.N_opt for p in self.profiles if p.C in self.power_law_budgets or not self.power_law_budgets]
         return {"per_budget": ratios, "value": float(np.exp(np.mean(np.log(ratios)))),
                 "range": (float(min(ratios)), float(max(ratios)))}
 

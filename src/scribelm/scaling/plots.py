@@ -53,7 +53,6 @@ def plot_loss_vs_compute(records: list[dict[str, Any]], path: Path) -> Path:
     frontier = [min(((r["C"], r[LOSS]) for r in records if r["budget"] == b), key=lambda p: p[1]) for b in budgets]
     ax.plot(*zip(*frontier), "k--", linewidth=2, label="frontier (best at each budget)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("validation loss (nats per token)")
     ax.grid(alpha=0.3, which="both")
@@ -75,7 +74,8 @@ def plot_isoflop(records: list[dict[str, Any]], iso: IsoFlopFit | None, path: Pa
             x = np.linspace(np.log(rows[0][0]) - 0.3, np.log(rows[-1][0]) + 0.3, 100)
             c2, c1, c0 = profile.coefficients
             ax.plot(np.exp(x), c2 * x**2 + c1 * x + c0, "-", color=color, linewidth=1)
-            ax.plot([profile.N_opt], [profile.loss_opt], "*", color=color, markersize=12, markeredgecolor="k")
+            if profile.bracketed:  # a vertex beyond the sizes run is an extrapolation, not drawn as an optimum
+                ax.plot([profile.N_opt], [profile.loss_opt], "*", color=color, markersize=12, markeredgecolor="k")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("validation loss (nats per token)")
