@@ -175,6 +175,87 @@ class KVCache:
         self._lengths = [self._lengths[int(s)] for s in sources.tolist()]
 
 
+class RollingKVCache:
+    """The cache of a sliding-window model: keys and values of the last `window` positions only.
+
+    With sliding-window attention (Mistral v0.1) a query at position p sees keys p-W+1..p,
+    so nothing older is ever read again: position p is stored in slot p mod W, overwriting
+    p-W, and the cache stays W positions long however long the sequence grows.
+
+    One new token (decoding) is written into its slot first and attends the whole buffer,
+    in slot order (attention does not care about the order of keys; RoPE was applied before
+    caching). Several new tokens (a prompt, a chunk of one) attend the held positions in
+    order followed by their own, and the last W of those are then kept. `key_positions`
+    says which position each returned key holds, from which the model builds the mask.
+    Every row holds the same number of positions; padding masks are refused.
+
+    Layout: (n_layers, B, n_kv_heads, window, head_dim) keys and values.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if config.sliding_window is None:
+            raise ScribeError("a rolling cache is for sliding-window models; this config has no sliding_window")
+        self.window = config.sliding_window
+        self.context_length = config.context_length
+        shape = (config.n_layers, batch_size, config.n_kv_heads, self.window, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions seen so far; the buffer holds the last min(length, window)
+        self._steps = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def prepare(self, rows: int, steps: int) -> tuple[int, None, None]:
+        if rows != self.batch_size:
+            raise ScribeError(f"a rolling cache of {self.batch_size} rows takes batches of exactly that many, got {rows}")
+        if self.length + steps > self.context_length:
+            raise ContextOverflowError(f"the sequence reached {self.length + steps} tokens, beyond the model's "
+                                       f"context of {self.context_length}")
+        self._steps = steps
+        return self.length, None, None
+
+    def key_positions(self, steps: int, device: torch.device | None = None) -> torch.Tensor:
+        """(S,) the position of each key `update` returns for `steps` new tokens, in its order."""
+        held = min(self.length, self.window)
+        if steps == 1:
+            newest = self.length  # the new token's position; slot s holds the latest position ≡ s (mod W)
+            slots = torch.arange(min(self.length + 1, self.window), device=device)
+            return slots + (newest - slots) // self.window * self.window
+        return torch.arange(self.length - held, self.length + steps, device=device)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep this step's keys/values (B, n_kv, T, hd); return the keys/values to attend, (B, n_kv, S, hd)."""
+        layer_keys, layer_values = self.keys[layer], self.values[layer]  # (B, n_kv, W, hd)
+        W, steps = self.window, keys.shape[2]
+        if steps == 1:
+            slot = self.length % W
+            layer_keys[:, :, slot] = keys[:, :, 0]
+            layer_values[:, :, slot] = values[:, :, 0]
+            n = min(self.length + 1, W)
+            return layer_keys[:, :, :n], layer_values[:, :, :n]
+        held = min(self.length, W)
+        order = (torch.arange(self.length - held, self.length, device=keys.device)) % W  # held slots, oldest first
+        all_keys = torch.cat((layer_keys[:, :, order], keys), dim=2)  # (B, n_kv, held + T, hd)
+        all_values = torch.cat((layer_values[:, :, order], values), dim=2)
+        kept = min(held + steps, W)
+        slots = torch.arange(self.length + steps - kept, self.length + steps, device=keys.device) % W
+        layer_keys[:, :, slots] = all_keys[:, :, -kept:]
+        layer_values[:, :, slots] = all_values[:, :, -kept:]
+        return all_keys, all_values
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def reset(self) -> None:
+        self.length = 0
+
+
 class PastKeyValues:
     """The cache as values rather than state, for export graphs (ONNX), where writing into
     a preallocated tensor does not trace: past keys/values come in as tensors

@@ -57,13 +57,23 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm has none)
     position: str = "learned"  # one of POSITIONS
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"} or {"type": "linear", "factor"}
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_context_length"}, {"type": "linear", "factor"}, {"type": "yarn" or "dynamic", "factor", "original_context_length", ...}
     qkv_bias: bool = True  # biases on the query, key and value projections
     attn_out_bias: bool = True  # bias on the attention output projection
     mlp_bias: bool = True  # biases on the MLP projections
     tie_embeddings: bool = False  # unembedding reuses the token embedding matrix
     dropout: float = 0.0
     init_std: float = 0.02
+    sliding_window: int | None = None  # each query sees only the last W keys (itself included); None: all earlier ones
+    # Sparse mixture of experts (scribelm.moe): 0 experts keeps the dense MLP; otherwise a router
+    # sends each token to its top `experts_per_token` of `n_experts` MLPs of width `d_expert`.
+    n_experts: int = 0
+    experts_per_token: int = 2
+    d_expert: int | None = None  # None: d_mlp
+    d_shared_expert: int = 0  # width of an always-on expert with its own sigmoid gate (Qwen2-MoE); 0: none
+    normalize_top_k: bool = True  # rescale the chosen routing weights to sum to 1 (Mixtral) or keep them (Qwen2-MoE)
+    router_jitter: float = 0.0  # training only: the MoE input is multiplied by noise from U(1-jitter, 1+jitter)
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added in training
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -79,6 +89,8 @@ class ModelConfig:
             self.head_dim = self.d_model // max(self.n_heads, 1)
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        if self.d_expert is None:
+            self.d_expert = self.d_mlp
         self.validate()
 
     # -- checks ---------------------------------------------------------------
@@ -129,6 +141,9 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.position == "sinusoidal" and self.d_model % 2 != 0:
             raise ConfigError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        self._validate_experts()
+        if self.sliding_window is not None and not 0 < self.sliding_window <= LIMITS["context_length"]:
+            raise ConfigError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.norm_eps < math.inf:
@@ -142,15 +157,36 @@ class ModelConfig:
             required = {
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
                 "linear": ("factor",),  # position interpolation: every frequency divided by `factor`
+                "yarn": ("factor", "original_context_length"),  # + optional beta_fast, beta_slow, attention_factor
+                "dynamic": ("factor", "original_context_length"),  # NTK base raised past the original context
             }
             if kind not in required:
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'linear'")
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(map(repr, required))}")
             for key in required[kind]:
                 if key not in self.rope_scaling:
                     raise ConfigError(f"rope_scaling of type {kind!r} needs the key '{key}'")
                 value = self.rope_scaling[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ConfigError(f"rope_scaling '{key}' must be a positive number, got {value!r}")
+
+    def _validate_experts(self) -> None:
+        if not 0 <= self.n_experts <= 1 << 12:
+            raise ConfigError(f"n_experts must be between 0 (a dense MLP) and {1 << 12}, got {self.n_experts}")
+        if not self.n_experts:
+            return
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(
+                f"experts_per_token={self.experts_per_token} must be between 1 and n_experts={self.n_experts}; "
+                "each token is sent to that many of the experts"
+            )
+        if not 0 < self.d_expert <= LIMITS["d_mlp"]:
+            raise ConfigError(f"d_expert must be positive and at most {LIMITS['d_mlp']}, got {self.d_expert}")
+        if not 0 <= self.d_shared_expert <= LIMITS["d_mlp"]:
+            raise ConfigError(f"d_shared_expert must be between 0 (none) and {LIMITS['d_mlp']}, got {self.d_shared_expert}")
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ConfigError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if not 0.0 <= self.router_aux_loss_coef < math.inf:
+            raise ConfigError(f"router_aux_loss_coef must be a non-negative number, got {self.router_aux_loss_coef}")
 
     # -- derived --------------------------------------------------------------
     @property
@@ -240,6 +276,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": dict(
         _LLAMA, vocab_size=32000, context_length=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
         d_mlp=14336, rope_theta=1000000.0, tie_embeddings=False,
+    ),
+    # Mixtral 8x7B (Jiang et al. 2024): Mistral-7B blocks whose MLP is 8 experts, 2 per token.
+    "mixtral-8x7b": dict(
+        _LLAMA, vocab_size=32000, context_length=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        d_mlp=14336, rope_theta=1000000.0, tie_embeddings=False, n_experts=8, experts_per_token=2,
+        router_aux_loss_coef=0.02,
     ),
     "qwen2-0.5b": dict(
         _LLAMA, vocab_size=151936, context_length=32768, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,

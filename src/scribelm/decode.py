@@ -109,6 +109,8 @@ class DecodeRow:
         self.logprobs: list[TokenLogprob] | None = [] if (record_logprobs and settings.logprobs) else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        #: What the row may write (a `scribelm.structured.GrammarConstraint`); None: anything.
+        self.constraint = None
 
     @property
     def done(self) -> bool:
@@ -130,6 +132,8 @@ class DecodeRow:
         `room`: whether the cache can take this token for another step."""
         self.sampler.observe(token)
         self.generated.append(token)
+        if self.constraint is not None and token not in self.stop_ids:
+            self.constraint.consume(token)
         event = TokenEvent(self.index, token, "", logprob, top)
         if self.logprobs is not None:
             self.logprobs.append(TokenLogprob(
@@ -144,6 +148,9 @@ class DecodeRow:
             event.text = detok.push(token) if detok else ""
             if detok is not None and detok.stopped:
                 self.finish("stop", detok.stop_string)
+            elif self.constraint is not None and self.constraint.finished:  # the grammar allows nothing more
+                event.text += detok.flush() if detok else ""
+                self.finish("stop")
             elif len(self.generated) >= self.settings.max_new_tokens or not room:
                 event.text += detok.flush() if detok else ""
                 self.finish("length")
@@ -154,10 +161,18 @@ class DecodeRow:
 # ----------------------------------------------------------------------------- the model's side
 
 
-def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+#: Prompts longer than this are run through the cache this many tokens at a time: activations
+#: and attention scores then grow with the chunk, not with the prompt (a 32K-token prompt never
+#: holds a 32K × 32K score matrix), and only the last positions are unembedded.
+PREFILL_CHUNK = 512
+
+
+def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]],
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run prompts into cache rows first.. (right-padded, from empty rows); logits of each
     prompt's last token (k, V). With the causal mask a real token never sees the padding
-    after it, and each row's length is set to its own prompt's, so padding is never read."""
+    after it, and each row's length is set to its own prompt's, so padding is never read.
+    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`)."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
     P = max(lengths)
@@ -167,10 +182,32 @@ def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]])
     padding = None
     if min(lengths) != P:
         padding = (torch.arange(P)[None, :] < torch.tensor(lengths)[:, None]).to(device)  # (k, P): picks each last token
-    logits = model(ids.to(device), cache=cache.rows(first, len(prompts)), attention_mask=padding, last_only=True)
+    rows = cache.rows(first, len(prompts))
+    if P > chunk:
+        logits = prefill_in_chunks(model, rows, ids.to(device), padding, torch.tensor(lengths), chunk)
+    else:
+        logits = model(ids.to(device), cache=rows, attention_mask=padding, last_only=True)
     for j, n in enumerate(lengths):
         cache.set_length(first + j, n)
     return logits[:, 0]  # (k, V)
+
+
+def prefill_in_chunks(model, cache, ids: torch.Tensor, padding: torch.Tensor | None, lengths: torch.Tensor,
+                      chunk: int) -> torch.Tensor:
+    """ids (k, P) through an empty cache `chunk` positions at a time; logits of each row's
+    last real token (k, 1, V). Each chunk attends the cached chunks before it and itself;
+    a row's final hidden state is taken from the chunk its last token falls in."""
+    last = (lengths - 1).to(ids.device)  # (k,) each row's last real position
+    final = None  # (k, C) hidden state at each row's last position
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        mask = None if padding is None else padding[:, :end]  # (k, S) cached and new positions
+        hidden = model.hidden_states(ids[:, start:end], cache=cache, attention_mask=mask)  # (k, t, C)
+        if final is None:
+            final = hidden.new_zeros(hidden.shape[0], hidden.shape[2])
+        inside = ((last >= start) & (last < end)).nonzero().flatten()  # rows whose prompt ends here
+        final[inside] = hidden[inside, last[inside] - start]
+    return model.unembedding(final[:, None])  # (k, 1, V)
 
 
 def feed(model, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
@@ -194,7 +231,7 @@ def decode_step(
 
     room[b]: whether row b's cache can take another token. With `on_error`, a row whose
     own work fails is reported there and gets no event; the others go on."""
-    chosen = _choose(rows, logits, on_error)
+    chosen = _choose(rows, _constrained(rows, logits), on_error)  # log-probs below stay the model's own
     top_n = max((r.settings.top_logprobs for r, c in zip(rows, chosen) if r.settings.logprobs and c >= 0), default=-1)
     lp = top_ids = top_lps = None
     if top_n >= 0:
@@ -227,6 +264,17 @@ def decode_step(
                 raise
             on_error(row, err)
     return events
+
+
+def _constrained(rows: Sequence[DecodeRow], logits: torch.Tensor) -> torch.Tensor:
+    """The logits with each constrained row's disallowed tokens at -inf (a copy); unchanged when no row is."""
+    if all(r.constraint is None for r in rows):
+        return logits
+    logits = logits.clone()
+    for b, r in enumerate(rows):
+        if r.constraint is not None:
+            r.constraint.mask_(logits[b])
+    return logits
 
 
 def _choose(rows: Sequence[DecodeRow], logits: torch.Tensor, on_error: ErrorHandler | None) -> list[int]:

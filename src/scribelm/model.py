@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scribelm.cache import ContextOverflowError, KVCache
+from scribelm.cache import ContextOverflowError, KVCache, RollingKVCache
 from scribelm.config import ModelConfig
 from scribelm.errors import ScribeError
+from scribelm.moe import MoE
+from scribelm.rope_scaling import dynamic_ntk_inverse_frequencies, yarn_attention_factor, yarn_inverse_frequencies
 
 # --------------------------------------------------------------------------- norms
 
@@ -71,8 +73,9 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return encoding.flatten(-2)  # (B, T, dim): sin, cos, sin, cos, ...
 
 
-def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """θ_i = base^(-2i/d) for each pair of head features, with Llama-3 scaling if configured."""
+def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None, seq_len: int = 0) -> torch.Tensor:
+    """θ_i = base^(-2i/d) for each pair of head features, with Llama-3, linear, YaRN or dynamic
+    NTK scaling if configured (scribelm.rope_scaling; dynamic depends on the sequence length)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = config.rope_scaling
@@ -90,14 +93,23 @@ def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = 
         inv_freq = torch.where(is_medium, blended, scaled)
     elif scaling is not None and scaling["type"] == "linear":
         inv_freq = inv_freq / scaling["factor"]  # positions interpolated: angle(t) = t/factor · θ_i
+    elif scaling is not None and scaling["type"] == "yarn":
+        inv_freq = yarn_inverse_frequencies(dim, config.rope_theta, scaling, device)
+    elif scaling is not None and scaling["type"] == "dynamic":
+        inv_freq = dynamic_ntk_inverse_frequencies(dim, config.rope_theta, scaling, seq_len, device)
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, attention_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin of every (position, frequency) angle, for `apply_rope`:
-    positions (B, T) -> (B, 1, T, head_dim) each; the sin is negated on the first half."""
+    positions (B, T) -> (B, 1, T, head_dim) each; the sin is negated on the first half.
+    attention_factor (YaRN) scales both, so every q·k score by its square."""
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     cos = torch.cat((cos, cos), dim=-1)  # (B, T, hd): halves layout, as Llama/HF
     sin = torch.cat((-sin, sin), dim=-1)  # (B, T, hd)
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
@@ -119,6 +131,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     """Masked multi-head self-attention; grouped-query when n_kv_heads < n_heads."""
+
+    # softmax(q·kᵀ/√hd + mask)·v by SDPA's fused kernels; scribelm.inspect sets an explicit
+    # one on a layer while its attention scores or pattern are being read.
+    attend = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -152,7 +168,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, KV, S, hd), S = cached + T
-        y = F.scaled_dot_product_attention(
+        y = self.attend(
             q, k, v,
             attn_mask=mask,
             is_causal=is_causal,
@@ -179,12 +195,13 @@ _ACTIVATIONS = {
 class MLP(nn.Module):
     """Position-wise feed-forward: up-project, activate (gated for SwiGLU/GeGLU), down-project."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, d_mlp: int | None = None) -> None:
         super().__init__()
+        d_mlp = d_mlp or config.d_mlp  # a mixture-of-experts' experts have their own width
         self.activation = _ACTIVATIONS[config.activation]
-        self.up = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias)
-        self.gate = nn.Linear(config.d_model, config.d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
-        self.down = nn.Linear(config.d_mlp, config.d_model, bias=config.mlp_bias)
+        self.up = nn.Linear(config.d_model, d_mlp, bias=config.mlp_bias)
+        self.gate = nn.Linear(config.d_model, d_mlp, bias=config.mlp_bias) if config.gated_mlp else None
+        self.down = nn.Linear(d_mlp, config.d_model, bias=config.mlp_bias)
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> gate, up (B, T, d_mlp) each, for the gated activations."""
@@ -209,7 +226,8 @@ class Block(nn.Module):
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_index)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        # a mixture of experts (scribelm.moe) replaces the one MLP when the config has experts
+        self.mlp = MoE(config, lambda width: MLP(config, width)) if config.n_experts else MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, is_causal, cache):
@@ -258,7 +276,7 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scale = 1.0
-                if name.endswith("attention.o") or name.endswith("mlp.down"):
+                if name.endswith("attention.o") or name.endswith("mlp.down") or (".mlp." in name and name.endswith(".down")):
                     scale = 1.0 / math.sqrt(2 * self.config.n_layers)
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:
@@ -343,9 +361,15 @@ class Transformer(nn.Module):
 
         rope = None
         if self.config.position == "rope":
-            if self._inv_freq is None or self._inv_freq.device != ids.device:
-                self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
-            rope = rope_cos_sin(self._inv_freq, positions, x.dtype)
+            scaling = self.config.rope_scaling or {}
+            if scaling.get("type") == "dynamic":  # frequencies follow this pass's longest position
+                inv_freq = rope_inverse_frequencies(self.config, ids.device, seq_len=int(positions.max()) + 1)
+            else:
+                if self._inv_freq is None or self._inv_freq.device != ids.device:
+                    self._inv_freq = rope_inverse_frequencies(self.config, ids.device)
+                inv_freq = self._inv_freq
+            factor = yarn_attention_factor(scaling) if scaling.get("type") == "yarn" else 1.0
+            rope = rope_cos_sin(inv_freq, positions, x.dtype, factor)
 
         # Cheapest correct mask: SDPA's built-in causal mask for a fresh full sequence,
         # no mask for one new token attending everything cached, explicit otherwise.
@@ -359,6 +383,11 @@ class Transformer(nn.Module):
         elif T > 1:
             mask = self._attention_mask(T, S, start, torch.ones(B, S, device=ids.device), ids.device)
 
+        if self.config.sliding_window is not None:
+            if isinstance(cache, RollingKVCache) and attention_mask is not None:
+                raise ScribeError("a rolling cache takes no attention mask; its rows are all one length")
+            mask, is_causal = self._sliding_window(mask, is_causal, T, start, row_positions, cache, ids.device)
+
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
@@ -368,6 +397,23 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # (B, T, C)
+
+    def _sliding_window(self, mask, is_causal, T, start, row_positions, cache, device):
+        """Narrow the mask to a sliding window: the query in slot q sees the keys in slots
+        q-W+1..q only (slots, not position ids, as transformers counts them under left padding)."""
+        W = self.config.sliding_window
+        if start is None:  # rows differ: row b's queries sit in its slots row_positions[b]
+            near = torch.arange(mask.shape[-1], device=device)[None, None, :] > row_positions[:, :, None] - W  # (B, T, S)
+            return mask & near[:, None], False
+        rolling = isinstance(cache, RollingKVCache)
+        if rolling and not is_causal:
+            mask = None  # the keys come in the cache's own order; the window below is the whole mask
+        if mask is None and ((is_causal and T <= W) or (T == 1 and (rolling or start < W))):
+            return mask, is_causal  # every key it would see is inside the window already
+        query_slots = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        key_slots = (cache.key_positions(T, device) if rolling else torch.arange(start + T, device=device))[None, :]
+        window = (key_slots <= query_slots) & (key_slots > query_slots - W)  # (T, S)
+        return (window[None, None] if mask is None else mask & window), False  # (B or 1, 1, T, S)
 
     @staticmethod
     def _last_positions(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

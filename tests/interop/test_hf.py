@@ -225,7 +225,8 @@ def test_published_configs_map_tensor_for_tensor(tmp_path, name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = config_from_hf(REAL_CONFIGS[name])
-    assert bool(caught) == (name == "Mistral-7B-v0.1")  # only the sliding window is adapted, loudly
+    assert not caught  # nothing adapted: Mistral's sliding window is computed for real
+    assert config.sliding_window == (4096 if name == "Mistral-7B-v0.1" else None)
     with torch.device("meta"):
         ours = Transformer(config)
         reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
@@ -249,18 +250,19 @@ def test_every_preset_exports_to_a_family_transformers_builds(preset):
         ours = Transformer(config)
     assert type(reference).__name__ == family.architecture
     assert reference.num_parameters() == ours.num_parameters()
-    expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM"}
+    expected_family = {"gpt": "GPT2LMHeadModel", "mis": "MistralForCausalLM", "qwe": "Qwen2ForCausalLM", "mix": "MixtralForCausalLM"}
     assert family.architecture == expected_family.get(preset[:3], "LlamaForCausalLM")
 
 
 def test_sliding_window_caps_context_exactly(tmp_path, capsys):
-    model = make_hf_model("mistral_gqa", sliding_window=16)
-    path = save_hf_model(model, tmp_path / "mistral-window")
+    # a Qwen2 whose later layers slide and earlier ones do not: capped where both agree
+    model = make_hf_model("qwen2_qkv_bias_tied", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    path = save_hf_model(model, tmp_path / "qwen2-window")
     with pytest.warns(UserWarning, match="sliding-window"):
         lm = scribelm.load(path)
-    assert lm.config.context_length == 16
+    assert lm.config.context_length == 16 and lm.config.sliding_window is None
     assert main(["convert", str(path), str(tmp_path / "native"), "--to", "scribe"]) == 0
-    assert "warning: this Mistral model uses sliding-window attention (16 tokens)" in capsys.readouterr().err
+    assert "warning: this Qwen2 model uses sliding-window attention (16 tokens)" in capsys.readouterr().err
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (lm.model(ids) - model(ids).logits).abs().max().item() <= 1e-4

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="interactive chat with streaming answers")
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat-template", metavar="NAME_OR_FILE",
+                   help="chat template if the model has none: chatml, llama3, mistral, or a Jinja file")
     add_sampling_arguments(p)
     p.set_defaults(handler=run)
 
@@ -140,7 +142,17 @@ def save_conversation(path: str | os.PathLike, messages: list[dict[str, str]]) -
 def run(args) -> int:
     settings = sampling_overrides(args)
     apply_threads(args)
+    template = None
+    if args.chat_template:
+        from scribelm.chat_templates import resolve_chat_template
+
+        template = resolve_chat_template(args.chat_template)  # a bad file is refused before the model loads
     lm = load_model(args.model, args.device, args.adapter)
+    if template is not None:
+        from scribelm.chat_templates import apply_fallback_template
+
+        if apply_fallback_template(lm.tokenizer, template) == template.name and template.stop and "stop" not in settings:
+            settings["stop"] = list(template.stop)  # the chosen template's turn markers end a reply
     session = ChatSession(lm, system=args.system, settings=settings)
     interactive = sys.stdin.isatty()
     if not lm.chat_tuned:

@@ -105,5 +105,6 @@ def run_show(args) -> int:
     console.print(f"size on disk  {human_bytes(info.size_bytes)}")
     console.print(f"quantization  {info.quantization}")
     console.print("config        " + json.dumps(info.config, ensure_ascii=False))
-    console.print("chat template " + (repr(info.chat_template) if info.chat_template else "none"))
+    console.print("chat template " + (repr(info.chat_template) if info.chat_template else
+                                      "none (serve and chat take --chat-template chatml|llama3|mistral|FILE)"))
     return 0

@@ -45,6 +45,11 @@ def run(args) -> int:
         f"total {human_count(b['total'])} parameters ({human_count(b['non_embedding'])} without embeddings); "
         f"{b['per_layer']:,} per layer"
     )
+    if c.n_experts:
+        console.print(
+            f"active per token: {human_count(b['active'])} of {human_count(b['total'])} "
+            f"({c.experts_per_token} of {c.n_experts} experts{', plus the shared expert' if c.d_shared_expert else ''})"
+        )
     console.print(
         f"training FLOPs per token: 6N = {f['6n']:.3e} + attention {f['attention']:.3e} = {f['total']:.3e}"
         f" (N = {b['matmul_params']:,} parameters in matmuls, context {c.context_length})"

@@ -35,6 +35,12 @@ def register(subparsers) -> None:
                         "localhost and these origins' host names are answered (against DNS rebinding)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers before its connection is closed (default 10)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                   help="MiB of recent prompts' keys/values kept per model, so prompts that start the same way "
+                        "(a resent conversation) prefill only what is new (0: off; default 256)")
+    p.add_argument("--chat-template", metavar="NAME_OR_FILE",
+                   help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
+                        "(rendered sandboxed; a model's own template is always preferred)")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
@@ -96,10 +102,17 @@ def run(args) -> int:
     from scribelm.serve.preflight import check_model_files
     from scribelm.store import ModelStore
 
+    if not args.prefix_cache_mb >= 0:
+        raise ScribeError("--prefix-cache-mb must be 0 (off) or a positive number of MiB")
     if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
     if not args.header_timeout > 0:
         raise ScribeError("--header-timeout must be a positive number of seconds")
+    chat_template = None
+    if args.chat_template:
+        from scribelm.chat_templates import resolve_chat_template
+
+        chat_template = resolve_chat_template(args.chat_template)
     models, adapters = served_models(args.models, ModelStore(args.store))
     for name, path in models.items():  # a corrupt model is an error now, not at its first request
         check_model_files(name, path)
@@ -125,7 +138,8 @@ def run(args) -> int:
         raise ScribeError(f"cannot listen on {args.host}:{args.port} ({err}); check --host and --port") from None
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                     idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile)
+                     idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
+                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 

@@ -15,8 +15,13 @@ multiplies (N = parameters used in matmuls: everything but embedding
 look-ups) plus 12·L·H·hd·T for attention scores and their weighted sum over
 a context of T tokens.
 
+A mixture of experts adds rows for the router, the experts (all of them) and a
+shared expert; "active" counts what one token uses: every parameter but the
+experts it is not routed to, total − (E − k)/E · experts (Mixtral 8x7B: 46.7B
+total, 12.9B active). Training FLOPs follow the active parameters.
+
 JSON keys (stable): "rows" (list of {"name", "count", "per_layer"}),
-"weight_matrices", "total", "non_embedding", "per_layer", "matmul_params",
+"weight_matrices", "total", "active", "non_embedding", "per_layer", "matmul_params",
 "train_flops_per_token" ({"6n", "attention", "total"}),
 "weights_bytes" ({"fp32", "bf16", "int8", "int4"}),
 "kv_cache_bytes_per_token" ({"fp32", "bf16"}), "config".
@@ -40,6 +45,8 @@ _BLOCK_MATRICES = [
     ("mlp up", "mlp.up.weight"),
     ("mlp gate", "mlp.gate.weight"),
     ("mlp down", "mlp.down.weight"),
+    ("router", "mlp.router.weight"),
+    ("shared expert gate", "mlp.shared_expert_gate.weight"),
 ]
 
 
@@ -62,6 +69,13 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
         count = total(lambda n: n.startswith("blocks.") and n.endswith(suffix))
         if count:
             add(label, count, count // L, matrix=True)
+    expert_weights = total(lambda n: ".mlp.experts." in n and n.endswith(".weight"))
+    if expert_weights:
+        add(f"experts ({config.n_experts} × {'gate, up, down' if config.gated_mlp else 'up, down'})",
+            expert_weights, expert_weights // L, matrix=True)
+    shared_weights = total(lambda n: ".mlp.shared_expert." in n and n.endswith(".weight"))
+    if shared_weights:
+        add("shared expert", shared_weights, shared_weights // L, matrix=True)
     unembedding = config.d_model * config.vocab_size
     add("unembedding" + (" (tied: shares the token embedding)" if config.tie_embeddings else ""),
         0 if config.tie_embeddings else unembedding, matrix=True)
@@ -83,6 +97,11 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
     per_layer = total(lambda n: n.startswith("blocks.0."))
     # Parameters that take part in a matrix multiply: the unembedding does (tied or not); look-ups do not.
     matmul_params = grand_total - embeddings + unembedding - total(lambda n: "norm" in n or n.endswith(".bias"))
+    # A token runs k of the E experts: the other experts' parameters are held but not used for it.
+    unused_fraction = (config.n_experts - config.experts_per_token) / config.n_experts if config.n_experts else 0.0
+    inactive = round(unused_fraction * total(lambda n: ".mlp.experts." in n))
+    inactive_matmul = round(unused_fraction * expert_weights)
+    matmul_params -= inactive_matmul
     attention_flops = 12 * L * config.n_heads * config.head_dim * config.context_length
     kv_per_token = 2 * L * config.n_kv_heads * config.head_dim
     return {
@@ -90,6 +109,7 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, Any]:
         "rows": rows,
         "weight_matrices": weight_matrices,
         "total": grand_total,
+        "active": grand_total - inactive,
         "non_embedding": grand_total - embeddings,
         "per_layer": per_layer,
         "matmul_params": matmul_params,

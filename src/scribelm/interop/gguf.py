@@ -70,6 +70,12 @@ def gguf_architecture(config) -> str:
     """The llama.cpp architecture that computes exactly what `config` describes, or a clear error."""
     c = config
     problems: list[str] = []
+    if (c.rope_scaling or {}).get("type") in ("yarn", "dynamic"):
+        problems.append(f"{c.rope_scaling['type']} RoPE scaling")
+    if c.sliding_window is not None and c.sliding_window < c.context_length:
+        problems.append("sliding-window attention")
+    if c.n_experts:
+        problems.append("a mixture of experts")
     if c.norm_position != "pre":
         problems.append("post-norm blocks")
     if c.position == "rope":

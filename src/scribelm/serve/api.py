@@ -62,9 +62,10 @@ from scribelm.serve.errors import ApiError
 from scribelm.serve.json_body import parse_json_body
 from scribelm.serve.metrics import Metrics
 from scribelm.serve.origins import HostOriginGuard
-from scribelm.serve.requests import chat_messages, prompt_ids, refuse_unsupported, sampling_settings
+from scribelm.serve.requests import chat_messages, output_grammar, prompt_ids, refuse_unsupported, sampling_settings
 from scribelm.serve.responses import CallResponse, int_list, json_response
 from scribelm.serve.schema import ChatCompletionRequest, CompletionRequest, parse_request, request_body_schemas
+from scribelm.structured import StructuredOutputError, check_grammar
 
 __all__ = ["ApiError", "Metrics", "create_app"]
 
@@ -208,9 +209,18 @@ def create_app(
         started = time.monotonic()
         req = parse_request(ChatCompletionRequest if chat else CompletionRequest, await read_json(request))
         refuse_unsupported(req, chat)
+        grammar, grammar_param = output_grammar(req, chat)
         engine = await engine_for(req.model)
+        if grammar is not None:  # compiled now, so a schema the engine cannot handle is a 400, not a failed stream
+            try:
+                await run_in_threadpool(check_grammar, grammar, engine.tokenizer)
+            except StructuredOutputError as err:
+                raise ApiError(400, str(err), param=grammar_param) from None
         request.state.model = engine.name
         tokenizer = engine.tokenizer
+        if chat and not tokenizer.chat_template:
+            raise ApiError(400, f"model {engine.name!r} has no chat template; start the server with --chat-template "
+                                "chatml|llama3|mistral|FILE, or use /v1/completions", param="messages")
         try:
             prompts = [tokenizer.encode_chat(chat_messages(req.messages))] if chat else prompt_ids(req.prompt, engine.lm)
         except (ScribeError, UnicodeError, ValueError, TypeError) as err:
@@ -230,15 +240,23 @@ def create_app(
         stream = req.stream
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = bool(getattr(req, "echo", False))
+        # echo + logprobs: the prompt's tokens are scored too (what evaluation harnesses read)
+        prompt_logprobs = req.logprobs if echo and req.logprobs is not None else None
+        if not chat and settings.max_new_tokens == 0 and not echo:
+            raise ApiError(400, "'max_tokens': 0 generates nothing; it needs 'echo': true (to score the prompt)",
+                           param="max_tokens")
         stop_ids = set(int_list(engine.lm.generation_config.get("stop_token_ids")))  # e.g. a Hugging Face model's eos ids
         if chat:
             stop_ids.update(chat_stop_ids(tokenizer))  # <|end|>, <|im_end|>, ... close the assistant's turn
+            if engine.chat_stop:  # a chosen template's turn markers, also where they are plain text
+                settings.stop = list(settings.stop) + [s for s in engine.chat_stop if s not in settings.stop]
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         requests = [
             GenerationRequest(prompt_ids=ids, settings=settings, n=n, stop_token_ids=frozenset(stop_ids),
-                              loop=loop, events=events, choice_offset=k * n)
+                              loop=loop, events=events, choice_offset=k * n, prompt_logprobs=prompt_logprobs,
+                              grammar=grammar)
             for k, ids in enumerate(prompts)
         ]
         try:
@@ -265,6 +283,7 @@ def create_app(
         watcher = asyncio.create_task(watch_disconnect(request, events, requests))
 
         def finish_metrics() -> None:
+            call.cached_tokens = sum(r.cached_tokens for r in requests)
             metrics.count_tokens(model_name, prompt_tokens, call.completion_tokens)
             request.state.tokens = (prompt_tokens, call.completion_tokens)
 
@@ -299,7 +318,7 @@ def create_app(
                 if chat:
                     for i in range(total_choices):
                         yield call.chunk_line({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}, include_usage)
-                elif echo:
+                elif echo and prompt_logprobs is None:  # with logprobs the prompt comes with its scores
                     for i in range(total_choices):
                         yield call.chunk_line({"index": i, "text": tokenizer.decode(prompts[i // n]), "logprobs": None, "finish_reason": None}, include_usage)
                 while call.finished < total_choices:
@@ -321,10 +340,10 @@ def create_app(
                             lines.append(call.chunk_line(choice, include_usage))
                     if lines:
                         yield "".join(lines)
+                finish_metrics()
                 if include_usage:
                     yield call.chunk_line(None, include_usage, usage=call.usage(prompt_tokens))
                 yield "data: [DONE]\n\n"
-                finish_metrics()
             finally:  # also on disconnect: the task is cancelled here and the slots freed
                 watcher.cancel()
                 for r in requests:
@@ -348,6 +367,7 @@ def create_app(
         if engine is not None:
             card["context_length"] = engine.context_length
             card["chat"] = bool(engine.tokenizer.chat_template)
+            card["chat_template"] = engine.chat_template  # "model" (its own), a built-in name, "file NAME", or None
         return card
 
     @app.get("/v1/models")

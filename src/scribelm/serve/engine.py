@@ -47,19 +47,25 @@ from typing import Any
 import torch
 
 from scribelm.cache import KVCache
+from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
 from scribelm.sampling import SamplingSettings
+from scribelm.serve.prefix_cache import PrefixCache
+from scribelm.serve.scoring import PromptLogprobsEvent, prefill_scored
+from scribelm.structured import GrammarConstraint
 
 __all__ = [  # TokenEvent is the decode core's: one event type for the library and the server
     "ContextLengthError", "Engine", "EngineStoppedError", "ErrorEvent", "FinishEvent", "GenerationRequest",
-    "ModelLoadError", "ModelPool", "QueueFullError", "TokenEvent",
+    "ModelLoadError", "ModelPool", "PromptLogprobsEvent", "QueueFullError", "TokenEvent",
 ]
 
 
 #: Positions per cache slot unless asked otherwise: the cache holds max_batch x this many,
 #: and a model's full context (128k for Llama 3) would not fit in memory at any useful batch.
 DEFAULT_MAX_CONTEXT = 8192
+#: Bytes of prompt keys/values kept for reuse per model unless asked otherwise.
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 #: What a client is told when its own request failed inside the engine; the detail goes to the log.
 REQUEST_FAILED = "generation failed for this request; the server log has the details"
 
@@ -118,6 +124,9 @@ class GenerationRequest:
     n: int = 1
     stop_token_ids: frozenset[int] = frozenset()
     choice_offset: int = 0  # events number choices from here (several prompts share one event queue)
+    prompt_logprobs: int | None = None  # score the prompt's own tokens too, with this many alternatives (echo)
+    grammar: str | None = None  # llguidance grammar every choice must follow (structured output)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -191,6 +200,7 @@ class Engine:
         max_queue: int = 64,
         max_context: int | None = DEFAULT_MAX_CONTEXT,
         compile: bool = False,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         if lm.tokenizer is None:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
@@ -211,6 +221,8 @@ class Engine:
                 f"{need * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB and could not be allocated ({err}); "
                 "lower --max-batch or --max-context"
             ) from None
+        # Keys/values of recent prompts, for prompts that start the same way (0 bytes: off).
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
         if compile:
             from scribelm.compiled_decode import compiled_step_for
@@ -219,6 +231,8 @@ class Engine:
             with torch.inference_mode():  # compile now: a model that cannot be compiled fails to load, not a request
                 self._step(self.cache, [0])
             self.cache.reset()
+        self.chat_template: str | None = "model" if self.tokenizer.chat_template else None  # which one renders chats
+        self.chat_stop: tuple[str, ...] = ()  # strings that end a reply under a chosen (not the model's) template
         self.eos_ids = frozenset(i for i in (self.tokenizer.eos_id,) if i is not None)
         self.special_ids = frozenset(i for i in self.tokenizer.special_ids if i is not None)
         self._waiting: deque[GenerationRequest] = deque()
@@ -365,11 +379,14 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         # Choice i of a seeded request draws with seed + i: reproducible, and the choices differ.
-        return _Sequence(
+        sequence = _Sequence(
             request, request.choice_offset + index, request.prompt_ids, request.settings, tokenizer=self.tokenizer,
             vocab_size=self.config.vocab_size, device=self.device, stop_ids=self.eos_ids | request.stop_token_ids,
             skip_ids=self.special_ids, seed_offset=index,
         )
+        if request.grammar is not None:
+            sequence.constraint = GrammarConstraint(self.tokenizer, request.grammar, self.config.vocab_size)
+        return sequence
 
     def _prefill_groups(self, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
         """Split newly admitted requests into prefill batches of at most PREFILL_TOKENS padded tokens."""
@@ -377,6 +394,9 @@ class Engine:
         for request in (r for r in requests if not r.cancelled):
             if groups:
                 group = groups[-1]
+                if _scored(group[0]) != _scored(request):  # scored prompts keep every position's hidden state
+                    groups.append([request])
+                    continue
                 longest = max(len(request.prompt_ids), *(len(r.prompt_ids) for r in group))
                 if longest * (len(group) + 1) <= self.PREFILL_TOKENS:
                     group.append(request)
@@ -393,16 +413,27 @@ class Engine:
         copies of that slot."""
         # Each request's own state first: a request whose settings cannot be honoured fails alone.
         ready: list[tuple[GenerationRequest, list[_Sequence]]] = []
+        score_only = []  # max_tokens 0: the prompt is scored (or echoed) and nothing is generated
         for r in requests:
+            if r.settings.max_new_tokens == 0:
+                score_only.append(r)
+                continue
             try:
                 ready.append((r, [self._new_sequence(r, i) for i in range(r.n)]))
             except Exception:
                 log.exception("model %r: request %d could not start", self.name, r.id)
                 r.fail(REQUEST_FAILED)
+        first = len(self._active)
+        if score_only:
+            self._score_only(first, score_only)
         if not ready:
             return
-        first = len(self._active)
-        logits = prefill(self.model, self.cache, first, [r.prompt_ids for r, _ in ready])  # (k, V)
+        prompts = [r.prompt_ids for r, _ in ready]
+        if _scored(ready[0][0]):  # a group is all scored or all plain (_prefill_groups)
+            logits, scores = prefill_scored(self.model, self.cache, first, prompts, max(r.prompt_logprobs for r, _ in ready))
+            _deliver([(r, self._prompt_event(r, i, score)) for (r, _), score in zip(ready, scores) for i in range(r.n)])
+        else:
+            logits = self._prefill_reusing_prefixes(first, [r for r, _ in ready])  # (k, V)
         sequences, rows = [], []
         for j, (r, choices) in enumerate(ready):
             sequences.append(choices[0])
@@ -415,6 +446,62 @@ class Engine:
                 sequences.append(extra)
                 rows.append(j)
         self._choose(sequences, logits[rows])
+
+    def _prefill_reusing_prefixes(self, first: int, requests: list[GenerationRequest]) -> torch.Tensor:
+        """`prefill` into rows first..; a prompt whose beginning is in the prefix cache copies those
+        keys/values and runs only the rest (alone: its row starts at its own length). Logits (k, V)."""
+        prompts = [r.prompt_ids for r in requests]
+        if self.prefix_cache is None:
+            return prefill(self.model, self.cache, first, prompts)
+        hits = [self.prefix_cache.lookup(p) for p in prompts]
+        if not any(hits):
+            logits = prefill(self.model, self.cache, first, prompts)
+        else:
+            rows = []
+            for j, (request, blocks) in enumerate(zip(requests, hits)):
+                row, ids = first + j, request.prompt_ids
+                if not blocks:
+                    rows.append(prefill(self.model, self.cache, row, [ids]))
+                    continue
+                done = self.prefix_cache.load(blocks, self.cache, row)
+                request.cached_tokens = done
+                view = self.cache.rows(row, 1)
+                view.set_length(0, done)
+                rest = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)  # (1, T)
+                rows.append(self.model(rest, cache=view, last_only=True)[:, 0])
+                self.cache.set_length(row, len(ids))
+            logits = torch.cat(rows)
+        for j, ids in enumerate(prompts):
+            self.prefix_cache.store(ids, self.cache, first + j)
+        return logits
+
+    def _score_only(self, first: int, requests: list[GenerationRequest]) -> None:
+        """Requests that generate nothing: their prompts' log-probabilities (when asked) in the free
+        rows from `first`, which are free again afterwards; each choice then finishes at once."""
+        scored = [r for r in requests if r.prompt_logprobs is not None]
+        outbox: list[tuple[GenerationRequest, Any]] = []
+        if scored:
+            try:
+                _, scores = prefill_scored(self.model, self.cache, first, [r.prompt_ids for r in scored],
+                                           max(r.prompt_logprobs for r in scored))
+            finally:
+                for j in range(len(scored)):
+                    self.cache.set_length(first + j, 0)
+            outbox += [(r, self._prompt_event(r, i, score)) for r, score in zip(scored, scores) for i in range(r.n)]
+        for r in requests:
+            outbox += [(r, FinishEvent(index=r.choice_offset + i, reason="length", text="", completion_tokens=0))
+                       for i in range(r.n)]
+            if r.first_token_at is None:
+                r.first_token_at = time.monotonic()
+        _deliver(outbox)
+
+    @staticmethod
+    def _prompt_event(request: GenerationRequest, choice: int, score) -> PromptLogprobsEvent:
+        logprobs, top = score
+        if top is not None:
+            top = [None if t is None else t[: request.prompt_logprobs] for t in top]
+        return PromptLogprobsEvent(request.choice_offset + choice, list(request.prompt_ids), logprobs,
+                                   top if request.prompt_logprobs else None)
 
     def _decode_step(self) -> None:
         B = len(self._active)
@@ -452,10 +539,6 @@ class Engine:
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
-            if event.logprob is not None:
-                event.logprob = _finite_logprob(event.logprob)
-            if event.top_logprobs is not None:
-                event.top_logprobs = [(i, _finite_logprob(lp)) for i, lp in event.top_logprobs]
             outbox.append((request, event))
             if event.finished:
                 outbox.append((request, FinishEvent(index=s.index, reason=event.finish_reason, text="",
@@ -484,9 +567,8 @@ class Engine:
                 b += 1
 
 
-def _finite_logprob(value: float) -> float:
-    """JSON has no -Infinity: an impossible token reports -9999.0, as OpenAI's API does."""
-    return value if math.isfinite(value) else -9999.0
+def _scored(request: GenerationRequest) -> bool:
+    return request.prompt_logprobs is not None
 
 
 # ----------------------------------------------------------------------------- several models
@@ -510,11 +592,14 @@ class ModelPool:
         dtype: torch.dtype | None = None,
         adapters: dict[str, str | Path] | None = None,
         compile: bool = False,
+        chat_template=None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
+        self.chat_template = chat_template  # a ChatTemplate for models that have none of their own
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                                                   compile=compile)
+                                                   compile=compile, prefix_cache_bytes=prefix_cache_bytes)
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
         self.engines: dict[str, Engine] = {}
@@ -544,7 +629,12 @@ class ModelPool:
                     lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
-                    engine = Engine(lm, name=name, **self.engine_options).start()
+                    in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
+                    engine = Engine(lm, name=name, **self.engine_options)
+                    engine.chat_template = in_use
+                    if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
+                        engine.chat_stop = tuple(self.chat_template.stop)
+                    engine.start()
                 except Exception as err:
                     # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
                     log.error("model %r could not be loaded from %s: %s: %s", name, self.paths[name], type(err).__name__, err)

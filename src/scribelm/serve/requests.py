@@ -14,6 +14,7 @@ from scribelm.generate import encode_prompt
 from scribelm.sampling import SamplingError, SamplingSettings
 from scribelm.serve.errors import ApiError
 from scribelm.serve.schema import Message, reduce_seed
+from scribelm.structured import StructuredOutputError, grammar_from_json_schema, grammar_from_lark, grammar_from_regex
 
 
 def message_text(message: Message) -> str:
@@ -86,6 +87,29 @@ def _param_of(message: str) -> str | None:
         if name in message:
             return name
     return None
+
+
+def output_grammar(req, chat: bool) -> tuple[str | None, str | None]:
+    """(the llguidance grammar the output must follow, the parameter that asked for it), or (None, None)."""
+    try:
+        if chat:
+            fmt = req.response_format
+            if fmt is None or fmt.type == "text":
+                return None, None
+            if fmt.type == "json_object":
+                return grammar_from_json_schema(None), "response_format"
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise ApiError(400, "response_format of type 'json_schema' needs json_schema.schema", param="response_format")
+            return grammar_from_json_schema(fmt.json_schema.json_schema), "response_format"
+        if req.regex is not None and req.grammar is not None:
+            raise ApiError(400, "give 'regex' or 'grammar', not both", param="grammar")
+        if req.regex is not None:
+            return grammar_from_regex(req.regex), "regex"
+        if req.grammar is not None:
+            return grammar_from_lark(req.grammar), "grammar"
+        return None, None
+    except StructuredOutputError as err:
+        raise ApiError(400, str(err), param="response_format" if chat else ("regex" if req.regex else "grammar")) from None
 
 
 def refuse_unsupported(req, chat: bool) -> None:

@@ -1,16 +1,28 @@
 """Engine events -> OpenAI's JSON: whole responses, server-sent event chunks, and log-probs
-in OpenAI's two shapes (chat: per token with bytes; completions: parallel lists)."""
+in OpenAI's two shapes (chat: per token with bytes; completions: parallel lists).
+
+With `echo` and `logprobs`, a completion's log-probs start with the prompt's tokens
+(the first one's is null) and go on with the generated ones, as OpenAI's legacy API did.
+JSON has no -Infinity: an impossible token reports -9999.0, as OpenAI's API does."""
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from typing import Any
 
 from fastapi.responses import Response
 
-from scribelm.serve.engine import FinishEvent, TokenEvent
+from scribelm.serve.engine import FinishEvent, PromptLogprobsEvent, TokenEvent
+
+IMPOSSIBLE_LOGPROB = -9999.0
+
+
+def finite_logprob(value: float | None) -> float | None:
+    """-inf (a token the model cannot produce) as OpenAI reports it; None stays None."""
+    return value if value is None or math.isfinite(value) else IMPOSSIBLE_LOGPROB
 
 
 def json_response(body: dict) -> Response:
@@ -36,7 +48,9 @@ class CallResponse:
         self.reasons: list[str | None] = [None] * total_choices
         self.tokens = [0] * total_choices
         self.logprobs: list[list[TokenEvent]] = [[] for _ in range(total_choices)]
+        self.prompt_logprobs: list[PromptLogprobsEvent | None] = [None] * total_choices  # echo + logprobs
         self.finished = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self.first_token_at: float | None = None
 
     @property
@@ -44,7 +58,9 @@ class CallResponse:
         return sum(self.tokens)
 
     def record(self, event) -> None:
-        if isinstance(event, TokenEvent):
+        if isinstance(event, PromptLogprobsEvent):
+            self.prompt_logprobs[event.index] = event
+        elif isinstance(event, TokenEvent):
             self.texts[event.index] += event.text
             if event.logprob is not None:
                 self.logprobs[event.index].append(event)
@@ -56,7 +72,8 @@ class CallResponse:
 
     def usage(self, prompt_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens}
+                "total_tokens": prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     # -- logprobs in OpenAI's two shapes ----------------------------------------------
     def _token(self, token_id: int) -> tuple[str, list[int]]:
@@ -70,18 +87,25 @@ class CallResponse:
             top = []
             for tid, lp in e.top_logprobs or []:
                 t, b = self._token(tid)
-                top.append({"token": t, "logprob": lp, "bytes": b})
-            content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+                top.append({"token": t, "logprob": finite_logprob(lp), "bytes": b})
+            content.append({"token": text, "logprob": finite_logprob(e.logprob), "bytes": raw, "top_logprobs": top})
         return {"content": content, "refusal": None}
 
-    def _completion_logprobs(self, events: list[TokenEvent], offset: int = 0) -> dict:
+    def _completion_logprobs(self, events: list[TokenEvent], offset: int = 0,
+                             prompt: PromptLogprobsEvent | None = None) -> dict:
+        """Parallel lists; `prompt` (echo) puts the prompt's tokens first."""
+        steps = []  # (token id, logprob, top)
+        if prompt is not None:
+            tops = prompt.top_logprobs or [None] * len(prompt.token_ids)
+            steps += zip(prompt.token_ids, prompt.logprobs, tops)
+        steps += ((e.token_id, e.logprob, e.top_logprobs) for e in events)
         tokens, lps, tops, offsets = [], [], [], []
         position = offset
-        for e in events:
-            text, _ = self._token(e.token_id)
+        for token_id, logprob, top in steps:
+            text, _ = self._token(token_id)
             tokens.append(text)
-            lps.append(e.logprob)
-            tops.append({self._token(tid)[0]: lp for tid, lp in e.top_logprobs or []} if e.top_logprobs else None)
+            lps.append(finite_logprob(logprob))
+            tops.append({self._token(tid)[0]: finite_logprob(lp) for tid, lp in top} if top else None)
             offsets.append(position)
             position += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -91,8 +115,9 @@ class CallResponse:
         choices = []
         for i, text in enumerate(self.texts):
             lp = None
-            if self.logprobs[i]:
-                lp = self._chat_logprobs(self.logprobs[i]) if self.chat else self._completion_logprobs(self.logprobs[i])
+            if self.logprobs[i] or self.prompt_logprobs[i] is not None:
+                lp = self._chat_logprobs(self.logprobs[i]) if self.chat else \
+                    self._completion_logprobs(self.logprobs[i], prompt=self.prompt_logprobs[i])
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                                 "logprobs": lp, "finish_reason": self.reasons[i]})
@@ -106,6 +131,10 @@ class CallResponse:
     # -- streaming ---------------------------------------------------------------------
     def stream_choice(self, event) -> dict | None:
         """The choice object of one chunk, or None when the event carries nothing to send."""
+        if isinstance(event, PromptLogprobsEvent):  # echo with logprobs: the prompt and its log-probs first
+            text = self.tokenizer.decode(event.token_ids)
+            return {"index": event.index, "text": text, "logprobs": self._completion_logprobs([], prompt=event),
+                    "finish_reason": None}
         if isinstance(event, TokenEvent):
             if not event.text and event.logprob is None:
                 return None

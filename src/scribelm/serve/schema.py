@@ -14,7 +14,7 @@ three purposes at once:
 
 Validation is strict: `"max_tokens": "5"` or `5.0` is an error, not a 5. A
 few fields are accepted only to refuse them with a clear message when used
-(`tools`, `functions`, a non-text `response_format`): clients send their
+(`tools`, `functions`): clients send their
 empty defaults, and a request that really asks for them must not be answered
 as if it had not.
 
@@ -62,8 +62,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64, description="the schema's name")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema the answer follows")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = Field(description="only plain text responses are supported")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text, json_object (any JSON object) or json_schema (JSON valid under json_schema.schema)")
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(_Body):
@@ -116,9 +125,14 @@ class CompletionRequest(_Sampling):
         | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)] = Field(
             description="a string, a list of strings, a list of token ids or a list of such lists")
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen and this many most likely tokens")
+    max_tokens: int | None = Field(None, ge=0, description="most tokens to generate per choice; 0 with echo: score the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen and this many most likely "
+                                                               "tokens (with echo: of the prompt's tokens too)")
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128, description="only best_of == n is supported")
+    # scribelm's extensions: the completion matches this regular expression or Lark grammar
+    regex: NonEmptyString | None = Field(None, description="a regular expression the completion matches in full")
+    grammar: NonEmptyString | None = Field(None, description="a Lark grammar (llguidance's dialect) the completion follows")
     suffix: str | None = Field(None, description="not supported: absent or empty")
 
 

@@ -46,6 +46,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
     eval_every: int = 0  # steps between evaluations; 0: only at the end
     eval_batches: int | None = None  # validation batches per evaluation; None: the whole loader
+    eval_tasks: str = ""  # evaluation tasks run at each evaluation too (as `scribe eval --tasks`: names or YAML files, comma-separated)
+    eval_tasks_limit: int | None = None  # documents per task at each evaluation; None: all
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # step checkpoints kept (older ones are deleted)
     keep_best: bool = True  # also keep the checkpoint with the lowest validation loss in out_dir/best
@@ -88,6 +90,8 @@ class TrainConfig:
             raise ConfigError(f"clock must be wall or process; got {self.clock!r}")
         if self.keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit < 1:
+            raise ConfigError(f"eval_tasks_limit must be >= 1, got {self.eval_tasks_limit}")
         LRSchedule(self.lr, self.warmup_steps, self.decay, self.min_lr_ratio)  # validates
 
     @classmethod

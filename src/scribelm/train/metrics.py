@@ -9,6 +9,7 @@ checkpoint are dropped, so the file tells one story; the plot is redrawn atomica
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from scribelm.io import atomic_file, disk_full_while, write_file_atomically
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TASKS_PLOT_FILE = "eval_tasks.png"  # the eval_tasks' metrics ("task/metric" keys), when a run has them
 
 
 class MetricsLog:
@@ -81,6 +83,7 @@ class MetricsLog:
             return
         try:
             plot_metrics(self.file, self.out_dir / PLOT_FILE)
+            plot_task_metrics(self.file, self.out_dir / TASKS_PLOT_FILE)
         except OSError as err:
             full = disk_full_while(err, f"drawing {self.out_dir / PLOT_FILE}")
             if full is None:
@@ -124,6 +127,41 @@ def plot_metrics(metrics_file: str | os.PathLike, png: str | os.PathLike) -> Pat
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    png = Path(png)
+    try:
+        with atomic_file(png, "wb") as handle:
+            fig.savefig(handle, format="png")
+    finally:
+        plt.close(fig)
+    return png
+
+
+def plot_task_metrics(metrics_file: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+    """Each evaluation task's metrics ("task/metric" keys of metrics.jsonl) against step, one
+    panel per task; None (nothing written) when the run evaluates no tasks."""
+    records = read_metrics(metrics_file)
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if "/" in key and isinstance(value, (int, float)) and math.isfinite(value):
+                task, metric = key.split("/", 1)
+                series.setdefault(task, {}).setdefault(metric, []).append((r["step"], value))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), dpi=100, squeeze=False)
+    for ax, (task, metrics) in zip(axes[0], sorted(series.items())):
+        for metric, points in sorted(metrics.items()):
+            ax.plot(*zip(*points), "o-", label=metric)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     png = Path(png)
     try:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from scribelm.moe import balance_loss_and_metrics
+
 IGNORE_INDEX = -100
 
 
@@ -56,7 +58,9 @@ class NextTokenObjective:
         flat_targets = targets.reshape(-1)  # (B·T,)
         if model.training:
             loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=self.ignore_index)
-            return loss, {}
+            # a mixture of experts adds its load-balancing loss, weighted by router_aux_loss_coef
+            balance, metrics = balance_loss_and_metrics(model, batch.get("attention_mask"))
+            return (loss if balance is None else loss + balance), metrics
         nll = F.cross_entropy(flat_logits, flat_targets, ignore_index=self.ignore_index, reduction="none")  # (B·T,)
         counted = flat_targets != self.ignore_index
         n_tokens = int(counted.sum())

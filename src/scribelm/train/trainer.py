@@ -171,12 +171,14 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed_s = 0.0  # training time, carried across resumes
         self.best_val_loss: float | None = None
+        self._train_metrics: dict[str, Any] = {}  # what the objective reported for the last micro-batch
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self._flops_per_token: float | None = None
         self._peak_flops = config.peak_flops
         self.metrics = MetricsLog(self.out_dir, writer=self.world.is_main, tensorboard=config.tensorboard, plot=config.plot)
         self._last_eval: dict[str, Any] | None = None
+        self._eval_tasks = self._load_eval_tasks()
 
     # -- optimizer ----------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -258,6 +260,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "peak_flops": self._peak_flops,
                 "elapsed_s": self.elapsed_s,
             }
+            record.update(self._train_metrics)  # e.g. the router's balance
             if self.step % cfg.log_every == 0:
                 self.metrics.append(record)
             record["eta_s"] = self._eta()
@@ -321,7 +324,7 @@ class Trainer:
             sync = micro == k - 1 or not isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self._autocast():
-                    loss, _ = self.objective(self.train_model, batch)
+                    loss, self._train_metrics = self.objective(self.train_model, batch)
                 scaled = loss / k
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
@@ -378,8 +381,38 @@ class Trainer:
         out["val_tokens"] = totals["tokens"]
         return out
 
+    def _load_eval_tasks(self) -> list:
+        """The `eval_tasks` and their requests, read once (a mistake in them stops the run before it trains)."""
+        names = [n.strip() for n in self.config.eval_tasks.split(",") if n.strip()]
+        if not names:
+            return []
+        if self.world.distributed:
+            raise ConfigError("eval_tasks runs in one process; evaluate the saved checkpoints with `scribe eval` instead")
+        if self.tokenizer is None:
+            raise ConfigError("eval_tasks needs the tokenizer: pass tokenizer= to the Trainer")
+        from scribelm.evaluate import load_tasks
+
+        tasks = load_tasks(names)
+        return [(task, task.requests(limit=self.config.eval_tasks_limit)) for task in tasks]
+
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float]:
+        """Each eval task's metrics on the model as it is now, as "task/metric" keys."""
+        if not self._eval_tasks:
+            return {}
+        from scribelm.evaluate import evaluate
+        from scribelm.evaluate.scoring import ScoringModel
+
+        self.model.eval()
+        try:
+            results = evaluate(ScoringModel(self.model, self.tokenizer), [t for t, _ in self._eval_tasks],
+                               requests=[r for _, r in self._eval_tasks])
+        finally:
+            self.model.train()
+        return {f"{r.name}/{metric}": value for r in results for metric, (value, _) in r.metrics.items()}
+
     def evaluate_and_log(self) -> dict[str, float]:
-        result = self.evaluate()
+        result = {**self.evaluate(), **self.evaluate_tasks()}
         if not result:
             return result
         record = {"step": self.step, "elapsed_s": self.elapsed_s, **result}

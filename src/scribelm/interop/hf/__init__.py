@@ -29,10 +29,11 @@ halves of each head (Hugging Face's `rotate_half` layout) and compute RMSNorm
 in float32 the same way, so no permutation of q/k rows is needed.
 
 Every config option either maps exactly or is refused with its name: a
-dynamic-NTK RoPE, a quantized checkpoint, an activation we do not have. The
-one adaptation is sliding-window attention (Mistral v0.1, some Qwen2): within
-the window it is plain causal attention, so the model's context is set to the
-window — exact for every sequence it accepts — and a warning says so.
+quantized checkpoint, an activation we do not have. Sliding-window attention
+(Mistral v0.1, Mixtral, Qwen2 with every layer sliding) is computed as the window
+says. The one adaptation is a Qwen2 whose layers partly slide: within the window
+it is plain causal attention, so the model's context is set to the window —
+exact for every sequence it accepts — and a warning says so.
 
 Weights are safetensors only, memory-mapped while loading; pickle checkpoints
 (`pytorch_model.bin`) are refused: unpickling runs arbitrary code.

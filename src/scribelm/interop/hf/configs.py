@@ -2,13 +2,16 @@
 
 Sizes are checked against scribelm's limits before anything is built; RoPE is read in
 both spellings transformers has used (`rope_theta` + `rope_scaling`, `rope_parameters`);
-sliding-window attention is the one adaptation (the context is capped at the window,
-where full and windowed attention agree) and a warning says so. A `*_misfit` function
+sliding-window attention (Mistral, Mixtral, Qwen2 with every layer sliding) is computed
+for real (`ModelConfig.sliding_window`); the one adaptation is a Qwen2 whose layers
+partly slide: the context is capped at the window, where full and windowed attention
+agree, and a warning says so. A `*_misfit` function
 lists what a family would need that a config lacks, so export picks a family that fits.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -88,10 +91,36 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             raise CheckpointError(f"config.json: llama3 rope scaling lacks {err}") from None
     if kind == "linear":
         return float(theta), {"type": "linear", "factor": float(spec["factor"])}
-    if kind == "dynamic":
-        refuse("rope_scaling type 'dynamic'", "dynamic NTK scaling changes the frequencies with the sequence length at run time")
-    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3 and linear")
+    if kind in ("yarn", "dynamic"):
+        return float(theta), _stretched_rope_from_hf(kind, spec, hf)
+    refuse(f"rope_scaling type {kind!r}", "supported RoPE types are default, llama3, linear, yarn and dynamic")
     raise AssertionError  # unreachable
+
+
+def _stretched_rope_from_hf(kind: str, spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """YaRN / dynamic NTK (scribelm.rope_scaling): the original context is the spec's
+    `original_max_position_embeddings` (YaRN) or the model's `max_position_embeddings` (dynamic)."""
+    factor = spec.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise CheckpointError(f"config.json: {kind} rope scaling needs a positive 'factor', got {factor!r}")
+    original = hf.get("max_position_embeddings") if kind == "dynamic" else (
+        spec.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+    if original is None:
+        raise CheckpointError(f"config.json: {kind} rope scaling needs max_position_embeddings")
+    scaling: dict[str, Any] = {"type": kind, "factor": float(factor), "original_context_length": int(original)}
+    if kind == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            if spec.get(key):
+                scaling[key] = float(spec[key])
+        if spec.get("truncate") is not None:
+            scaling["truncate"] = bool(spec["truncate"])
+        if spec.get("attention_factor") is not None:
+            scaling["attention_factor"] = float(spec["attention_factor"])
+        elif spec.get("mscale") and spec.get("mscale_all_dim"):  # DeepSeek's spelling: a ratio of two mscales
+            def mscale(m: float) -> float:
+                return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+            scaling["attention_factor"] = mscale(spec["mscale"]) / mscale(spec["mscale_all_dim"])
+    return scaling
 
 
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -106,6 +135,12 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
         }
     elif scaling is not None and scaling["type"] == "linear":
         legacy = {"rope_type": "linear", "factor": scaling["factor"]}
+    elif scaling is not None and scaling["type"] == "yarn":
+        legacy = {"rope_type": "yarn", "factor": scaling["factor"],
+                  "original_max_position_embeddings": scaling["original_context_length"],
+                  **{k: scaling[k] for k in ("beta_fast", "beta_slow", "truncate", "attention_factor") if k in scaling}}
+    elif scaling is not None and scaling["type"] == "dynamic":
+        legacy = {"rope_type": "dynamic", "factor": scaling["factor"]}  # its original context: max_position_embeddings
     parameters = dict(legacy or {"rope_type": "default"}, rope_theta=config.rope_theta)
     return {"rope_theta": config.rope_theta, "rope_scaling": legacy, "rope_parameters": parameters}
 
@@ -135,6 +170,9 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
     n_heads = _count(hf, "num_attention_heads", family)
     theta, scaling = _rope_from_hf(hf)
     context = _count(hf, "max_position_embeddings", family, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[name])
+    if scaling is not None and scaling["type"] in ("yarn", "dynamic"):  # stretched to factor × the original
+        context = min(max(context, int(scaling["original_context_length"] * scaling["factor"])), LIMITS["context_length"])
+    sliding_window = None
     if name == "llama":
         qkv_bias = out_bias = bool(hf.get("attention_bias", False))
         mlp_bias = bool(hf.get("mlp_bias", False))
@@ -146,10 +184,16 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
             window = None
         if window is not None and layer_types is None and hf.get("max_window_layers", 28) >= hf["num_hidden_layers"]:
             window = None  # only layers from max_window_layers on slide
-        context = _window_context(context, window, family)
+        every_layer_slides = (all(t == "sliding_attention" for t in layer_types) if layer_types is not None
+                              else hf.get("max_window_layers", 28) == 0)
+        if window is not None and every_layer_slides:
+            sliding_window = _count(hf, "sliding_window", family)  # computed for real, as Mistral's
+        else:
+            context = _window_context(context, window, family)  # some layers slide, some not: capped
     else:  # mistral
         qkv_bias = out_bias = mlp_bias = False
-        context = _window_context(context, hf.get("sliding_window", 4096), family)  # transformers' default: 4096
+        window = hf.get("sliding_window", 4096)  # transformers' default: 4096
+        sliding_window = None if window is None else _count(hf, "sliding_window", family)
     return ModelConfig(
         vocab_size=_count(hf, "vocab_size", family),
         context_length=context,
@@ -172,6 +216,7 @@ def _llama_like_from_hf(hf: dict[str, Any], family: str) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dropout=0.0,  # a training choice, not a property of the weights
         init_std=float(hf.get("initializer_range", 0.02)),
+        sliding_window=sliding_window,
         name=name,
     )
 
@@ -225,11 +270,19 @@ def _llama_like_misfit(config: ModelConfig) -> list[str]:
         reasons.append("pre-norm blocks (has post-norm)")
     if config.activation not in ("swiglu", "geglu"):
         reasons.append(f"a gated MLP, swiglu or geglu (has {config.activation!r})")
+    if config.n_experts:
+        reasons.append(f"a dense MLP (has {config.n_experts} experts)")
     return reasons
 
 
+def _full_attention_misfit(config: ModelConfig) -> list[str]:
+    if config.sliding_window is not None and config.sliding_window < config.context_length:
+        return [f"full attention (has a sliding window of {config.sliding_window})"]
+    return []
+
+
 def _llama_misfit(config: ModelConfig) -> list[str]:
-    reasons = _llama_like_misfit(config)
+    reasons = _llama_like_misfit(config) + _full_attention_misfit(config)
     if config.qkv_bias != config.attn_out_bias:
         reasons.append("biases on all four attention projections or on none (one attention_bias switch)")
     return reasons
@@ -258,7 +311,7 @@ def _qwen2_misfit(config: ModelConfig) -> list[str]:
 
 
 def _gpt2_misfit(config: ModelConfig) -> list[str]:
-    reasons = []
+    reasons = _full_attention_misfit(config)
     if config.position != "learned":
         reasons.append(f"learned positions (has {config.position!r})")
     if config.norm != "layernorm" or not config.norm_bias:
@@ -288,7 +341,8 @@ def _llama_like_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[config.activation],
-        "max_position_embeddings": config.context_length,
+        "max_position_embeddings": (config.rope_scaling["original_context_length"]  # dynamic NTK's reference length
+                                    if (config.rope_scaling or {}).get("type") == "dynamic" else config.context_length),
         "rms_norm_eps": config.norm_eps,
         **_rope_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings,
@@ -299,9 +353,11 @@ def _llama_like_to_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
     if family.model_type == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
     elif family.model_type == "mistral":
-        hf.update(sliding_window=None)
+        hf.update(sliding_window=config.sliding_window)
     elif family.model_type == "qwen2":
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+        sliding = config.sliding_window is not None  # then every layer slides: max_window_layers 0
+        hf.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
+                  max_window_layers=0 if sliding else config.n_layers)
     return hf
 
 

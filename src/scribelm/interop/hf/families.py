@@ -12,6 +12,10 @@ from scribelm.interop.hf.configs import (
     _gpt2_from_hf, _gpt2_misfit, _gpt2_to_hf, _llama_like_from_hf, _llama_like_to_hf, _llama_misfit, _mistral_misfit,
     _qwen2_misfit, refuse,
 )
+from scribelm.interop.hf.moe import (
+    MIXTRAL_WEIGHTS, QWEN2_MOE_WEIGHTS, mixtral_from_hf, mixtral_misfit, mixtral_to_hf, qwen2_moe_from_hf,
+    qwen2_moe_misfit, qwen2_moe_to_hf,
+)
 from scribelm.interop.hf.weights import GPT2_WEIGHTS, LLAMA_WEIGHTS, WeightRule
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ FAMILIES: dict[str, Family] = {
                       ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "Qwen2", LLAMA_WEIGHTS, lambda hf: _llama_like_from_hf(hf, "Qwen2"),
                     _llama_like_to_hf, _qwen2_misfit, ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+    "mixtral": Family("mixtral", "MixtralForCausalLM", "Mixtral", MIXTRAL_WEIGHTS, mixtral_from_hf, mixtral_to_hf,
+                      mixtral_misfit),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE", QWEN2_MOE_WEIGHTS, qwen2_moe_from_hf,
+                        qwen2_moe_to_hf, qwen2_moe_misfit),
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 
@@ -93,7 +101,7 @@ def family_for(config: ModelConfig, architecture: str | None = None) -> Family:
         return family
     name = config.name.lower()
     hinted = [f for key, f in FAMILIES.items() if name.startswith(key)]
-    for family in hinted + [FAMILIES["llama"], FAMILIES["qwen2"], FAMILIES["gpt2"]]:
+    for family in hinted + [FAMILIES[k] for k in ("llama", "qwen2", "gpt2", "mixtral", "qwen2_moe")]:
         if not family.misfit(config):
             return family
     reasons = "; ".join(f"{f.title} needs {', '.join(f.misfit(config))}" for f in (FAMILIES["llama"], FAMILIES["gpt2"]))

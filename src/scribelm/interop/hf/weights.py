@@ -82,14 +82,17 @@ GPT2_WEIGHTS: tuple[WeightRule, ...] = _same(
 
 
 def expand_rules(rules: tuple[WeightRule, ...], config: ModelConfig, present: set[str]) -> list[WeightRule]:
-    """Concrete rules (layer indices filled in) for the scribelm tensors `present` in this config."""
+    """Concrete rules (layer indices `{i}` and expert indices `{j}` filled in) for the scribelm
+    tensors `present` in this config."""
     out = []
     for rule in rules:
         layers = range(config.n_layers) if "{i}" in rule.hf else [None]
+        experts = range(config.n_experts) if "{j}" in rule.hf else [None]
         for i in layers:
-            ours = tuple(o.format(i=i) for o in rule.ours)
-            if all(o in present for o in ours):
-                out.append(WeightRule(rule.hf.format(i=i), ours, rule.kind))
+            for j in experts:
+                ours = tuple(o.format(i=i, j=j) for o in rule.ours)
+                if all(o in present for o in ours):
+                    out.append(WeightRule(rule.hf.format(i=i, j=j), ours, rule.kind))
     return out
 
 

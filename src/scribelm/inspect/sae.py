@@ -1,0 +1,192 @@
+"""Sparse autoencoders: find the features a layer stores in superposition.
+
+A layer's activation x (d_in numbers) is rewritten as a sparse sum of many more
+learned directions ("features"), F ≫ d_in:
+
+    encode   f = act((x − b_dec) W_enc + b_enc)        (F,)  mostly zeros
+    decode   x̂ = f W_dec + b_dec                       (d_in,)
+    loss     ‖x − x̂‖²  +  sparsity term
+
+Two ways to make f sparse:
+
+    relu     act = ReLU and an L1 penalty  λ · Σ_i f_i ‖W_dec,i‖  (weighted by each
+             decoder row's norm, so shrinking f while growing W_dec does not cheat)
+    top-k    act keeps the k largest pre-activations (ReLU'd), the rest zero; the
+             pre-activations are scaled by ‖W_dec,i‖ first, so the choice does not
+             depend on the decoder norms. Features that stopped firing ("dead") get an
+             auxiliary loss: the top k_aux = d_in/2 dead ones must reconstruct what the
+             live ones missed (x − x̂), scaled down while few are dead.
+
+The parameter names, layouts (W_enc (d_in, F), W_dec (F, d_in)) and loss terms are
+those of sae-lens's standard and top-k training SAEs, so the same weights and batch
+give the same numbers (tests check it). The trainer (`sae_train.py`) also keeps every
+decoder row at unit norm and resamples dead features.
+
+`input_scale` multiplies the activations before they reach the SAE (and divides the
+reconstruction after), chosen so that E‖x‖² = d_in: one L1 coefficient then suits
+every layer and model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from scribelm.errors import ScribeError
+
+
+class SAEError(ScribeError, ValueError):
+    """A sparse-autoencoder setting or input that cannot work."""
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    n_features: int
+    k: int | None = None  # top-k; None: ReLU with an L1 penalty
+    l1_coefficient: float = 5.0
+    aux_coefficient: float = 1 / 32  # top-k's dead-feature loss, as in Gao et al. 2024
+
+    def __post_init__(self) -> None:
+        if self.d_in < 1 or self.n_features < 1:
+            raise SAEError(f"d_in and n_features must be positive, got {self.d_in} and {self.n_features}")
+        if self.k is not None and not 1 <= self.k <= self.n_features:
+            raise SAEError(f"k must be between 1 and the {self.n_features} features, got {self.k}")
+        if self.l1_coefficient < 0 or self.aux_coefficient < 0:
+            raise SAEError("the loss coefficients must not be negative")
+
+    @property
+    def kind(self) -> str:
+        return "relu" if self.k is None else "topk"
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, F = config.d_in, config.n_features
+        W_dec = torch.empty(F, d)
+        nn.init.kaiming_uniform_(W_dec)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)  # unit decoder rows
+        self.W_dec = nn.Parameter(W_dec)  # (F, d): row i is feature i's direction
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # (d, F): starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.ones(()))
+
+    # -- the autoencoder, in the SAE's own (scaled) units -----------------------------
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, d) -> (N, F), before the sparsifying activation."""
+        hidden = (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, F)
+        if self.config.k is not None:
+            hidden = hidden * self.W_dec.norm(dim=-1)  # top-k picks as if the decoder rows were unit
+        return hidden
+
+    def activate(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.k is None:
+            return torch.relu(hidden)
+        values, indices = hidden.topk(self.config.k, dim=-1, sorted=False)  # (N, k)
+        return torch.zeros_like(hidden).scatter_(-1, indices, values.relu())  # (N, F)
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """features (N, F) -> reconstruction (N, d)."""
+        return self._times_decoder(features) + self.b_dec
+
+    def _times_decoder(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.k is not None:
+            features = features / self.W_dec.norm(dim=-1)  # undo the scaling of pre_activations
+        return features @ self.W_dec  # (N, d)
+
+    def loss_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss of a batch x (N, d) in the SAE's units, term by term:
+        {"mse", "l1" (relu) or "aux" (top-k), "loss" (their sum), "features", "reconstruction"}.
+        dead (F,) bool: the features that have not fired lately (top-k's auxiliary loss)."""
+        hidden = self.pre_activations(x)  # (N, F)
+        features = self.activate(hidden)  # (N, F)
+        reconstruction = self.decode(features)  # (N, d)
+        mse = (reconstruction - x).pow(2).sum(-1).mean()
+        terms = {"mse": mse, "features": features, "reconstruction": reconstruction}
+        if self.config.k is None:
+            weighted = features * self.W_dec.norm(dim=-1)  # (N, F)
+            terms["l1"] = (self.config.l1_coefficient * weighted.abs().sum(-1)).mean()
+            terms["loss"] = mse + terms["l1"]
+        else:
+            terms["aux"] = self._dead_feature_loss(x, reconstruction, hidden, dead)
+            terms["loss"] = mse + terms["aux"]
+        return terms
+
+    def _dead_feature_loss(self, x, reconstruction, hidden, dead) -> torch.Tensor:
+        n_dead = 0 if dead is None else int(dead.sum())
+        if n_dead == 0:
+            return reconstruction.new_zeros(())
+        residual = (x - reconstruction).detach()  # (N, d): what the live features missed
+        k_aux = x.shape[-1] // 2
+        scale = min(n_dead / k_aux, 1.0)  # a few dead features: a small push
+        k_aux = min(k_aux, n_dead)
+        dead_only = torch.where(dead[None], hidden, -torch.inf)  # (N, F)
+        top = dead_only.topk(k_aux, dim=-1, sorted=False)
+        acts = torch.zeros_like(hidden).scatter_(-1, top.indices, top.values)  # (N, F)
+        return self.config.aux_coefficient * scale * (self._times_decoder(acts) - residual).pow(2).sum(-1).mean()
+
+    # -- in the activations' own units -----------------------------------------------
+    def encode(self, activations: torch.Tensor) -> torch.Tensor:
+        """Activations (..., d) as the model gives them -> feature activations (..., F)."""
+        x = activations.float() * self.input_scale
+        return self.activate(self.pre_activations(x))
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        """Activations (..., d) -> their reconstruction (..., d), in the model's units and dtype."""
+        x = activations.float() * self.input_scale
+        reconstruction = self.decode(self.activate(self.pre_activations(x))) / self.input_scale
+        return reconstruction.to(activations.dtype)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (the encoder column and bias with it for
+        top-k, whose scaled pre-activations then stay the same)."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-8)  # (F,)
+        self.W_dec /= norms[:, None]
+        if self.config.k is not None:
+            self.W_enc *= norms
+            self.b_enc *= norms
+
+    # -- files ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        """One safetensors file: the weights plus the config as metadata."""
+        import json
+
+        from safetensors.torch import save
+
+        from scribelm.io import write_file_atomically
+
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        write_file_atomically(path, save(tensors, metadata={"scribelm_sae": json.dumps(asdict(self.config))}))
+
+    @classmethod
+    def load(cls, path) -> "SparseAutoencoder":
+        import json
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                config = SAEConfig(**json.loads(f.metadata()["scribelm_sae"]))
+            sae = cls(config)
+            sae.load_state_dict(load_file(str(path)))
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+            if isinstance(err, SAEError):
+                raise
+            raise SAEError(f"{path} is not a scribelm sparse autoencoder: {err}") from None
+        return sae
+
+
+def default_input_scale(sample: torch.Tensor) -> float:
+    """The factor that brings a sample of activations (N, d) to E‖x‖² = d."""
+    mean_square_norm = sample.float().pow(2).sum(-1).mean().item()
+    if not math.isfinite(mean_square_norm) or mean_square_norm <= 0:
+        raise SAEError("the activations are all zero or not finite; nothing to learn")
+    return math.sqrt(sample.shape[-1] / mean_square_norm)
