@@ -43,6 +43,11 @@ def test_plan_counts_tokens_from_the_budget_and_parameters_by_the_convention(mic
         assert run.N > run.N_non_embedding  # the tied output layer is counted in N
     small, large = sorted({r.N for r in plan.runs})
     assert large > small
+    # A shape that gets no whole batch at a budget is left out of that budget, and named.
+    plan = plan_sweep(micro_recipe(micro_data, tmp_path / "sweep", budgets=[1e7, 2e8]))
+    assert len(plan.runs) == 3 and len(plan.left_out) == 1 and plan.left_out[0].startswith("d1-w32 at 1e+07 FLOPs")
+    with pytest.raises(ConfigError, match="numbers of training FLOPs"):
+        plan_sweep(micro_recipe(micro_data, tmp_path / "sweep", budgets=["lots"]))
 
 
 def test_micro_sweep_records_plots_and_resumes_without_retraining(micro_data, tmp_path, one_thread):

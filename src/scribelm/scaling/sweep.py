@@ -169,7 +169,10 @@ def plan_sweep(recipe: dict[str, Any], *, vocab_size: int | None = None, paralle
     budgets = recipe.get("budgets")
     if not isinstance(budgets, list) or not budgets:
         raise ConfigError("budgets must be a list of training FLOPs, e.g. [1e12, 3e12, 1e13]")
-    budgets = sorted({float(b) for b in budgets})
+    try:
+        budgets = sorted({float(b) for b in budgets})
+    except (TypeError, ValueError):
+        raise ConfigError(f"budgets must be numbers of training FLOPs, got {budgets}") from None
     if any(not math.isfinite(b) or b <= 0 for b in budgets):
         raise ConfigError("every budget must be a positive number of FLOPs")
     train = dict(recipe.get("train") or {})
