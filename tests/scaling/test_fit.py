@@ -79,6 +79,10 @@ def test_isoflop_optima_equal_the_analytic_optimum_on_noise_free_data():
     assert fit.b == pytest.approx(a / (a + b), rel=0.01)
     n, d = fit.optimal(1e20)
     assert n == pytest.approx(analytic_optimum(1e20)[0], rel=0.02)
+    noisy = [{**r, "loss": r["loss"] * (1 + 0.002 * z)} for r, z in zip(rows, np.random.default_rng(0).standard_normal(len(rows)))]
+    resampled = isoflop_optima(noisy, bootstrap=30)
+    lo, hi = resampled.intervals["a"]
+    assert lo < resampled.a < hi and resampled.intervals["replicates"] >= 20
     per_budget = fit.tokens_per_parameter()["per_budget"]
     assert per_budget == pytest.approx([analytic_optimum(C)[1] / analytic_optimum(C)[0] for C in budgets], rel=0.02)
 

@@ -98,7 +98,13 @@ def _summary(analysis) -> None:
     iso = analysis.isoflop
     if iso is not None:
         tpp = iso.tokens_per_parameter()
-        console.print(f"IsoFLOP: N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f}; tokens per parameter {tpp['value']:.1f} "
+        iv = iso.intervals
+
+        def band(key: str, fmt: str) -> str:
+            return f" [{format(iv[key][0], fmt)}, {format(iv[key][1], fmt)}]" if key in iv else ""
+
+        console.print(f"IsoFLOP: N_opt ∝ C^{iso.a:.3f}{band('a', '.2f')}, D_opt ∝ C^{iso.b:.3f}{band('b', '.2f')}; "
+                      f"tokens per parameter {tpp['value']:.1f}{band('tokens_per_parameter', '.1f')} "
                       f"(per budget {tpp['range'][0]:.1f}–{tpp['range'][1]:.1f})")
         for reason in iso.skipped:
             console.print(f"[yellow]{reason}[/yellow]")

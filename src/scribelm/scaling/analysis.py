@@ -52,7 +52,7 @@ def analyze(records: list[dict[str, Any]], *, bootstrap: int = 100, seed: int = 
     except FitError as err:
         analysis.problems.append(f"parametric law: {err}")
     try:
-        analysis.isoflop = isoflop_optima(usable, loss_key="val_loss")
+        analysis.isoflop = isoflop_optima(usable, loss_key="val_loss", bootstrap=bootstrap, seed=seed)
     except FitError as err:
         analysis.problems.append(f"IsoFLOP profiles: {err}")
     return analysis

@@ -276,6 +276,7 @@ class IsoFlopFit:
     kD: float
     skipped: list[str] = field(default_factory=list)  # budgets without a minimum, and why
     power_law_budgets: list[float] = field(default_factory=list)  # the budgets the power laws were fitted through
+    intervals: dict[str, Any] = field(default_factory=dict)  # bootstrap: "a", "b", "tokens_per_parameter" -> (lo, hi)
     convention: str = PARAMETER_CONVENTION
 
     def optimal(self, C: float) -> tuple[float, float]:
@@ -289,15 +290,20 @@ class IsoFlopFit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "kN": self.kN, "kD": self.kD, "skipped": self.skipped,
-                "power_law_budgets": self.power_law_budgets,
+                "power_law_budgets": self.power_law_budgets, "intervals": self.intervals,
                 "tokens_per_parameter": self.tokens_per_parameter(), "convention": self.convention,
                 "profiles": [{"C": p.C, "N_opt": p.N_opt, "D_opt": p.D_opt, "loss_opt": p.loss_opt,
                               "coefficients": list(p.coefficients), "bracketed": p.bracketed, "points": p.points}
                              for p in self.profiles]}
 
 
-def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "budget", loss_key: str = "loss") -> IsoFlopFit:
+def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "budget", loss_key: str = "loss",
+                   bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> IsoFlopFit:
     """IsoFLOP analysis of runs given as mappings with N, D, a loss and a budget.
+
+    `bootstrap` > 0 refits on runs resampled with replacement within each budget and puts
+    percentile intervals of a, b and the tokens per parameter in `intervals` (replicates
+    that lose a budget's minimum are dropped; `intervals["replicates"]` counts the rest).
 
     Runs are grouped by `budget_key` (falling back to "C"); each group needs 3 or more
     sizes for its parabola, and 2 or more budgets with a minimum are needed for the power
@@ -311,6 +317,26 @@ def isoflop_optima(records: Iterable[Mapping[str, Any]], *, budget_key: str = "b
         if key is None:
             raise FitError(f"each record needs a {budget_key!r} or 'C' (its compute budget)")
         groups.setdefault(float(key), []).append(record)
+    fit = _isoflop(groups, loss_key)
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(bootstrap):
+            resampled = {C: [g[i] for i in rng.integers(0, len(g), len(g))] for C, g in groups.items()}
+            try:
+                replicate = _isoflop(resampled, loss_key)
+            except FitError:
+                continue
+            rows.append((replicate.a, replicate.b, replicate.tokens_per_parameter()["value"]))
+        if len(rows) >= 2:
+            tail = 100 * (1 - level) / 2
+            lo, hi = np.percentile(np.array(rows), [tail, 100 - tail], axis=0)
+            fit.intervals = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(("a", "b", "tokens_per_parameter"))}
+            fit.intervals["replicates"] = len(rows)
+    return fit
+
+
+def _isoflop(groups: dict[float, list[Mapping[str, Any]]], loss_key: str) -> IsoFlopFit:
     usable = {C: rows for C, rows in groups.items() if len({float(r["N"]) for r in rows}) >= 3}
     if len(usable) < 2:
         raise FitError(f"IsoFLOP profiles need at least 2 budgets with 3 or more model sizes each; "
