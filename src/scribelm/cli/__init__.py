@@ -34,6 +34,7 @@ VERB_MODULES = [
     "embed",
     "explain",
     "rag",
+    "sweep",
 ]
 
 

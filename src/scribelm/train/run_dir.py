@@ -50,6 +50,7 @@ TENSORBOARD_DIR = "tensorboard"
 RUN_ENTRIES = {
     "training run": (RUN_MANIFEST, CHECKPOINTS_DIR, BEST_DIR, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR),
     "quickstart": (RUN_MANIFEST, "corpus", "data", "model", "run"),
+    "sweep": (RUN_MANIFEST, "corpus", "data", "runs", "sweep.jsonl", "fit.json", "plots"),
 }
 _QUICKSTART_CORPUS = "kjv.txt"
 
