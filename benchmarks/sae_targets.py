@@ -33,6 +33,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1", type=float, default=1.0)
     parser.add_argument("--aux", type=float, default=1.0, help="top-k's dead-feature loss coefficient")
+    parser.add_argument("--aux-k", type=int, help="dead features in that loss (default half the width)")
+    parser.add_argument("--aux-normalized", action="store_true", help="Gao et al.'s form of that loss")
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--resample-every", type=int, default=250)
     parser.add_argument("--dead-window", type=int, default=200)
     parser.add_argument("--only", choices=["topk", "relu"])
@@ -45,7 +49,8 @@ def main() -> None:
         if args.only and kind != args.only:
             continue
         settings = SAETraining(layer=args.layer, site="mlp", expansion=8, k=args.k if kind == "topk" else None,
-                               l1_coefficient=args.l1, aux_coefficient=args.aux, steps=args.steps,
+                               l1_coefficient=args.l1, aux_coefficient=args.aux, aux_k=args.aux_k,
+                               aux_normalized=args.aux_normalized, grad_clip=args.grad_clip, lr=args.lr, steps=args.steps,
                                batch_tokens=args.batch_tokens, resample_every=args.resample_every,
                                dead_window=args.dead_window)
         start = time.perf_counter()
