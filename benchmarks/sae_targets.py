@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from pathlib import Path
 
 import torch
 
 import scribelm
-from scribelm.inspect.sae_train import SAETraining, evaluate_sae, token_batches, train_sae
+from scribelm.inspect.sae_train import SAETraining, evaluate_sae, firing_counts, token_batches, train_sae
 
 
 def main() -> None:
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--resample-every", type=int, default=250)
     parser.add_argument("--dead-window", type=int, default=200)
     parser.add_argument("--only", choices=["topk", "relu"])
+    parser.add_argument("--dead-tokens", type=int, default=131072,
+                        help="also count dead features on this many training-split tokens (0: skip)")
+    parser.add_argument("--save", help="directory to keep the trained SAEs in (KIND.safetensors)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     lm = scribelm.load(args.model, device=args.device)
@@ -63,12 +67,24 @@ def main() -> None:
         seconds = time.perf_counter() - start
         held_out = itertools.islice(token_batches(lm, args.data, split="validation", loop=False, **windows), 32)
         metrics = evaluate_sae(lm, sae, held_out, args.layer, "mlp")
+        if args.dead_tokens:
+            sample = itertools.islice(token_batches(lm, args.data, seed=1, **windows), max(1, args.dead_tokens // 1024))
+            counts, tokens = firing_counts(lm, sae, sample, args.layer, "mlp")
+            metrics["dead_fraction_train"] = (counts == 0).float().mean().item()
+            metrics["dead_tokens_train"] = tokens
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            sae.save(Path(args.save) / f"{kind}.safetensors")
         rows.append((kind, sae.config.n_features, metrics, seconds))
         print(f"{kind}: trained in {seconds:.0f} s", flush=True)
     torch.set_printoptions(precision=4)
-    print(f"{'SAE':<6} {'features':>8} {'EV':>6} {'L0':>6} {'dead':>6} {'loss clean':>10} {'spliced':>8} {'zeroed':>8} {'increase':>9}")
+    print(f"dead: never fired on the {rows[0][2]['tokens']:,} held-out tokens"
+          + (f"; dead (train): never fired on {rows[0][2]['dead_tokens_train']:,} training-split tokens" if args.dead_tokens else ""))
+    print(f"{'SAE':<6} {'features':>8} {'EV':>6} {'L0':>6} {'dead':>6} {'dead (train)':>12} {'loss clean':>10} {'spliced':>8} "
+          f"{'zeroed':>8} {'increase':>9}")
     for kind, features, m, _ in rows:
-        print(f"{kind:<6} {features:>8} {m['explained_variance']:6.3f} {m['l0']:6.1f} {100 * m['dead_fraction']:5.1f}% "
+        dead_train = f"{100 * m['dead_fraction_train']:11.1f}%" if "dead_fraction_train" in m else f"{'-':>12}"
+        print(f"{kind:<6} {features:>8} {m['explained_variance']:6.3f} {m['l0']:6.1f} {100 * m['dead_fraction']:5.1f}% {dead_train} "
               f"{m['loss_clean']:10.4f} {m['loss_spliced']:8.4f} {m['loss_zero_ablated']:8.4f} {m['loss_increase']:+9.4f}")
 
 

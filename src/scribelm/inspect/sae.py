@@ -90,7 +90,8 @@ class SparseAutoencoder(nn.Module):
     # -- the autoencoder, in the SAE's own (scaled) units -----------------------------
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, d) -> (N, F), before the sparsifying activation."""
-        hidden = (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, F)
+        # (x − b_dec) W_enc written so that backward needs no (N, d) gradient for x, only b_dec's (d,)
+        hidden = x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)  # (N, F)
         if self.config.k is not None:
             hidden = hidden * self.W_dec.norm(dim=-1)  # top-k picks as if the decoder rows were unit
         return hidden

@@ -345,6 +345,19 @@ def evaluate_sae(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], la
     }
 
 
+@torch.no_grad()
+def firing_counts(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], layer: int, site: str) -> tuple[torch.Tensor, int]:
+    """On how many tokens of `batches` each feature fires: (counts (F,), tokens). Features
+    with a zero count are dead on these tokens; the more tokens, the rarer a feature may
+    be and still count as alive."""
+    counts, tokens = torch.zeros(sae.config.n_features, dtype=torch.long), 0
+    for ids in batches:
+        features = sae.encode(activations(lm.model, ids.to(lm.device), layer, site)).flatten(0, 1)  # (N, F)
+        counts += (features > 0).sum(0).cpu()
+        tokens += len(features)
+    return counts, tokens
+
+
 def _next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     logits = model(inputs)  # (B, T, V)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).item()
