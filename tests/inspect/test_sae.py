@@ -80,6 +80,28 @@ def test_topk_loss_terms_and_gradients_equal_sae_lens(n_dead):
         assert mine["aux"] > 0
 
 
+def test_normalized_dead_feature_loss_is_sae_lens_over_the_error_variance():
+    """Gao et al.'s form: with every dead pre-activation positive (ReLU a no-op) and more dead
+    features than k_aux (sae-lens's scale 1), it is sae-lens's loss divided by Var(x − x̂)."""
+    d, F, k = 16, 64, 4
+    ours = SparseAutoencoder(SAEConfig(d_in=d, n_features=F, k=k, aux_coefficient=0.5, aux_normalized=True))
+    theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=F, k=k, aux_loss_coefficient=0.5,
+                                                   rescale_acts_by_decoder_norm=True))
+    copy_weights(ours, theirs)
+    with torch.no_grad():
+        for sae in (ours, theirs):
+            sae.b_enc.add_(20.0)
+    x = torch.randn(32, d)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:40] = True
+    mine = ours.loss_terms(x, dead)
+    out = theirs.training_forward_pass(step_input(x, dead))
+    residual = x - mine["reconstruction"]
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    close(mine["aux"] * variance, out.losses["auxiliary_reconstruction_loss"])
+    close(mine["mse"], out.losses["mse_loss"])
+
+
 def test_normalizing_the_decoder_keeps_topk_features_and_reconstruction():
     sae = SparseAutoencoder(SAEConfig(d_in=8, n_features=32, k=3))
     with torch.no_grad():

@@ -174,7 +174,7 @@ class SAETraining:
     lr: float = 1e-3
     l1_warmup: float = 0.05  # share of the steps over which the L1 penalty ramps up from 0
     resample_every: int = 250  # steps; 0: never resample
-    dead_window: int = 200  # steps without firing that make a feature dead
+    dead_window: int = 50  # steps without firing that make a feature dead (for the auxiliary loss and resampling)
     seed: int = 0
 
     def check(self) -> None:
