@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cache import KVCache
+from scribelm.cache import KVCache, new_cache
 from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
@@ -219,7 +219,9 @@ class Engine:
         self.device = lm.device
         dtype = next(self.model.parameters()).dtype
         try:
-            self.cache = KVCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+            # a sliding-window model's slots hold its window only (RollingKVCache), unless compiled
+            self.cache = new_cache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype,
+                                   rolling=not compile)
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
             need = 2 * self.config.n_layers * max_batch * self.config.n_kv_heads * self.context_length * self.config.head_dim
             raise ScribeError(
@@ -228,7 +230,9 @@ class Engine:
                 "lower --max-batch or --max-context"
             ) from None
         # Keys/values of recent prompts, for prompts that start the same way (0 bytes: off).
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # (Not over a rolling cache: its slots hold the last W positions, not a prompt's beginning.)
+        reusable = prefix_cache_bytes > 0 and isinstance(self.cache, KVCache)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if reusable else None
         self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
         if compile:
             from scribelm.compiled_decode import compiled_step_for
