@@ -429,14 +429,14 @@ def generate(
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     if not prompts:
         raise ScribeError("no prompts given; pass a string or a non-empty list of strings")
-    ids = [_prompt_ids(lm, p, add_bos) for p in prompts]
+    ids = [prompt_token_ids(lm, p, add_bos) for p in prompts]
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
     if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
         per_prompt = [_seq2seq_beams(lm, p, s, extra_stop_ids, skip_special_tokens) for p in ids]
     elif getattr(lm.model, "is_encoder_decoder", False):
-        per_prompt = [[_seq2seq_generation(lm, p, s, extra_stop_ids, skip_special_tokens, seed_offset=i).run()[0]
+        per_prompt = [[seq2seq_generation(lm, p, s, extra_stop_ids, skip_special_tokens, seed_offset=i).run()[0]
                        for i in range(n)] for p in ids]
         for p, completions in zip(ids, per_prompt):
             for c in completions:
@@ -456,7 +456,9 @@ def generate(
     return out[0] if single else out
 
 
-def _prompt_ids(lm, prompt: str | Sequence[int], add_bos: bool | None) -> list[int]:
+def prompt_token_ids(lm, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]:
+    """A prompt as the model reads it: `encode_prompt`, except that an encoder-decoder's encoder
+    reads text with its tokenizer's own special tokens."""
     if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None and isinstance(prompt, str):
         # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
         return lm.tokenizer.backend.encode(_check_text_prompt(prompt), add_special_tokens=True).ids
@@ -481,7 +483,7 @@ def _seq2seq_beams(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_id
                        skip_special_tokens=skip_special_tokens)
 
 
-def _seq2seq_generation(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+def seq2seq_generation(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
                         skip_special_tokens: bool, seed_offset: int = 0) -> BatchGeneration:
     """One sequence from an encoder-decoder, greedy or sampled by the decode core like any
     other: the prompt is encoded once and the decoder, bound to it, starts from the start
@@ -512,10 +514,10 @@ def stream(
     s = resolve_settings(lm, settings, **overrides)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise SamplingError("streaming gives one sequence; use generate() for beam search or several return sequences")
-    ids = _prompt_ids(lm, prompt, add_bos)
+    ids = prompt_token_ids(lm, prompt, add_bos)
     lm.model.eval()
     if getattr(lm.model, "is_encoder_decoder", False):
-        return _text_deltas(_seq2seq_generation(lm, ids, s, extra_stop_ids, skip_special_tokens))
+        return _text_deltas(seq2seq_generation(lm, ids, s, extra_stop_ids, skip_special_tokens))
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
                           extra_stop_ids=extra_stop_ids, compile=compile)
     return _text_deltas(gen)
