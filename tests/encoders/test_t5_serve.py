@@ -1,12 +1,14 @@
 """`scribe serve` serves a T5: `/v1/completions` through the real `openai` client answers what
 `LM.generate` answers (the prompt to the encoder, the completion from the decoder), greedy,
-seeded with several choices, and streamed; what it cannot do is refused with a 400."""
+seeded with several choices, and streamed; what it cannot do is refused with a 400.
+`scribe generate` streams a T5's text too."""
 
 import openai
 import pytest
 import torch
 
 import scribelm
+from scribelm.cli import main
 from scribelm.serve.api import create_app
 from scribelm.serve.engine import ModelPool
 from scribelm.serve.seq2seq_engine import Seq2SeqEngine
@@ -56,3 +58,12 @@ def test_completions_equal_lm_generate(t5_dir):
     drawn = lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, num_return_sequences=2)
     assert [c.text for c in sorted(sampled.choices, key=lambda c: c.index)] == drawn
     assert len(pieces) > 1 and "".join(pieces) == expected[1]
+
+
+def test_scribe_generate_streams_what_lm_generate_writes(t5_dir, capsys):
+    lm = scribelm.load(t5_dir)
+    capsys.readouterr()
+    for flags, settings in ((["--temperature", "0"], dict(temperature=0)),
+                            (["--temperature", "0.9", "--top-k", "20", "--seed", "5"], dict(temperature=0.9, top_k=20, seed=5))):
+        assert main(["generate", str(t5_dir), PROMPTS[0], "--max-new-tokens", "12", *flags]) == 0
+        assert capsys.readouterr().out == lm.generate(PROMPTS[0], max_new_tokens=12, **settings) + "\n"
