@@ -50,6 +50,7 @@ def test_completions_equal_lm_generate(t5_dir):
                                             seed=3, n=2)
         streamed = client.completions.create(model="t5", prompt=PROMPTS[1], max_tokens=16, temperature=0, stream=True)
         pieces = [c.choices[0].text for c in streamed if c.choices]
+        echoed = client.completions.create(model="t5", prompt=PROMPTS[1], max_tokens=0, echo=True)
         with pytest.raises(openai.BadRequestError, match="encoder-decoder"):
             client.completions.create(model="t5", prompt=PROMPTS[0], max_tokens=4, echo=True, logprobs=1)
     expected = lm.generate(PROMPTS, max_new_tokens=16, temperature=0)
@@ -58,6 +59,7 @@ def test_completions_equal_lm_generate(t5_dir):
     drawn = lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, num_return_sequences=2)
     assert [c.text for c in sorted(sampled.choices, key=lambda c: c.index)] == drawn
     assert len(pieces) > 1 and "".join(pieces) == expected[1]
+    assert echoed.choices[0].text == PROMPTS[1] and echoed.choices[0].finish_reason == "length"
 
 
 def test_scribe_generate_streams_what_lm_generate_writes(t5_dir, capsys):

@@ -82,6 +82,7 @@ class Seq2SeqEngine(Engine):
         for choice in range(request.n):
             gen = seq2seq_generation(self.lm, request.prompt_ids, request.settings, stops, True, seed_offset=choice)
             index = request.choice_offset + choice
+            ended = False
             for events in gen:
                 if request.cancelled or self._stopping:
                     return
@@ -93,6 +94,7 @@ class Seq2SeqEngine(Engine):
                     event.index = index
                     outbox.append((request, event))
                     if event.finished:
+                        ended = True
                         outbox.append((request, FinishEvent(index=index, reason=event.finish_reason, text="",
                                                             completion_tokens=len(gen.rows[0].generated))))
                 _deliver(outbox)
@@ -102,3 +104,7 @@ class Seq2SeqEngine(Engine):
                         self._recent.popleft()
                 self.steps += 1
                 self.generated_tokens += len(events)
+            if not ended:  # nothing to generate (max_tokens 0 with echo): the choice ends at once
+                _deliver([(request, FinishEvent(index=index, reason="length", text="", completion_tokens=0))])
+                if request.first_token_at is None:
+                    request.first_token_at = time.monotonic()
