@@ -133,3 +133,29 @@ def test_server_completions_match_transformers(mistral, tokenizer):
         served = torch.tensor(choice.logprobs.token_logprobs)
         assert len(served) == NEW and (served - torch.tensor(logprobs)).abs().max().item() <= 1e-4
     assert isinstance(engine.cache, RollingKVCache) and engine.cache.keys.shape[3] == WINDOW
+
+
+def test_server_scores_prompts_of_different_lengths_through_the_rolling_cache(mistral, tokenizer):
+    """echo + logprobs over two prompts longer than the window: each prompt token's log-probability
+    as transformers computes it (the rolling cache prefills such prompts one row at a time)."""
+    from scribelm.serve.api import create_app
+    from scribelm.serve.engine import ModelPool
+    from tests.serving import ServerThread
+
+    model, path = mistral
+    texts = ["In the beginning God created the heaven and the earth. And the earth was without form",
+             "Call me Ishmael. Some years ago, never mind how long"]
+    pool = ModelPool({"swa": str(path)}, max_batch=4)
+    with ServerThread(create_app(pool)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        scored = client.completions.create(model="swa", prompt=texts, max_tokens=0, echo=True, logprobs=1)
+        assert pool.get("swa").prefix_cache is None  # a rolling cache holds no prompt's beginning
+    for text, choice in zip(texts, sorted(scored.choices, key=lambda c: c.index)):
+        ids = tokenizer.encode(text)
+        assert len(ids) > WINDOW
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # (T-1, V)
+        expected = logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        served = torch.tensor(choice.logprobs.token_logprobs[1:])
+        assert choice.logprobs.token_logprobs[0] is None
+        assert (served - expected).abs().max().item() <= 1e-4
