@@ -7,8 +7,11 @@ Trains, on the activations of `blocks.1.mlp.hook_post` streamed from the
 prepared training split, a top-k SAE (k = 32) and a ReLU + L1 SAE, each with
 8 × d_mlp features, and reports on the validation split, side by side:
 explained variance (target ≥ 0.8), L0 (target ≤ 32), dead features (target
-< 5%), and the next-token loss clean / with the reconstruction spliced in /
-with the activation zeroed.
+< 5%: never firing on the held-out tokens, and, with more tokens to fire on,
+on --dead-tokens tokens of the training split), and the next-token loss
+clean / with the reconstruction spliced in / with the activation zeroed.
+--save keeps the SAEs (`scribe explain MODEL TEXT --sae` reads a directory
+written by `scribe explain sae`, which also holds the report).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ def main() -> None:
     parser.add_argument("--aux-normalized", action="store_true", help="Gao et al.'s form of that loss")
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--resample-every", type=int, default=250)
-    parser.add_argument("--dead-window", type=int, default=200)
+    parser.add_argument("--resample-every", type=int, default=0, help="resample dead features every N steps (0: never)")
+    parser.add_argument("--dead-window", type=int, default=50, help="steps without firing that make a feature dead")
     parser.add_argument("--only", choices=["topk", "relu"])
     parser.add_argument("--dead-tokens", type=int, default=131072,
                         help="also count dead features on this many training-split tokens (0: skip)")
