@@ -198,7 +198,7 @@ def test_the_page_in_chromium(page_dir, tmp_path):
                 1 for row in sae["per_token"] for f in row if str(f["feature"]) == feature)
             contexts = sae["contexts"][feature]
             assert page.locator("#sae-contexts .sae-context").count() == len(contexts)
-            assert page.locator("#sae-contexts mark").all_inner_texts() == [c["token"] for c in contexts]
+            assert page.locator("#sae-contexts mark").all_inner_texts() == [c["token"].replace("\n", "⏎") for c in contexts]
             fired = sum(1 for a in sae["activations"][feature] if a > 0)
             assert page.locator("#sae-text mark").count() == fired > 0
         finally:
