@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="MiB of recent prompts' keys/values kept per model, so prompts that start the same way "
                         "(a resent conversation) prefill only what is new (0: off; default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps, so a long prompt does not stall the "
+                        "streams already running (0: each prompt whole; default 256)")
     p.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
                         "(rendered sandboxed; a model's own template is always preferred)")
@@ -106,6 +109,8 @@ def run(args) -> int:
         raise ScribeError("--prefix-cache-mb must be 0 (off) or a positive number of MiB")
     if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
+    if args.prefill_chunk < 0:
+        raise ScribeError("--prefill-chunk must be 0 (whole prompts) or a number of tokens")
     if not args.header_timeout > 0:
         raise ScribeError("--header-timeout must be a positive number of seconds")
     chat_template = None
@@ -139,7 +144,8 @@ def run(args) -> int:
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                      idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
-                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                     prefill_chunk=args.prefill_chunk)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 
