@@ -54,9 +54,9 @@ def build_model(directory: Path, args) -> Path:
     return LM(Transformer(config).eval(), tokenizer).save(directory / "bench-model")
 
 
-def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "scribelm.cli", "serve", f"bench={model}", "--host", "127.0.0.1", "--port", "0",
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--idle-unload", "0"]
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--idle-unload", "0", *extra]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
