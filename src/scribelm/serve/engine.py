@@ -45,6 +45,7 @@ import asyncio
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -162,7 +163,44 @@ class GenerationRequest:
 
 
 def _deliver(items: list[tuple[GenerationRequest, Any]]) -> None:
-    """Hand events to their requests' event loops: one wake-up per loop, however many events."""
+    """Hand events to their requests' event loops, by way of the courier thread (in order)."""
+    if items:
+        _courier().put(items)
+
+
+_outbox: "queue.SimpleQueue[list[tuple[GenerationRequest, Any]]] | None" = None
+_outbox_lock = threading.Lock()
+
+
+def _courier() -> "queue.SimpleQueue":
+    """The queue of the thread that wakes the event loops, started on first use.
+
+    Waking an event loop from another thread is a write to its wake-up socket; the engine
+    thread that does it then waits to get the interpreter lock back while the loop turns
+    the event into bytes (and a woken thread may take its core). A decode step at one
+    client lost about a tenth of its time so. The engine only puts the step's events in
+    this queue (no system call while nothing waits on it); the courier wakes the loops,
+    which then work while the engine is in the model's native code, where it holds no lock."""
+    global _outbox
+    if _outbox is None:
+        with _outbox_lock:
+            if _outbox is None:
+                outbox: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=_carry, args=(outbox,), name="scribe-courier", daemon=True).start()
+                _outbox = outbox
+    return _outbox
+
+
+def _carry(outbox: "queue.SimpleQueue") -> None:
+    while True:
+        items = outbox.get()
+        while not outbox.empty():  # everything that piled up goes in one wake-up per loop
+            items = items + outbox.get_nowait()
+        _wake_loops(items)
+
+
+def _wake_loops(items: list[tuple[GenerationRequest, Any]]) -> None:
+    """One wake-up per event loop, however many events."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, Any]]] = {}
     for request, event in items:
         if request.loop is not None and request.events is not None:
