@@ -1,0 +1,275 @@
+"""Running a GGUF file: llama.cpp's format read back into a scribelm model.
+
+The inverse of `scribelm.interop.gguf` (the exporter), for the architectures it
+writes — and for the same architectures written by llama.cpp's converters and
+its quantizer:
+
+    llama   RoPE + RMSNorm + SwiGLU, no biases (Llama, Mistral; with
+            `ffn_*_exps` tensors: Mixtral's mixture of experts)
+    qwen2   the same with q/k/v biases
+    gpt2    learned positions, LayerNorm, tanh-GELU, biases; q/k/v in one tensor
+
+Reading a file takes four steps:
+
+1. The header (gguf_reader.py): metadata and tensor table, every length checked
+   against the file, so a truncated or lying file is refused before a weight is read.
+2. The config: ModelConfig from `{arch}.*` metadata; every tensor a model of that
+   config needs must be in the file with exactly its shape.
+3. The weights: each tensor decoded to float32 by the `gguf` package's reference
+   dequantizers (`gguf.quants.dequantize`). llama.cpp's `llama` graph rotates
+   adjacent feature pairs, so the exporter interleaved the rows of W_q and W_k
+   within each head; here they go back to scribelm's rotate-half order. A file
+   whose block matrices are all Q8_0 keeps 8 bits a weight: the matrices become
+   scribelm's int8 layout (per-row scales; the file's scales are per block of 32,
+   so this re-rounds each weight once). Other block formats (Q4_0 ... Q6_K) load
+   as float: the weights have exactly the file's values, at full size.
+4. The tokenizer and chat template from `tokenizer.*` metadata (gguf_tokenizer.py).
+
+    lm = scribelm.load("model.gguf")        # or a store name added with `scribe models add`
+    describe_gguf("model.gguf")["weights"]  # "Q8_0 -> int8 per channel", "Q4_K -> float32", ...
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scribelm.config import ModelConfig
+from scribelm.errors import ConfigError
+from scribelm.interop.gguf_reader import GGUFError, GGUFFile, read_gguf
+from scribelm.model import Transformer
+from scribelm.tokenizer import Tokenizer
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+#: Weight types scribelm decodes; the rest (IQ*, Q2_K, Q3_K, TQ*, MXFP4, ...) are refused by name.
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+#: Block formats kept at their size in scribelm's own layout: GGUF type -> (bits, how it is shown)
+KEPT_QUANTIZED = {"Q8_0": (8, "int8 per channel")}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    """The ModelConfig a GGUF file's metadata and tensor table describe, or a GGUFError."""
+    arch = f.string("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{f.path}: architecture {arch!r} is not supported (scribelm runs {', '.join(ARCHITECTURES)})")
+
+    def need(key: str) -> int:
+        value = f.integer(f"{arch}.{key}")
+        if value is None:
+            raise GGUFError(f"{f.path} lacks the metadata {arch}.{key}, which a {arch} model needs")
+        return value
+
+    if "token_embd.weight" not in f.tensors:
+        raise GGUFError(f"{f.path} has no token_embd.weight tensor")
+    vocab_size, d_model = f.tensors["token_embd.weight"].shape[0], need("embedding_length")
+    n_heads = need("attention.head_count")
+    common = dict(
+        vocab_size=vocab_size, context_length=need("context_length"), d_model=d_model, n_layers=need("block_count"),
+        n_heads=n_heads, tie_embeddings="output.weight" not in f.tensors, name=f.string("general.name") or arch,
+    )
+    experts = f.integer(f"{arch}.expert_count", 0)
+    try:
+        if arch == "gpt2":
+            return ModelConfig(**common, d_mlp=need("feed_forward_length"), activation="gelu_tanh", norm="layernorm",
+                               norm_eps=f.number("gpt2.attention.layer_norm_epsilon", 1e-5), position="learned")
+        head_dim = f.integer(f"{arch}.attention.key_length", d_model // max(n_heads, 1))
+        rotary = f.integer(f"{arch}.rope.dimension_count", head_dim)
+        if rotary != head_dim:
+            raise GGUFError(f"{f.path}: RoPE on {rotary} of {head_dim} features per head (partial rotary) is not supported")
+        scaling = f.string(f"{arch}.rope.scaling.type", "none")
+        rope_scaling = None
+        if scaling == "linear":
+            rope_scaling = {"type": "linear", "factor": f.number(f"{arch}.rope.scaling.factor", 1.0)}
+        elif scaling != "none":
+            raise GGUFError(f"{f.path}: RoPE scaling {scaling!r} is not supported")
+        if "rope_freqs.weight" in f.tensors:
+            raise GGUFError(f"{f.path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not supported")
+        if experts and arch != "llama":
+            raise GGUFError(f"{f.path}: a mixture of experts in a {arch} file is not supported (only Mixtral-style llama)")
+        d_mlp = need("feed_forward_length")
+        moe = dict(n_experts=experts, experts_per_token=need("expert_used_count"), d_expert=d_mlp) if experts else {}
+        return ModelConfig(
+            **common, n_kv_heads=f.integer(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim, d_mlp=d_mlp,
+            activation="swiglu", norm="rmsnorm", norm_eps=f.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+            position="rope", rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0), rope_scaling=rope_scaling,
+            qkv_bias=arch == "qwen2", attn_out_bias=False, mlp_bias=False, **moe,
+        )
+    except ConfigError as err:
+        raise GGUFError(f"{f.path}: its metadata describes no valid model ({err})") from None
+
+
+# --------------------------------------------------------------------------- tensor names
+
+
+def unpermute_interleaved_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `gguf.permute_for_interleaved_rope`: rows of each head from adjacent
+    pairs (2i, 2i+1) back to the rotate-half order (i, i + hd/2)."""
+    rest = w.shape[1:]
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def _weight_map(config: ModelConfig, arch: str) -> dict[str, list[str]]:
+    """GGUF tensor name -> the model's parameter name(s) it fills (gpt2's attn_qkv fills three)."""
+    names = {"token_embd.weight": ["token_embedding.weight"], "output_norm.weight": ["final_norm.weight"]}
+    if not config.tie_embeddings:
+        names["output.weight"] = ["unembedding.weight"]
+    if arch == "gpt2":
+        names["position_embd.weight"] = ["position_embedding.weight"]
+        names["output_norm.bias"] = ["final_norm.bias"]
+    for i in range(config.n_layers):
+        p, b = f"blk.{i}", f"blocks.{i}"
+        names[f"{p}.attn_norm.weight"] = [f"{b}.attention_norm.weight"]
+        names[f"{p}.ffn_norm.weight"] = [f"{b}.mlp_norm.weight"]
+        names[f"{p}.attn_output.weight"] = [f"{b}.attention.o.weight"]
+        if arch == "gpt2":
+            names[f"{p}.attn_norm.bias"] = [f"{b}.attention_norm.bias"]
+            names[f"{p}.ffn_norm.bias"] = [f"{b}.mlp_norm.bias"]
+            names[f"{p}.attn_output.bias"] = [f"{b}.attention.o.bias"]
+            for kind in ("weight", "bias"):
+                names[f"{p}.attn_qkv.{kind}"] = [f"{b}.attention.{x}.{kind}" for x in "qkv"]
+                names[f"{p}.ffn_up.{kind}"] = [f"{b}.mlp.up.{kind}"]
+                names[f"{p}.ffn_down.{kind}"] = [f"{b}.mlp.down.{kind}"]
+            continue
+        for x in "qkv":
+            names[f"{p}.attn_{x}.weight"] = [f"{b}.attention.{x}.weight"]
+            if arch == "qwen2":
+                names[f"{p}.attn_{x}.bias"] = [f"{b}.attention.{x}.bias"]
+        if config.n_experts:
+            names[f"{p}.ffn_gate_inp.weight"] = [f"{b}.mlp.router.weight"]
+            for kind in ("gate", "up", "down"):
+                names[f"{p}.ffn_{kind}_exps.weight"] = [f"{b}.mlp.experts.{e}.{kind}.weight" for e in range(config.n_experts)]
+        else:
+            for kind in ("gate", "up", "down"):
+                names[f"{p}.ffn_{kind}.weight"] = [f"{b}.mlp.{kind}.weight"]
+    return names
+
+
+def _file_shape(gguf_name: str, ours: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape the GGUF tensor must have to fill `ours`."""
+    first = shapes[ours[0]]
+    if "_exps." in gguf_name:  # experts stacked: (E, out, in)
+        return (len(ours), *first)
+    if len(ours) > 1:  # gpt2's q, k, v rows one after another
+        return (sum(shapes[o][0] for o in ours), *first[1:])
+    return first
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check_types(f: GGUFFile) -> None:
+    """Refuse a file holding a weight type scribelm does not decode, naming the type."""
+    for info in f.tensors.values():
+        if info.type.name not in TYPES:
+            raise GGUFError(f"{f.path}: tensor {info.name} is {info.type.name}, a type scribelm does not load "
+                            f"(supported: {', '.join(TYPES)})")
+
+
+def matrix_types(f: GGUFFile) -> Counter:
+    """How many of the block matrices (attention and MLP weights) are stored in each type."""
+    return Counter(info.type.name for name, info in f.tensors.items()
+                   if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2
+                   and "ffn_gate_inp" not in name)
+
+
+def kept_quantization(f: GGUFFile) -> str | None:
+    """The GGUF type whose bits the block matrices keep in scribelm's layout, if any."""
+    types = matrix_types(f)
+    if len(types) == 1 and next(iter(types)) in KEPT_QUANTIZED:
+        return next(iter(types))
+    return None
+
+
+def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None, dict[str, Any]]:
+    """The model, tokenizer and generation settings of a GGUF file; `scribelm.load` makes them an `LM`."""
+    from scribelm.interop.gguf_tokenizer import tokenizer_from_gguf
+
+    f = read_gguf(path)
+    config = config_from_gguf(f)
+    check_types(f)
+    arch = f.string("general.architecture")
+    names = _weight_map(config, arch)
+    with torch.device("meta"):  # no memory: the tensors are assigned below
+        model = Transformer(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [n for n in names if n not in f.tensors]
+    if missing:
+        raise GGUFError(f"{f.path} lacks tensor(s) a {arch} model of its metadata needs: {', '.join(missing[:4])}")
+    unexpected = sorted(set(f.tensors) - set(names))
+    if unexpected:
+        raise GGUFError(f"{f.path} holds tensor(s) a plain {arch} model does not have: {', '.join(unexpected[:4])}")
+    for gguf_name, ours in names.items():
+        want, got = _file_shape(gguf_name, ours, shapes), f.tensors[gguf_name].shape
+        if got != want:
+            raise GGUFError(f"{f.path}: tensor {gguf_name} has shape {list(got)} but the metadata implies {list(want)}")
+    tokenizer = tokenizer_from_gguf(f)  # before the weights: a mistake in it is reported first
+
+    state: dict[str, torch.Tensor] = {}
+    for gguf_name, ours in names.items():
+        tensor = f.float_tensor(gguf_name)
+        if arch == "llama" and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = config.n_heads if ".attn_q." in gguf_name else config.n_kv_heads
+            tensor = unpermute_interleaved_rope(tensor, heads)
+        if "_exps." in gguf_name:
+            parts = list(tensor.unbind(0))
+        elif len(ours) > 1:
+            parts = list(tensor.split([shapes[o][0] for o in ours], dim=0))
+        else:
+            parts = [tensor]
+        for name, part in zip(ours, parts):
+            state[name] = part.contiguous() if dtype is None else part.to(dtype).contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.unembedding.weight = model.token_embedding.weight
+    if kept_quantization(f):
+        from scribelm.quant import quantize_model
+
+        quantize_model(model, bits=KEPT_QUANTIZED[kept_quantization(f)][0])
+    model = model.to(device)
+    model.eval()
+    generation: dict[str, Any] = {}
+    stops = [i for i in (f.integer("tokenizer.ggml.eos_token_id"), f.integer("tokenizer.ggml.eot_token_id"))
+             if i is not None and 0 <= i < config.vocab_size]
+    if stops:
+        generation["stop_token_ids"] = sorted(set(stops))
+    return model, tokenizer, generation
+
+
+# --------------------------------------------------------------------------- description
+
+
+def describe_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """What `scribe models show` tells about a GGUF file, from its header alone (no weights read):
+    architecture, config, parameter count, the weight types and what they load as."""
+    f = read_gguf(path)
+    config = config_from_gguf(f)
+    check_types(f)
+    parameters = sum(int(torch.Size(info.shape).numel()) for info in f.tensors.values())
+    types = matrix_types(f)
+    stored = ", ".join(f"{name} ×{count}" for name, count in types.most_common())
+    kept = kept_quantization(f)
+    if kept:
+        loads_as = f"{kept} -> {KEPT_QUANTIZED[kept][1]} (scribelm's int8 layout, 8 bits a weight)"
+    elif set(types) <= {"F32", "F16", "BF16"}:
+        loads_as = f"{'/'.join(sorted(types))} -> float32"
+    else:
+        loads_as = f"{'/'.join(sorted(types))} -> float32 (dequantized; the file's values at full size)"
+    return {
+        "architecture": f.string("general.architecture"),
+        "config": config.to_dict(),
+        "parameters": parameters,
+        "weights_stored": stored,
+        "weights": loads_as,
+        "chat_template": f.string("tokenizer.chat_template"),
+        "tokenizer": f.string("tokenizer.ggml.model"),
+        "path": Path(path),
+    }
