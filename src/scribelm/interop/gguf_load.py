@@ -258,11 +258,11 @@ def describe_gguf(path: str | os.PathLike) -> dict[str, Any]:
     stored = ", ".join(f"{name} ×{count}" for name, count in types.most_common())
     kept = kept_quantization(f)
     if kept:
-        loads_as = f"{kept} -> {KEPT_QUANTIZED[kept][1]} (scribelm's int8 layout, 8 bits a weight)"
+        loads_as = f"{kept} -> {KEPT_QUANTIZED[kept][1]}"
     elif set(types) <= {"F32", "F16", "BF16"}:
         loads_as = f"{'/'.join(sorted(types))} -> float32"
     else:
-        loads_as = f"{'/'.join(sorted(types))} -> float32 (dequantized; the file's values at full size)"
+        loads_as = f"{'/'.join(sorted(types))} -> float32 (dequantized)"
     return {
         "architecture": f.string("general.architecture"),
         "config": config.to_dict(),

@@ -140,7 +140,9 @@ class _Cursor:
 
     def scalar(self, value_type: int, what: str):
         fmt, size = _SCALARS[value_type]
-        return struct.unpack(fmt, self.take(size, what))[0]
+        value = struct.unpack(fmt, self.take(size, what))[0]
+        # float32 as the shortest decimal that reads back to it: 1e-05, not 9.99999974e-06
+        return float(str(np.float32(value))) if value_type == 6 else value
 
     def string(self, what: str) -> str:
         length = self.scalar(10, f"the length of {what}")
