@@ -274,3 +274,22 @@ def test_models_add_show_and_load_a_gguf_file(exports, llama_lm, tmp_path, monke
     assert main(["models", "rm", "tiny-f16"]) == 0
     assert exports["f16"].is_file()  # the linked file stays
     assert main(["models", "add", "junk", str(tmp_path / "store" / ".lock")]) == 2  # not a GGUF file
+
+
+def test_scribe_serve_runs_a_gguf_file(exports, llama_lm):
+    openai = pytest.importorskip("openai")
+    from scribelm.cli.serve import served_models
+    from scribelm.serve.api import create_app
+    from scribelm.serve.engine import ModelPool
+    from scribelm.serve.preflight import check_model_files
+    from tests.serving import ServerThread
+
+    models, _ = served_models([str(exports["q8_0"])])
+    assert list(models) == ["tiny-q8_0"]
+    assert check_model_files("tiny-q8_0", models["tiny-q8_0"]).quantization == "Q8_0 -> int8 per channel"
+    with ServerThread(create_app(ModelPool(models))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        prompt = "And God said"
+        reply = client.completions.create(model="tiny-q8_0", prompt=prompt, max_tokens=8, temperature=0)
+        expected = scribelm.load(exports["q8_0"]).generate(prompt, max_new_tokens=8, temperature=0)
+        assert reply.choices[0].text == expected

@@ -73,6 +73,8 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
             raise ScribeError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
         if not name:
             name = target if not Path(target).expanduser().is_dir() else Path(path).resolve().name
+            if Path(target).expanduser().is_file():  # a GGUF file: served under its name, less ".gguf"
+                name = Path(target).stem
             if adapter is not None:
                 adapter_path = Path(adapter).expanduser().resolve()
                 run = adapter_path.parent if adapter_path.name == "adapter" else adapter_path
