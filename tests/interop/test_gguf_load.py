@@ -13,8 +13,8 @@ import torch
 import scribelm
 from scribelm.config import ModelConfig
 from scribelm.interop.gguf import _LLAMA3_REGEX, export_gguf
-from scribelm.interop.gguf_load import describe_gguf
-from scribelm.interop.gguf_reader import GGUFError
+from scribelm.interop.gguf_load import describe_gguf, unpermute_interleaved_rope
+from scribelm.interop.gguf_reader import GGUFError, read_gguf
 from scribelm.accel.quantized import QuantizedLinear
 from tests import llama_peer
 from tests.conftest import tiny_config
@@ -135,11 +135,20 @@ def test_files_quantized_by_llama_cpp_load_and_match_it(llama_cpp_quantized, nam
     if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"):
         # We compute with the file's quantized weights, not something near the F32 original.
         assert error < 0.5 * own_quantization_error
-    int8_layers = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear)]
+    quantized = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear)]
     if name == "Q8_0":
-        assert described["weights"] == "Q8_0 -> int8 per channel" and int8_layers and lm.model.quantization["bits"] == 8
+        assert described["weights"] == "Q8_0 -> int8 per channel" and quantized and lm.model.quantization["bits"] == 8
+    elif name in ("Q4_0", "Q4_1"):  # kept at 4 bits, value for value
+        assert described["weights"] == f"{name} -> int4, groups of 32" and lm.model.quantization["bits"] == 4
+        f = read_gguf(files[name])
+        for layer, tensor in ((lm.model.blocks[0].attention.q, "blk.0.attn_q.weight"),
+                              (lm.model.blocks[1].mlp.down, "blk.1.ffn_down.weight")):
+            stored = f.float_tensor(tensor)  # the gguf package's dequantizer
+            if tensor.endswith("attn_q.weight"):
+                stored = unpermute_interleaved_rope(stored, lm.config.n_heads)
+            assert torch.equal(layer.dequantized_weight(), stored)
     else:
-        assert not int8_layers and "float32" in described["weights"]
+        assert not quantized and "float32" in described["weights"]
 
 
 def test_unsupported_type_is_refused_by_name(llama_cpp_quantized):

@@ -18,15 +18,18 @@ Reading a file takes four steps:
 3. The weights: each tensor decoded to float32 by the `gguf` package's reference
    dequantizers (`gguf.quants.dequantize`). llama.cpp's `llama` graph rotates
    adjacent feature pairs, so the exporter interleaved the rows of W_q and W_k
-   within each head; here they go back to scribelm's rotate-half order. A file
-   whose block matrices are all Q8_0 keeps 8 bits a weight: the matrices become
-   scribelm's int8 layout (per-row scales; the file's scales are per block of 32,
-   so this re-rounds each weight once). Other block formats (Q4_0 ... Q6_K) load
-   as float: the weights have exactly the file's values, at full size.
+   within each head; here they go back to scribelm's rotate-half order.
+   Block matrices keep their size where scribelm has a layout for them:
+       Q4_0, Q4_1  -> int4 in groups of 32, exactly: a Q4_1 block is w = d·q + m
+                      with 4-bit q, which is scribelm's int4 group (scale d, min m);
+                      a Q4_0 block is w = d·(q - 8), the same with min -8d
+       Q8_0        -> int8 with one scale per row (the file has one per block of
+                      32, so each weight is rounded once more)
+   The other formats (Q5_0 ... Q6_K) load as float32 with exactly the file's values.
 4. The tokenizer and chat template from `tokenizer.*` metadata (gguf_tokenizer.py).
 
     lm = scribelm.load("model.gguf")        # or a store name added with `scribe models add`
-    describe_gguf("model.gguf")["weights"]  # "Q8_0 -> int8 per channel", "Q4_K -> float32", ...
+    describe_gguf("model.gguf")["weights"]  # "Q8_0 -> int8 per channel", "Q4_K/Q6_K -> float32 (dequantized)", ...
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scribelm.config import ModelConfig
@@ -47,8 +51,9 @@ from scribelm.tokenizer import Tokenizer
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 #: Weight types scribelm decodes; the rest (IQ*, Q2_K, Q3_K, TQ*, MXFP4, ...) are refused by name.
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-#: Block formats kept at their size in scribelm's own layout: GGUF type -> (bits, how it is shown)
-KEPT_QUANTIZED = {"Q8_0": (8, "int8 per channel")}
+#: Block formats kept at their size in scribelm's own layouts: the set of types -> (bits, how it is shown)
+KEPT_QUANTIZED = {"Q8_0": (8, "int8 per channel"), "Q4_0": (4, "int4, groups of 32"), "Q4_1": (4, "int4, groups of 32")}
+INT4_GROUP = 32  # a Q4_0 / Q4_1 block
 
 
 # --------------------------------------------------------------------------- config
@@ -173,19 +178,39 @@ def check_types(f: GGUFFile) -> None:
                             f"(supported: {', '.join(TYPES)})")
 
 
-def matrix_types(f: GGUFFile) -> Counter:
-    """How many of the block matrices (attention and MLP weights) are stored in each type."""
+def matrix_types(f: GGUFFile, router: bool = False) -> Counter:
+    """How many of the block matrices (attention and MLP weights; with `router`, the
+    experts' router too) are stored in each type."""
     return Counter(info.type.name for name, info in f.tensors.items()
                    if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2
-                   and "ffn_gate_inp" not in name)
+                   and (router or "ffn_gate_inp" not in name))
 
 
 def kept_quantization(f: GGUFFile) -> str | None:
-    """The GGUF type whose bits the block matrices keep in scribelm's layout, if any."""
-    types = matrix_types(f)
-    if len(types) == 1 and next(iter(types)) in KEPT_QUANTIZED:
-        return next(iter(types))
+    """How the block matrices keep their bits in scribelm's layout ("Q8_0" or "Q4_0/Q4_1"),
+    or None when they load as float."""
+    types = set(matrix_types(f))
+    if types == {"Q8_0"}:
+        return "Q8_0"
+    if types and types <= {"Q4_0", "Q4_1"} and set(matrix_types(f, router=True)) <= {"Q4_0", "Q4_1"}:
+        return "/".join(sorted(types))
     return None
+
+
+def int4_groups(f: GGUFFile, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 or Q4_1 tensor (..., K) as scribelm's int4 parts, value for value:
+    codes uint8 (..., K) in 0..15, scales and mins float16 (..., K/32)."""
+    info = f.tensors[name]
+    blocks = f.tensor_bytes(name).reshape(-1, 20 if info.type.name == "Q4_1" else 18)  # (n_blocks, bytes)
+    scales = blocks[:, 0:2].copy().view(np.float16)[:, 0]  # d
+    if info.type.name == "Q4_1":  # d, m, 16 bytes of nibbles: w = d·q + m
+        mins, nibbles = blocks[:, 2:4].copy().view(np.float16)[:, 0], blocks[:, 4:]
+    else:  # d, 16 bytes of nibbles: w = d·(q - 8) = d·q + (-8d), exact in float16
+        mins, nibbles = scales * np.float16(-8), blocks[:, 2:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)  # values 0..15 of a block, then 16..31
+    groups = (*info.shape[:-1], info.shape[-1] // INT4_GROUP)
+    return (torch.from_numpy(codes.reshape(info.shape)), torch.from_numpy(scales.reshape(groups).copy()),
+            torch.from_numpy(mins.reshape(groups).copy()))
 
 
 def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -213,27 +238,45 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
             raise GGUFError(f"{f.path}: tensor {gguf_name} has shape {list(got)} but the metadata implies {list(want)}")
     tokenizer = tokenizer_from_gguf(f)  # before the weights: a mistake in it is reported first
 
-    state: dict[str, torch.Tensor] = {}
-    for gguf_name, ours in names.items():
-        tensor = f.float_tensor(gguf_name)
+    def rows(gguf_name: str, ours: list[str], tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The file's tensor (or its int4 codes, scales, mins: all row-aligned) as our parameters' rows."""
         if arch == "llama" and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = config.n_heads if ".attn_q." in gguf_name else config.n_kv_heads
             tensor = unpermute_interleaved_rope(tensor, heads)
         if "_exps." in gguf_name:
-            parts = list(tensor.unbind(0))
-        elif len(ours) > 1:
-            parts = list(tensor.split([shapes[o][0] for o in ours], dim=0))
-        else:
-            parts = [tensor]
-        for name, part in zip(ours, parts):
+            return list(tensor.unbind(0))
+        if len(ours) > 1:
+            return list(tensor.split([shapes[o][0] for o in ours], dim=0))
+        return [tensor]
+
+    kept = kept_quantization(f)
+    int4 = kept is not None and KEPT_QUANTIZED[kept.split("/")[0]][0] == 4
+    state: dict[str, torch.Tensor] = {}
+    for gguf_name, ours in names.items():
+        info = f.tensors[gguf_name]
+        if int4 and gguf_name.startswith("blk.") and len(info.shape) >= 2 and info.type.name in ("Q4_0", "Q4_1"):
+            codes, scales, mins = (rows(gguf_name, ours, part) for part in int4_groups(f, gguf_name))
+            for name, q, scale, low in zip(ours, codes, scales, mins):
+                prefix = name.removesuffix(".weight")
+                state[f"{prefix}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two codes a byte
+                state[f"{prefix}.scales"], state[f"{prefix}.mins"] = scale.contiguous(), low.contiguous()
+            continue
+        for name, part in zip(ours, rows(gguf_name, ours, f.float_tensor(gguf_name))):
             state[name] = part.contiguous() if dtype is None else part.to(dtype).contiguous()
+    if int4:
+        from scribelm.quant import prepare_quantized_skeleton, scheme_record
+
+        prepare_quantized_skeleton(model, scheme_record(4, INT4_GROUP), set(state))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.unembedding.weight = model.token_embedding.weight
-    if kept_quantization(f):
+    unfilled = [n for n, t in model.state_dict().items() if t.is_meta]
+    if unfilled:  # the checks above make this unreachable; never hand out a model with holes
+        raise GGUFError(f"{f.path}: no weights for {', '.join(unfilled[:4])}")
+    if kept == "Q8_0":
         from scribelm.quant import quantize_model
 
-        quantize_model(model, bits=KEPT_QUANTIZED[kept_quantization(f)][0])
+        quantize_model(model, bits=8)
     model = model.to(device)
     model.eval()
     generation: dict[str, Any] = {}
@@ -258,7 +301,7 @@ def describe_gguf(path: str | os.PathLike) -> dict[str, Any]:
     stored = ", ".join(f"{name} ×{count}" for name, count in types.most_common())
     kept = kept_quantization(f)
     if kept:
-        loads_as = f"{kept} -> {KEPT_QUANTIZED[kept][1]}"
+        loads_as = f"{kept} -> {KEPT_QUANTIZED[kept.split('/')[0]][1]}"
     elif set(types) <= {"F32", "F16", "BF16"}:
         loads_as = f"{'/'.join(sorted(types))} -> float32"
     else:
