@@ -12,7 +12,7 @@ import torch
 
 import scribelm
 from scribelm.config import ModelConfig
-from scribelm.interop.gguf import _LLAMA3_REGEX, export_gguf
+from scribelm.interop.gguf import _LLAMA3_REGEX, _QWEN2_REGEX, export_gguf
 from scribelm.interop.gguf_load import describe_gguf, unpermute_interleaved_rope
 from scribelm.interop.gguf_reader import GGUFError, read_gguf
 from scribelm.accel.quantized import QuantizedLinear
@@ -75,7 +75,8 @@ def test_f32_and_f16_files_match_llama_cpp(exports, llama_lm):
 
 def test_sentencepiece_and_llama3_vocabularies_tokenize_like_llama_cpp(tmp_path):
     files = {}
-    for name, tok in (("spm", sentencepiece_style_tokenizer()), ("llama3", byte_level_tokenizer(_LLAMA3_REGEX))):
+    for name, tok in (("spm", sentencepiece_style_tokenizer()), ("llama3", byte_level_tokenizer(_LLAMA3_REGEX)),
+                      ("qwen2", byte_level_tokenizer(_QWEN2_REGEX))):
         lm = scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=600)), tok)
         files[name] = export_gguf(lm, tmp_path / f"{name}.gguf")
     texts = TEXTS + ["<s> typed </s>", " leading", "x  ", "日本語のテキスト", "\u200b zero width"]
@@ -85,6 +86,7 @@ def test_sentencepiece_and_llama3_vocabularies_tokenize_like_llama_cpp(tmp_path)
         assert tok.id_to_token(0) is not None
         for text, their_ids in zip(texts, theirs, strict=True):
             assert tok.encode(text) == their_ids, (name, text)
+    assert not scribelm.load(files["llama3"]).generation_config["add_bos_token"]  # as the file says
     spm = scribelm.load(files["spm"]).tokenizer
     assert any(spm.id_to_token(i).startswith("<0x") for i in spm.encode("ऄ"))  # byte fallback was exercised
     assert spm.decode(spm.encode("Ωmega ψ ऄ")) == "Ωmega ψ ऄ"
@@ -302,3 +304,15 @@ def test_scribe_serve_runs_a_gguf_file(exports, llama_lm):
         reply = client.completions.create(model="tiny-q8_0", prompt=prompt, max_tokens=8, temperature=0)
         expected = scribelm.load(exports["q8_0"]).generate(prompt, max_new_tokens=8, temperature=0)
         assert reply.choices[0].text == expected
+
+
+def test_scribe_convert_from_gguf(exports, tmp_path):
+    from scribelm.cli import main
+
+    assert main(["convert", str(exports["q8_0"]), str(tmp_path / "int8"), "--to", "scribe"]) == 0
+    assert main(["convert", str(exports["f16"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    prompt = "And the earth was"
+    for converted, source in (("int8", "q8_0"), ("hf", "f16")):
+        assert scribelm.load(tmp_path / converted).generate(prompt, max_new_tokens=8, temperature=0) == \
+            scribelm.load(exports[source]).generate(prompt, max_new_tokens=8, temperature=0)
+    assert scribelm.load(tmp_path / "int8").model.quantization["bits"] == 8

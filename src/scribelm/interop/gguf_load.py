@@ -284,6 +284,10 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
              if i is not None and 0 <= i < config.vocab_size]
     if stops:
         generation["stop_token_ids"] = sorted(set(stops))
+    if tokenizer is not None and tokenizer.bos_id is not None:
+        # llama.cpp puts BOS in front of prompts as the file says; unsaid, for SentencePiece-style vocabularies
+        add_bos = f.metadata.get("tokenizer.ggml.add_bos_token")
+        generation["add_bos_token"] = add_bos if isinstance(add_bos, bool) else f.string("tokenizer.ggml.model") == "llama"
     return model, tokenizer, generation
 
 
