@@ -238,6 +238,10 @@ def test_files_that_lie_are_refused(exports, tmp_path):
     # a tensor whose size fits the file but not the metadata
     narrow = variant("narrow", lambda d: d.__setitem__(slice(at + 8, at + 16), struct.pack("<Q", 32)))
     _refused(narrow, "blk.1.ffn_down.weight", "has shape [32, 128]")
+    # an embedding with fewer rows than the vocabulary has tokens
+    embd = _tensor_dims_at(data, "token_embd.weight")
+    rows = variant("vocab", lambda d: d.__setitem__(slice(embd + 8, embd + 16), struct.pack("<Q", 256)))
+    _refused(rows, "the tokenizer has 512 tokens but token_embd.weight only 256 rows")
     # a vocabulary that claims 2**40 tokens
     key = b"tokenizer.ggml.tokens"
     count_at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4 + 4
@@ -249,6 +253,26 @@ def test_files_that_lie_are_refused(exports, tmp_path):
     # an architecture scribelm does not run, named
     arch = variant("arch", lambda d: d.__setitem__(slice(d.index(b"llama"), d.index(b"llama") + 5), b"gemma"))
     _refused(arch, "architecture 'gemma' is not supported")
+
+
+def test_corrupted_headers_are_refused_in_one_line_or_load(exports, tmp_path):
+    """Bytes of the header replaced at random: every outcome is a model or one ScribeError line."""
+    import random
+
+    data = exports["q8_0"].read_bytes()
+    header_end = data.index(b"output_norm.weight") + 60
+    rng, path, refused = random.Random(0), tmp_path / "corrupt.gguf", 0
+    for _ in range(60):
+        corrupt = bytearray(data)
+        for _ in range(rng.choice([1, 2, 4])):
+            corrupt[rng.randrange(header_end)] = rng.randrange(256)
+        path.write_bytes(bytes(corrupt))
+        try:
+            scribelm.load(path)
+        except scribelm.ScribeError as err:
+            assert "\n" not in str(err)
+            refused += 1
+    assert refused > 30
 
 
 def test_cli_reports_a_bad_file_in_one_line(exports, tmp_path, capsys):

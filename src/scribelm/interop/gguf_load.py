@@ -237,6 +237,9 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
         if got != want:
             raise GGUFError(f"{f.path}: tensor {gguf_name} has shape {list(got)} but the metadata implies {list(want)}")
     tokenizer = tokenizer_from_gguf(f)  # before the weights: a mistake in it is reported first
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise GGUFError(f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight only "
+                        f"{config.vocab_size} rows")
 
     def rows(gguf_name: str, ours: list[str], tensor: torch.Tensor) -> list[torch.Tensor]:
         """The file's tensor (or its int4 codes, scales, mins: all row-aligned) as our parameters' rows."""

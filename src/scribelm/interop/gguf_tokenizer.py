@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from scribelm.interop.gguf_reader import GGUFError, GGUFFile
 from scribelm.tokenizer import Tokenizer
 
@@ -56,7 +58,9 @@ def tokenizer_from_gguf(f: GGUFFile) -> Tokenizer | None:
         backend = _byte_level_bpe(f, tokens)
     elif kind == "llama":
         scores = _per_token(f, "tokenizer.ggml.scores", len(tokens), default=None)
-        backend = _sentencepiece_bpe(f, tokens, [float(s) for s in scores], types)
+        if not all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in scores):
+            raise GGUFError(f"{f.path}: tokenizer.ggml.scores holds something other than numbers")
+        backend = _sentencepiece_bpe(f, tokens, [float(x) for x in scores], types)
     else:
         raise GGUFError(f"{f.path}: tokenizer model {kind!r} is not supported (scribelm reads 'gpt2' byte-level BPE "
                         "and 'llama' SentencePiece-style vocabularies)")
@@ -81,8 +85,8 @@ def _per_token(f: GGUFFile, key: str, n: int, default) -> list:
         if default is None:
             raise GGUFError(f"{f.path}: {key} is missing; a 'llama' vocabulary needs a score per token")
         return [default] * n
-    if len(values) != n:
-        raise GGUFError(f"{f.path}: {key} has {len(values)} entries for {n} tokens")
+    if not isinstance(values, (list, np.ndarray)) or len(values) != n:
+        raise GGUFError(f"{f.path}: {key} should be a list of {n} entries, one per token")
     return list(values)
 
 
@@ -95,6 +99,8 @@ def _byte_level_bpe(f: GGUFFile, tokens: list[str]):
         raise GGUFError(f"{f.path}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)}); "
                         "its text splits would differ from llama.cpp's")
     merges = f.metadata.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list):
+        raise GGUFError(f"{f.path}: tokenizer.ggml.merges should be a list of strings")
     pairs = []
     for merge in merges:
         left, space, right = merge.partition(" ") if isinstance(merge, str) else ("", "", "")
