@@ -44,6 +44,7 @@ import torch
 
 from scribelm.config import ModelConfig
 from scribelm.errors import ConfigError
+from scribelm.accel.formats import quantize_int8
 from scribelm.interop.gguf_reader import GGUFError, GGUFFile, read_gguf
 from scribelm.model import Transformer
 from scribelm.tokenizer import Tokenizer
@@ -178,22 +179,21 @@ def check_types(f: GGUFFile) -> None:
                             f"(supported: {', '.join(TYPES)})")
 
 
-def matrix_types(f: GGUFFile, router: bool = False) -> Counter:
-    """How many of the block matrices (attention and MLP weights; with `router`, the
-    experts' router too) are stored in each type."""
+def matrix_types(f: GGUFFile) -> Counter:
+    """How many of the block matrices (attention and MLP weights, not an experts' router)
+    are stored in each type."""
     return Counter(info.type.name for name, info in f.tensors.items()
                    if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) >= 2
-                   and (router or "ffn_gate_inp" not in name))
+                   and "ffn_gate_inp" not in name)
 
 
 def kept_quantization(f: GGUFFile) -> str | None:
-    """How the block matrices keep their bits in scribelm's layout ("Q8_0" or "Q4_0/Q4_1"),
-    or None when they load as float."""
+    """How the block matrices keep their bits in scribelm's layout ("Q8_0", "Q4_0", "Q4_0/Q4_1"),
+    or None when they load as float: all of them must fit one of its layouts."""
     types = set(matrix_types(f))
-    if types == {"Q8_0"}:
-        return "Q8_0"
-    if types and types <= {"Q4_0", "Q4_1"} and set(matrix_types(f, router=True)) <= {"Q4_0", "Q4_1"}:
-        return "/".join(sorted(types))
+    for layout in ({"Q8_0"}, {"Q4_0", "Q4_1"}):
+        if types and types <= layout:
+            return "/".join(sorted(types))
     return None
 
 
@@ -253,33 +253,36 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
         return [tensor]
 
     kept = kept_quantization(f)
-    int4 = kept is not None and KEPT_QUANTIZED[kept.split("/")[0]][0] == 4
+    bits = KEPT_QUANTIZED[kept.split("/")[0]][0] if kept else None
     state: dict[str, torch.Tensor] = {}
     for gguf_name, ours in names.items():
         info = f.tensors[gguf_name]
-        if int4 and gguf_name.startswith("blk.") and len(info.shape) >= 2 and info.type.name in ("Q4_0", "Q4_1"):
-            codes, scales, mins = (rows(gguf_name, ours, part) for part in int4_groups(f, gguf_name))
-            for name, q, scale, low in zip(ours, codes, scales, mins):
-                prefix = name.removesuffix(".weight")
-                state[f"{prefix}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two codes a byte
-                state[f"{prefix}.scales"], state[f"{prefix}.mins"] = scale.contiguous(), low.contiguous()
+        # Block matrices (and a router) of the kept format go straight to scribelm's layout, one
+        # tensor at a time: loading never holds more than one float copy of a matrix.
+        if bits and gguf_name.startswith("blk.") and len(info.shape) >= 2 and \
+                KEPT_QUANTIZED.get(info.type.name, (None,))[0] == bits:
+            prefixes = [name.removesuffix(".weight") for name in ours]
+            if bits == 4:
+                codes, scales, mins = (rows(gguf_name, ours, part) for part in int4_groups(f, gguf_name))
+                for prefix, q, scale, low in zip(prefixes, codes, scales, mins):
+                    state[f"{prefix}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two codes a byte
+                    state[f"{prefix}.scales"], state[f"{prefix}.mins"] = scale.contiguous(), low.contiguous()
+            else:
+                for prefix, part in zip(prefixes, rows(gguf_name, ours, f.float_tensor(gguf_name))):
+                    state[f"{prefix}.qweight"], state[f"{prefix}.scales"] = quantize_int8(part.contiguous())
             continue
         for name, part in zip(ours, rows(gguf_name, ours, f.float_tensor(gguf_name))):
             state[name] = part.contiguous() if dtype is None else part.to(dtype).contiguous()
-    if int4:
+    if bits:
         from scribelm.quant import prepare_quantized_skeleton, scheme_record
 
-        prepare_quantized_skeleton(model, scheme_record(4, INT4_GROUP), set(state))
+        prepare_quantized_skeleton(model, scheme_record(bits, INT4_GROUP if bits == 4 else None), set(state))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.unembedding.weight = model.token_embedding.weight
     unfilled = [n for n, t in model.state_dict().items() if t.is_meta]
     if unfilled:  # the checks above make this unreachable; never hand out a model with holes
         raise GGUFError(f"{f.path}: no weights for {', '.join(unfilled[:4])}")
-    if kept == "Q8_0":
-        from scribelm.quant import quantize_model
-
-        quantize_model(model, bits=8)
     model = model.to(device)
     model.eval()
     generation: dict[str, Any] = {}
