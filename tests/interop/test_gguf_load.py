@@ -92,6 +92,22 @@ def test_sentencepiece_and_llama3_vocabularies_tokenize_like_llama_cpp(tmp_path)
     assert spm.decode(spm.encode("Ωmega ψ ऄ")) == "Ωmega ψ ऄ"
 
 
+def test_sentencepiece_scores_decide_the_merges_as_in_llama_cpp(tmp_path, monkeypatch):
+    """Scores unrelated to the merge order (as SentencePiece's log-probabilities are): llama.cpp's
+    highest-score-first merging and ours still agree token for token."""
+    scores = np.random.default_rng(0).normal(size=600)
+    write_scores = gguf.GGUFWriter.add_token_scores
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_scores", lambda self, _: write_scores(self, scores.tolist()))
+    tok = sentencepiece_style_tokenizer()
+    path = export_gguf(scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=600)), tok), tmp_path / "spm.gguf")
+    texts = TEXTS + corpus()[1].splitlines()
+    theirs = llama_peer.run([llama_peer.tokenize(path, texts, vocab_only=True)])[0]
+    ours = scribelm.load(path).tokenizer
+    for text, their_ids in zip(texts, theirs, strict=True):
+        assert ours.encode(text) == their_ids, text
+    assert sum(ours.encode(t) != tok.encode(t) for t in texts) > len(texts) // 2  # the scores did reorder merges
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_quantized(tmp_path_factory):
     """llama.cpp's quantizer applied to our F32 export of a model whose rows hold 256 values
