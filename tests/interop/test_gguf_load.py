@@ -204,6 +204,26 @@ def test_other_architectures_round_trip(tmp_path, kind):
             assert lm.generate("In the", max_new_tokens=8, temperature=0) == original.generate("In the", max_new_tokens=8, temperature=0)
 
 
+def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
+    torch.manual_seed(0)
+    scaling = dict(type="llama3", factor=32.0, low_freq_factor=2.0, high_freq_factor=6.0, original_context_length=200)
+    cfg = tiny_config(vocab_size=512, d_model=128, n_heads=2, n_kv_heads=1, context_length=512,
+                      rope_theta=500000.0, rope_scaling=scaling)
+    original = scribelm.LM(scribelm.Transformer(cfg).eval(), tokenizer())
+    path = export_gguf(original, tmp_path / "llama31.gguf")
+    lm = scribelm.load(path)
+    # the same frequencies: low 1, high 3, context 100 is the same scaling as low 2, high 6, context 200
+    assert lm.config.rope_scaling == dict(scaling, low_freq_factor=1.0, high_freq_factor=3.0, original_context_length=100)
+    ids = list(range(300))  # beyond the original context, where the scaling matters
+    np.testing.assert_allclose(logits_of(lm, ids), logits_of(original, ids), atol=1e-5, rtol=0)
+    # divisors that no Llama 3 scaling gives are refused, not approximated
+    data = bytearray(path.read_bytes())
+    at = read_gguf(path).tensors["rope_freqs.weight"].offset
+    data[at: at + 4 * 32] = np.linspace(1, 9, 32, dtype=np.float32)[::-1].tobytes()
+    (tmp_path / "odd.gguf").write_bytes(bytes(data))
+    _refused(tmp_path / "odd.gguf", "are not Llama 3.1's scaling")
+
+
 # --------------------------------------------------------------------------- bad files
 
 

@@ -34,6 +34,7 @@ Reading a file takes four steps:
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -96,7 +97,13 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         elif scaling != "none":
             raise GGUFError(f"{f.path}: RoPE scaling {scaling!r} is not supported")
         if "rope_freqs.weight" in f.tensors:
-            raise GGUFError(f"{f.path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not supported")
+            if rope_scaling is not None or f.tensors["rope_freqs.weight"].shape != (head_dim // 2,):
+                raise GGUFError(f"{f.path}: rope_freqs.weight does not fit a RoPE of {head_dim} features per head")
+            rope_scaling = llama3_rope_scaling(f.float_tensor("rope_freqs.weight"), head_dim,
+                                               f.number(f"{arch}.rope.freq_base", 10000.0))
+            if rope_scaling is None:
+                raise GGUFError(f"{f.path}: its per-frequency RoPE factors (rope_freqs.weight) are not Llama 3.1's "
+                                "scaling, the only kind scribelm reads from them")
         if experts and arch != "llama":
             raise GGUFError(f"{f.path}: a mixture of experts in a {arch} file is not supported (only Mixtral-style llama)")
         d_mlp = need("feed_forward_length")
@@ -109,6 +116,40 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         )
     except ConfigError as err:
         raise GGUFError(f"{f.path}: its metadata describes no valid model ({err})") from None
+
+
+def llama3_rope_scaling(divisors: torch.Tensor, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Llama 3.1's RoPE scaling from the per-frequency divisors llama.cpp stores (rope_freqs.weight),
+    or None when no such scaling gives them.
+
+    The scaling keeps high frequencies, divides low ones by `factor`, and in between
+    divides by 1 / ((1 - s)/factor + s) with s = (L/λ - low)/(high - low) for wavelength λ:
+    s is linear in 1/λ, so two in-between frequencies fix L/(high - low) and low/(high - low).
+    Any (low, high, L) with those two ratios gives the same frequencies; low = 1 (Llama 3's) is
+    taken. The result is accepted only if it reproduces every divisor."""
+    from scribelm.model import rope_inverse_frequencies
+
+    d = divisors.double()
+    factor = float(d.max())
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    between = (d > 1 + 1e-4) & (d < factor * (1 - 1e-4))
+    if factor <= 1 + 1e-4 or int(between.sum()) < 2:
+        return None
+    s = (1 / d[between] - 1 / factor) / (1 - 1 / factor)
+    u = inv_freq[between] / (2 * math.pi)  # 1/λ
+    slope, intercept = np.polyfit(u.numpy(), s.numpy(), 1)  # s = (L/(high-low))·(1/λ) - low/(high-low)
+    if not (slope > 0 and intercept < 0):
+        return None
+    high, context = 1 - 1 / intercept, -slope / intercept
+    scaling = {"type": "llama3", "factor": float(f"{factor:.6g}"), "low_freq_factor": 1.0,
+               "high_freq_factor": float(f"{high:.6g}"), "original_context_length": round(context)}
+    try:
+        config = ModelConfig(d_model=head_dim, n_heads=1, rope_theta=theta, position="rope", rope_scaling=scaling)
+    except ConfigError:
+        return None
+    base = rope_inverse_frequencies(config.replace(rope_scaling=None)).double()
+    reproduced = base / rope_inverse_frequencies(config).double()
+    return scaling if torch.allclose(reproduced, d, rtol=1e-4, atol=0) else None
 
 
 # --------------------------------------------------------------------------- tensor names
@@ -229,7 +270,7 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
     missing = [n for n in names if n not in f.tensors]
     if missing:
         raise GGUFError(f"{f.path} lacks tensor(s) a {arch} model of its metadata needs: {', '.join(missing[:4])}")
-    unexpected = sorted(set(f.tensors) - set(names))
+    unexpected = sorted(set(f.tensors) - set(names) - {"rope_freqs.weight"})  # rope_freqs: read into the config
     if unexpected:
         raise GGUFError(f"{f.path} holds tensor(s) a plain {arch} model does not have: {', '.join(unexpected[:4])}")
     for gguf_name, ours in names.items():
