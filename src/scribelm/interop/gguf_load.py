@@ -13,8 +13,9 @@ Reading a file takes four steps:
 
 1. The header (gguf_reader.py): metadata and tensor table, every length checked
    against the file, so a truncated or lying file is refused before a weight is read.
-2. The config: ModelConfig from `{arch}.*` metadata; every tensor a model of that
-   config needs must be in the file with exactly its shape.
+2. The config: ModelConfig from `{arch}.*` metadata (Llama 3.1's RoPE scaling from
+   the `rope_freqs` divisors); every tensor a model of that config needs must be in
+   the file with exactly its shape.
 3. The weights: each tensor decoded to float32 by the `gguf` package's reference
    dequantizers (`gguf.quants.dequantize`). llama.cpp's `llama` graph rotates
    adjacent feature pairs, so the exporter interleaved the rows of W_q and W_k
