@@ -154,6 +154,10 @@ class ModelStore:
         entry = self.root / name
         if entry.is_symlink() and not entry.exists():
             raise RegistryError(f"model {name!r} links to {os.readlink(entry)}, which no longer exists; `scribe models rm {name}`")
+        linked_file = entry / GGUF_ENTRY_FILE
+        if linked_file.is_symlink() and not linked_file.exists():
+            raise RegistryError(f"model {name!r} links to {os.readlink(linked_file)}, which no longer exists; "
+                                f"`scribe models rm {name}`")
         if not entry.is_dir():
             known = ", ".join(self.names()) or "none"
             raise RegistryError(f"no model named {name!r} in the store {self.root} (stored: {known}); add one with `scribe models add NAME PATH`")

@@ -344,6 +344,13 @@ def test_models_add_show_and_load_a_gguf_file(exports, llama_lm, tmp_path, monke
     assert main(["generate", "tiny-q8", prompt, "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert main(["models", "rm", "tiny-f16"]) == 0
     assert exports["f16"].is_file()  # the linked file stays
+    moved = tmp_path / "moved.gguf"
+    moved.write_bytes(exports["f16"].read_bytes())
+    assert main(["models", "add", "gone", str(moved), "--link"]) == 0
+    moved.unlink()
+    capsys.readouterr()
+    assert main(["generate", "gone", "x"]) == 2
+    assert "which no longer exists" in capsys.readouterr().err
     assert main(["models", "add", "junk", str(tmp_path / "store" / ".lock")]) == 2  # not a GGUF file
 
 
