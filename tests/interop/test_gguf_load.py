@@ -189,16 +189,20 @@ def test_round_trip_gives_the_same_tokens(exports, llama_lm, type):
     assert lm.config.to_dict() == llama_lm.config.to_dict()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "moe"])
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "moe", "qwen2moe"])
 def test_other_architectures_round_trip(tmp_path, kind):
     torch.manual_seed(0)
-    cfg = config("llama").replace(n_experts=4, experts_per_token=2, name="tiny-moe") if kind == "moe" else config(kind)
+    experts = dict(n_experts=4, experts_per_token=2, name=f"tiny-{kind}")
+    cfg = {"moe": config("llama").replace(**experts),
+           "qwen2moe": config("qwen2").replace(**experts, d_expert=64, d_shared_expert=96, normalize_top_k=False)
+           }.get(kind) or config(kind)
     original = scribelm.LM(scribelm.Transformer(cfg.replace(init_std=0.1)).eval(), tokenizer())
     ids = tokenizer().encode("In the beginning God created the heaven and the earth.")
     for type, bound in (("f32", 0.0), ("f16", 5e-3), ("q8_0", 0.1)):
         lm = scribelm.load(export_gguf(original, tmp_path / f"{kind}-{type}.gguf", type=type))
-        assert {k: v for k, v in lm.config.to_dict().items() if k != "init_std"} == \
-            {k: v for k, v in original.config.to_dict().items() if k != "init_std"}
+        unused = ("init_std", "d_mlp") if cfg.n_experts else ("init_std",)  # d_mlp: no dense MLP to size
+        assert {k: v for k, v in lm.config.to_dict().items() if k not in unused} == \
+            {k: v for k, v in original.config.to_dict().items() if k not in unused}
         assert np.abs(logits_of(lm, ids) - logits_of(original, ids)).max() <= bound, type
         if type != "q8_0":
             assert lm.generate("In the", max_new_tokens=8, temperature=0) == original.generate("In the", max_new_tokens=8, temperature=0)

@@ -7,6 +7,8 @@ its quantizer:
     llama   RoPE + RMSNorm + SwiGLU, no biases (Llama, Mistral; with
             `ffn_*_exps` tensors: Mixtral's mixture of experts)
     qwen2   the same with q/k/v biases
+    qwen2moe  Qwen2 with experts (top-k weights kept as routed) and a shared expert
+              behind a sigmoid gate
     gpt2    learned positions, LayerNorm, tanh-GELU, biases; q/k/v in one tensor
 
 Reading a file takes four steps:
@@ -51,7 +53,7 @@ from scribelm.interop.gguf_reader import GGUFError, GGUFFile, read_gguf
 from scribelm.model import Transformer
 from scribelm.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "gpt2")
 #: Weight types scribelm decodes; the rest (IQ*, Q2_K, Q3_K, TQ*, MXFP4, ...) are refused by name.
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 #: Block formats kept at their size in scribelm's own layouts: the set of types -> (bits, how it is shown)
@@ -105,15 +107,20 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
             if rope_scaling is None:
                 raise GGUFError(f"{f.path}: its per-frequency RoPE factors (rope_freqs.weight) are not Llama 3.1's "
                                 "scaling, the only kind scribelm reads from them")
-        if experts and arch != "llama":
-            raise GGUFError(f"{f.path}: a mixture of experts in a {arch} file is not supported (only Mixtral-style llama)")
+        if experts and arch == "qwen2":
+            raise GGUFError(f"{f.path}: a mixture of experts in a qwen2 file is not supported (qwen2moe is)")
         d_mlp = need("feed_forward_length")
         moe = dict(n_experts=experts, experts_per_token=need("expert_used_count"), d_expert=d_mlp) if experts else {}
+        if arch == "qwen2moe":  # llama.cpp's qwen2moe graph: top-k weights not renormalised, a gated shared expert
+            if not experts:
+                raise GGUFError(f"{f.path} lacks the metadata qwen2moe.expert_count, which a qwen2moe model needs")
+            moe.update(d_expert=f.integer("qwen2moe.expert_feed_forward_length", d_mlp), normalize_top_k=False,
+                       d_shared_expert=f.integer("qwen2moe.expert_shared_feed_forward_length", 0))
         return ModelConfig(
             **common, n_kv_heads=f.integer(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim, d_mlp=d_mlp,
             activation="swiglu", norm="rmsnorm", norm_eps=f.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
             position="rope", rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0), rope_scaling=rope_scaling,
-            qkv_bias=arch == "qwen2", attn_out_bias=False, mlp_bias=False, **moe,
+            qkv_bias=arch in ("qwen2", "qwen2moe"), attn_out_bias=False, mlp_bias=False, **moe,
         )
     except ConfigError as err:
         raise GGUFError(f"{f.path}: its metadata describes no valid model ({err})") from None
@@ -188,12 +195,16 @@ def _weight_map(config: ModelConfig, arch: str) -> dict[str, list[str]]:
             continue
         for x in "qkv":
             names[f"{p}.attn_{x}.weight"] = [f"{b}.attention.{x}.weight"]
-            if arch == "qwen2":
+            if arch in ("qwen2", "qwen2moe"):
                 names[f"{p}.attn_{x}.bias"] = [f"{b}.attention.{x}.bias"]
         if config.n_experts:
             names[f"{p}.ffn_gate_inp.weight"] = [f"{b}.mlp.router.weight"]
             for kind in ("gate", "up", "down"):
                 names[f"{p}.ffn_{kind}_exps.weight"] = [f"{b}.mlp.experts.{e}.{kind}.weight" for e in range(config.n_experts)]
+                if config.d_shared_expert:
+                    names[f"{p}.ffn_{kind}_shexp.weight"] = [f"{b}.mlp.shared_expert.{kind}.weight"]
+            if config.d_shared_expert:  # the shared expert's gate: one row, stored as a vector (C,)
+                names[f"{p}.ffn_gate_inp_shexp.weight"] = [f"{b}.mlp.shared_expert_gate.weight"]
         else:
             for kind in ("gate", "up", "down"):
                 names[f"{p}.ffn_{kind}.weight"] = [f"{b}.mlp.{kind}.weight"]
@@ -203,6 +214,8 @@ def _weight_map(config: ModelConfig, arch: str) -> dict[str, list[str]]:
 def _file_shape(gguf_name: str, ours: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """The shape the GGUF tensor must have to fill `ours`."""
     first = shapes[ours[0]]
+    if gguf_name.endswith("ffn_gate_inp_shexp.weight"):  # (1, C) stored as (C,)
+        return first[1:]
     if "_exps." in gguf_name:  # experts stacked: (E, out, in)
         return (len(ours), *first)
     if len(ours) > 1:  # gpt2's q, k, v rows one after another
@@ -288,6 +301,8 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
         if arch == "llama" and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = config.n_heads if ".attn_q." in gguf_name else config.n_kv_heads
             tensor = unpermute_interleaved_rope(tensor, heads)
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):
+            return [tensor.reshape(shapes[ours[0]])]
         if "_exps." in gguf_name:
             return list(tensor.unbind(0))
         if len(ours) > 1:
