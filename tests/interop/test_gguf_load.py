@@ -290,6 +290,11 @@ def test_files_that_lie_are_refused(exports, tmp_path):
     # a tensor count beyond anything the file could hold
     many = variant("many", lambda d: d.__setitem__(slice(8, 16), struct.pack("<Q", 1 << 50)))
     _refused(many, "more than fit in the file")
+    # metadata arrays nested a hundred thousand deep (a recursive reader would overflow its stack)
+    nested = tmp_path / "nested.gguf"
+    nested.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 9)
+                       + struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0))
+    _refused(nested, "nests arrays more than")
     # an architecture scribelm does not run, named
     arch = variant("arch", lambda d: d.__setitem__(slice(d.index(b"llama"), d.index(b"llama") + 5), b"gemma"))
     _refused(arch, "architecture 'gemma' is not supported")

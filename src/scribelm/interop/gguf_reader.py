@@ -41,6 +41,7 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: no key llama.cpp reads nests at all
 
 # value type -> (struct format, size) for the scalar types
 _SCALARS = {
@@ -110,16 +111,6 @@ class GGUFFile:
         return None if value is None else float(value)
 
 
-def is_gguf_file(path: str | os.PathLike) -> bool:
-    """A regular file that starts with GGUF's magic bytes."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            return path.is_file() and handle.read(4) == MAGIC
-    except OSError:
-        return False
-
-
 class _Cursor:
     """Reads forward through the mapped header; every read checks the bytes exist."""
 
@@ -152,7 +143,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8 text") from None
 
-    def value(self, value_type: int, what: str) -> Any:
+    def value(self, value_type: int, what: str, depth: int = 0) -> Any:
         if value_type in _SCALARS:
             return self.scalar(value_type, what)
         if value_type == _STRING:
@@ -168,9 +159,11 @@ class _Cursor:
             least = {_STRING: 8, _ARRAY: 12}.get(item_type)
             if least is None:
                 raise self.fail(f"{what} has items of unknown type {item_type}")
+            if depth >= MAX_NESTING:
+                raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
             if count * least > self.size - self.pos:  # before reading one item
                 raise self.fail(f"{what} claims {count} items, more than the rest of the file can hold")
-            return [self.value(item_type, f"item {i} of {what}") for i in range(count)]
+            return [self.value(item_type, f"item {i} of {what}", depth + 1) for i in range(count)]
         raise self.fail(f"{what} has unknown value type {value_type}")
 
 
