@@ -92,6 +92,18 @@ def test_chunked_prefill_gives_the_answers_of_whole_prompts(lm, tokenizer, one_t
                  run_engine(lm, prompts, prefill_chunk=CHUNK, settings=sampled, n=choices))
 
 
+def test_chunked_prefill_of_a_sliding_window_model(tokenizer, one_thread):
+    """A sliding-window model's rows hold the last W positions only (a rolling cache): chunks of a
+    prompt longer than the window give the answers of the whole prompt too."""
+    torch.manual_seed(4)
+    model = Transformer(tiny_config(context_length=256, sliding_window=24)).eval()
+    windowed = LM(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    greedy = dict(max_new_tokens=8, temperature=0.0, logprobs=True, top_logprobs=2)
+    same_streams(run_engine(windowed, prompts, prefill_chunk=0, settings=greedy),
+                 run_engine(windowed, prompts, prefill_chunk=CHUNK, settings=greedy))
+
+
 def test_chunked_prefill_with_a_cached_prefix(lm, tokenizer, one_thread):
     """A long prompt whose beginning is in the prefix cache starts from there and answers the same."""
     ids = prompts_of(tokenizer)[2]

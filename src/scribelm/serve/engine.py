@@ -771,8 +771,8 @@ class ModelPool:
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                                                   compile=compile, prefix_cache_bytes=prefix_cache_bytes,
-                                                   prefill_chunk=prefill_chunk)
+                                                   compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        self.prefill_chunk = prefill_chunk  # decoder-only engines (an encoder-decoder runs requests whole)
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
         self.engines: dict[str, Engine] = {}
@@ -808,7 +808,8 @@ class ModelPool:
                         from scribelm.serve.seq2seq_engine import Seq2SeqEngine
 
                         kind = Seq2SeqEngine
-                    engine = kind(lm, name=name, **self.engine_options)
+                    chunking = {"prefill_chunk": self.prefill_chunk} if kind is Engine else {}
+                    engine = kind(lm, name=name, **self.engine_options, **chunking)
                     engine.chat_template = in_use
                     if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
                         engine.chat_stop = tuple(self.chat_template.stop)
