@@ -784,6 +784,13 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self.paths)
 
+    def loaded(self, name: str) -> Engine | None:
+        """The engine of a model that is loaded now (marked used), else None; never blocks."""
+        engine = self.engines.get(name)
+        if engine is not None:
+            engine.last_used = time.monotonic()
+        return engine
+
     def get(self, name: str) -> Engine:
         """The engine of a model, loading it if needed (blocking; call from a worker thread)."""
         if name not in self.paths:
