@@ -173,14 +173,14 @@ class BatchGeneration:
         self.completions: list[Completion | None] = [None] * len(prompts)
         self._started = False
         self._step = None  # the decode step: `feed` (eager), or one compiled graph (compile=True)
-        if compile:
-            from scribelm.compiled_decode import compiled_step_for
-
-            self._step = compiled_step_for(model)
         #: A `scribelm.speculative.Speculator`: after the first token, each step guesses and checks several.
         self.speculator = speculator
         if speculator is not None:
             _check_speculation(model, speculator, self.settings, compile)
+        if compile:
+            from scribelm.compiled_decode import compiled_step_for
+
+            self._step = compiled_step_for(model)
 
     def _window_keep(self) -> int:
         return max(1, self.context - max(1, self.context // 4))
@@ -275,7 +275,7 @@ def _check_speculation(model, speculator, settings: Sequence[SamplingSettings], 
     speculator.check(model)
 
 
-def make_speculator(lm, speculative: str | None, draft=None, num_draft: int | None = None):
+def make_speculator(lm, speculative: str | None = None, draft=None, num_draft: int | None = None):
     """A `Speculator` for LM-level calls: speculative "prompt_lookup" | "draft" (a draft `LM`, or
     its model); draft alone means "draft"; None and no draft: no speculation."""
     from scribelm.speculative import SpeculationError, Speculator, method_name
