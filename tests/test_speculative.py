@@ -256,3 +256,16 @@ def test_cli_speculative_flags(tmp_path, lm, draft_lm, capsys):
     assert "needs --draft" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "model"), prompt, "--num-draft", "3"]) == 2
     assert "--num-draft goes with" in capsys.readouterr().err
+
+
+def test_a_row_whose_guesses_keep_failing_guesses_less(lm, one_thread):
+    """Near-uniform sampling keeps almost no draft: the row backs off instead of paying for a
+    wide pass every step, and guesses again once one is kept."""
+    prompt = fifty_prompts()[48]
+    c = lm.generate(prompt, temperature=50.0, max_new_tokens=60, seed=3, return_details=True,
+                    speculative="prompt_lookup", num_draft=4)
+    always = (len(c.token_ids) - 1) * 4  # what guessing at every step would have drafted, at most
+    assert 0 < c.draft_tokens < always / 3 and c.accepted_draft_tokens < c.draft_tokens
+    greedy = lm.generate(prompt, temperature=0, max_new_tokens=60, return_details=True,
+                         speculative="prompt_lookup", num_draft=4)
+    assert greedy.acceptance_rate > 0.5  # copying text: a guess every step

@@ -114,6 +114,7 @@ class DecodeRow:
         #: Speculative decoding (`scribelm.speculative`): tokens drafted for this row, and how many were kept.
         self.draft_tokens = 0
         self.accepted_draft_tokens = 0
+        self.speculation = None  # the speculator's own state for this row
 
     @property
     def done(self) -> bool:

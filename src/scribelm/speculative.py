@@ -32,6 +32,13 @@ Where the guesses come from:
                    by one from its own cache (sampled from its own processed
                    distribution q, or greedily for a greedy target).
 
+A step whose guesses all fail costs more than a plain step (a wider pass, and
+the draft's own work), so a row whose drafts were all rejected stops guessing
+for a while: 1 step, then 2, 4, ... up to `MAX_BACKOFF` after each further
+failure, and guesses every step again once one is kept. Where nothing matches
+(free sampling) speculation thus costs next to nothing; where the text copies,
+it guesses every step.
+
 Rejected positions are undone by setting each cache row's length back
 (`KVCache.set_length`): rows keep different numbers of tokens, which the
 per-row cache lengths allow. Penalties, logit bias, grammar constraints,
@@ -60,6 +67,8 @@ from scribelm.sampling import RowSampler, choose_tokens, finite_logits, process_
 METHODS = ("prompt_lookup", "draft")
 #: Most tokens drafted per step: beyond this a pass costs more than a wrong guess saves.
 MAX_DRAFT = 32
+#: Most steps a row waits before guessing again after its drafts kept failing.
+MAX_BACKOFF = 16
 
 
 class SpeculationError(ScribeError):
@@ -157,13 +166,26 @@ def _plain_greedy(row: DecodeRow) -> bool:
 # ----------------------------------------------------------------------------- the speculator
 
 
+class RowState:
+    """What a speculator keeps for one row (as `DecodeRow.speculation`): it follows the row,
+    so rows may move between cache slots (a server's do) and rows never share state."""
+
+    def __init__(self) -> None:
+        self.index: NgramIndex | None = None  # prompt lookup
+        self.wait = 0  # steps left without guessing
+        self.next_wait = 1  # the wait after the next round of failed guesses
+        self.draft_slot: int | None = None  # the draft cache row that holds this row's tokens
+        self.draft_sampler: RowSampler | None = None  # the draft's sampler for a sampled row
+
+
 class Speculator:
     """Drafts tokens for the rows of one cache and verifies them in one pass per step.
 
     method: "prompt_lookup" or "draft" (then `draft_model`, a model with the same
     vocabulary). num_draft: most tokens guessed per step. The speculator keeps per-row
-    state (n-gram indexes, the draft model's cache) for rows 0..B-1 of the cache it is
-    stepped with; rows must stay in their cache rows (no moving, as a server's slots do)."""
+    state on each row (`RowState`) and, for a draft model, a cache of its own whose row b
+    follows cache row b: a row that moved or is new there has its tokens prefilled into
+    the draft cache first."""
 
     def __init__(self, method: str = "prompt_lookup", num_draft: int = 5, *, draft_model=None,
                  max_ngram: int = 3, min_ngram: int = 1) -> None:
@@ -181,11 +203,15 @@ class Speculator:
         self.method, self.num_draft = method, num_draft
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.draft_model = draft_model
-        self._indexes: dict[int, NgramIndex] = {}  # id(row) -> its index
         self._draft_cache: KVCache | None = None
         self._draft_base: dict[int, int] = {}  # cache row -> the draft cache's length before this step's drafts
-        self._draft_off = False  # the prompts do not fit the draft model's context
-        self._draft_samplers: dict[int, RowSampler] = {}  # id(row) -> the draft's sampler for it
+        self._cache_rows, self._cache_length = 1, None  # the draft cache's shape, when known ahead (`for_cache`)
+
+    def for_cache(self, rows: int, length: int) -> "Speculator":
+        """Size the draft model's cache for a target cache of this shape (a server's slots)."""
+        self._cache_rows, self._cache_length = rows, length
+        self._draft_cache = None
+        return self
 
     def check(self, model) -> None:
         """Refuse a target this speculator cannot serve (a draft model of another vocabulary)."""
@@ -210,8 +236,9 @@ class Speculator:
         lengths = [cache.row_length(b) for b in range(len(rows))]
         # Every row of the pass writes 1 + K positions; the fullest running row bounds K.
         room = min(cache.max_length - lengths[b] - 1 for b in running)
-        limits = {b: max(0, min(self.num_draft, room,
-                                rows[b].settings.max_new_tokens - len(rows[b].generated) - 1)) for b in running}
+        limits = {b: 0 if self._waiting(rows[b]) else
+                  max(0, min(self.num_draft, room, rows[b].settings.max_new_tokens - len(rows[b].generated) - 1))
+                  for b in running}
         drafts, q = self._propose(rows, running, limits)
         K = max((len(drafts[b]) for b in running), default=0)
         if K == 0:  # nothing guessed: exactly a plain step
@@ -233,7 +260,30 @@ class Speculator:
                 kept = 0
             cache.set_length(b, lengths[b] + 1 + kept)  # the emitted last token is fed next step
             self._keep_draft_cache(b, kept, len(drafts[b]))
+            if drafts[b]:
+                self._record(row, kept)
         return events
+
+    @staticmethod
+    def _state(row: DecodeRow) -> RowState:
+        if row.speculation is None:
+            row.speculation = RowState()
+        return row.speculation
+
+    def _waiting(self, row: DecodeRow) -> bool:
+        """Whether the row sits this step out (its recent drafts all failed); counts the wait down."""
+        state = self._state(row)
+        if state.wait == 0:
+            return False
+        state.wait -= 1
+        return True
+
+    def _record(self, row: DecodeRow, kept: int) -> None:
+        state = self._state(row)
+        if kept:
+            state.wait, state.next_wait = 0, 1
+        else:
+            state.wait, state.next_wait = state.next_wait, min(2 * state.next_wait, MAX_BACKOFF)
 
     def _plain_step(self, model, cache, rows, running, lengths, on_error):
         for b, r in enumerate(rows):
@@ -307,12 +357,12 @@ class Speculator:
         return self._draft_with_model(rows, running, limits)
 
     def _index_for(self, row: DecodeRow) -> NgramIndex:
-        index = self._indexes.get(id(row))
-        if index is None:
-            index = self._indexes[id(row)] = NgramIndex(self.max_ngram, self.min_ngram)
-            index.extend(row.prompt_ids)
-        index.extend(row.generated[len(index.tokens) - len(row.prompt_ids):])
-        return index
+        state = self._state(row)
+        if state.index is None:
+            state.index = NgramIndex(self.max_ngram, self.min_ngram)
+            state.index.extend(row.prompt_ids)
+        state.index.extend(row.generated[len(state.index.tokens) - len(row.prompt_ids):])
+        return state.index
 
     def _draft_with_model(self, rows, running, limits):
         model = self.draft_model
@@ -320,50 +370,66 @@ class Speculator:
         nothing: tuple[dict[int, list[int]], dict[int, torch.Tensor]] = ({b: [] for b in running}, {})
         cache = self._draft_cache
         B = len(rows)
-        if cache is None:  # the prompts once, then only what each step adds
+        if cache is None or cache.batch_size < B:
             longest = max(len(r.prompt_ids) + r.settings.max_new_tokens for r in rows) + MAX_DRAFT
-            size = min(model.config.context_length, longest)
-            cache = self._draft_cache = KVCache(model.config, B, size, device=next(model.parameters()).device,
+            size = min(model.config.context_length, longest if self._cache_length is None else self._cache_length)
+            cache = self._draft_cache = KVCache(model.config, max(B, self._cache_rows), size,
+                                                device=next(model.parameters()).device,
                                                 dtype=next(model.parameters()).dtype)
-            prompts = [r.prompt_ids for r in rows]
-            self._draft_off = max(len(p) for p in prompts) >= size
-            if not self._draft_off:
-                prefill(model, cache, 0, prompts)
-        if self._draft_off:
-            return nothing
+            for r in rows:
+                self._state(r).draft_slot = None
+        drafting = [b for b in running
+                    if limits[b] > 0 and len(rows[b].prompt_ids) + len(rows[b].generated) + 1 < cache.max_length]
         for b, r in enumerate(rows):
-            if r.done:  # its draft cache is not needed any more; it goes along at position 0
+            state = self._state(r)
+            if b not in drafting:  # it goes along at position 0 (one batch); its draft row is made afresh when needed
                 cache.set_length(b, 0)
-        # what each row's draft cache lacks: the tokens after its length, the last emitted one included
-        behind = {b: (rows[b].prompt_ids + rows[b].generated)[cache.row_length(b):] for b in running}
+                state.draft_slot = None
+            elif state.draft_slot != b:  # new here, or moved from another slot: its tokens but the last, afresh
+                cache.set_length(b, 0)
+                state.draft_slot = b
+                known = (r.prompt_ids + r.generated)[:-1]
+                if known:
+                    prefill(model, cache, b, [known])
+        if not drafting:
+            return nothing
+        # what each drafting row's cache row lacks: the tokens after its length, the last emitted one included
+        behind = {b: (rows[b].prompt_ids + rows[b].generated)[cache.row_length(b):] for b in drafting}
         T0 = max(len(t) for t in behind.values())
         # the catch-up pass writes T0 positions in every row, then K - 1 single steps follow
-        room = cache.max_length - max(cache.row_length(b) for b in running) - T0
-        K = min(max(limits.values()), room + 1)
+        room = cache.max_length - max(cache.row_length(b) for b in drafting) - T0
+        K = min(max(limits[b] for b in drafting), room + 1)
         if K <= 0:
+            for b in drafting:
+                self._state(rows[b]).draft_slot = None
+                cache.set_length(b, 0)
             return nothing
         catch_up = [behind.get(b, [0]) for b in range(B)]
         starts = [cache.row_length(b) for b in range(B)]
         logits = feed_many(model, cache, catch_up)  # (B, T0, V)
         base = self._draft_base = {}
         for b in range(B):
-            base[b] = starts[b] + len(catch_up[b])
-            cache.set_length(b, base[b])
+            cache.set_length(b, starts[b] + len(catch_up[b]))
+            if b in behind:
+                base[b] = starts[b] + len(catch_up[b])
         current = logits[torch.arange(B), torch.tensor([len(t) - 1 for t in catch_up])]  # (B, V)
-        drafts = {b: [] for b in running}
-        dists = {b: [] for b in running}
+        drafts: dict[int, list[int]] = {b: [] for b in running}
+        dists: dict[int, list[torch.Tensor]] = {b: [] for b in drafting}
         for j in range(K):
             chosen = [0] * B
-            for b in running:
-                token, dist = self._draft_token(rows[b], current[b])
-                chosen[b] = token
-                if j < min(K, limits[b]):
+            for b in drafting:
+                if j < limits[b]:
+                    token, dist = self._draft_token(rows[b], current[b])
+                    chosen[b] = token
                     drafts[b].append(token)
                     if dist is not None:
                         dists[b].append(dist)
             if j == K - 1:
                 break
             current = feed(model, cache, chosen)  # (B, V)
+        for b in range(B):
+            if b not in base:
+                cache.set_length(b, 0)
         q = {b: torch.stack(d) for b, d in dists.items() if d}
         return drafts, q
 
@@ -371,12 +437,13 @@ class Speculator:
         """The draft's token from its logits (V,) and, for a sampled row, the distribution q it came from."""
         if row.settings.is_greedy:
             return int(logits.argmax()), None
-        sampler = self._draft_samplers.get(id(row))
+        state = self._state(row)
+        sampler = state.draft_sampler
         if sampler is None:
             # the draft's q needs no penalties (any q keeps p exact); its own reproducible generator
             settings = row.settings.replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                             logit_bias=None, seed=int(torch.randint(0, 2**62, (1,), generator=row.sampler.generator)))
-            sampler = self._draft_samplers[id(row)] = RowSampler(settings, logits.shape[-1], device=logits.device)
+            sampler = state.draft_sampler = RowSampler(settings, logits.shape[-1], device=logits.device)
         q = _distribution(logits, sampler)
         if q is None:  # no distribution (a broken draft): a point mass on its argmax is still a valid q
             token = int(finite_logits(logits.float()).argmax())
