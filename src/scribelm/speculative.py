@@ -314,7 +314,7 @@ class Speculator:
             if kept:
                 row.accepted_draft_tokens += 1
             if event.finished or not kept:
-                return i
+                return i + 1 if kept else i
         return k
 
     @staticmethod

@@ -41,6 +41,15 @@ def register(subparsers) -> None:
     p.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
                         "(rendered sandboxed; a model's own template is always preferred)")
+    s = p.add_argument_group("speculative decoding", "guess several tokens per sequence and check them in one pass: "
+                             "the same output (greedy) or distribution (sampling); usage reports accepted and rejected "
+                             "guesses as completion_tokens_details")
+    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
+                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
+                        "draft: a draft model guesses (--draft)")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
+    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
@@ -114,6 +123,7 @@ def run(args) -> int:
 
         chat_template = resolve_chat_template(args.chat_template)
     models, adapters = served_models(args.models, ModelStore(args.store))
+    speculation = _speculation(args, ModelStore(args.store))
     for name, path in models.items():  # a corrupt model is an error now, not at its first request
         check_model_files(name, path)
     origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
@@ -139,7 +149,8 @@ def run(args) -> int:
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                      idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
-                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                     **speculation)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
     _log_to_stderr(args.quiet)
 
@@ -153,6 +164,18 @@ def run(args) -> int:
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **server_limits(args.header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _speculation(args, store) -> dict:
+    """ModelPool's speculative options from --speculative / --draft / --num-draft."""
+    from scribelm.cli.generate import speculative_method
+    from scribelm.store import resolve_model_path
+
+    method = speculative_method(args)
+    if method is None:
+        return {}
+    draft = str(resolve_model_path(args.draft, store)) if args.draft is not None else None
+    return {"speculative": method, "draft": draft, "num_draft": args.num_draft}
 
 
 def _log_to_stderr(quiet: bool) -> None:
