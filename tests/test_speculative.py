@@ -269,3 +269,14 @@ def test_a_row_whose_guesses_keep_failing_guesses_less(lm, one_thread):
     greedy = lm.generate(prompt, temperature=0, max_new_tokens=60, return_details=True,
                          speculative="prompt_lookup", num_draft=4)
     assert greedy.acceptance_rate > 0.5  # copying text: a guess every step
+
+
+def test_sliding_window_models_speculate_over_a_full_cache(tokenizer, one_thread):
+    """Such a model otherwise decodes through a rolling cache of its window, whose rows cannot be
+    set back; speculating, it keeps every position and masks to the window, with the same tokens."""
+    torch.manual_seed(2)
+    lm = LM(sharpened(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, sliding_window=8)), 4.0), tokenizer)
+    prompts = fifty_prompts()[40:50]
+    plain = lm.generate(prompts, temperature=0, max_new_tokens=20, return_details=True)
+    same(plain, lm.generate(prompts, temperature=0, max_new_tokens=20, return_details=True, speculative="prompt_lookup"))
+    same(plain, lm.generate(prompts, temperature=0, max_new_tokens=20, return_details=True, draft=lm, num_draft=3))
