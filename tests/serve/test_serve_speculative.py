@@ -85,3 +85,37 @@ def test_serve_flags_are_checked_before_anything_starts(paths, capsys):
     assert "needs --draft" in capsys.readouterr().err
     assert main(["serve", paths["alpha"], "--draft", "/nonexistent/draft", "--port", "0"]) == 2
     assert "/nonexistent/draft" in capsys.readouterr().err
+
+
+def test_structured_output_under_speculation(paths):
+    """Guesses the grammar forbids are rejected like any other: greedy JSON equals plain decoding's,
+    and sampled JSON validates."""
+    import json
+    import random
+
+    import jsonschema
+
+    from tests.serve.test_serve_structured import random_schema
+
+    rng = random.Random(1)
+    schemas = [{"type": "object", "properties": {"value": random_schema(rng)}, "required": ["value"],
+                "additionalProperties": False} for _ in range(8)]
+    messages = [{"role": "user", "content": "Describe a book as JSON, a book as JSON."}]
+    answers, guessed = {}, 0
+    for name, options in (("plain", {}), ("lookup", {"speculative": "prompt_lookup"})):
+        with ServerThread(create_app(ModelPool({"alpha": paths["alpha"]}, max_batch=4, **options))) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            out = []
+            for k, schema in enumerate(schemas):
+                fmt = {"type": "json_schema", "json_schema": {"name": f"s{k}", "schema": schema, "strict": True}}
+                greedy = client.chat.completions.create(model="alpha", messages=messages, response_format=fmt,
+                                                        max_tokens=120, temperature=0)
+                sampled = client.chat.completions.create(model="alpha", messages=messages, response_format=fmt,
+                                                         max_tokens=120, temperature=1.0, seed=k)
+                for r in (greedy, sampled):
+                    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+                    details = r.usage.completion_tokens_details
+                    guessed += details.accepted_prediction_tokens + details.rejected_prediction_tokens if details else 0
+                out.append(greedy.choices[0].message.content)
+            answers[name] = out
+    assert answers["lookup"] == answers["plain"] and guessed > 0
