@@ -132,8 +132,16 @@ def main() -> None:
           f"{args.threads} thread(s), best of {args.repeats}")
     lm.generate("warm up", max_new_tokens=4, temperature=0, speculative="prompt_lookup")
 
+    words = args.words
+    while True:  # passages short enough that prompt and output fit the model's context
+        loads = workloads(args.prompts, words)
+        longest = max(len(lm.tokenizer.encode(p)) for prompts, _ in loads.values() for p in prompts)
+        if longest + args.max_new_tokens <= lm.config.context_length or words <= 4:
+            break
+        words -= 4
+    print(f"passages of about {words} words")
     print(f"\n{'workload':<9} {'method':<14} {'tokens/s':>9} {'speed-up':>9} {'accepted':>9}  same as plain")
-    for work, (prompts, settings) in workloads(args.prompts, args.words).items():
+    for work, (prompts, settings) in loads.items():
         best = {m: [float("inf")] * len(prompts) for m in methods}
         results: dict[str, list] = {m: [None] * len(prompts) for m in methods}
         for _ in range(args.repeats):

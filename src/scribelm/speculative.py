@@ -32,12 +32,14 @@ Where the guesses come from:
                    by one from its own cache (sampled from its own processed
                    distribution q, or greedily for a greedy target).
 
-A step whose guesses all fail costs more than a plain step (a wider pass, and
-the draft's own work), so a row whose drafts were all rejected stops guessing
-for a while: 1 step, then 2, 4, ... up to `MAX_BACKOFF` after each further
-failure, and guesses every step again once one is kept. Where nothing matches
-(free sampling) speculation thus costs next to nothing; where the text copies,
-it guesses every step.
+A step whose guesses fail costs more than a plain step (a wider pass, and the
+draft's own work), so each row adapts: a row whose guesses all failed stops
+guessing for a while: 1 step, then 2, 4, ... up to `MAX_BACKOFF` after each
+further failure, the wait halving after a success; and a sampled row (whose
+guesses each survive with probability p only) guesses one token more than its
+last guesses kept (two more when all were kept, up to num_draft).
+Where little matches (free sampling) speculation thus costs next to nothing;
+where the text copies, it guesses far every step.
 
 Rejected positions are undone by setting each cache row's length back
 (`KVCache.set_length`): rows keep different numbers of tokens, which the
@@ -173,6 +175,7 @@ class RowState:
     def __init__(self) -> None:
         self.index: NgramIndex | None = None  # prompt lookup
         self.wait = 0  # steps left without guessing
+        self.length = 0  # tokens to guess next time (0: num_draft)
         self.next_wait = 1  # the wait after the next round of failed guesses
         self.draft_slot: int | None = None  # the draft cache row that holds this row's tokens
         self.draft_sampler: RowSampler | None = None  # the draft's sampler for a sampled row
@@ -237,7 +240,8 @@ class Speculator:
         # Every row of the pass writes 1 + K positions; the fullest running row bounds K.
         room = min(cache.max_length - lengths[b] - 1 for b in running)
         limits = {b: 0 if self._waiting(rows[b]) else
-                  max(0, min(self.num_draft, room, rows[b].settings.max_new_tokens - len(rows[b].generated) - 1))
+                  max(0, min(self._state(rows[b]).length or self.num_draft, room,
+                             rows[b].settings.max_new_tokens - len(rows[b].generated) - 1))
                   for b in running}
         drafts, q = self._propose(rows, running, limits)
         K = max((len(drafts[b]) for b in running), default=0)
@@ -261,7 +265,7 @@ class Speculator:
             cache.set_length(b, lengths[b] + 1 + kept)  # the emitted last token is fed next step
             self._keep_draft_cache(b, kept, len(drafts[b]))
             if drafts[b]:
-                self._record(row, kept)
+                self._record(row, kept, len(drafts[b]))
         return events
 
     @staticmethod
@@ -278,10 +282,14 @@ class Speculator:
         state.wait -= 1
         return True
 
-    def _record(self, row: DecodeRow, kept: int) -> None:
+    def _record(self, row: DecodeRow, kept: int, drafted: int) -> None:
+        """A sampled row guesses about as far as its last guesses held (all kept: two further);
+        after a round of failures a row waits twice as long as before, a success halves the wait."""
         state = self._state(row)
+        if not row.settings.is_greedy:  # each guess survives with probability p only: long runs are rare
+            state.length = min(self.num_draft, kept + 2) if kept == drafted else kept + 1
         if kept:
-            state.wait, state.next_wait = 0, 1
+            state.wait, state.next_wait = 0, max(1, state.next_wait // 2)
         else:
             state.wait, state.next_wait = state.next_wait, min(2 * state.next_wait, MAX_BACKOFF)
 
