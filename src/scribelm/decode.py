@@ -15,7 +15,8 @@ have their own length:
 `prefill` puts new prompts into rows of the cache (right-padded, several at
 once) and gives their first logits; `decode_step` turns one step's logits
 into events; `feed` runs the chosen tokens through the model for the next
-step. The callers add only what is theirs: generation adds left-over rules
+step (`feed_many` several per row: speculative decoding checks its guesses
+so, `scribelm.speculative`, and sets each row's length back after). The callers add only what is theirs: generation adds left-over rules
 (sliding context) and results; the engine adds scheduling (which rows are
 admitted, cancelled, moved).
 

@@ -226,6 +226,9 @@ class Speculator:
                                    f"model's ({target.vocab_size}); a draft model must share the tokenizer")
         if not getattr(draft, "causal", True) or getattr(self.draft_model, "is_encoder_decoder", False):
             raise SpeculationError("the draft model must be a decoder-only model that generates text")
+        here, there = next(model.parameters()).device, next(self.draft_model.parameters()).device
+        if here != there:
+            raise SpeculationError(f"the draft model is on {there} but the model on {here}; load both on one device")
 
     # -- one step ---------------------------------------------------------------------
     @torch.inference_mode()
