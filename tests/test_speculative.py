@@ -67,6 +67,18 @@ def test_greedy_is_token_identical_to_plain_decoding_on_50_prompts(lm, draft_lm,
         assert c.accepted_draft_tokens <= max(len(c.token_ids) - 1, 0) and c.accepted_draft_tokens <= c.draft_tokens
 
 
+def test_stop_token_ids_end_rows_where_plain_decoding_does(lm, draft_lm, one_thread):
+    prompts = fifty_prompts()
+    first = lm.generate(prompts, temperature=0, max_new_tokens=16, return_details=True)
+    counts = torch.bincount(torch.tensor([t for c in first for t in c.token_ids[2:]]))
+    stop = int(counts.argmax())  # a token many rows write, after their first few
+    kw = dict(temperature=0, max_new_tokens=16, stop_token_ids=[stop], return_details=True)
+    plain = lm.generate(prompts, **kw)
+    assert sum(c.stop_reason == stop for c in plain) >= 5
+    same(plain, lm.generate(prompts, speculative="prompt_lookup", **kw))
+    same(plain, lm.generate(prompts, draft=draft_lm, num_draft=4, **kw))
+
+
 def test_a_draft_that_is_the_model_itself_is_always_right(lm, one_thread):
     """Its guesses are the model's own greedy tokens: all kept, so k + 1 tokens per step; this
     holds only if the draft's cache follows every accepted token exactly."""
