@@ -428,9 +428,10 @@ class Speculator:
         dists: dict[int, list[torch.Tensor]] = {b: [] for b in drafting}
         for j in range(K):
             chosen = [0] * B
+            best = current.argmax(-1).tolist()  # (B,) the greedy rows' guesses, in one call
             for b in drafting:
                 if j < limits[b]:
-                    token, dist = self._draft_token(rows[b], current[b])
+                    token, dist = (best[b], None) if rows[b].settings.is_greedy else self._draft_token(rows[b], current[b])
                     chosen[b] = token
                     drafts[b].append(token)
                     if dist is not None:
