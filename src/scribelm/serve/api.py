@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions    messages -> assistant message (stream or not)
     POST /v1/completions         prompt -> continuation (stream or not)
+    POST /v1/embeddings          texts -> unit vectors (`embeddings.py`; an encoder serves only this)
     GET  /v1/models              the served models
     GET  /health                 liveness, no key needed
     GET  /metrics                Prometheus text: requests, tokens, queue, TTFT, tokens/s
@@ -68,7 +69,9 @@ from scribelm.serve.ollama import register_ollama_routes
 from scribelm.serve.origins import HostOriginGuard
 from scribelm.serve.requests import chat_messages, output_grammar, prompt_ids, refuse_unsupported, sampling_settings
 from scribelm.serve.responses import CallResponse, int_list, json_response
-from scribelm.serve.schema import ChatCompletionRequest, CompletionRequest, parse_request, request_body_schemas
+from scribelm.serve.schema import (
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request, request_body_schemas,
+)
 from scribelm.structured import StructuredOutputError, check_grammar
 
 __all__ = ["ApiError", "Metrics", "create_app"]
@@ -233,6 +236,8 @@ def create_app(
         refuse_unsupported(req, chat)
         grammar, grammar_param = output_grammar(req, chat)
         engine = await engine_for(req.model)
+        if getattr(engine, "embedding_only", False):
+            raise ApiError(400, f"model {engine.name!r} is an embedding model: use /v1/embeddings", param="model")
         if grammar is not None:  # compiled now, so a schema the engine cannot handle is a 400, not a failed stream
             try:
                 await run_in_threadpool(check_grammar, grammar, engine.tokenizer)
@@ -387,6 +392,18 @@ def create_app(
     async def completions(request: Request):
         return await generate(request, chat=False)
 
+    @app.post("/v1/embeddings", openapi_extra=_openapi_body(EmbeddingRequest))
+    async def embeddings(request: Request):
+        from scribelm.serve.embeddings import embed_request
+
+        req = parse_request(EmbeddingRequest, await read_json(request))
+        engine = await engine_for(req.model)
+        request.state.model = engine.name
+        body = await run_in_threadpool(embed_request, engine, req)  # off the event loop
+        metrics.count_tokens(engine.name, body["usage"]["prompt_tokens"], 0)
+        request.state.tokens = (body["usage"]["prompt_tokens"], 0)
+        return json_response(body)
+
     # -- information ---------------------------------------------------------------
     def model_card(name: str) -> dict:
         engine = pool.engines.get(name)
@@ -396,6 +413,7 @@ def create_app(
             card["context_length"] = engine.context_length
             card["chat"] = bool(engine.tokenizer.chat_template)
             card["chat_template"] = engine.chat_template  # "model" (its own), a built-in name, "file NAME", or None
+            card["embedding_only"] = bool(getattr(engine, "embedding_only", False))
         return card
 
     @app.get("/v1/models")

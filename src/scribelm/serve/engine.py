@@ -635,11 +635,16 @@ class ModelPool:
                     lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
-                    in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
-                    engine = Engine(lm, name=name, **self.engine_options)
-                    engine.chat_template = in_use
-                    if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
-                        engine.chat_stop = tuple(self.chat_template.stop)
+                    from scribelm.serve.embeddings import EmbeddingModel, is_embedding_only
+
+                    if is_embedding_only(lm):  # an encoder (BERT): /v1/embeddings only, no decode engine
+                        engine = EmbeddingModel(lm, name=name, max_queue=self.engine_options["max_queue"])
+                    else:
+                        in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
+                        engine = Engine(lm, name=name, **self.engine_options)
+                        engine.chat_template = in_use
+                        if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
+                            engine.chat_stop = tuple(self.chat_template.stop)
                     engine.start()
                 except Exception as err:
                     # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
