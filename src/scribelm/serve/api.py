@@ -114,12 +114,14 @@ def create_app(
     allowed_origins: list[str] | None = None,
     public: bool = False,
     body_seconds: float = DEFAULT_BODY_SECONDS,
+    rag=None,
 ) -> FastAPI:
     """The FastAPI application serving every model of `pool`.
 
     public: the server listens beyond loopback, so any Host header is answered
     (otherwise only localhost names); allowed_origins: browser origins that may
-    call the API besides the server's own page and loopback pages ("*": any)."""
+    call the API besides the server's own page and loopback pages ("*": any); rag: the
+    retrieval indexes answered as MODEL+rag:NAME (`rag_routes.ServedIndexes`)."""
     metrics = Metrics()
     expected_key = api_key.encode() if api_key else None
 
@@ -384,9 +386,22 @@ def create_app(
 
     register_ollama_routes(app, pool, generate=generate, engine_for=engine_for, read_json=read_json)
 
+    answer_from_documents = None
+    if rag is not None:
+        from scribelm.serve.rag_routes import register_rag_routes
+
+        answer_from_documents = register_rag_routes(app, rag, generate=generate, engine_for=engine_for, read_json=read_json)
+
     @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+        if answer_from_documents is None:
+            return await generate(request, chat=True)
+        from scribelm.serve.rag_routes import split_variant
+
+        body = await read_json(request)
+        if isinstance(body, dict) and split_variant(body.get("model")) is not None:  # MODEL+rag:NAME
+            return await answer_from_documents(request, body)
+        return await generate(request, chat=True, body=body)
 
     @app.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest))
     async def completions(request: Request):
@@ -418,10 +433,14 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(n) for n in pool.names()]}
+        cards = [model_card(n) for n in pool.names()]
+        return {"object": "list", "data": cards + (rag.variant_cards(cards) if rag is not None else [])}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
+        variant = [c for c in rag.variant_cards([model_card(n) for n in pool.names()]) if c["id"] == name] if rag else []
+        if variant:
+            return variant[0]
         if name not in pool.paths:
             raise ApiError(404, f"The model '{name[:100]}' does not exist", param="model", code="model_not_found")
         return model_card(name)
