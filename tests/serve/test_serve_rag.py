@@ -184,3 +184,51 @@ def test_scribe_serve_rag(model_path, index_dir, tmp_path):
     assert failed.returncode == 2 and "error:" in failed.stderr and "Traceback" not in failed.stderr
     failed = run_scribe_serve(f"alpha={model_path}", "--rag", "docs")
     assert failed.returncode == 2 and "write NAME=INDEX" in failed.stderr
+
+
+@pytest.mark.slow
+def test_chat_page_toggle_shows_the_sources_under_each_answer(server, tmp_path):
+    import os
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
+    from tests.serve.test_serve_browser import CHROMIUM_ARGS
+
+    chromium = os.environ.get("SCRIBE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("the browser test needs Debian's chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium, headless=True,
+                                                       args=CHROMIUM_ARGS, viewport={"width": 1200, "height": 800})
+        try:
+            page = context.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+            assert page.locator("#model option").all_inner_texts() == ["alpha"]  # the variants are the toggle
+            assert page.locator("#rag-box").is_visible()
+            assert page.locator("#rag-index option").all_inner_texts() == ["docs"]
+            page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+            page.fill("#max-tokens", "8")
+            page.check("#rag-on")
+            page.fill("#prompt", QUESTION)
+            page.press("#prompt", "Enter")
+            page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+            answer = page.locator(".msg.assistant").nth(0)
+            assert "alpha+rag:docs" in answer.locator(".meta").inner_text()
+            sources = answer.locator(".sources .source summary").all_inner_texts()
+            assert len(sources) == 3 and sources[0].startswith("[1] ") and "lighthouse.txt, characters 0-" in sources[0]
+            answer.locator(".sources summary").first.click()
+            assert "Ada Fenwick" in answer.locator(".sources .passage").first.inner_text()
+            # toggled off: a plain answer, no sources; the first answer keeps its own
+            page.uncheck("#rag-on")
+            page.fill("#prompt", "And the river?")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2", timeout=60_000)
+            second = page.locator(".msg.assistant").nth(1)
+            assert second.locator(".sources").count() == 0 and "rag" not in second.locator(".meta").inner_text()
+            assert page.locator(".msg.assistant").nth(0).locator(".sources .source").count() == 3
+            page.reload()  # the conversation, its sources and the toggle survive a reload
+            page.wait_for_selector(".msg.assistant .sources")
+            assert page.locator(".msg.assistant").nth(0).locator(".sources .source").count() == 3
+        finally:
+            context.close()
