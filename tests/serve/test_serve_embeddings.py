@@ -17,7 +17,7 @@ import scribelm
 from scribelm.embed import embed_ids
 from scribelm.serve.api import create_app
 from scribelm.serve.engine import ModelPool
-from tests.serving import ServeProcess, ServerThread, save_tiny_models
+from tests.serving import ServeProcess, ServerThread, save_tiny_models, wait_until
 
 TEXTS = ["The cat sat on the mat.", "A dog barked at the mailman all morning long.", "Stocks fell sharply.",
          "It was the best of times, it was the worst of times."]
@@ -173,3 +173,25 @@ def test_scribe_serve_serves_an_encoder(minilm_dir, minilm):
         np.testing.assert_allclose(_matrix(got), minilm.embed(TEXTS[:2]).numpy(), atol=1e-6)
         with pytest.raises(openai.BadRequestError, match="is an embedding model: use /v1/embeddings"):
             client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_requests_waiting_for_a_batch_share_the_next_one(decoder_path, tokenizer):
+    """While one batch runs, the requests that arrive wait; the next is one embed_ids call for all of them."""
+    from scribelm.serve.embeddings import Embedder
+
+    lm = scribelm.load(decoder_path)
+    embedder = Embedder(lm)
+    requests = [[tokenizer.encode(t)] for t in TEXTS] + [[tokenizer.encode(t) for t in TEXTS[:2]]]
+    results = {}
+    embedder._run_lock.acquire()  # a batch is running
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, embedder.embed(requests[k])))
+               for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: embedder.pending == len(requests))
+    embedder._run_lock.release()
+    for t in threads:
+        t.join(30)
+    assert embedder.batches == 1 and embedder.pending == 0
+    for k, encoded in enumerate(requests):
+        np.testing.assert_allclose(results[k].numpy(), embed_ids(lm, encoded).numpy(), atol=1e-6)

@@ -35,7 +35,7 @@ import base64
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -61,16 +61,15 @@ class _Job:
     error: BaseException | None = None
 
 
-@dataclass
 class Embedder:
     """One model's embedding batches: `embed` blocks (call it from a worker thread)."""
 
-    lm: object
-    max_batch_texts: int = MAX_BATCH_TEXTS
-    max_waiting: int = MAX_WAITING
-    _waiting: deque = field(default_factory=deque)
-    _waiting_lock: threading.Lock = field(default_factory=threading.Lock)
-    _run_lock: threading.Lock = field(default_factory=threading.Lock)  # one forward batch at a time
+    def __init__(self, lm, *, max_batch_texts: int = MAX_BATCH_TEXTS, max_waiting: int = MAX_WAITING) -> None:
+        self.lm, self.max_batch_texts, self.max_waiting = lm, max_batch_texts, max_waiting
+        self._waiting: deque[_Job] = deque()
+        self._waiting_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # one forward batch at a time
+        self.batches = 0  # embed_ids calls so far (fewer than requests when requests share batches)
 
     @property
     def pending(self) -> int:
@@ -100,6 +99,7 @@ class Embedder:
             return batch
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        self.batches += 1
         try:
             vectors = embed_ids(self.lm, [ids for job in batch for ids in job.encoded])  # (N, C)
         except BaseException as err:  # every request of the batch hears of it; the next batch goes on
