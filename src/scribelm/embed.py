@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,27 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
-def _encoder_backend(tokenizer, max_length: int):
+# Configured copies of tokenizers' backends, made once per tokenizer: copying a 30k vocabulary
+# costs tens of milliseconds, more than embedding a sentence.
+_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encoder_backend(tokenizer, max_length: int, truncate: bool = True):
     """A copy of the tokenizer's backend that adds its special tokens and truncates as the
     reference libraries do (the LM's own tokenizer stays as it is)."""
     from tokenizers import Tokenizer as Backend
 
-    backend = Backend.from_str(tokenizer.backend.to_str())
-    backend.no_padding()
-    backend.enable_truncation(max_length)
+    made = _BACKENDS.setdefault(tokenizer, {})
+    key = (id(tokenizer.backend), tokenizer.backend.get_vocab_size(with_added_tokens=True), max_length, truncate)
+    backend = made.get(key)
+    if backend is None:
+        backend = Backend.from_str(tokenizer.backend.to_str())
+        backend.no_padding()
+        if truncate:
+            backend.enable_truncation(max_length)
+        else:
+            backend.no_truncation()
+        made[key] = backend
     return backend
 
 
@@ -132,9 +146,7 @@ def embedding_ids(lm, texts: list[str], *, truncate: bool = True) -> tuple[list[
     config = _embedding_model(lm).config
     sentence = getattr(lm, "sentence_config", None) or {}
     max_length = min(sentence.get("max_length", config.context_length), config.context_length)
-    backend = _encoder_backend(lm.tokenizer, max_length)
-    if not truncate:
-        backend.no_truncation()
+    backend = _encoder_backend(lm.tokenizer, max_length, truncate)
     return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)], max_length
 
 
