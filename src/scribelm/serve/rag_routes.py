@@ -45,7 +45,7 @@ from scribelm.errors import ScribeError
 from scribelm.serve.errors import ApiError
 from scribelm.serve.requests import chat_messages
 from scribelm.serve.responses import json_response
-from scribelm.serve.schema import ChatCompletionRequest, parse_request
+from scribelm.serve.schema import ChatCompletionRequest, RagSearchRequest, parse_request
 
 RAG_MARK = "+rag:"
 DEFAULT_K, DEFAULT_MODE = 5, "hybrid"
@@ -177,31 +177,17 @@ def register_rag_routes(app, indexes: ServedIndexes, *, generate, engine_for, re
             choice["message"]["sources"] = source_entries(used, cited)
         return json_response(result)
 
-    @app.post("/v1/rag/search")
+    @app.post("/v1/rag/search", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/RagSearchRequest"}}}}})
     async def rag_search(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - {"index", "query", "k", "mode"})
-        if unknown:
-            raise ApiError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
-        name, query, k, mode = body.get("index"), body.get("query"), body.get("k", indexes.k), body.get("mode", indexes.mode)
-        if not isinstance(name, str):
-            raise ApiError(400, f"'index' must name a served retrieval index ({', '.join(indexes.names())})", param="index")
-        indexes.index(name)
-        if not isinstance(query, str) or not query.strip():
-            raise ApiError(400, "'query' must be a non-empty string", param="query")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
-            raise ApiError(400, "'k' must be an integer from 1 to 100", param="k")
-        from scribelm.rag import MODES
-
-        if mode not in MODES:
-            raise ApiError(400, f"'mode' must be one of {', '.join(MODES)}", param="mode")
+        req = parse_request(RagSearchRequest, await read_json(request))
+        indexes.index(req.index)
+        mode = req.mode or indexes.mode
         try:
-            hits = await run_in_threadpool(indexes.search, name, query, k, mode)
+            hits = await run_in_threadpool(indexes.search, req.index, req.query, req.k, mode)
         except ScribeError as err:
             raise ApiError(400, str(err), param="query") from None
-        return {"object": "list", "index": name, "mode": mode, "data": [hit.to_dict() for hit in hits]}
+        return {"object": "list", "index": req.index, "mode": mode, "data": [hit.to_dict() for hit in hits]}
 
     return answer
 

@@ -151,6 +151,15 @@ class EmbeddingRequest(_Body):
     truncate: bool = Field(False, description="cut a too long input to the model's embedding length (default: 400)")
 
 
+
+class RagSearchRequest(_Body):
+    """POST /v1/rag/search"""
+
+    index: NonEmptyString = Field(description="a served retrieval index's name (scribe serve --rag NAME=INDEX)")
+    query: NonEmptyString = Field(pattern=r"\S", description="what to search for")
+    k: int | None = Field(None, ge=1, le=100, description="how many passages (default: the server's --rag-k)")
+    mode: Literal["bm25", "dense", "hybrid"] | None = Field(None, description="default: the server's --rag-mode")
+
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
@@ -211,6 +220,6 @@ def request_body_schemas() -> dict[str, dict]:
     from pydantic.json_schema import models_json_schema
 
     _, top = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
-                                 (EmbeddingRequest, "validation")],
+                                 (EmbeddingRequest, "validation"), (RagSearchRequest, "validation")],
                                 ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})
