@@ -19,7 +19,7 @@ DOCS = {
 }
 ROWS = [{"id": "q-1", "text": "The harbour freezes every January, so ships anchor further south."},
         {"id": "q-2", "text": "Bees visit lavender in the early morning when the flowers open."},
-        {"id": "q-3", "text": "Basil grows well beside tomatoes. It keeps some pests away and tastes good with them."}]
+        {"id": "q-3", "text": DOCS["garden.txt"]}]  # an exact copy: its chunks are duplicates
 
 
 def write_pdf(path: Path, pages: list[str]) -> Path:
@@ -84,3 +84,18 @@ def index(tmp_path_factory, docs, minilm):
     from scribelm import rag
 
     return rag.build_index(tmp_path_factory.mktemp("idx") / "index", [docs], embedder=minilm, chunk_tokens=40, overlap=8)
+
+
+@pytest.fixture(scope="session")
+def answering_lm():
+    """The tiny model trained on the King James Bible, given a longer context (its RoPE
+    positions have no learned table, so the weights work past the length it trained at)."""
+    import dataclasses
+
+    import scribelm
+    from tests.trained_tiny import trained_lm
+
+    trained = trained_lm("llama")
+    model = scribelm.Transformer(dataclasses.replace(trained.config, context_length=1024))
+    model.load_state_dict(trained.model.state_dict())
+    return scribelm.LM(model.eval(), trained.tokenizer, dict(trained.generation_config))
