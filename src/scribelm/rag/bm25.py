@@ -2,8 +2,10 @@
 
 Variant and parameters (bm25s' defaults, the scoring Lucene uses):
 
-    score(q, d) = Σ_{t in q} idf(t) · tf(t,d) · (k1 + 1) / (tf(t,d) + k1 · (1 − b + b · |d| / avgdl))
+    score(q, d) = Σ_{t in q} idf(t) · tf(t,d) / (tf(t,d) + k1 · (1 − b + b · |d| / avgdl))
     idf(t)      = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))           method "lucene", k1 = 1.5, b = 0.75
+
+(Lucene's form drops Robertson's constant factor (k1 + 1): the ranking is the same.)
 
 Tokenisation is `bm25s.tokenize`'s: lower-cased, words of two or more word characters
 (`\\b\\w\\w+\\b`), English stop words removed, no stemming. A document with score 0

@@ -195,9 +195,11 @@ class Index:
             rows_by_file.setdefault(row["source"], []).append(row)
         files_info = dict(previous)
         found = {str(f) for f in files}
+        changed = False
         for key in list(previous):
             if key not in found and any(Path(key).is_relative_to(d) for d in given_dirs):
                 report.removed.append(key)
+                changed = True
                 files_info.pop(key)
                 rows_by_file.pop(key, None)
         for file in files:
@@ -206,13 +208,14 @@ class Index:
             if key in previous and previous[key]["sha256"] == sha:
                 report.unchanged.append(key)
                 continue
-            (report.updated if key in previous else report.added).append(key)
             source = read_file(file, sha)
-            if source.skipped:
+            changed = True
+            if source.skipped:  # counted as skipped, not as added or updated
                 report.skipped.append((key, source.skipped))
                 files_info[key] = {"sha256": sha, "chunks": 0, "skipped": source.skipped}
                 rows_by_file.pop(key, None)
                 continue
+            (report.updated if key in previous else report.added).append(key)
             if counter is None:
                 counter = token_counter(self._chunk_tokenizer(tokenizer))
             rows = []
@@ -220,7 +223,7 @@ class Index:
                 rows.extend(_document_rows(document, counter, self.manifest["chunk_tokens"], self.manifest["overlap"]))
             rows_by_file[key] = rows
             files_info[key] = {"sha256": sha, "chunks": len(rows)}
-        if not report.added and not report.updated and not report.removed:
+        if not changed:
             report.chunks, report.duplicates = len(self.chunks), len(self.rows) - len(self.chunks)
             self.last_report = report
             return report
