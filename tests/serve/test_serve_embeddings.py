@@ -87,6 +87,10 @@ def test_encoder_is_listed_and_refuses_generation(server, client):
     cards = {m.id: m for m in client.models.list().data}
     assert "minilm" in cards and cards["minilm"].model_extra["embedding_only"] is True
     assert cards["alpha"].model_extra["embedding_only"] is False
+    health = httpx.get(server.url + "/health").json()["models"]["minilm"]
+    assert health == {"loaded": True, "active": 0, "queued": 0}
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'scribe_model_loaded{model="minilm"} 1' in metrics and 'scribe_prompt_tokens_total{model="minilm"}' in metrics
     for call in (lambda: client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}]),
                  lambda: client.completions.create(model="minilm", prompt="hi")):
         with pytest.raises(openai.BadRequestError) as caught:
