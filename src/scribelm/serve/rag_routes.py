@@ -198,9 +198,9 @@ async def _with_sources(events, model: str, used: list, cited_sources):
     text, buffer, last, sent = [], "", None, False
 
     def sources_line() -> str:
-        chunk = {"id": last.get("id") if last else None, "object": "chat.completion.chunk",
-                 "created": last.get("created") if last else None, "model": model, "choices": [],
-                 "sources": source_entries(used, cited_sources("".join(text), used))}
+        chunk = {key: last[key] for key in ("id", "created", "system_fingerprint") if last and key in last}
+        chunk.update({"object": "chat.completion.chunk", "model": model, "choices": [],
+                      "sources": source_entries(used, cited_sources("".join(text), used))})
         return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
 
     try:
