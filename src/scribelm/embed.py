@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
+_backends: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _encoder_backend(tokenizer, max_length: int):
     """A copy of the tokenizer's backend that adds its special tokens and truncates as the
-    reference libraries do (the LM's own tokenizer stays as it is)."""
+    reference libraries do (the LM's own tokenizer stays as it is). Kept per tokenizer: copying
+    a large vocabulary costs more than embedding one short query."""
     from tokenizers import Tokenizer as Backend
 
+    cached = _backends.get(tokenizer)
+    if cached is not None and cached[0] is tokenizer.backend and cached[1] == max_length:
+        return cached[2]
     backend = Backend.from_str(tokenizer.backend.to_str())
     backend.no_padding()
     backend.enable_truncation(max_length)
+    _backends[tokenizer] = (tokenizer.backend, max_length, backend)
     return backend
 
 
