@@ -172,9 +172,13 @@ def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]],
     """Run prompts into cache rows first.. (right-padded, from empty rows); logits of each
     prompt's last token (k, V). With the causal mask a real token never sees the padding
     after it, and each row's length is set to its own prompt's, so padding is never read.
-    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`)."""
+    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`).
+    A cache that cannot hold padding (a sliding-window model's `RollingKVCache`) takes
+    prompts of different lengths one row at a time."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
+    if min(lengths) != max(lengths) and not cache.accepts_padding:
+        return torch.cat([prefill(model, cache, first + j, [p], chunk) for j, p in enumerate(prompts)])
     P = max(lengths)
     ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (k, P)
     for j, p in enumerate(prompts):

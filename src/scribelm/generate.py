@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cache import ContextOverflowError, KVCache
+from scribelm.cache import ContextOverflowError, new_cache
 from scribelm.decode import (  # noqa: F401  (TokenEvent, TokenLogprob, token_text: part of this module's API)
     DecodeRow,
     TokenEvent,
@@ -198,8 +198,9 @@ class BatchGeneration:
             from scribelm.compiled_decode import static_cache_length
 
             cache_length = static_cache_length(cache_length, self.context)
-        cache = self.cache = KVCache(self.model.config, len(self.rows), cache_length, device=self.device,
-                                     dtype=_model_dtype(self.model))
+        # a sliding-window model keeps only its window (RollingKVCache); the compiled step writes by position
+        cache = self.cache = new_cache(self.model.config, len(self.rows), cache_length, device=self.device,
+                                       dtype=_model_dtype(self.model), rolling=self._step is None)
         logits = prefill(self.model, cache, 0, self.prompts)
         while True:
             room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
@@ -282,8 +283,8 @@ def beam_search(
     device = next(model.parameters()).device
     max_new = settings.max_new_tokens
     lp_exp = settings.length_penalty
-    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device,
-                    dtype=_model_dtype(model))
+    cache = new_cache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device,
+                      dtype=_model_dtype(model))
     # Every beam starts from the same prompt: prefill it once, then give each beam a copy of its keys and values.
     logits = prefill(model, cache, 0, [prompt]).expand(K, -1)  # (K, V)
     for k in range(1, K):
@@ -428,19 +429,18 @@ def generate(
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     if not prompts:
         raise ScribeError("no prompts given; pass a string or a non-empty list of strings")
-    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None:
-        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
-        ids = [lm.tokenizer.backend.encode(_check_text_prompt(p), add_special_tokens=True).ids if isinstance(p, str)
-               else encode_prompt(lm, p) for p in prompts]
-    else:
-        ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
+    ids = [prompt_token_ids(lm, p, add_bos) for p in prompts]
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
     if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
         per_prompt = [_seq2seq_beams(lm, p, s, extra_stop_ids, skip_special_tokens) for p in ids]
     elif getattr(lm.model, "is_encoder_decoder", False):
-        per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
+        per_prompt = [[seq2seq_generation(lm, p, s, extra_stop_ids, skip_special_tokens, seed_offset=i).run()[0]
+                       for i in range(n)] for p in ids]
+        for p, completions in zip(ids, per_prompt):
+            for c in completions:
+                c.prompt_tokens = len(p)  # the source the encoder read, not the decoder's start token
     elif s.num_beams > 1:
         for p in ids:
             per_prompt.append(beam_search(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
@@ -454,6 +454,15 @@ def generate(
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
     return out[0] if single else out
+
+
+def prompt_token_ids(lm, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]:
+    """A prompt as the model reads it: `encode_prompt`, except that an encoder-decoder's encoder
+    reads text with its tokenizer's own special tokens."""
+    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None and isinstance(prompt, str):
+        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
+        return lm.tokenizer.backend.encode(_check_text_prompt(prompt), add_special_tokens=True).ids
+    return encode_prompt(lm, prompt, add_bos=None if getattr(lm.model, "is_encoder_decoder", False) else add_bos)
 
 
 def _check_text_prompt(prompt: str) -> str:
@@ -474,20 +483,19 @@ def _seq2seq_beams(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_id
                        skip_special_tokens=skip_special_tokens)
 
 
-def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
-                        skip_special_tokens: bool) -> Completion:
-    from scribelm.seq2seq import greedy_generate
+def seq2seq_generation(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                        skip_special_tokens: bool, seed_offset: int = 0) -> BatchGeneration:
+    """One sequence from an encoder-decoder, greedy or sampled by the decode core like any
+    other: the prompt is encoded once and the decoder, bound to it, starts from the start
+    token (0). One row per generation: T5's relative position bias needs every cache row at
+    one length, which rows that finish early would not keep."""
+    from scribelm.seq2seq import BoundDecoder
 
-    if s.temperature != 0 or s.num_return_sequences > 1:
-        raise SamplingError("encoder-decoder models decode greedily or by beam search here: pass temperature=0 "
-                            "or num_beams > 1 (no sampling)")
     _check_prompt(prompt_ids, lm.config.vocab_size, 0)
-    stops = stop_ids_for(lm.tokenizer, s, extra_stop_ids)
-    new, finish = greedy_generate(lm.model, prompt_ids, max_new_tokens=s.max_new_tokens, stop_ids=sorted(stops))
-    shown = new[:-1] if finish == "stop" else new
-    text = lm.tokenizer.decode(shown, skip_special_tokens=skip_special_tokens) if lm.tokenizer is not None else ""
-    return Completion(text=text, token_ids=new, finish_reason=finish, stop_reason=new[-1] if finish == "stop" else None,
-                      prompt_tokens=len(prompt_ids))
+    with torch.inference_mode():
+        memory = lm.model.encode(torch.tensor([prompt_ids], device=next(lm.model.parameters()).device))
+    return BatchGeneration(BoundDecoder(lm.model, memory), lm.tokenizer, [[0]], s, skip_special_tokens=skip_special_tokens,
+                           extra_stop_ids=extra_stop_ids, seed_offsets=[seed_offset])
 
 
 def stream(
@@ -506,8 +514,10 @@ def stream(
     s = resolve_settings(lm, settings, **overrides)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise SamplingError("streaming gives one sequence; use generate() for beam search or several return sequences")
-    ids = encode_prompt(lm, prompt, add_bos=add_bos)
+    ids = prompt_token_ids(lm, prompt, add_bos)
     lm.model.eval()
+    if getattr(lm.model, "is_encoder_decoder", False):
+        return _text_deltas(seq2seq_generation(lm, ids, s, extra_stop_ids, skip_special_tokens))
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
                           extra_stop_ids=extra_stop_ids, compile=compile)
     return _text_deltas(gen)

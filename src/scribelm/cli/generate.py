@@ -122,7 +122,7 @@ def load_model(path: str, device: str = "cpu", adapter: str | None = None):
 
 
 def run(args) -> int:
-    from scribelm.generate import BatchGeneration, encode_prompt, generate, resolve_settings
+    from scribelm.generate import BatchGeneration, generate, prompt_token_ids, resolve_settings, seq2seq_generation
 
     if args.prompt == "-":
         if sys.stdin.isatty():
@@ -146,7 +146,8 @@ def run(args) -> int:
     settings = resolve_settings(lm, **overrides)
     one_stream = settings.num_beams == 1 and settings.num_return_sequences == 1
 
-    if args.json or not one_stream or getattr(lm.model, "is_encoder_decoder", False):  # T5: no token stream
+    seq2seq = getattr(lm.model, "is_encoder_decoder", False)
+    if args.json or not one_stream or (seq2seq and args.stats):  # T5: no speed line
         out = generate(lm, prompt, settings=settings, return_details=True, compile=args.compile)
         choices = out if isinstance(out, list) else [out]
         if args.json:
@@ -160,9 +161,12 @@ def run(args) -> int:
         sys.stdout.flush()
         return 0
 
-    ids = encode_prompt(lm, prompt)
+    ids = prompt_token_ids(lm, prompt)
     lm.model.eval()
-    gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings, compile=args.compile)
+    if seq2seq:  # T5: the prompt goes to the encoder, the decoder's tokens stream
+        gen = seq2seq_generation(lm, ids, settings, (), True)
+    else:
+        gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings, compile=args.compile)
     if args.show_probs or args.logprobs is not None:
         _print_probs(gen, lm.tokenizer, top_n)
         return 0

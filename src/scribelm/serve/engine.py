@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cache import KVCache
+from scribelm.cache import KVCache, new_cache
 from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
@@ -190,6 +190,7 @@ class Engine:
     """Continuous batching over one model; `start()` runs the loop in a daemon thread."""
 
     PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass
+    encoder_decoder = False  # serves encoder-decoders (the subclass in serve.seq2seq_engine)
 
     def __init__(
         self,
@@ -209,9 +210,9 @@ class Engine:
         from scribelm.generate import require_decoder
 
         require_decoder(lm.config)  # an encoder (BERT) cannot generate
-        if getattr(lm.model, "is_encoder_decoder", False):
-            raise ScribeError(f"model {name!r} is an encoder-decoder (T5); the server batches decoder-only models, "
-                              "generate with LM.generate or `scribe generate` instead")
+        if getattr(lm.model, "is_encoder_decoder", False) and not self.encoder_decoder:
+            raise ScribeError(f"model {name!r} is an encoder-decoder (T5); this engine batches decoder-only models, "
+                              "serve it with scribelm.serve.seq2seq_engine.Seq2SeqEngine (ModelPool picks it)")
         self.lm, self.name = lm, name
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -219,7 +220,9 @@ class Engine:
         self.device = lm.device
         dtype = next(self.model.parameters()).dtype
         try:
-            self.cache = KVCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+            # a sliding-window model's slots hold its window only (RollingKVCache), unless compiled
+            self.cache = new_cache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype,
+                                   rolling=not compile)
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
             need = 2 * self.config.n_layers * max_batch * self.config.n_kv_heads * self.context_length * self.config.head_dim
             raise ScribeError(
@@ -228,7 +231,9 @@ class Engine:
                 "lower --max-batch or --max-context"
             ) from None
         # Keys/values of recent prompts, for prompts that start the same way (0 bytes: off).
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # (Not over a rolling cache: its slots hold the last W positions, not a prompt's beginning.)
+        reusable = prefix_cache_bytes > 0 and isinstance(self.cache, KVCache)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if reusable else None
         self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
         if compile:
             from scribelm.compiled_decode import compiled_step_for
@@ -636,7 +641,12 @@ class ModelPool:
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
                     in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
-                    engine = Engine(lm, name=name, **self.engine_options)
+                    kind = Engine
+                    if getattr(lm.model, "is_encoder_decoder", False):  # T5: one request at a time
+                        from scribelm.serve.seq2seq_engine import Seq2SeqEngine
+
+                        kind = Seq2SeqEngine
+                    engine = kind(lm, name=name, **self.engine_options)
                     engine.chat_template = in_use
                     if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
                         engine.chat_stop = tuple(self.chat_template.stop)
