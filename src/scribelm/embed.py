@@ -114,14 +114,14 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
-# Configured copies of tokenizers' backends, made once per tokenizer: copying a 30k vocabulary
-# costs tens of milliseconds, more than embedding a sentence.
+# tokenizer -> {(its backend, vocabulary size, max_length, truncate): configured copy}
 _BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _encoder_backend(tokenizer, max_length: int, truncate: bool = True):
     """A copy of the tokenizer's backend that adds its special tokens and truncates as the
-    reference libraries do (the LM's own tokenizer stays as it is)."""
+    reference libraries do, or not with truncate=False (the LM's own tokenizer stays as it
+    is). Kept per tokenizer: copying a large vocabulary costs more than embedding one short query."""
     from tokenizers import Tokenizer as Backend
 
     made = _BACKENDS.setdefault(tokenizer, {})
