@@ -61,7 +61,7 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
 
     from scribelm.adapters.lora import read_any_adapter_config
     from scribelm.errors import ScribeError
-    from scribelm.store import check_name, is_model_directory, resolve_model_path
+    from scribelm.store import check_name, gguf_file, is_model_directory, resolve_model_path
 
     models: dict[str, str] = {}
     adapters: dict[str, str] = {}
@@ -75,10 +75,12 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
             if not target or not adapter:
                 raise ScribeError(f"{spec!r}: write MODEL+ADAPTER with both parts, e.g. my-model+runs/lora/adapter")
         path = resolve_model_path(target, store)
-        if not is_model_directory(path):
+        if not is_model_directory(path) and gguf_file(path) is None:
             raise ScribeError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
         if not name:
             name = target if not Path(target).expanduser().is_dir() else Path(path).resolve().name
+            if Path(target).expanduser().is_file():  # a GGUF file: served under its name, less ".gguf"
+                name = Path(target).stem
             if adapter is not None:
                 adapter_path = Path(adapter).expanduser().resolve()
                 run = adapter_path.parent if adapter_path.name == "adapter" else adapter_path
