@@ -666,20 +666,25 @@ class ModelPool:
                     lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
-                    in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
-                    kind, extra = Engine, {}
-                    if getattr(lm.model, "is_encoder_decoder", False):  # T5: one request at a time
-                        from scribelm.serve.seq2seq_engine import Seq2SeqEngine
+                    from scribelm.serve.embeddings import EmbeddingModel, is_embedding_only
 
-                        kind = Seq2SeqEngine
-                        if self.speculation is not None:
-                            log.warning("model %r is an encoder-decoder: served without speculative decoding", name)
+                    if is_embedding_only(lm):  # an encoder (BERT): /v1/embeddings only, no decode engine
+                        engine = EmbeddingModel(lm, name=name, max_queue=self.engine_options["max_queue"])
                     else:
-                        extra["speculator"] = self._speculator(lm)
-                    engine = kind(lm, name=name, **extra, **self.engine_options)
-                    engine.chat_template = in_use
-                    if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
-                        engine.chat_stop = tuple(self.chat_template.stop)
+                        in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
+                        kind, extra = Engine, {}
+                        if getattr(lm.model, "is_encoder_decoder", False):  # T5: one request at a time
+                            from scribelm.serve.seq2seq_engine import Seq2SeqEngine
+
+                            kind = Seq2SeqEngine
+                            if self.speculation is not None:
+                                log.warning("model %r is an encoder-decoder: served without speculative decoding", name)
+                        else:
+                            extra["speculator"] = self._speculator(lm)
+                        engine = kind(lm, name=name, **extra, **self.engine_options)
+                        engine.chat_template = in_use
+                        if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
+                            engine.chat_stop = tuple(self.chat_template.stop)
                     engine.start()
                 except Exception as err:
                     # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
