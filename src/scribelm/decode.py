@@ -16,9 +16,10 @@ have their own length:
 once) and gives their first logits; `decode_step` turns one step's logits
 into events; `feed` runs the chosen tokens through the model for the next
 step (`feed_many` several per row: speculative decoding checks its guesses
-so, `scribelm.speculative`, and sets each row's length back after). The callers add only what is theirs: generation adds left-over rules
-(sliding context) and results; the engine adds scheduling (which rows are
-admitted, cancelled, moved).
+so, `scribelm.speculative`, and sets each row's length back after). The
+callers add only what is theirs: generation adds left-over rules (sliding
+context) and results; the engine adds scheduling (which rows are admitted,
+cancelled, moved).
 
 A failure inside one row's own work (its sampling, its text) can be confined
 to that row: `decode_step(..., on_error=...)` then reports the row and goes

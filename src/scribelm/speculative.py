@@ -431,7 +431,10 @@ class Speculator:
             best = current.argmax(-1).tolist()  # (B,) the greedy rows' guesses, in one call
             for b in drafting:
                 if j < limits[b]:
-                    token, dist = (best[b], None) if rows[b].settings.is_greedy else self._draft_token(rows[b], current[b])
+                    if rows[b].settings.is_greedy:
+                        token, dist = best[b], None
+                    else:
+                        token, dist = self._draft_token(rows[b], current[b])
                     chosen[b] = token
                     drafts[b].append(token)
                     if dist is not None:
@@ -454,12 +457,15 @@ class Speculator:
         if sampler is None:
             # the draft's q needs no penalties (any q keeps p exact); its own reproducible generator
             settings = row.settings.replace(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                                            logit_bias=None, seed=int(torch.randint(0, 2**62, (1,), generator=row.sampler.generator)))
+                                            logit_bias=None,
+                                            seed=int(torch.randint(0, 2**62, (1,), generator=row.sampler.generator)))
             sampler = state.draft_sampler = RowSampler(settings, logits.shape[-1], device=logits.device)
         q = _distribution(logits, sampler)
         if q is None:  # no distribution (a broken draft): a point mass on its argmax is still a valid q
             token = int(finite_logits(logits.float()).argmax())
-            return token, torch.nn.functional.one_hot(torch.tensor(token, device=logits.device), logits.shape[-1]).float()
+            point = torch.zeros_like(logits, dtype=torch.float32)
+            point[token] = 1.0
+            return token, point
         return int(torch.multinomial(q, 1, generator=sampler.generator)[0]), q
 
     def _keep_draft_cache(self, b: int, kept: int, drafted: int) -> None:
