@@ -37,10 +37,11 @@ def prompts_of(tokenizer) -> list[list[int]]:
 
 
 def run_engine(lm, prompts, *, prefill_chunk: int, settings: dict, n: list[int] | None = None,
-               prefix_cache_bytes: int = 0, order: list | None = None) -> dict[int, list[TokenEvent]]:
+               prefix_cache_bytes: int = 0, order: list | None = None, speculator=None) -> dict[int, list[TokenEvent]]:
     """Submit every prompt before the engine starts (so what happens is decided by the engine, not by
     timing), run to the end; each choice's token events, by choice index (prompt k numbered from 10 k)."""
-    engine = Engine(lm, max_batch=8, prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes)
+    engine = Engine(lm, max_batch=8, prefill_chunk=prefill_chunk, prefix_cache_bytes=prefix_cache_bytes,
+                    speculator=speculator)
 
     async def main():
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -102,6 +103,18 @@ def test_chunked_prefill_of_a_sliding_window_model(tokenizer, one_thread):
     greedy = dict(max_new_tokens=8, temperature=0.0, logprobs=True, top_logprobs=2)
     same_streams(run_engine(windowed, prompts, prefill_chunk=0, settings=greedy),
                  run_engine(windowed, prompts, prefill_chunk=CHUNK, settings=greedy))
+
+
+def test_chunked_prefill_with_speculative_decoding(lm, tokenizer, one_thread):
+    """A long prompt that joins the batch after its chunks is speculated on like any other row."""
+    from scribelm.generate import make_speculator
+
+    prompts = prompts_of(tokenizer)
+    greedy = dict(max_new_tokens=10, temperature=0.0)
+    plain = run_engine(lm, prompts, prefill_chunk=0, settings=greedy)
+    speculated = run_engine(lm, prompts, prefill_chunk=CHUNK, settings=greedy,
+                            speculator=make_speculator(lm, "prompt_lookup", num_draft=3))
+    assert {i: [e.token_id for e in s] for i, s in plain.items()} == {i: [e.token_id for e in s] for i, s in speculated.items()}
 
 
 def test_chunked_prefill_with_a_cached_prefix(lm, tokenizer, one_thread):
