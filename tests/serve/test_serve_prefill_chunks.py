@@ -186,8 +186,11 @@ def test_server_streams_the_same_answers_with_and_without_chunks(tmp_path, token
         assert torch.allclose(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-5)
 
 
-def test_prefill_chunk_must_not_be_negative(lm):
+def test_prefill_chunk_must_not_be_negative(lm, tmp_path):
     from scribelm.errors import ScribeError
+    from tests.serving import run_scribe_serve
 
     with pytest.raises(ScribeError, match="prefill_chunk"):
         Engine(lm, prefill_chunk=-1)
+    done = run_scribe_serve(str(lm.save(tmp_path / "m")), "--port", "0", "--prefill-chunk", "-1")
+    assert done.returncode == 2 and "error: --prefill-chunk must be 0" in done.stderr and "Traceback" not in done.stderr
