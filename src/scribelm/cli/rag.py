@@ -47,6 +47,8 @@ def register(subparsers) -> None:
                    help="token budget of the prompt (default: the model's context minus room for the answer)")
     q.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template if the model has none: chatml, llama3, mistral, or a Jinja file")
+    q.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="re-order the best N passages by the answering model's log p(question | passage)")
     q.add_argument("--show-context", action="store_true", help="print exactly what the model sees before the answer")
     q.add_argument("--json", action="store_true", help="print the answer, the cited sources and the context as JSON")
     from scribelm.cli.generate import add_sampling_arguments
@@ -124,6 +126,10 @@ def run_ask(args) -> int:
         if apply_fallback_template(lm.tokenizer, template) == template.name and template.stop and "stop" not in settings:
             settings["stop"] = list(template.stop)
     hits = index.search(args.question, k=args.k, mode=args.mode)
+    if args.rerank:
+        from scribelm.rag import rerank
+
+        hits = rerank(args.question, hits, lm, top=args.rerank)
     answer_tokens = min(resolve_settings(lm, **settings).max_new_tokens, lm.config.context_length // 2)
     messages, used = grounded_messages(args.question, hits, lm, args.max_context_tokens, answer_tokens=answer_tokens)
     if args.show_context and not args.json:
