@@ -66,6 +66,10 @@ def test_update_embeds_only_new_or_changed_files(tmp_path, minilm):
     reopened = rag.open_index(tmp_path / "idx", embedder=minilm)
     assert reopened.search("carried by train", k=1)[0].chunk.text == "It is carried down by train now."
     assert "keeper" not in " ".join(c.text for c in reopened.chunks)
+    inside = rag.build_index(docs / "index", [docs], embedder=minilm, chunk_tokens=8, overlap=0)
+    inside = rag.build_index(docs / "index", [docs], embedder=minilm)  # again: its own files are not documents
+    assert inside.last_report.chunks_embedded == 0 and not inside.last_report.added
+    assert not [c for c in inside.chunks if "/index/" in c.source]
 
 
 def test_another_embedder_is_refused(index, answering_lm, tmp_path):

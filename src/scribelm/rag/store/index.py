@@ -186,7 +186,8 @@ class Index:
         """Index new and changed files under `sources`, drop files gone from them, and swap the
         new directory in; returns what changed (also kept as `last_report`)."""
         report = AddReport()
-        files = find_files(list(sources))
+        own = self.path.resolve()
+        files = [f for f in find_files(list(sources)) if not f.is_relative_to(own)]  # never the index itself
         previous = self.manifest["files"]
         given_dirs = [Path(s).expanduser().resolve() for s in sources if Path(s).expanduser().is_dir()]
         counter = None
