@@ -48,7 +48,7 @@ DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP = 200, 40
 MANIFEST, CHUNKS, BM25_DIR, DENSE_FILE = "index.json", "chunks.jsonl", "bm25", "dense.faiss"
 
 
-class IndexError_(ScribeError):
+class RetrievalIndexError(ScribeError):
     """An index directory that is missing, not an index, or used with the wrong embedder."""
 
 
@@ -142,7 +142,7 @@ class Index:
         if self._embedder is None:
             info = self.manifest["embedder"]
             if info.get("source") is None:
-                raise IndexError_(f"{self.path} was built with an embedder given in memory ({info['name']}); "
+                raise RetrievalIndexError(f"{self.path} was built with an embedder given in memory ({info['name']}); "
                                   "open it with open_index(path, embedder=that model)")
             lm, _, _ = load_embedder(info["source"])
             _check_embedder(self.path, info, fingerprint(lm), info["source"])
@@ -267,7 +267,7 @@ class Index:
             try:
                 tok, _ = _resolve_tokenizer(name, None)
             except ScribeError:
-                raise IndexError_(f"{self.path} counts chunk sizes with the tokenizer {name!r}, which cannot be "
+                raise RetrievalIndexError(f"{self.path} counts chunk sizes with the tokenizer {name!r}, which cannot be "
                                   "loaded from here; pass it (tokenizer=, --tokenizer)") from None
             return tok
         return _resolve_tokenizer(tokenizer, None)[0]
@@ -303,20 +303,20 @@ def _write(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]], bm2
 
 def _check_embedder(path: Path, info: dict[str, Any], digest: str, given: str) -> None:
     if digest != info["hash"]:
-        raise IndexError_(f"{path} was built with the embedder {info['name']} (sha256 {info['hash'][:12]}), "
+        raise RetrievalIndexError(f"{path} was built with the embedder {info['name']} (sha256 {info['hash'][:12]}), "
                           f"not {given} (sha256 {digest[:12]}): their vectors cannot be compared; "
                           "use the same embedder or build a new index")
 
 
 def _read(path: Path, embedder=None) -> Index:
     if not path.is_dir():
-        raise IndexError_(f"{path} is not an index directory (build one with `scribe rag add {path} FILES...`)")
-    manifest = read_json_object(path / MANIFEST, IndexError_, missing=f"{path} is not a scribelm retrieval index "
+        raise RetrievalIndexError(f"{path} is not an index directory (build one with `scribe rag add {path} FILES...`)")
+    manifest = read_json_object(path / MANIFEST, RetrievalIndexError, missing=f"{path} is not a scribelm retrieval index "
                                 f"(no {MANIFEST}); build one with `scribe rag add`")
     if manifest.get("format") != FORMAT:
-        raise IndexError_(f"{path / MANIFEST} is not a scribelm retrieval index manifest")
+        raise RetrievalIndexError(f"{path / MANIFEST} is not a scribelm retrieval index manifest")
     if manifest.get("version") != VERSION:
-        raise IndexError_(f"{path} is an index of format version {manifest.get('version')}; this scribelm reads {VERSION}")
+        raise RetrievalIndexError(f"{path} is an index of format version {manifest.get('version')}; this scribelm reads {VERSION}")
     lm = None
     if embedder is not None:
         lm, name, _ = load_embedder(embedder)
@@ -349,14 +349,14 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
         index = _read(path, embedder)
         for name, value in (("chunk_tokens", chunk_tokens), ("overlap", overlap)):
             if value is not None and value != index.manifest[name]:
-                raise IndexError_(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
+                raise RetrievalIndexError(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
                                   "build a new index to change how documents are chunked")
         index.add(sources, tokenizer=tokenizer)
         return index
     try:
         claim_output_directory(path, kind="retrieval index")
     except OutputError as err:
-        raise IndexError_(str(err)) from None
+        raise RetrievalIndexError(str(err)) from None
     chunk_tokens = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     overlap = min(DEFAULT_OVERLAP, chunk_tokens // 4) if overlap is None else overlap
     check_sizes(chunk_tokens, overlap)
