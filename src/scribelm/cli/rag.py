@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     a.add_argument("--overlap", type=int, default=None, help="tokens repeated between chunks (default 40)")
     a.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="count chunk sizes with this model's tokenizer (the answering model's); default the embedder's")
+    a.add_argument("--device", default="cpu", help="where the embedder runs: cpu, cuda, mps, auto")
     a.set_defaults(handler=run_add)
 
     s = verbs.add_parser("search", help="print the best chunks for a query")
@@ -36,6 +37,7 @@ def register(subparsers) -> None:
     s.add_argument("query")
     _search_arguments(s)
     s.add_argument("--json", action="store_true", help="a JSON list of hits, best first")
+    s.add_argument("--device", default="cpu", help="where the embedder runs")
     s.set_defaults(handler=run_search)
 
     q = verbs.add_parser("ask", help="answer a question from the index, citing the sources")
@@ -63,6 +65,7 @@ def register(subparsers) -> None:
     e.add_argument("--mode", action="append", choices=("bm25", "dense", "hybrid"), default=None,
                    help="repeatable; default all three")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="cpu", help="where the embedder runs")
     e.set_defaults(handler=run_eval)
 
 
@@ -80,7 +83,7 @@ def run_add(args) -> int:
     from scribelm.rag import build_index
 
     index = build_index(args.index, args.paths, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                        overlap=args.overlap, tokenizer=args.tokenizer)
+                        overlap=args.overlap, tokenizer=args.tokenizer, device=args.device)
     report = index.last_report
     for path, why in report.skipped:
         err_console.print(f"skipped {path}: {why}", markup=False, soft_wrap=True)
@@ -93,7 +96,7 @@ def run_add(args) -> int:
 def run_search(args) -> int:
     from scribelm.rag import open_index
 
-    hits = open_index(args.index).search(args.query, k=args.k, mode=args.mode)
+    hits = open_index(args.index, device=args.device).search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print_json([hit.to_dict() for hit in hits])
         return 0
@@ -118,7 +121,7 @@ def run_ask(args) -> int:
         from scribelm.chat_templates import resolve_chat_template
 
         template = resolve_chat_template(args.chat_template)
-    index = open_index(args.index)
+    index = open_index(args.index, device=args.device)
     lm = load_model(args.model, args.device, args.adapter)
     if template is not None:
         from scribelm.chat_templates import apply_fallback_template
@@ -169,7 +172,7 @@ def run_eval(args) -> int:
     from scribelm.rag.evaluate import evaluate, read_queries
 
     queries = read_queries(args.queries)
-    results, _ = evaluate(open_index(args.index), queries, k=args.k, modes=tuple(args.mode or ("bm25", "dense", "hybrid")))
+    results, _ = evaluate(open_index(args.index, device=args.device), queries, k=args.k, modes=tuple(args.mode or ("bm25", "dense", "hybrid")))
     if args.json:
         print_json({"queries": len(queries), "k": args.k, "results": results})
         return 0

@@ -122,8 +122,8 @@ class Index:
     """An opened index directory (see the module docstring). Build with `build_index`, open with `open_index`."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]],
-                 bm25: BM25Index | None, dense: DenseIndex | None, embedder=None) -> None:
-        self.path, self.manifest, self.rows = path, manifest, rows
+                 bm25: BM25Index | None, dense: DenseIndex | None, embedder=None, device: str = "cpu") -> None:
+        self.path, self.manifest, self.rows, self.device = path, manifest, rows, device
         self.chunks = [_chunk(row) for row in rows if not row.get("duplicate")]
         self.bm25, self.dense = bm25, dense
         self._embedder = embedder
@@ -144,7 +144,7 @@ class Index:
             if info.get("source") is None:
                 raise RetrievalIndexError(f"{self.path} was built with an embedder given in memory ({info['name']}); "
                                   "open it with open_index(path, embedder=that model)")
-            lm, _, _ = load_embedder(info["source"])
+            lm, _, _ = load_embedder(info["source"], self.device)
             _check_embedder(self.path, info, fingerprint(lm), info["source"])
             self._embedder = lm
         return self._embedder
@@ -254,7 +254,7 @@ class Index:
         manifest = {**self.manifest, "files": dict(sorted(files_info.items())), "chunks": len(searchable),
                     "duplicates": len(all_rows) - len(searchable), "dense": {"kind": dense.kind, "vectors": len(dense)}}
         _write(self.path, manifest, all_rows, bm25, dense)
-        self.__init__(self.path, manifest, all_rows, bm25, dense, self._embedder)
+        self.__init__(self.path, manifest, all_rows, bm25, dense, self._embedder, self.device)
         report.chunks, report.duplicates = len(searchable), manifest["duplicates"]
         self.last_report = report
         return report
@@ -308,7 +308,7 @@ def _check_embedder(path: Path, info: dict[str, Any], digest: str, given: str) -
                           "use the same embedder or build a new index")
 
 
-def _read(path: Path, embedder=None) -> Index:
+def _read(path: Path, embedder=None, device: str = "cpu") -> Index:
     if not path.is_dir():
         raise RetrievalIndexError(f"{path} is not an index directory (build one with `scribe rag add {path} FILES...`)")
     manifest = read_json_object(path / MANIFEST, RetrievalIndexError, missing=f"{path} is not a scribelm retrieval index "
@@ -319,25 +319,26 @@ def _read(path: Path, embedder=None) -> Index:
         raise RetrievalIndexError(f"{path} is an index of format version {manifest.get('version')}; this scribelm reads {VERSION}")
     lm = None
     if embedder is not None:
-        lm, name, _ = load_embedder(embedder)
+        lm, name, _ = load_embedder(embedder, device)
         _check_embedder(path, manifest["embedder"], fingerprint(lm), name)
     rows = []
     if manifest.get("chunks"):
         with open(path / CHUNKS, encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle]
-        return Index(path, manifest, rows, BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE), lm)
-    return Index(path, manifest, rows, None, None, lm)
+        return Index(path, manifest, rows, BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE), lm, device)
+    return Index(path, manifest, rows, None, None, lm, device)
 
 
-def open_index(path: str | os.PathLike, embedder=None) -> Index:
+def open_index(path: str | os.PathLike, embedder=None, *, device: str = "cpu") -> Index:
     """Open an index directory. `embedder` (optional: "minilm", a MODEL string or an LM) must be
     the one the index was built with, else a ScribeError; without it the recorded one is
-    loaded when a dense search first needs it."""
-    return _read(Path(path).expanduser(), embedder)
+    loaded (on `device`) when a dense search first needs it."""
+    return _read(Path(path).expanduser(), embedder, device)
 
 
 def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, embedder=None,
-                chunk_tokens: int | None = None, overlap: int | None = None, tokenizer=None) -> Index:
+                chunk_tokens: int | None = None, overlap: int | None = None, tokenizer=None,
+                device: str = "cpu") -> Index:
     """Create the index at `path` from `sources` (files and folders), or update the index
     already there with them (see `Index.add`). `embedder`: "minilm" (the default for a new
     index), a MODEL string or an LM; an existing index keeps its own and refuses another. `tokenizer` counts chunk sizes: None for the
@@ -346,7 +347,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if (path / MANIFEST).is_file():
-        index = _read(path, embedder)
+        index = _read(path, embedder, device)
         for name, value in (("chunk_tokens", chunk_tokens), ("overlap", overlap)):
             if value is not None and value != index.manifest[name]:
                 raise RetrievalIndexError(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
@@ -361,7 +362,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
     overlap = min(DEFAULT_OVERLAP, chunk_tokens // 4) if overlap is None else overlap
     check_sizes(chunk_tokens, overlap)
     find_files(list(sources))  # a bad path fails before the embedder loads
-    lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER)
+    lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER, device)
     _, tokenizer_name = _resolve_tokenizer(tokenizer, lm)
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -369,7 +370,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
         "tokenizer": tokenizer_name, "chunk_tokens": chunk_tokens, "overlap": overlap,
         "bm25": BM25_DESCRIPTION, "rrf_k": RRF_K, "dense": None, "files": {}, "chunks": 0, "duplicates": 0,
     }
-    index = Index(path, manifest, [], None, None, lm)
+    index = Index(path, manifest, [], None, None, lm, device)
     index.add(sources, tokenizer=tokenizer)
     return index
 
