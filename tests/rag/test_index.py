@@ -91,6 +91,13 @@ def test_bad_inputs_get_one_line_errors(tmp_path, minilm):
     assert not (tmp_path / "i2").exists()
     with pytest.raises(ScribeError, match="not a scribelm retrieval index"):
         rag.open_index(tmp_path / "junk")
+    (tmp_path / "note.txt").write_text("One short note.")
+    built = rag.build_index(tmp_path / "ok", [tmp_path / "junk", tmp_path / "note.txt"], embedder=minilm)
+    assert len(built) == 1 and len(built.last_report.skipped) == 2
+    damaged = shutil.copytree(built.path, tmp_path / "damaged")
+    (damaged / "dense.faiss").write_bytes(b"not faiss")
+    with pytest.raises(ScribeError, match="is damaged"):
+        rag.open_index(damaged)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("my own file")
     with pytest.raises(ScribeError, match="not written by scribelm"):

@@ -321,12 +321,20 @@ def _read(path: Path, embedder=None, device: str = "cpu") -> Index:
     if embedder is not None:
         lm, name, _ = load_embedder(embedder, device)
         _check_embedder(path, manifest["embedder"], fingerprint(lm), name)
-    rows = []
-    if manifest.get("chunks"):
+    if not manifest.get("chunks"):
+        return Index(path, manifest, [], None, None, lm, device)
+    try:
         with open(path / CHUNKS, encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle]
-        return Index(path, manifest, rows, BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE), lm, device)
-    return Index(path, manifest, rows, None, None, lm, device)
+        bm25, dense = BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE)
+        index = Index(path, manifest, rows, bm25, dense, lm, device)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # faiss reports a bad file as RuntimeError
+        raise RetrievalIndexError(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                                  "rebuild it with `scribe rag add` into a new directory") from None
+    if not len(index.chunks) == len(dense) == manifest["chunks"]:
+        raise RetrievalIndexError(f"{path} is damaged (its files disagree on the number of chunks); "
+                                  "rebuild it with `scribe rag add` into a new directory")
+    return index
 
 
 def open_index(path: str | os.PathLike, embedder=None, *, device: str = "cpu") -> Index:
