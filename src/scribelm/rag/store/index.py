@@ -18,7 +18,7 @@ folder being re-added are dropped from the index.
 
 Searching: "bm25" ranks by BM25, "dense" by cosine similarity of embeddings, "hybrid"
 fuses the two rankings (each cut at `candidates`) by reciprocal rank. Every hit carries
-the scores known for it: BM25 always, cosine whenever the embedder was loaded, RRF in hybrid.
+the scores known for it: BM25 always, the cosine in dense and hybrid, RRF in hybrid.
 """
 
 from __future__ import annotations
