@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 from scribelm.cli.common import console, err_console, print_json
-from scribelm.errors import ScribeError
 
 
 def register(subparsers) -> None:
