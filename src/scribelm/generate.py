@@ -73,6 +73,13 @@ class Completion:
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: sum(logprob) / length ** length_penalty
+    draft_tokens: int | None = None  # speculative decoding: tokens guessed for this row
+    accepted_draft_tokens: int | None = None  # ... and how many of them the model kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative decoding: the share of drafted tokens kept (None without speculation or drafts)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +132,7 @@ class BatchGeneration:
         extra_stop_ids: Sequence[int] = (),
         seed_offsets: Sequence[int] | None = None,
         compile: bool = False,
+        speculator=None,
     ) -> None:
         if not prompts:
             raise ScribeError("no prompts to generate from")
@@ -165,6 +173,10 @@ class BatchGeneration:
         self.completions: list[Completion | None] = [None] * len(prompts)
         self._started = False
         self._step = None  # the decode step: `feed` (eager), or one compiled graph (compile=True)
+        #: A `scribelm.speculative.Speculator`: after the first token, each step guesses and checks several.
+        self.speculator = speculator
+        if speculator is not None:
+            _check_speculation(model, speculator, self.settings, compile)
         if compile:
             from scribelm.compiled_decode import compiled_step_for
 
@@ -200,20 +212,28 @@ class BatchGeneration:
             cache_length = static_cache_length(cache_length, self.context)
         # a sliding-window model keeps only its window (RollingKVCache); the compiled step writes by position
         cache = self.cache = new_cache(self.model.config, len(self.rows), cache_length, device=self.device,
-                                       dtype=_model_dtype(self.model), rolling=self._step is None)
+                                       dtype=_model_dtype(self.model),
+                                       rolling=self._step is None and self.speculator is None)  # speculation sets rows back
         logits = prefill(self.model, cache, 0, self.prompts)
+        stepped = None  # a speculative step's events (several tokens per row), else the step below
         while True:
-            room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
-                    for b, row in enumerate(self.rows)]
-            running = [b for b, row in enumerate(self.rows) if not row.done]
-            stepped = decode_step([self.rows[b] for b in running], logits[running] if len(running) < len(self.rows) else logits,
-                                  [room[b] for b in running])
+            if stepped is None:
+                room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
+                        for b, row in enumerate(self.rows)]
+                running = [b for b, row in enumerate(self.rows) if not row.done]
+                stepped = decode_step([self.rows[b] for b in running],
+                                      logits[running] if len(running) < len(self.rows) else logits,
+                                      [room[b] for b in running])
             for row, event in stepped:
                 if event.finished:
                     self._complete(row)
             yield [event for _, event in stepped]
             if all(row.done for row in self.rows):
                 return
+            if self.speculator is not None:
+                stepped = self.speculator.step(self.model, cache, self.rows)
+                continue
+            stepped = None
             self._slide_full_rows()
             finished = [b for b, row in enumerate(self.rows) if row.done]
             for b in finished:  # a finished row is fed too (one batch), at a position that stays put
@@ -242,7 +262,40 @@ class BatchGeneration:
             stop_reason=row.stop_reason,
             prompt_tokens=len(row.prompt_ids),
             logprobs=row.logprobs,
+            draft_tokens=row.draft_tokens if self.speculator is not None else None,
+            accepted_draft_tokens=row.accepted_draft_tokens if self.speculator is not None else None,
         )
+
+
+def _check_speculation(model, speculator, settings: Sequence[SamplingSettings], compile: bool) -> None:
+    from scribelm.speculative import SpeculationError
+
+    if compile:
+        raise SpeculationError("speculative decoding runs eagerly; drop compile (--compile)")
+    if any(s.context_overflow == "slide" for s in settings):
+        raise SpeculationError("speculative decoding does not combine with a sliding context (--slide)")
+    speculator.check(model)
+
+
+def make_speculator(lm, speculative: str | None = None, draft=None, num_draft: int | None = None):
+    """A `Speculator` for LM-level calls: speculative "prompt_lookup" | "draft" (a draft `LM`, or
+    its model); draft alone means "draft"; None and no draft: no speculation."""
+    from scribelm.speculative import SpeculationError, Speculator, method_name
+
+    method = method_name(speculative)
+    if method is None and draft is None:
+        if num_draft is not None:
+            raise SpeculationError("num_draft is for speculative decoding; say speculative='prompt_lookup' or give a draft")
+        return None
+    method = method or "draft"
+    draft_model = getattr(draft, "model", draft)
+    if draft is not None and lm.tokenizer is not None and getattr(draft, "tokenizer", None) is not None:
+        if draft.tokenizer.vocab_size != lm.tokenizer.vocab_size:
+            raise SpeculationError(f"the draft model's tokenizer has {draft.tokenizer.vocab_size} tokens, the model's "
+                                   f"{lm.tokenizer.vocab_size}; a draft model must share the tokenizer")
+    if draft_model is not None:
+        draft_model.eval()
+    return Speculator(method, num_draft if num_draft is not None else 5, draft_model=draft_model)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -415,13 +468,25 @@ def generate(
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
     compile: bool = False,
+    speculative: str | None = None,
+    draft=None,
+    num_draft: int | None = None,
     **overrides: Any,
 ):
     """Text in, text out; a list in, a list out (a list of ints is one prompt of token
     ids). With num_return_sequences > 1 each prompt gives a list. return_details=True
     gives `Completion`s instead of str. compile=True runs each decode step as one
-    compiled graph (`scribelm.compiled_decode`; the first call compiles)."""
+    compiled graph (`scribelm.compiled_decode`; the first call compiles).
+    speculative="prompt_lookup", or draft=a smaller LM with the same tokenizer: guess
+    up to num_draft tokens per step and check them in one pass (`scribelm.speculative`);
+    the same tokens (greedy) or the same distribution (sampling), sooner."""
     s = resolve_settings(lm, settings, **overrides)
+    speculator = make_speculator(lm, speculative, draft, num_draft)
+    if speculator is not None and (s.num_beams > 1 or getattr(lm.model, "is_encoder_decoder", False)):
+        from scribelm.speculative import SpeculationError
+
+        raise SpeculationError("speculative decoding is for sampling and greedy decoding with a decoder-only model, "
+                               "not beam search or encoder-decoder models")
     single = isinstance(prompt_or_prompts, str) or (
         isinstance(prompt_or_prompts, Sequence) and len(prompt_or_prompts) > 0
         and all(isinstance(i, int) for i in prompt_or_prompts)
@@ -449,7 +514,8 @@ def generate(
         rows = [p for p in ids for _ in range(n)]
         offsets = [i for _ in ids for i in range(n)]
         done = BatchGeneration(lm.model, lm.tokenizer, rows, s, skip_special_tokens=skip_special_tokens,
-                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets, compile=compile).run()
+                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets, compile=compile,
+                               speculator=speculator).run()
         per_prompt = [done[i * n:(i + 1) * n] for i in range(len(ids))]
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
@@ -507,11 +573,15 @@ def stream(
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
     compile: bool = False,
+    speculative: str | None = None,
+    draft=None,
+    num_draft: int | None = None,
     **overrides: Any,
 ) -> Iterator[str]:
     """Yield the text of one generation piece by piece; concatenated, it equals `generate`'s text.
     Bad settings or prompts raise here, before the first piece is asked for."""
     s = resolve_settings(lm, settings, **overrides)
+    speculator = make_speculator(lm, speculative, draft, num_draft)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise SamplingError("streaming gives one sequence; use generate() for beam search or several return sequences")
     ids = prompt_token_ids(lm, prompt, add_bos)
@@ -519,7 +589,7 @@ def stream(
     if getattr(lm.model, "is_encoder_decoder", False):
         return _text_deltas(seq2seq_generation(lm, ids, s, extra_stop_ids, skip_special_tokens))
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
-                          extra_stop_ids=extra_stop_ids, compile=compile)
+                          extra_stop_ids=extra_stop_ids, compile=compile, speculator=speculator)
     return _text_deltas(gen)
 
 
