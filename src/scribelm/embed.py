@@ -16,6 +16,13 @@ module's config.json, the Normalize module, sentence_bert_config.json's max_seq_
 Texts are encoded with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT),
 truncated to the maximum length, sorted by length so each batch pads little, and the
 vectors come back in the order the texts were given.
+
+Speed: `dtype="bfloat16"` runs a bfloat16 copy of the model (made once and kept while the
+weights are unchanged). On CPUs with native bfloat16 matrix units (Intel AMX, AVX512-BF16)
+this is several times faster than float32, and the unit vectors stay within a cosine of
+about 0.9998 of the float32 ones; elsewhere bfloat16 is emulated and slower, so
+`dtype="auto"` picks it only where the CPU has it. Small batches (8-16 texts) keep the
+activations in cache and are fastest on CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from scribelm.errors import CheckpointError, ScribeError
 from scribelm.io import read_json_object
 
 POOLINGS = ("mean", "cls", "max", "last")
+EMBED_DTYPES = ("auto", "float32", "bfloat16")
 
 # sentence-transformers' Pooling config keys -> ours
 _POOLING_KEYS = {
@@ -114,6 +123,46 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX or AVX512-BF16)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_embed_dtype(dtype, model) -> torch.dtype:
+    """The dtype `embed` computes in: None keeps the model's own; "auto" is bfloat16 for a
+    float32 model on a CPU with native bfloat16, else the model's own."""
+    own = next(model.parameters()).dtype
+    if dtype is None:
+        return own
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in EMBED_DTYPES:
+        raise ScribeError(f"unknown embedding dtype {dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
+    if dtype == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return torch.bfloat16 if own == torch.float32 and on_cpu and native_bfloat16_cpu() else own
+    return getattr(torch, dtype)
+
+
+# model -> (dtype, the weights' identity and versions, copy in that dtype)
+_CASTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_in(model, dtype: torch.dtype):
+    """`model` itself, or a copy of it in `dtype`, kept until the model's weights change
+    (an in-place update bumps a tensor's version; a reassignment changes its storage)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    state = tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+    kept = _CASTS.get(model)
+    if kept is not None and kept[0] == dtype and kept[1] == state:
+        return kept[2]
+    copy = deepcopy(model).to(dtype).eval()
+    _CASTS[model] = (dtype, state, copy)
+    return copy
+
+
 # tokenizer -> {(its backend, vocabulary size, max_length, truncate): configured copy}
 _BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -156,7 +205,7 @@ def _embedding_model(lm):
 
 @torch.inference_mode()
 def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: bool = True,
-          batch_size: int = 32) -> torch.Tensor:
+          batch_size: int = 32, dtype: str | torch.dtype | None = None) -> torch.Tensor:
     """(N, C) float32 embeddings of `texts` (see the module docstring and `LM.embed`)."""
     if isinstance(texts, str):
         texts = [texts]
@@ -169,14 +218,16 @@ def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: 
     if pooling is not None and pooling not in POOLINGS:
         raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     encoded = embedding_ids(lm, list(texts))[0] if texts else []
-    return embed_ids(lm, encoded, pooling=pooling, normalize=normalize, batch_size=batch_size)
+    return embed_ids(lm, encoded, pooling=pooling, normalize=normalize, batch_size=batch_size, dtype=dtype)
 
 
 @torch.inference_mode()
 def embed_ids(lm, encoded: list[list[int]], *, pooling: str | None = None, normalize: bool = True,
-              batch_size: int = 32) -> torch.Tensor:
-    """(N, C) float32 embeddings of already tokenized texts (ids used as given)."""
+              batch_size: int = 32, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+    """(N, C) float32 embeddings of already tokenized texts (ids used as given). `dtype`: what
+    the model computes in (None: its own; "auto", "float32", "bfloat16"; see the module docstring)."""
     model = _embedding_model(lm)
+    model = _model_in(model, resolve_embed_dtype(dtype, model))
     config = model.config
     sentence = getattr(lm, "sentence_config", None) or {}
     if pooling is None:

@@ -71,13 +71,14 @@ class LM:
         return chat(self, messages, stream=stream, **settings)
 
     def embed(self, texts: str | list[str], *, pooling: str | None = None, normalize: bool = True,
-              batch_size: int = 32) -> torch.Tensor:
+              batch_size: int = 32, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """(N, C) float32 sentence embeddings. pooling: "mean", "cls", "max" or "last"; None
         follows the directory's sentence-transformers config, else mean for encoders and
-        last-token for decoders (see `scribelm.embed`)."""
+        last-token for decoders (see `scribelm.embed`). dtype: what the model computes in —
+        None its own, "float32", "bfloat16", or "auto" (bfloat16 on CPUs that have it natively)."""
         from scribelm.embed import embed
 
-        return embed(self, texts, pooling=pooling, normalize=normalize, batch_size=batch_size)
+        return embed(self, texts, pooling=pooling, normalize=normalize, batch_size=batch_size, dtype=dtype)
 
     def apply_adapter(self, directory: str | os.PathLike) -> "LM":
         """Put saved LoRA adapters (a `scribe finetune lora` result, or a peft adapter

@@ -43,9 +43,10 @@ def test_bm25_equals_bm25s_and_the_lucene_formula(index):
 
 
 def test_dense_top10_equals_numpy_brute_force(index, minilm):
-    vectors = minilm.embed([chunk.text for chunk in index.chunks]).numpy()
+    dtype = index.embed_dtype  # bfloat16 on CPUs that have it natively, else float32
+    vectors = minilm.embed([chunk.text for chunk in index.chunks], dtype=dtype).numpy()
     for query in QUERIES:
-        q = minilm.embed([query]).numpy()[0]
+        q = minilm.embed([query], dtype=dtype).numpy()[0]
         cosine = vectors @ q / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(q))
         expected = np.argsort(-cosine, kind="stable")[:10]
         hits = index.search(query, k=10, mode="dense")

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     a.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="count chunk sizes with this model's tokenizer (the answering model's); default the embedder's")
     a.add_argument("--device", default="cpu", help="where the embedder runs: cpu, cuda, mps, auto")
+    a.add_argument("--embed-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                   help="what the embedder computes in; auto (default for a new index): bfloat16 on CPUs with "
+                        "native bfloat16 (AMX, AVX512-BF16), else float32. Recorded: queries embed the same way")
     a.set_defaults(handler=run_add)
 
     s = verbs.add_parser("search", help="print the best chunks for a query")
@@ -82,7 +85,8 @@ def run_add(args) -> int:
     from scribelm.rag import build_index
 
     index = build_index(args.index, args.paths, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                        overlap=args.overlap, tokenizer=args.tokenizer, device=args.device)
+                        overlap=args.overlap, tokenizer=args.tokenizer, device=args.device,
+                        embed_dtype=args.embed_dtype)
     report = index.last_report
     for path, why in report.skipped:
         err_console.print(f"skipped {path}: {why}", markup=False, soft_wrap=True)

