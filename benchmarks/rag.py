@@ -67,15 +67,13 @@ def bench_indexing(args, work: Path) -> None:
     docs = work / "docs"
     docs.mkdir()
     rows, words = [], args.chunk_tokens * 3 // 4  # ~0.75 words per MiniLM token for this text
-    for chapter in chapters:
-        text = chapter.split("\n", 1)[1]
-        tokens = text.split()
-        for start in range(0, len(tokens), words):
-            rows.append(" ".join(tokens[start:start + words]))
-            if len(rows) == args.index_chunks:
-                break
-        if len(rows) == args.index_chunks:
-            break
+    offsets = iter(range(0, words, max(1, words // 4)))  # the Bible holds ~7,000 such chunks: then shift and go again
+    while len(rows) < args.index_chunks:
+        offset = next(offsets)
+        for chapter in chapters:
+            tokens = chapter.split("\n", 1)[1].split()
+            rows.extend(" ".join(tokens[start:start + words]) for start in range(offset, len(tokens), words))
+    rows = list(dict.fromkeys(rows))[: args.index_chunks]
     # one JSONL row per chunk-sized document, so the index holds `index_chunks` chunks
     (docs / "kjv.jsonl").write_text("".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
     lm = scribelm.load(minilm_path())
@@ -170,6 +168,7 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it comes, also into a file
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_indexing:
