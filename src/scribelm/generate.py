@@ -133,7 +133,10 @@ class BatchGeneration:
         seed_offsets: Sequence[int] | None = None,
         compile: bool = False,
         speculator=None,
+        defer_text: bool = False,
     ) -> None:
+        """`defer_text`: rows without stop strings decode their text once, at the end (their
+        events carry '' until the last, which carries it all): for callers that stream nothing."""
         if not prompts:
             raise ScribeError("no prompts to generate from")
         if isinstance(settings, SamplingSettings):
@@ -167,7 +170,8 @@ class BatchGeneration:
         skip = tokenizer.special_ids if (tokenizer is not None and skip_special_tokens) else set()
         self.rows = [
             DecodeRow(b, p, s, tokenizer=tokenizer, vocab_size=config.vocab_size, device=self.device,
-                      stop_ids=extra_stop_ids, skip_ids=skip, seed_offset=o, record_logprobs=True)
+                      stop_ids=extra_stop_ids, skip_ids=skip, seed_offset=o, record_logprobs=True,
+                      defer_text=defer_text)
             for b, (p, s, o) in enumerate(zip(self.prompts, self.settings, offsets))
         ]
         self.completions: list[Completion | None] = [None] * len(prompts)

@@ -278,7 +278,7 @@ class RowSampler:
         """The next number in [0, 1) of this row's own stream (float64, from its generator,
         `UNIFORM_BLOCK` at a time: one generator call per block, not per token)."""
         if not self._uniforms:
-            block = torch.rand(UNIFORM_BLOCK, dtype=_wide(self.device), generator=self.generator, device=self.device)
+            block = torch.rand(UNIFORM_BLOCK, dtype=_wide(self.device.type), generator=self.generator, device=self.device)
             self._uniforms = block.tolist()[::-1]
         return self._uniforms.pop()
 
@@ -387,9 +387,9 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
-def _wide(device: torch.device) -> torch.dtype:
+def _wide(device_type: str) -> torch.dtype:
     """float64 for the draw's uniforms and cumulative sums, where the device has it (MPS has not)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+    return torch.float32 if device_type == "mps" else torch.float64
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -402,16 +402,17 @@ def sample(processed: torch.Tensor, raw: torch.Tensor, uniforms: torch.Tensor) -
     first id whose cumulative probability exceeds uniforms[b] (B,) x its total. A row that is no
     distribution (every token removed, NaN from a broken model) takes the most likely token of
     its raw logits instead: never an error."""
-    V = processed.shape[-1]
     probs = finite_logits(processed.float()).softmax(-1)  # (B, V)
-    cdf = probs.to(_wide(probs.device)).cumsum(-1)  # (B, V) float64: a token of tiny mass keeps its own interval
+    cdf = probs.to(uniforms.dtype).cumsum(-1)  # (B, V) float64: a token of tiny mass keeps its own interval
     total = cdf[:, -1]  # (B,) 1 up to rounding; NaN or 0 when there is no distribution
-    chosen = torch.searchsorted(cdf, (uniforms.to(cdf) * total)[:, None], right=True)[:, 0]  # (B,)
-    # a zero-mass token has an empty interval, so it is never chosen; u·total rounding up to the
-    # total would step past the end: the last token with mass (where the CDF first reaches it) then
-    chosen = torch.where(chosen < V, chosen, cdf.argmax(-1))
+    # the first id whose CDF exceeds the target: a zero-mass token has an empty interval, so it is
+    # never chosen; the target stays below the total (u·total may round up to it), so neither is the end
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))  # (B,)
+    chosen = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]  # (B,)
     valid = torch.isfinite(total) & (total > 0)
-    return torch.where(valid, chosen, finite_logits(raw.float()).argmax(-1))
+    if bool(valid.all()):
+        return chosen
+    return torch.where(valid, chosen.clamp(max=processed.shape[-1] - 1), finite_logits(raw.float()).argmax(-1))
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
@@ -422,8 +423,8 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Ten
     sampled = [not r.settings.is_greedy for r in rows]
     if not any(sampled):
         return greedy(processed)
-    uniforms = torch.tensor([r.uniform() if s else 0.0 for r, s in zip(rows, sampled)], dtype=_wide(logits.device),
-                            device=logits.device)  # (B,) only sampled rows advance their streams
+    uniforms = torch.tensor([r.uniform() if s else 0.0 for r, s in zip(rows, sampled)],
+                            dtype=_wide(logits.device.type), device=logits.device)  # (B,) only sampled rows advance
     drawn = sample(processed, logits, uniforms)
     if all(sampled):
         return drawn
@@ -475,6 +476,15 @@ class IncrementalDetokenizer:
             return ""
         if token_id not in self.skip_ids:
             self._pending += self._decoder.decode(self.tokenizer.token_bytes(int(token_id)))
+        return self._emit(final=False)
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Several tokens at once: the same text as pushing them one by one (the UTF-8 decoder
+        does not care where the bytes were cut), for a caller that streams nothing."""
+        if self.stopped:
+            return ""
+        data = b"".join(self.tokenizer.token_bytes(int(t)) for t in token_ids if t not in self.skip_ids)
+        self._pending += self._decoder.decode(data)
         return self._emit(final=False)
 
     def flush(self) -> str:

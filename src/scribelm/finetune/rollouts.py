@@ -91,7 +91,8 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[Sequence[int]], settings
     model.eval()
     try:
         generation = BatchGeneration(model, tokenizer, prompts, replace(settings, seed=seed),
-                                     seed_offsets=list(range(len(prompts))), extra_stop_ids=extra_stop_ids)
+                                     seed_offsets=list(range(len(prompts))), extra_stop_ids=extra_stop_ids,
+                                     defer_text=True)  # only the completions are read: no text per token
         completions = generation.run()
     finally:
         model.train(was_training)
