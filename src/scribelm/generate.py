@@ -222,8 +222,10 @@ class BatchGeneration:
         stepped = None  # a speculative step's events (several tokens per row), else the step below
         while True:
             if stepped is None:
-                room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
-                        for b, row in enumerate(self.rows)]
+                room = [True] * len(self.rows)  # the common case, in one check: no row's cache is full
+                if cache.length >= cache.max_length:
+                    room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
+                            for b, row in enumerate(self.rows)]
                 running = [b for b, row in enumerate(self.rows) if not row.done]
                 stepped = decode_step([self.rows[b] for b in running],
                                       logits[running] if len(running) < len(self.rows) else logits,
@@ -250,6 +252,8 @@ class BatchGeneration:
     def _slide_full_rows(self) -> None:
         """A running row whose cache row is full keeps only its most recent tokens: they are run
         through the model again from position 0 (all but the last, which the next step feeds)."""
+        if self.cache.length < self.cache.max_length:
+            return  # no row is full
         for b, row in enumerate(self.rows):
             if row.done or self.cache.row_length(b) < self.cache.max_length:
                 continue

@@ -415,8 +415,18 @@ def sample(processed: torch.Tensor, raw: torch.Tensor, uniforms: torch.Tensor) -
     return torch.where(valid, chosen.clamp(max=processed.shape[-1] - 1), finite_logits(raw.float()).argmax(-1))
 
 
+def _untouched(settings: SamplingSettings) -> bool:
+    """Sampled from the model's own distribution: temperature 1, no truncation, penalty or bias."""
+    return (settings.temperature == 1.0 and settings.top_k == 0 and settings.top_p >= 1.0 and settings.min_p == 0.0
+            and not settings.uses_penalties and not settings.logit_bias)
+
+
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     """Process logits (B, V) with each row's settings and pick each row's next token (B,)."""
+    distinct = {id(r.settings): r.settings for r in rows}.values()  # rows of one request share theirs
+    if all(_untouched(s) for s in distinct):  # nothing to process (`sample` copies what it changes)
+        uniforms = torch.tensor([r.uniform() for r in rows], dtype=_wide(logits.device.type), device=logits.device)
+        return sample(logits, logits, uniforms)
     if all(r.settings.is_greedy and r.seen is None and r.counts is None and r.bias is None for r in rows):
         return greedy(logits)  # plain greedy: nothing to process, no copy
     processed = process_logits(logits, rows)
