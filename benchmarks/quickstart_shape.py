@@ -1,29 +1,34 @@
-"""Let the scaling law choose the quickstart's shape: candidates compared at one FLOP budget.
+"""Let the scaling law choose the quickstart's shape: candidates side by side at one budget.
 
-The quickstart's five minutes are a compute budget: C = FLOPs per token × tokens/s × seconds of the
-current default. This study spends that same C on each candidate shape (tokens D = C / FLOPs per
-token, the cosine schedule stretched over exactly those steps), on one thread each, so the ranking
-does not depend on how busy a shared machine is, and reports validation bits per byte next to each
-shape's own tokens/s: a shape only wins if it also fits the time budget.
+The quickstart's five minutes are a compute budget. Two ways to spend it on a candidate shape:
 
-    python benchmarks/quickstart_shape.py law                       # the fitted law's ranking of shapes at C
-    python benchmarks/quickstart_shape.py probe                     # tokens/s of every candidate, side by side
-    python benchmarks/quickstart_shape.py train --fraction 0.25     # short runs at C/4, two at once
-    python benchmarks/quickstart_shape.py train --only ref,d4w128   # full C for the best few
-    python benchmarks/quickstart_shape.py quickstart --old ref      # `scribe quickstart` old vs new, side by side
+  at one FLOP budget C   tokens D = C / FLOPs per token, the cosine schedule stretched over exactly those
+                         steps (`--fraction`): what the fitted law speaks of, the `law` phase's ranking
+  at one time budget     CPU seconds on one thread (`--cpu-seconds`, the Trainer's process clock): what the
+                         quickstart can really do, since a small shape runs fewer FLOPs per second on a CPU
 
-`--flops` sets C (default: 274 s of the old default at its measured tokens/s on two idle cores,
-QUICKSTART_TOKENS_PER_S below; `probe --threads 2` remeasures it). Shapes follow the sweep's rule
-(`scaling.sweep.shape_config`: heads = width / 32 unless given, SwiGLU width ≈ 8/3 · width rounded
-to 32). The law is docs/scaling/fit.json (fitted on a 1024-token BPE; here it only ranks shapes).
-Rows are appended to --results as JSON lines and printed as a table.
+Every run trains on one thread (two or more at once, side by side), so the ranking does not depend on
+how busy a shared machine is; the table puts validation bits per byte next to each shape's tokens per
+CPU second, its FLOPs relative to the old default's, and the CPU seconds it would need to spend C.
+
+    python benchmarks/quickstart_shape.py law --results r.jsonl --cpu-seconds 60   # the law's ranking
+    python benchmarks/quickstart_shape.py train --cpu-seconds 60 --results r.jsonl  # every shape, short
+    python benchmarks/quickstart_shape.py train --cpu-seconds 60 --parallel 4 \
+        --only d2w128@lr=6e-3,d2w128@bs=8,d2w128@bs=32,d3w128                      # lr and batch
+    python benchmarks/quickstart_shape.py train --cpu-seconds 150 --parallel 3 --only ref,d2w128,d2w128@bs=8
+    python benchmarks/quickstart_shape.py quickstart --old ref   # `scribe quickstart` old vs new at once
+
+`--flops` sets C (default: the old default's FLOPs per token × QUICKSTART_TOKENS_PER_S × QUICKSTART_SECONDS).
+Shapes follow the sweep's rule (`scaling.sweep.shape_config`: heads = width / 32, SwiGLU width ≈ 8/3 ·
+width rounded to 32); `name@lr=…,bs=…` changes a candidate's peak learning rate or batch size. The law
+is docs/scaling/fit.json (fitted with a 1024-token BPE, so its loss is in other units: it only ranks).
+Rows are appended to --results as JSON lines. Results: docs/scaling/quickstart_shape.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -33,10 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The old default (4 × 256, 4 heads, MLP 768, batch 16 × 128, lr 3e-3) at two threads on the idle 2-core
-#: machine: tokens/s over its training time, and the seconds a 5-minute quickstart trains for.
-QUICKSTART_TOKENS_PER_S = 3_700
-QUICKSTART_TRAIN_SECONDS = 274
+#: The old default (4 × 256, 4 heads, MLP 768, batch 16 × 128, lr 3e-3): its measured tokens per CPU second on
+#: one thread, and the CPU seconds of the README's long comparison (less than five minutes on two idle cores).
+QUICKSTART_TOKENS_PER_S = 3_400
+QUICKSTART_SECONDS = 280
 
 # name -> override of DEFAULT_SETTINGS; "model" holds depth/width/heads/d_mlp, "train" the lr.
 CANDIDATES: dict[str, dict] = {
@@ -158,7 +163,7 @@ def law_table(flops: float, fit_path: Path, measured: dict[str, float], cpu_seco
             row["timed_tokens"] = round(measured[name] * cpu_seconds)
             row["timed_law_loss"] = round(loss(c["N"], row["timed_tokens"]), 4)
         rows.append(row)
-    return sorted(rows, key=lambda r: r.get("timed_law_loss", r["law_loss"]))
+    return sorted(rows, key=lambda r: ("timed_law_loss" not in r, r.get("timed_law_loss", r["law_loss"])))
 
 
 def measured_throughput(results: Path) -> dict[str, float]:
@@ -178,14 +183,16 @@ def describe(s: dict) -> str:
 
 
 def print_table(rows: list[dict], flops: float) -> None:
-    """One line per run; `s for C` is how long this shape needs, at its measured tokens per CPU second, to spend C."""
+    """One line per run. C/C_old: FLOPs spent relative to the old default's row (else to C); `cpu-s for C`:
+    how long this shape needs, at its measured tokens per CPU second, to spend C."""
+    ref_c = next((r["C"] for r in rows if r["name"] == "ref"), flops)
     print(f"{'candidate':<16} {'shape':<20} {'N':>9} {'tokens':>10} {'lr':>7} {'batch':>5} {'C/C_old':>7} "
           f"{'val bpb':>8} {'tokens/s':>8} {'tok/cpu-s':>9} {'cpu-s for C':>11}")
     for r in rows:
         s = settings_of(r["name"])
         needed = flops / counts(s)["flops_per_token"] / r["tokens_per_cpu_s"]
         print(f"{r['name']:<16} {describe(s):<20} {counts(s)['N']:>9,} {r['tokens']:>10,} {s['train']['lr']:>7.1e} "
-              f"{s['batch_size']:>5} {r['C'] / flops:>7.2f} {r['val_bpb']:>8.4f} {r['tokens_per_s']:>8,} "
+              f"{s['batch_size']:>5} {r['C'] / ref_c:>7.2f} {r['val_bpb']:>8.4f} {r['tokens_per_s']:>8,} "
               f"{r['tokens_per_cpu_s']:>9,} {needed:>11.0f}")
 
 
@@ -201,6 +208,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--steps", type=int, default=40, help="probe: steps per shape")
     parser.add_argument("--old", default="ref", help="quickstart: the old default's candidate name")
+    parser.add_argument("--new", help="quickstart: the new candidate (default: the current DEFAULT_SETTINGS)")
     parser.add_argument("--minutes", type=float, default=5.0, help="quickstart: the budget of both runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/scribelm-quickstart-shape")
@@ -210,7 +218,7 @@ def main() -> None:
     from scribelm.train.quickstart import DEFAULT_SETTINGS
 
     ref = settings_of("ref")
-    flops = args.flops or counts(ref)["flops_per_token"] * QUICKSTART_TOKENS_PER_S * QUICKSTART_TRAIN_SECONDS
+    flops = args.flops or counts(ref)["flops_per_token"] * QUICKSTART_TOKENS_PER_S * QUICKSTART_SECONDS
     names = args.only.split(",") if args.only else list(CANDIDATES)
     work = Path(args.work)
     print(f"budget C = {flops:.3e} FLOPs (x{args.fraction}); old default: {describe(ref)}, "
@@ -255,12 +263,13 @@ def compare_quickstarts(args, work: Path) -> None:
     from scribelm.train.quickstart import DEFAULT_SETTINGS
 
     old = settings_of(args.old)
+    new = settings_of(args.new) if args.new else DEFAULT_SETTINGS
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     code = ("import json, sys, torch; from scribelm.train.quickstart import run_quickstart; torch.set_num_threads(1); "
             "r = run_quickstart(sys.argv[1], minutes=float(sys.argv[2]), settings=json.loads(sys.argv[3]), new=True); "
             "print(json.dumps({'val_bpb': r.val_bpb, 'steps': r.steps, 'tokens': r.tokens, "
             "'train_seconds': r.train_seconds, 'total_seconds': r.total_seconds}))")
-    runs = {"old": old, "new": DEFAULT_SETTINGS}
+    runs = {"old": old, "new": new}
     procs = {label: subprocess.Popen([sys.executable, "-c", code, str(work / f"qs-{label}"), str(args.minutes),
                                       json.dumps(s)], env=env, stdout=subprocess.PIPE, text=True)
              for label, s in runs.items()}
