@@ -42,6 +42,8 @@ class ContextOverflowError(ScribeError):
 
 
 class KVCache:
+    accepts_padding = True  # right-padded prompts in one pass: padded keys sit past each row's length
+
     def __init__(
         self,
         config: ModelConfig,
@@ -180,80 +182,186 @@ class RollingKVCache:
 
     With sliding-window attention (Mistral v0.1) a query at position p sees keys p-W+1..p,
     so nothing older is ever read again: position p is stored in slot p mod W, overwriting
-    p-W, and the cache stays W positions long however long the sequence grows.
+    p-W, and the cache stays W positions long however long the sequence grows. Memory is
+    bounded by W, not by the sequence.
 
     One new token (decoding) is written into its slot first and attends the whole buffer,
     in slot order (attention does not care about the order of keys; RoPE was applied before
     caching). Several new tokens (a prompt, a chunk of one) attend the held positions in
     order followed by their own, and the last W of those are then kept. `key_positions`
     says which position each returned key holds, from which the model builds the mask.
-    Every row holds the same number of positions; padding masks are refused.
 
-    Layout: (n_layers, B, n_kv_heads, window, head_dim) keys and values.
+    Rows may hold different lengths, as in `KVCache`, for decoding one token per row: row
+    b's token goes into its own slot `lengths[b] mod W` at position `lengths[b]`, and a
+    (B, 1, 1, S) mask hides the slots it has not written yet. Several new tokens need rows
+    of one length and no padding: padding written after a short prompt would overwrite
+    slots of that prompt's last W positions, so such prompts go in one row at a time
+    (`accepts_padding` is False; `decode.prefill` does this).
+
+    `max_length` is the most positions a row may reach (the room checks of the decode core),
+    not the storage: that is min(window, max_length) slots.
+    Layout: (n_layers, B, n_kv_heads, slots, head_dim) keys and values.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    accepts_padding = False  # see above: prompts of different lengths are prefilled row by row
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         if config.sliding_window is None:
             raise ScribeError("a rolling cache is for sliding-window models; this config has no sliding_window")
-        self.window = config.sliding_window
-        self.context_length = config.context_length
-        shape = (config.n_layers, batch_size, config.n_kv_heads, self.window, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions seen so far; the buffer holds the last min(length, window)
-        self._steps = 0
+        max_length = config.context_length if max_length is None else max_length
+        if max_length > config.context_length:
+            raise ContextOverflowError(
+                f"a cache of {max_length} positions exceeds the model's context of {config.context_length}"
+            )
+        shape = (config.n_layers, batch_size, config.n_kv_heads, min(config.sliding_window, max_length),
+                 config.head_dim)
+        self._set_storage(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                          config.sliding_window, max_length)
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, window: int, max_length: int) -> "RollingKVCache":
+        """An empty cache whose storage is the given (L, B, n_kv, slots, hd) tensors (views of
+        some rows of a larger one, filled in place)."""
+        cache = cls.__new__(cls)
+        cache._set_storage(keys, values, window, max_length)
+        return cache
+
+    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor, window: int, max_length: int) -> None:
+        self.keys, self.values = keys, values  # (L, B, n_kv, slots, hd)
+        self.window, self.max_length = window, max_length
+        self.context_length = max_length
+        self._lengths = [0] * keys.shape[1]  # positions seen per row; a row holds its last min(length, W)
+        self._rows = keys.shape[1]
+        self._start: int | None = 0  # the common length of the rows in the pass, or None when they differ
+        self._slots: torch.Tensor | None = None  # (B,) each row's write slot when they differ
+
+    # -- facts ------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) positions seen in each row."""
+        return torch.tensor(self._lengths, dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        """Positions seen in the longest row."""
+        return max(self._lengths)
+
+    def row_length(self, row: int) -> int:
+        return self._lengths[row]
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
-    def prepare(self, rows: int, steps: int) -> tuple[int, None, None]:
-        if rows != self.batch_size:
-            raise ScribeError(f"a rolling cache of {self.batch_size} rows takes batches of exactly that many, got {rows}")
-        if self.length + steps > self.context_length:
-            raise ContextOverflowError(f"the sequence reached {self.length + steps} tokens, beyond the model's "
-                                       f"context of {self.context_length}")
-        self._steps = steps
-        return self.length, None, None
+    # -- the model's side ---------------------------------------------------------------
+    def prepare(self, rows: int, steps: int) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
+        """(start, None, None) when rows 0..rows-1 share one length; else, for one new token
+        per row, (None, positions (B, 1), mask (B, 1, 1, S)): each row's position and the
+        slots it has written (S = the slots returned by `update`)."""
+        if rows > self.batch_size:
+            raise ScribeError(f"a batch of {rows} rows does not fit a cache of {self.batch_size}")
+        lengths = self._lengths[:rows]
+        longest = max(lengths)
+        if longest + steps > self.max_length:
+            raise ContextOverflowError(f"the sequence reached {longest + steps} tokens but the cache holds "
+                                       f"{self.max_length} positions; generate fewer tokens or shorten the prompt")
+        self._rows = rows
+        if min(lengths) == longest:
+            self._start, self._slots = longest, None
+            return longest, None, None
+        if steps != 1:
+            raise ScribeError("a rolling cache takes several new tokens only in rows of one length; "
+                              "prefill prompts of different lengths one row at a time")
+        device = self.keys.device
+        self._start = None
+        positions = torch.tensor(lengths, device=device)  # (B,) each row's new position
+        W = self.window
+        self._slots = positions % W
+        held = min(longest + 1, self.keys.shape[3])
+        slots = torch.arange(held, device=device)  # (S,)
+        # slot s of row b holds the latest position <= the row's new one that is ≡ s (mod W); < 0: never written
+        key_positions = positions[:, None] - (positions[:, None] - slots[None, :]) % W  # (B, S)
+        return None, positions[:, None], (key_positions >= 0)[:, None, None, :]
 
     def key_positions(self, steps: int, device: torch.device | None = None) -> torch.Tensor:
-        """(S,) the position of each key `update` returns for `steps` new tokens, in its order."""
-        held = min(self.length, self.window)
+        """(S,) the position of each key `update` returns for `steps` new tokens, in its order
+        (rows of one length)."""
+        length = self._start
+        held = min(length, self.window)
         if steps == 1:
-            newest = self.length  # the new token's position; slot s holds the latest position ≡ s (mod W)
-            slots = torch.arange(min(self.length + 1, self.window), device=device)
+            newest = length  # the new token's position; slot s holds the latest position ≡ s (mod W)
+            slots = torch.arange(min(length + 1, self.window), device=device)
             return slots + (newest - slots) // self.window * self.window
-        return torch.arange(self.length - held, self.length + steps, device=device)
+        return torch.arange(length - held, length + steps, device=device)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep this step's keys/values (B, n_kv, T, hd); return the keys/values to attend, (B, n_kv, S, hd)."""
-        layer_keys, layer_values = self.keys[layer], self.values[layer]  # (B, n_kv, W, hd)
-        W, steps = self.window, keys.shape[2]
+        B, steps = keys.shape[0], keys.shape[2]
+        layer_keys, layer_values = self.keys[layer, :B], self.values[layer, :B]  # (B, n_kv, slots, hd)
+        W = self.window
+        if self._start is None:  # rows differ; one token each, at its own slot
+            rows = torch.arange(B, device=keys.device)
+            layer_keys[rows, :, self._slots] = keys[:, :, 0]
+            layer_values[rows, :, self._slots] = values[:, :, 0]
+            n = min(max(self._lengths[:B]) + 1, layer_keys.shape[2])
+            return layer_keys[:, :, :n], layer_values[:, :, :n]
+        length = self._start
         if steps == 1:
-            slot = self.length % W
+            slot = length % W
             layer_keys[:, :, slot] = keys[:, :, 0]
             layer_values[:, :, slot] = values[:, :, 0]
-            n = min(self.length + 1, W)
+            n = min(length + 1, W)
             return layer_keys[:, :, :n], layer_values[:, :, :n]
-        held = min(self.length, W)
-        order = (torch.arange(self.length - held, self.length, device=keys.device)) % W  # held slots, oldest first
+        held = min(length, W)
+        order = (torch.arange(length - held, length, device=keys.device)) % W  # held slots, oldest first
         all_keys = torch.cat((layer_keys[:, :, order], keys), dim=2)  # (B, n_kv, held + T, hd)
         all_values = torch.cat((layer_values[:, :, order], values), dim=2)
-        kept = min(held + steps, W)
-        slots = torch.arange(self.length + steps - kept, self.length + steps, device=keys.device) % W
+        kept = min(held + steps, layer_keys.shape[2])
+        slots = torch.arange(length + steps - kept, length + steps, device=keys.device) % W
         layer_keys[:, :, slots] = all_keys[:, :, -kept:]
         layer_values[:, :, slots] = all_values[:, :, -kept:]
         return all_keys, all_values
 
     def advance(self, steps: int) -> None:
-        self.length += steps
+        for row in range(self._rows):
+            self._lengths[row] += steps
 
+    # -- slot operations (as KVCache's) ---------------------------------------------------
     def reset(self) -> None:
-        self.length = 0
+        self._lengths = [0] * self.batch_size
+
+    def set_length(self, row: int, length: int) -> None:
+        self._lengths[row] = int(length)
+
+    def rows(self, first: int, count: int = 1) -> "RollingKVCache":
+        return RollingKVCache.over(self.keys[:, first : first + count], self.values[:, first : first + count],
+                                   self.window, self.max_length)
+
+    def copy_row(self, source: int, target: int) -> None:
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+        self._lengths[target] = self._lengths[source]
+
+    def reorder(self, sources: torch.Tensor) -> None:
+        """Row b takes the contents of row sources[b] (beam search)."""
+        self.keys.copy_(self.keys[:, sources])
+        self.values.copy_(self.values[:, sources])
+        self._lengths = [self._lengths[int(s)] for s in sources.tolist()]
+
+
+def new_cache(config: ModelConfig, batch_size: int, max_length: int | None = None, *,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+              rolling: bool = True) -> "KVCache | RollingKVCache":
+    """The cache generation should use: a `RollingKVCache` of W slots for a sliding-window
+    model whose window is shorter than the sequences (and `rolling`), else a `KVCache`."""
+    length = config.context_length if max_length is None else max_length
+    if rolling and config.sliding_window is not None and config.sliding_window < length:
+        return RollingKVCache(config, batch_size, max_length, device=device, dtype=dtype)
+    return KVCache(config, batch_size, max_length, device=device, dtype=dtype)
 
 
 class PastKeyValues:

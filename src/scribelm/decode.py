@@ -15,9 +15,11 @@ have their own length:
 `prefill` puts new prompts into rows of the cache (right-padded, several at
 once) and gives their first logits; `decode_step` turns one step's logits
 into events; `feed` runs the chosen tokens through the model for the next
-step. The callers add only what is theirs: generation adds left-over rules
-(sliding context) and results; the engine adds scheduling (which rows are
-admitted, cancelled, moved).
+step (`feed_many` several per row: speculative decoding checks its guesses
+so, `scribelm.speculative`, and sets each row's length back after). The
+callers add only what is theirs: generation adds left-over rules (sliding
+context) and results; the engine adds scheduling (which rows are admitted,
+cancelled, moved).
 
 A failure inside one row's own work (its sampling, its text) can be confined
 to that row: `decode_step(..., on_error=...)` then reports the row and goes
@@ -111,6 +113,10 @@ class DecodeRow:
         self.stop_reason: str | int | None = None
         #: What the row may write (a `scribelm.structured.GrammarConstraint`); None: anything.
         self.constraint = None
+        #: Speculative decoding (`scribelm.speculative`): tokens drafted for this row, and how many were kept.
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
+        self.speculation = None  # the speculator's own state for this row
 
     @property
     def done(self) -> bool:
@@ -172,9 +178,13 @@ def prefill(model, cache: KVCache, first: int, prompts: Sequence[Sequence[int]],
     """Run prompts into cache rows first.. (right-padded, from empty rows); logits of each
     prompt's last token (k, V). With the causal mask a real token never sees the padding
     after it, and each row's length is set to its own prompt's, so padding is never read.
-    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`)."""
+    A prompt longer than `chunk` tokens goes in chunk by chunk (`prefill_in_chunks`).
+    A cache that cannot hold padding (a sliding-window model's `RollingKVCache`) takes
+    prompts of different lengths one row at a time."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
+    if min(lengths) != max(lengths) and not cache.accepts_padding:
+        return torch.cat([prefill(model, cache, first + j, [p], chunk) for j, p in enumerate(prompts)])
     P = max(lengths)
     ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (k, P)
     for j, p in enumerate(prompts):
@@ -214,6 +224,19 @@ def feed(model, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
     """One token per row 0..B-1, each at its own row's next position; next-token logits (B, V)."""
     ids = torch.tensor(list(tokens), dtype=torch.long, device=cache.keys.device)[:, None]  # (B, 1)
     return model(ids, cache=cache, last_only=True)[:, 0]
+
+
+def feed_many(model, cache: KVCache, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Several tokens per row 0..B-1 (row b: tokens[b], at least one), right-padded to the
+    longest, each row from its own next position; logits of every position (B, T, V).
+    Each row's length then counts the padding too: the caller sets the length it keeps
+    (a padded position is never read, as no real token comes after it in the row).
+    Speculative decoding verifies drafted tokens this way (`scribelm.speculative`)."""
+    T = max(len(t) for t in tokens)
+    ids = torch.zeros(len(tokens), T, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(tokens):
+        ids[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    return model(ids.to(cache.keys.device), cache=cache)  # (B, T, V)
 
 
 # ----------------------------------------------------------------------------- one step

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +114,44 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
-def _encoder_backend(tokenizer, max_length: int):
+# tokenizer -> {(its backend, vocabulary size, max_length, truncate): configured copy}
+_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encoder_backend(tokenizer, max_length: int, truncate: bool = True):
     """A copy of the tokenizer's backend that adds its special tokens and truncates as the
-    reference libraries do (the LM's own tokenizer stays as it is)."""
+    reference libraries do, or not with truncate=False (the LM's own tokenizer stays as it
+    is). Kept per tokenizer: copying a large vocabulary costs more than embedding one short query."""
     from tokenizers import Tokenizer as Backend
 
-    backend = Backend.from_str(tokenizer.backend.to_str())
-    backend.no_padding()
-    backend.enable_truncation(max_length)
+    made = _BACKENDS.setdefault(tokenizer, {})
+    key = (id(tokenizer.backend), tokenizer.backend.get_vocab_size(with_added_tokens=True), max_length, truncate)
+    backend = made.get(key)
+    if backend is None:
+        backend = Backend.from_str(tokenizer.backend.to_str())
+        backend.no_padding()
+        if truncate:
+            backend.enable_truncation(max_length)
+        else:
+            backend.no_truncation()
+        made[key] = backend
     return backend
+
+
+def embedding_ids(lm, texts: list[str], *, truncate: bool = True) -> tuple[list[list[int]], int]:
+    """The token ids `embed` runs for each text (special tokens added; cut to the maximum
+    length unless truncate=False), and that maximum length."""
+    if lm.tokenizer is None:
+        raise ScribeError("this model has no tokenizer (tokenizer.json), so it cannot embed text")
+    config = _embedding_model(lm).config
+    sentence = getattr(lm, "sentence_config", None) or {}
+    max_length = min(sentence.get("max_length", config.context_length), config.context_length)
+    backend = _encoder_backend(lm.tokenizer, max_length, truncate)
+    return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)], max_length
+
+
+def _embedding_model(lm):
+    return lm.model.encoder if getattr(lm.model, "is_encoder_decoder", False) else lm.model  # T5: its encoder
 
 
 @torch.inference_mode()
@@ -136,21 +166,28 @@ def embed(lm, texts: str | list[str], *, pooling: str | None = None, normalize: 
         raise ScribeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if lm.tokenizer is None:
         raise ScribeError("this model has no tokenizer (tokenizer.json), so it cannot embed text")
-    model = lm.model.encoder if getattr(lm.model, "is_encoder_decoder", False) else lm.model  # T5: its encoder
+    if pooling is not None and pooling not in POOLINGS:
+        raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    encoded = embedding_ids(lm, list(texts))[0] if texts else []
+    return embed_ids(lm, encoded, pooling=pooling, normalize=normalize, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def embed_ids(lm, encoded: list[list[int]], *, pooling: str | None = None, normalize: bool = True,
+              batch_size: int = 32) -> torch.Tensor:
+    """(N, C) float32 embeddings of already tokenized texts (ids used as given)."""
+    model = _embedding_model(lm)
     config = model.config
     sentence = getattr(lm, "sentence_config", None) or {}
     if pooling is None:
         pooling = sentence.get("pooling") or ("last" if config.causal else "mean")
     if pooling not in POOLINGS:
         raise ScribeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    if not texts:
+    if not encoded:
         return torch.zeros(0, config.d_model)
-    max_length = min(sentence.get("max_length", config.context_length), config.context_length)
-    backend = _encoder_backend(lm.tokenizer, max_length)
-    encoded = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
     if any(not ids for ids in encoded):
         raise ScribeError("a text encodes to no tokens at all (an empty string with a tokenizer that adds none)")
-    pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
+    pad_id = lm.tokenizer.pad_id if lm.tokenizer is not None and lm.tokenizer.pad_id is not None else 0
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: batches pad little
     out = torch.empty(len(encoded), config.d_model)

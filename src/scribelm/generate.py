@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cache import ContextOverflowError, KVCache
+from scribelm.cache import ContextOverflowError, new_cache
 from scribelm.decode import (  # noqa: F401  (TokenEvent, TokenLogprob, token_text: part of this module's API)
     DecodeRow,
     TokenEvent,
@@ -73,6 +73,13 @@ class Completion:
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: sum(logprob) / length ** length_penalty
+    draft_tokens: int | None = None  # speculative decoding: tokens guessed for this row
+    accepted_draft_tokens: int | None = None  # ... and how many of them the model kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative decoding: the share of drafted tokens kept (None without speculation or drafts)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +132,7 @@ class BatchGeneration:
         extra_stop_ids: Sequence[int] = (),
         seed_offsets: Sequence[int] | None = None,
         compile: bool = False,
+        speculator=None,
     ) -> None:
         if not prompts:
             raise ScribeError("no prompts to generate from")
@@ -165,6 +173,10 @@ class BatchGeneration:
         self.completions: list[Completion | None] = [None] * len(prompts)
         self._started = False
         self._step = None  # the decode step: `feed` (eager), or one compiled graph (compile=True)
+        #: A `scribelm.speculative.Speculator`: after the first token, each step guesses and checks several.
+        self.speculator = speculator
+        if speculator is not None:
+            _check_speculation(model, speculator, self.settings, compile)
         if compile:
             from scribelm.compiled_decode import compiled_step_for
 
@@ -198,21 +210,30 @@ class BatchGeneration:
             from scribelm.compiled_decode import static_cache_length
 
             cache_length = static_cache_length(cache_length, self.context)
-        cache = self.cache = KVCache(self.model.config, len(self.rows), cache_length, device=self.device,
-                                     dtype=_model_dtype(self.model))
+        # a sliding-window model keeps only its window (RollingKVCache); the compiled step writes by position
+        cache = self.cache = new_cache(self.model.config, len(self.rows), cache_length, device=self.device,
+                                       dtype=_model_dtype(self.model),
+                                       rolling=self._step is None and self.speculator is None)  # speculation sets rows back
         logits = prefill(self.model, cache, 0, self.prompts)
+        stepped = None  # a speculative step's events (several tokens per row), else the step below
         while True:
-            room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
-                    for b, row in enumerate(self.rows)]
-            running = [b for b, row in enumerate(self.rows) if not row.done]
-            stepped = decode_step([self.rows[b] for b in running], logits[running] if len(running) < len(self.rows) else logits,
-                                  [room[b] for b in running])
+            if stepped is None:
+                room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
+                        for b, row in enumerate(self.rows)]
+                running = [b for b, row in enumerate(self.rows) if not row.done]
+                stepped = decode_step([self.rows[b] for b in running],
+                                      logits[running] if len(running) < len(self.rows) else logits,
+                                      [room[b] for b in running])
             for row, event in stepped:
                 if event.finished:
                     self._complete(row)
             yield [event for _, event in stepped]
             if all(row.done for row in self.rows):
                 return
+            if self.speculator is not None:
+                stepped = self.speculator.step(self.model, cache, self.rows)
+                continue
+            stepped = None
             self._slide_full_rows()
             finished = [b for b, row in enumerate(self.rows) if row.done]
             for b in finished:  # a finished row is fed too (one batch), at a position that stays put
@@ -241,7 +262,40 @@ class BatchGeneration:
             stop_reason=row.stop_reason,
             prompt_tokens=len(row.prompt_ids),
             logprobs=row.logprobs,
+            draft_tokens=row.draft_tokens if self.speculator is not None else None,
+            accepted_draft_tokens=row.accepted_draft_tokens if self.speculator is not None else None,
         )
+
+
+def _check_speculation(model, speculator, settings: Sequence[SamplingSettings], compile: bool) -> None:
+    from scribelm.speculative import SpeculationError
+
+    if compile:
+        raise SpeculationError("speculative decoding runs eagerly; drop compile (--compile)")
+    if any(s.context_overflow == "slide" for s in settings):
+        raise SpeculationError("speculative decoding does not combine with a sliding context (--slide)")
+    speculator.check(model)
+
+
+def make_speculator(lm, speculative: str | None = None, draft=None, num_draft: int | None = None):
+    """A `Speculator` for LM-level calls: speculative "prompt_lookup" | "draft" (a draft `LM`, or
+    its model); draft alone means "draft"; None and no draft: no speculation."""
+    from scribelm.speculative import SpeculationError, Speculator, method_name
+
+    method = method_name(speculative)
+    if method is None and draft is None:
+        if num_draft is not None:
+            raise SpeculationError("num_draft is for speculative decoding; say speculative='prompt_lookup' or give a draft")
+        return None
+    method = method or "draft"
+    draft_model = getattr(draft, "model", draft)
+    if draft is not None and lm.tokenizer is not None and getattr(draft, "tokenizer", None) is not None:
+        if draft.tokenizer.vocab_size != lm.tokenizer.vocab_size:
+            raise SpeculationError(f"the draft model's tokenizer has {draft.tokenizer.vocab_size} tokens, the model's "
+                                   f"{lm.tokenizer.vocab_size}; a draft model must share the tokenizer")
+    if draft_model is not None:
+        draft_model.eval()
+    return Speculator(method, num_draft if num_draft is not None else 5, draft_model=draft_model)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -282,8 +336,8 @@ def beam_search(
     device = next(model.parameters()).device
     max_new = settings.max_new_tokens
     lp_exp = settings.length_penalty
-    cache = KVCache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device,
-                    dtype=_model_dtype(model))
+    cache = new_cache(config, K, min(config.context_length, len(prompt) + max(max_new, 1)), device=device,
+                      dtype=_model_dtype(model))
     # Every beam starts from the same prompt: prefill it once, then give each beam a copy of its keys and values.
     logits = prefill(model, cache, 0, [prompt]).expand(K, -1)  # (K, V)
     for k in range(1, K):
@@ -414,13 +468,25 @@ def generate(
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
     compile: bool = False,
+    speculative: str | None = None,
+    draft=None,
+    num_draft: int | None = None,
     **overrides: Any,
 ):
     """Text in, text out; a list in, a list out (a list of ints is one prompt of token
     ids). With num_return_sequences > 1 each prompt gives a list. return_details=True
     gives `Completion`s instead of str. compile=True runs each decode step as one
-    compiled graph (`scribelm.compiled_decode`; the first call compiles)."""
+    compiled graph (`scribelm.compiled_decode`; the first call compiles).
+    speculative="prompt_lookup", or draft=a smaller LM with the same tokenizer: guess
+    up to num_draft tokens per step and check them in one pass (`scribelm.speculative`);
+    the same tokens (greedy) or the same distribution (sampling), sooner."""
     s = resolve_settings(lm, settings, **overrides)
+    speculator = make_speculator(lm, speculative, draft, num_draft)
+    if speculator is not None and (s.num_beams > 1 or getattr(lm.model, "is_encoder_decoder", False)):
+        from scribelm.speculative import SpeculationError
+
+        raise SpeculationError("speculative decoding is for sampling and greedy decoding with a decoder-only model, "
+                               "not beam search or encoder-decoder models")
     single = isinstance(prompt_or_prompts, str) or (
         isinstance(prompt_or_prompts, Sequence) and len(prompt_or_prompts) > 0
         and all(isinstance(i, int) for i in prompt_or_prompts)
@@ -428,19 +494,18 @@ def generate(
     prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
     if not prompts:
         raise ScribeError("no prompts given; pass a string or a non-empty list of strings")
-    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None:
-        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
-        ids = [lm.tokenizer.backend.encode(_check_text_prompt(p), add_special_tokens=True).ids if isinstance(p, str)
-               else encode_prompt(lm, p) for p in prompts]
-    else:
-        ids = [encode_prompt(lm, p, add_bos=add_bos) for p in prompts]
+    ids = [prompt_token_ids(lm, p, add_bos) for p in prompts]
     n = s.num_return_sequences
     lm.model.eval()
     per_prompt: list[list[Completion]] = []
     if getattr(lm.model, "is_encoder_decoder", False) and s.num_beams > 1:  # T5: the prompt goes to the encoder
         per_prompt = [_seq2seq_beams(lm, p, s, extra_stop_ids, skip_special_tokens) for p in ids]
     elif getattr(lm.model, "is_encoder_decoder", False):
-        per_prompt = [[_seq2seq_completion(lm, p, s, extra_stop_ids, skip_special_tokens)] for p in ids]
+        per_prompt = [[seq2seq_generation(lm, p, s, extra_stop_ids, skip_special_tokens, seed_offset=i).run()[0]
+                       for i in range(n)] for p in ids]
+        for p, completions in zip(ids, per_prompt):
+            for c in completions:
+                c.prompt_tokens = len(p)  # the source the encoder read, not the decoder's start token
     elif s.num_beams > 1:
         for p in ids:
             per_prompt.append(beam_search(lm.model, lm.tokenizer, p, s, extra_stop_ids=extra_stop_ids,
@@ -449,11 +514,21 @@ def generate(
         rows = [p for p in ids for _ in range(n)]
         offsets = [i for _ in ids for i in range(n)]
         done = BatchGeneration(lm.model, lm.tokenizer, rows, s, skip_special_tokens=skip_special_tokens,
-                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets, compile=compile).run()
+                               extra_stop_ids=extra_stop_ids, seed_offsets=offsets, compile=compile,
+                               speculator=speculator).run()
         per_prompt = [done[i * n:(i + 1) * n] for i in range(len(ids))]
     shaped = [c if return_details else [x.text for x in c] for c in per_prompt]
     out = [c[0] if n == 1 else c for c in shaped]
     return out[0] if single else out
+
+
+def prompt_token_ids(lm, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]:
+    """A prompt as the model reads it: `encode_prompt`, except that an encoder-decoder's encoder
+    reads text with its tokenizer's own special tokens."""
+    if getattr(lm.model, "is_encoder_decoder", False) and lm.tokenizer is not None and isinstance(prompt, str):
+        # the encoder reads text with the tokenizer's own special tokens (T5: a closing </s>), as transformers does
+        return lm.tokenizer.backend.encode(_check_text_prompt(prompt), add_special_tokens=True).ids
+    return encode_prompt(lm, prompt, add_bos=None if getattr(lm.model, "is_encoder_decoder", False) else add_bos)
 
 
 def _check_text_prompt(prompt: str) -> str:
@@ -474,20 +549,19 @@ def _seq2seq_beams(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_id
                        skip_special_tokens=skip_special_tokens)
 
 
-def _seq2seq_completion(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
-                        skip_special_tokens: bool) -> Completion:
-    from scribelm.seq2seq import greedy_generate
+def seq2seq_generation(lm, prompt_ids: list[int], s: SamplingSettings, extra_stop_ids: Sequence[int],
+                        skip_special_tokens: bool, seed_offset: int = 0) -> BatchGeneration:
+    """One sequence from an encoder-decoder, greedy or sampled by the decode core like any
+    other: the prompt is encoded once and the decoder, bound to it, starts from the start
+    token (0). One row per generation: T5's relative position bias needs every cache row at
+    one length, which rows that finish early would not keep."""
+    from scribelm.seq2seq import BoundDecoder
 
-    if s.temperature != 0 or s.num_return_sequences > 1:
-        raise SamplingError("encoder-decoder models decode greedily or by beam search here: pass temperature=0 "
-                            "or num_beams > 1 (no sampling)")
     _check_prompt(prompt_ids, lm.config.vocab_size, 0)
-    stops = stop_ids_for(lm.tokenizer, s, extra_stop_ids)
-    new, finish = greedy_generate(lm.model, prompt_ids, max_new_tokens=s.max_new_tokens, stop_ids=sorted(stops))
-    shown = new[:-1] if finish == "stop" else new
-    text = lm.tokenizer.decode(shown, skip_special_tokens=skip_special_tokens) if lm.tokenizer is not None else ""
-    return Completion(text=text, token_ids=new, finish_reason=finish, stop_reason=new[-1] if finish == "stop" else None,
-                      prompt_tokens=len(prompt_ids))
+    with torch.inference_mode():
+        memory = lm.model.encode(torch.tensor([prompt_ids], device=next(lm.model.parameters()).device))
+    return BatchGeneration(BoundDecoder(lm.model, memory), lm.tokenizer, [[0]], s, skip_special_tokens=skip_special_tokens,
+                           extra_stop_ids=extra_stop_ids, seed_offsets=[seed_offset])
 
 
 def stream(
@@ -499,17 +573,23 @@ def stream(
     settings: SamplingSettings | None = None,
     extra_stop_ids: Sequence[int] = (),
     compile: bool = False,
+    speculative: str | None = None,
+    draft=None,
+    num_draft: int | None = None,
     **overrides: Any,
 ) -> Iterator[str]:
     """Yield the text of one generation piece by piece; concatenated, it equals `generate`'s text.
     Bad settings or prompts raise here, before the first piece is asked for."""
     s = resolve_settings(lm, settings, **overrides)
+    speculator = make_speculator(lm, speculative, draft, num_draft)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise SamplingError("streaming gives one sequence; use generate() for beam search or several return sequences")
-    ids = encode_prompt(lm, prompt, add_bos=add_bos)
+    ids = prompt_token_ids(lm, prompt, add_bos)
     lm.model.eval()
+    if getattr(lm.model, "is_encoder_decoder", False):
+        return _text_deltas(seq2seq_generation(lm, ids, s, extra_stop_ids, skip_special_tokens))
     gen = BatchGeneration(lm.model, lm.tokenizer, [ids], s, skip_special_tokens=skip_special_tokens,
-                          extra_stop_ids=extra_stop_ids, compile=compile)
+                          extra_stop_ids=extra_stop_ids, compile=compile, speculator=speculator)
     return _text_deltas(gen)
 
 

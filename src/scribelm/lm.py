@@ -24,7 +24,7 @@ from scribelm.checkpoint import is_scribe_checkpoint, load_model, read_generatio
 from scribelm.config import ModelConfig
 from scribelm.errors import CheckpointError, ScribeError
 from scribelm.model import Transformer
-from scribelm.store import find_model_path
+from scribelm.store import find_model_path, gguf_file
 from scribelm.tokenizer import Tokenizer
 
 CHAT_TUNED_KEY = "chat_tuned"  # generation.json: true once fine-tuned on conversations
@@ -126,8 +126,9 @@ class LM:
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          adapter: str | os.PathLike | None = None) -> LM:
-    """Load a scribelm checkpoint directory, or a Hugging Face model directory
-    (GPT-2, Llama, Mistral, Qwen2; converted on the fly), as an `LM`. `device` may be
+    """Load a scribelm checkpoint directory, a Hugging Face model directory
+    (GPT-2, Llama, Mistral, Qwen2; converted on the fly) or a GGUF file
+    (scribelm.interop.gguf_load), as an `LM`. `device` may be
     "auto" (the first accelerator there is, else the CPU). `adapter`: a LoRA adapter
     directory put on top without merging (see `LM.apply_adapter`)."""
     from scribelm.devices import resolve_device
@@ -140,14 +141,19 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
 
 def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) -> LM:
     given = Path(path).expanduser()
-    if given.exists() and not given.is_dir():
-        raise CheckpointError(f"{given} is a file; give the checkpoint directory that holds config.json")
+    if given.exists() and not given.is_dir() and gguf_file(given) is None:
+        raise CheckpointError(f"{given} is a file; give the checkpoint directory that holds config.json, or a GGUF file")
     path = find_model_path(given)  # a directory, else a name in the local store (`scribe models add`)
     if path is None:
         raise CheckpointError(
-            f"no model at {given}: give a checkpoint directory, a Hugging Face model directory "
+            f"no model at {given}: give a checkpoint directory, a Hugging Face model directory, a GGUF file "
             "or a name from `scribe models list`"
         )
+    if gguf_file(path) is not None:  # a GGUF file, or a store entry holding one
+        from scribelm.interop.gguf_load import load_gguf_parts
+
+        model, tokenizer, generation = load_gguf_parts(gguf_file(path), device=device, dtype=dtype)
+        return LM(model=model, tokenizer=tokenizer, generation_config=generation)
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
         from scribelm.interop.hf import is_hf_directory, load_hf_parts
 

@@ -474,7 +474,7 @@ class Transformer(nn.Module):
             is_causal = False
 
         if self.config.sliding_window is not None:
-            if isinstance(cache, RollingKVCache) and attention_mask is not None:
+            if isinstance(cache, RollingKVCache) and attention_mask is not None and attention_mask is not row_mask:
                 raise ScribeError("a rolling cache takes no attention mask; its rows are all one length")
             mask, is_causal = self._sliding_window(mask, is_causal, T, start, row_positions, cache, ids.device)
 
@@ -492,10 +492,12 @@ class Transformer(nn.Module):
         """Narrow the mask to a sliding window: the query in slot q sees the keys in slots
         q-W+1..q only (slots, not position ids, as transformers counts them under left padding)."""
         W = self.config.sliding_window
+        rolling = isinstance(cache, RollingKVCache)
+        if start is None and rolling:
+            return mask, False  # the rolling cache's mask already holds only the window's slots
         if start is None:  # rows differ: row b's queries sit in its slots row_positions[b]
             near = torch.arange(mask.shape[-1], device=device)[None, None, :] > row_positions[:, :, None] - W  # (B, T, S)
             return mask & near[:, None], False
-        rolling = isinstance(cache, RollingKVCache)
         if rolling and not is_causal:
             mask = None  # the keys come in the cache's own order; the window below is the whole mask
         if mask is None and ((is_causal and T <= W) or (T == 1 and (rolling or start < W))):

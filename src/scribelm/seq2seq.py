@@ -112,8 +112,9 @@ def shift_right(targets: torch.Tensor, start_id: int, ignore_index: int = -100) 
 
 class BoundDecoder:
     """The decoder of an `EncoderDecoder` with one source's memory bound to it, called as a
-    decoder-only model is (ids, cache, last_only -> logits): what beam search drives. The
-    beams share the source, so its cross-attention keys and values are never reordered."""
+    decoder-only model is (ids, cache, last_only -> logits): what beam search and the decode
+    core (`BatchGeneration`: greedy, sampling, streaming) drive. The beams share the source,
+    so its cross-attention keys and values are never reordered."""
 
     def __init__(self, model: EncoderDecoder, memory: EncoderMemory) -> None:
         self.model, self.memory, self.config = model, memory, model.config

@@ -18,7 +18,9 @@ config, size on disk, parameter count (from the safetensors headers, without
 loading any weights), quantization and chat template.
 
 A MODEL argument is read by one rule everywhere (`scribelm.load`, every
-`scribe` verb, the server): an existing directory wins, else a name in the store.
+`scribe` verb, the server): an existing directory (or GGUF file) wins, else a name in
+the store. A GGUF file is stored as a folder holding it as `model.gguf` (a copy, or
+with `--link` a link to it).
 `find_model_path` applies it, `resolve_model_path` also says what went wrong:
 
     path = resolve_model_path("my-chat")      # or a directory path
@@ -58,6 +60,8 @@ except ImportError:  # not POSIX: rename_no_replace alone keeps adds apart
 STORE_ENV = "SCRIBE_MODELS_DIR"
 LOCK_FILE = ".lock"
 MAX_HEADER_BYTES = 100 * 2**20
+GGUF_MAGIC = b"GGUF"
+GGUF_ENTRY_FILE = "model.gguf"  # the one file of a store entry made from a GGUF file
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
 
@@ -86,12 +90,33 @@ def is_model_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def gguf_file(path: str | os.PathLike) -> Path | None:
+    """The GGUF file a MODEL path stands for: the file itself, or the one `.gguf` file of a
+    directory without config.json (a store entry made by `models add NAME model.gguf`)."""
+    path = Path(path)
+
+    def is_gguf(file: Path) -> bool:
+        try:
+            with open(file, "rb") as handle:
+                return file.is_file() and handle.read(4) == GGUF_MAGIC
+        except OSError:
+            return False
+
+    if path.is_file():
+        return path if is_gguf(path) else None
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1 and is_gguf(found[0]):
+            return found[0]
+    return None
+
+
 @dataclass
 class ModelInfo:
     name: str
     path: Path
     linked: bool
-    format: str  # "scribelm" or "huggingface"
+    format: str  # "scribelm", "huggingface" or "gguf"
     size_bytes: int
     parameters: int
     quantization: str
@@ -129,6 +154,10 @@ class ModelStore:
         entry = self.root / name
         if entry.is_symlink() and not entry.exists():
             raise RegistryError(f"model {name!r} links to {os.readlink(entry)}, which no longer exists; `scribe models rm {name}`")
+        linked_file = entry / GGUF_ENTRY_FILE
+        if linked_file.is_symlink() and not linked_file.exists():
+            raise RegistryError(f"model {name!r} links to {os.readlink(linked_file)}, which no longer exists; "
+                                f"`scribe models rm {name}`")
         if not entry.is_dir():
             known = ", ".join(self.names()) or "none"
             raise RegistryError(f"no model named {name!r} in the store {self.root} (stored: {known}); add one with `scribe models add NAME PATH`")
@@ -146,9 +175,11 @@ class ModelStore:
         check_name(name)
         source = Path(source).expanduser()
         if not source.exists():
-            raise RegistryError(f"no model at {source}: give a checkpoint or Hugging Face model directory")
-        if not is_model_directory(source):
-            raise RegistryError(f"{source} is not a model directory (it needs config.json and *.safetensors weights)")
+            raise RegistryError(f"no model at {source}: give a checkpoint or Hugging Face model directory, or a GGUF file")
+        gguf_source = None if source.is_dir() else gguf_file(source)
+        if not is_model_directory(source) and gguf_source is None:
+            raise RegistryError(f"{source} is not a model directory (it needs config.json and *.safetensors weights) "
+                                "nor a GGUF file")
         target = source.resolve()
         root = self.root.resolve()
         if target == root or root in target.parents:
@@ -170,11 +201,16 @@ class ModelStore:
         remove_stale_temporaries(entry)
         tmp = temporary_sibling(entry)
         try:
-            if link:
+            if link and gguf_source is None:
                 tmp.symlink_to(target, target_is_directory=True)
             else:
                 tmp.mkdir(mode=0o700)
-                _copy_model_files(source, tmp, ancestors=frozenset())
+                if gguf_source is not None and link:  # a folder holding a link to the file
+                    (tmp / GGUF_ENTRY_FILE).symlink_to(target)
+                elif gguf_source is not None:
+                    shutil.copyfile(gguf_source, tmp / GGUF_ENTRY_FILE)
+                else:
+                    _copy_model_files(source, tmp, ancestors=frozenset())
                 (tmp / MARKER_FILE).write_text(json.dumps(
                     {"format": "scribelm-output", "version": 1, "kind": "model",
                      "entries": sorted(p.name for p in tmp.iterdir())}, indent=2) + "\n")
@@ -233,6 +269,8 @@ class ModelStore:
         path = self.path(name)
         info = describe_model(path)
         info.name, info.linked = name, (self.root / name).is_symlink()
+        if (self.root / name / GGUF_ENTRY_FILE).is_symlink():  # `add --link` of a GGUF file
+            info.linked, info.path = True, (self.root / name / GGUF_ENTRY_FILE).resolve()
         return info
 
 
@@ -295,6 +333,8 @@ def _fsync_files(root: Path) -> None:
 def describe_model(path: str | os.PathLike) -> ModelInfo:
     """Config, size, parameter count, quantization and chat template of a model directory."""
     path = Path(path)
+    if gguf_file(path) is not None:
+        return _describe_gguf(path, gguf_file(path))
     if not is_model_directory(path):
         raise RegistryError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
     config = read_json_object(path / "config.json", RegistryError, missing=f"{path} has no config.json")
@@ -332,6 +372,21 @@ def describe_model(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(
         name=path.name, path=path, linked=False, format=fmt, size_bytes=size, parameters=parameters,
         quantization=quantization, config=shown, chat_template=template,
+    )
+
+
+def _describe_gguf(path: Path, file: Path) -> ModelInfo:
+    """A GGUF file (or the store entry holding one), from its header alone; "quantization"
+    says how its weights are stored and what they load as."""
+    from scribelm.interop.gguf_load import describe_gguf
+
+    described = describe_gguf(file)
+    config = dict(described["config"], architecture=described["architecture"],
+                  weights_stored=described["weights_stored"])
+    return ModelInfo(
+        name=path.name, path=path, linked=False, format="gguf", size_bytes=file.stat().st_size,
+        parameters=described["parameters"], quantization=described["weights"], config=config,
+        chat_template=described["chat_template"],
     )
 
 
@@ -391,11 +446,11 @@ def _safetensors_parameter_count(file: Path) -> tuple[int, set[str]]:
 
 
 def find_model_path(name_or_path: str | os.PathLike, store: ModelStore | None = None) -> Path | None:
-    """A MODEL argument -> a directory: an existing directory path wins, else a store
-    name; None when it is neither."""
+    """A MODEL argument -> a directory (or a GGUF file): an existing directory or GGUF
+    file path wins, else a store name; None when it is neither."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
-    if path.is_dir():
+    if path.is_dir() or gguf_file(path) is not None:
         return path
     store = store or ModelStore()
     if _NAME.match(text) and text in store:

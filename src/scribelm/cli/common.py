@@ -40,6 +40,13 @@ def resolve_config(name_or_path: str):
     path = Path(name_or_path)
     if name_or_path in PRESETS:
         return ModelConfig.from_preset(name_or_path)
+    from scribelm.store import gguf_file
+
+    if gguf_file(path) is not None:  # a GGUF file, or a store entry holding one
+        from scribelm.interop.gguf_load import config_from_gguf
+        from scribelm.interop.gguf_reader import read_gguf
+
+        return config_from_gguf(read_gguf(gguf_file(path)))
     if path.is_dir():
         from scribelm.interop.hf import config_from_hf, is_hf_directory, read_hf_config
 
@@ -56,6 +63,8 @@ def resolve_config(name_or_path: str):
     from scribelm.store import find_model_path
 
     stored = find_model_path(name_or_path)  # not a directory here, so a name in the local model store
+    if stored is not None and gguf_file(stored) is not None:
+        return resolve_config(str(stored))
     if stored is not None:
         return read_config(stored)
     raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a model directory, nor a stored model")

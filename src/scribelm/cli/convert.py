@@ -24,7 +24,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert a model between scribelm, Hugging Face, GGUF and ONNX")
-    p.add_argument("src", help="scribelm checkpoint or Hugging Face model directory")
+    p.add_argument("src", help="scribelm checkpoint, Hugging Face model directory or GGUF file")
     p.add_argument("dst", help="output directory (scribe, hf) or file (gguf, onnx)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the source's dtype)")

@@ -8,6 +8,8 @@
     scribe generate my-model "Once" --stats                  # prefill and decode speed, GB/s of weights
     scribe generate my-model "Once" --threads 1              # fewer CPU threads when other jobs share the cores
     scribe generate my-model "Once" --adapter runs/lora/adapter   # LoRA adapters on top, unmerged
+    scribe generate my-model "Quote: ..." --speculative prompt-lookup   # guess tokens from the prompt, check in one pass
+    scribe generate my-model "Once" --draft small-model --num-draft 4   # a smaller model with the same tokenizer guesses
 
 Sampling flags left unset take the model's generation.json, then the library's defaults.
 """
@@ -110,6 +112,14 @@ def register(subparsers) -> None:
     p.add_argument("--show-probs", action="store_true", help="print each generated token with its top candidates")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one torch.compile graph (compiling takes a while first)")
+    s = p.add_argument_group("speculative decoding", "guess several tokens, check them in one pass: the same "
+                             "output (greedy) or the same distribution (sampling), sooner when the guesses are right")
+    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
+                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
+                        "draft: a draft model guesses (--draft)")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
+    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
     p.add_argument("--stats", action="store_true",
                    help="after the text, print prefill and decode speed (tokens/s, GB/s of weights read) to stderr")
     p.set_defaults(handler=run)
@@ -122,7 +132,9 @@ def load_model(path: str, device: str = "cpu", adapter: str | None = None):
 
 
 def run(args) -> int:
-    from scribelm.generate import BatchGeneration, encode_prompt, generate, resolve_settings
+    from scribelm.generate import (
+        BatchGeneration, generate, make_speculator, prompt_token_ids, resolve_settings, seq2seq_generation,
+    )
 
     if args.prompt == "-":
         if sys.stdin.isatty():
@@ -131,6 +143,7 @@ def run(args) -> int:
     else:
         prompt = args.prompt
     overrides = sampling_overrides(args)  # flag mistakes before the model is loaded
+    method = speculative_method(args)
     load_before = machine_load()  # before our own threads add to it
     apply_threads(args)
     lm = load_model(args.model, args.device, args.adapter)
@@ -145,9 +158,11 @@ def run(args) -> int:
         overrides.update(logprobs=True, top_logprobs=top_n)
     settings = resolve_settings(lm, **overrides)
     one_stream = settings.num_beams == 1 and settings.num_return_sequences == 1
+    speculation = _speculation(args, method)
 
-    if args.json or not one_stream or getattr(lm.model, "is_encoder_decoder", False):  # T5: no token stream
-        out = generate(lm, prompt, settings=settings, return_details=True, compile=args.compile)
+    seq2seq = getattr(lm.model, "is_encoder_decoder", False)
+    if args.json or not one_stream or (seq2seq and args.stats) or (seq2seq and speculation):  # T5: no speed line
+        out = generate(lm, prompt, settings=settings, return_details=True, compile=args.compile, **speculation)
         choices = out if isinstance(out, list) else [out]
         if args.json:
             dicts = [_completion_json(c, settings.logprobs) for c in choices]
@@ -160,9 +175,13 @@ def run(args) -> int:
         sys.stdout.flush()
         return 0
 
-    ids = encode_prompt(lm, prompt)
+    ids = prompt_token_ids(lm, prompt)
     lm.model.eval()
-    gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings, compile=args.compile)
+    if seq2seq:  # T5: the prompt goes to the encoder, the decoder's tokens stream
+        gen = seq2seq_generation(lm, ids, settings, (), True)
+    else:
+        gen = BatchGeneration(lm.model, lm.tokenizer, [ids], settings, compile=args.compile,
+                              speculator=make_speculator(lm, **speculation))
     if args.show_probs or args.logprobs is not None:
         _print_probs(gen, lm.tokenizer, top_n)
         return 0
@@ -170,7 +189,7 @@ def run(args) -> int:
         console.print(prompt, style="dim", end="")
     stamps = [time.perf_counter()]  # start, then one per generated token
     for events in gen:
-        stamps.append(time.perf_counter())
+        stamps.extend([time.perf_counter()] * len(events))  # a speculative step gives several tokens at once
         for e in events:
             if e.text:
                 sys.stdout.write(e.text)
@@ -180,12 +199,33 @@ def run(args) -> int:
     if c is not None and args.stats:
         err_console.print(_speed_line(lm.model, len(ids), stamps), markup=False, soft_wrap=True)
     if c is not None and (args.stats or sys.stderr.isatty()):
-        err_console.print(f"[dim]{len(c.token_ids)} tokens, finish reason: {c.finish_reason}[/dim]")
+        accepted = f", {c.accepted_draft_tokens}/{c.draft_tokens} drafted tokens accepted" if c.draft_tokens else ""
+        err_console.print(f"[dim]{len(c.token_ids)} tokens, finish reason: {c.finish_reason}{accepted}[/dim]")
     if c is not None and args.stats and next(lm.model.parameters()).is_cpu:
         note = busy_machine_note(load_before, os.cpu_count() or 1, torch.get_num_threads())
         if note:
             err_console.print(note, markup=False, soft_wrap=True)
     return 0
+
+
+def speculative_method(args) -> str | None:
+    """The speculative method --speculative / --draft / --num-draft ask for (checked before any model loads)."""
+    method = args.speculative.replace("-", "_") if args.speculative else None
+    if args.draft is not None and method == "prompt_lookup":
+        raise ScribeError("--draft goes with --speculative draft (or alone), not prompt-lookup")
+    if method == "draft" and args.draft is None:
+        raise ScribeError("--speculative draft needs --draft MODEL, a smaller model with the same tokenizer")
+    if args.num_draft is not None and method is None and args.draft is None:
+        raise ScribeError("--num-draft goes with --speculative or --draft")
+    return "draft" if args.draft is not None else method
+
+
+def _speculation(args, method: str | None) -> dict[str, Any]:
+    """generate()'s speculative keywords, the draft model loaded."""
+    if method is None:
+        return {}
+    draft = load_model(args.draft, args.device) if args.draft is not None else None
+    return {"speculative": method, "draft": draft, "num_draft": args.num_draft}
 
 
 def machine_load() -> float | None:
@@ -236,6 +276,8 @@ def _completion_json(c, with_logprobs: bool) -> dict[str, Any]:
     }
     if c.score is not None:
         d["score"] = c.score
+    if c.draft_tokens is not None:
+        d["draft_tokens"], d["accepted_draft_tokens"] = c.draft_tokens, c.accepted_draft_tokens
     if with_logprobs and c.logprobs is not None:
         d["logprobs"] = [
             {"token_id": t.token_id, "token": t.token, "logprob": t.logprob, "top_logprobs": t.top} for t in c.logprobs

@@ -18,9 +18,9 @@ def register(subparsers) -> None:
     ls.add_argument("--json", action="store_true", help="print as JSON")
     ls.set_defaults(handler=run_list)
 
-    add = verbs.add_parser("add", help="copy (or link) a checkpoint or Hugging Face directory into the store")
+    add = verbs.add_parser("add", help="copy (or link) a checkpoint or Hugging Face directory, or a GGUF file, into the store")
     add.add_argument("name", help="the name to serve it under")
-    add.add_argument("path", help="model directory")
+    add.add_argument("path", help="model directory or GGUF file")
     add.add_argument("--link", action="store_true", help="store a link to the directory instead of a copy")
     add.add_argument("--force", action="store_true",
                      help="replace a model already stored under this name (the old one stays until the new one is complete)")
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     rm.set_defaults(handler=run_rm)
 
     show = verbs.add_parser("show", help="config, size, parameters, quantization and chat template of a model")
-    show.add_argument("name", help="store name or model directory")
+    show.add_argument("name", help="store name, model directory or GGUF file")
     show.add_argument("--json", action="store_true", help="print as JSON")
     show.set_defaults(handler=run_show)
 

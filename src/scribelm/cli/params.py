@@ -9,7 +9,7 @@ from scribelm.cli.common import console, human_bytes, human_count, print_json, r
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("params", help="parameter breakdown, FLOPs and memory of a preset or model")
-    p.add_argument("model", help="preset name (e.g. gpt3-175b), checkpoint directory or config.json")
+    p.add_argument("model", help="preset name (e.g. gpt3-175b), checkpoint directory, config.json or GGUF file")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(handler=run)
 

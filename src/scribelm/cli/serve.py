@@ -41,6 +41,21 @@ def register(subparsers) -> None:
     p.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
                         "(rendered sandboxed; a model's own template is always preferred)")
+    p.add_argument("--rag", action="append", default=[], metavar="NAME=INDEX",
+                   help="answer from a retrieval index (`scribe rag add`): every chat model gains the variant "
+                        "MODEL+rag:NAME, whose answers carry the sources they cite; repeatable")
+    p.add_argument("--rag-k", type=int, default=5, help="passages retrieved per question (default 5)")
+    p.add_argument("--rag-mode", default="hybrid", choices=["bm25", "dense", "hybrid"],
+                   help="how passages are retrieved (default hybrid)")
+    s = p.add_argument_group("speculative decoding", "guess several tokens per sequence and check them in one pass: "
+                             "the same output (greedy) or distribution (sampling); usage reports accepted and rejected "
+                             "guesses as completion_tokens_details")
+    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
+                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
+                        "draft: a draft model guesses (--draft)")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
+    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
@@ -55,7 +70,7 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
 
     from scribelm.adapters.lora import read_any_adapter_config
     from scribelm.errors import ScribeError
-    from scribelm.store import check_name, is_model_directory, resolve_model_path
+    from scribelm.store import check_name, gguf_file, is_model_directory, resolve_model_path
 
     models: dict[str, str] = {}
     adapters: dict[str, str] = {}
@@ -69,10 +84,12 @@ def served_models(specs: list[str], store=None) -> tuple[dict[str, str], dict[st
             if not target or not adapter:
                 raise ScribeError(f"{spec!r}: write MODEL+ADAPTER with both parts, e.g. my-model+runs/lora/adapter")
         path = resolve_model_path(target, store)
-        if not is_model_directory(path):
+        if not is_model_directory(path) and gguf_file(path) is None:
             raise ScribeError(f"{path} is not a model directory (it needs config.json and *.safetensors weights)")
         if not name:
             name = target if not Path(target).expanduser().is_dir() else Path(path).resolve().name
+            if Path(target).expanduser().is_file():  # a GGUF file: served under its name, less ".gguf"
+                name = Path(target).stem
             if adapter is not None:
                 adapter_path = Path(adapter).expanduser().resolve()
                 run = adapter_path.parent if adapter_path.name == "adapter" else adapter_path
@@ -114,9 +131,11 @@ def run(args) -> int:
 
         chat_template = resolve_chat_template(args.chat_template)
     models, adapters = served_models(args.models, ModelStore(args.store))
+    speculation = _speculation(args, ModelStore(args.store))
     for name, path in models.items():  # a corrupt model is an error now, not at its first request
         check_model_files(name, path)
     origins = [o.strip() for value in args.allowed_origins for o in value.split(",") if o.strip()]
+    served_indexes = _served_indexes(args.rag, args.rag_k, args.rag_mode) if args.rag else None
     if args.threads is not None:
         if args.threads < 1:
             raise ScribeError("--threads must be at least 1")
@@ -139,8 +158,10 @@ def run(args) -> int:
     public = not _is_loopback(args.host)
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                      idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
-                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
-    app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public)
+                     chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                     **speculation)
+    app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public,
+                     rag=served_indexes)
     _log_to_stderr(args.quiet)
 
     port = sock.getsockname()[1]
@@ -148,11 +169,45 @@ def run(args) -> int:
     base = f"http://{shown_host}:{port}"
     console.print(f"serving {', '.join(models)} (OpenAI-compatible API) at [bold]{base}/v1[/bold]")
     console.print(f"chat page: [bold]{base}/[/bold]   health: {base}/health   metrics: {base}/metrics")
+    if served_indexes is not None:
+        shown = ", ".join(f"{name} ({len(index)} passages)" for name, index in served_indexes.indexes.items())
+        console.print(f"retrieval: {shown}; ask MODEL+rag:NAME")
     if public and not args.api_key:
         err_console.print("warning: listening beyond this machine without --api-key; anyone who can reach it can use it")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **server_limits(args.header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _served_indexes(specs: list[str], k: int, mode: str):
+    """--rag NAME=INDEX arguments -> the opened indexes (a bad one stops the start, not a request)."""
+    from scribelm import rag
+    from scribelm.errors import ScribeError
+    from scribelm.serve.rag_routes import ServedIndexes
+    from scribelm.store import check_name
+
+    indexes = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ScribeError(f"--rag {spec!r}: write NAME=INDEX, e.g. --rag docs=./my-index")
+        name = check_name(name)
+        if name in indexes:
+            raise ScribeError(f"two retrieval indexes would be served as {name!r}")
+        indexes[name] = rag.open_index(path)
+    return ServedIndexes(indexes, k=k, mode=mode)
+
+
+def _speculation(args, store) -> dict:
+    """ModelPool's speculative options from --speculative / --draft / --num-draft."""
+    from scribelm.cli.generate import speculative_method
+    from scribelm.store import resolve_model_path
+
+    method = speculative_method(args)
+    if method is None:
+        return {}
+    draft = str(resolve_model_path(args.draft, store)) if args.draft is not None else None
+    return {"speculative": method, "draft": draft, "num_draft": args.num_draft}
 
 
 def _log_to_stderr(quiet: bool) -> None:

@@ -3,12 +3,14 @@
 A GGUF file is one self-describing blob: key/value metadata (architecture,
 sizes, tokenizer) followed by named tensors. llama.cpp has hand-written
 compute graphs per architecture, so a model exports only if it *is* one of
-them; we map onto three:
+them; we map onto four:
 
-    llama   RoPE + RMSNorm + SwiGLU, pre-norm, no biases (native presets such as
-            `tiny`, imported Llama / Mistral)
-    qwen2   the same with biases on q, k, v (imported Qwen2)
-    gpt2    learned positions + LayerNorm + tanh-GELU MLP, biases (GPT-2)
+    llama     RoPE + RMSNorm + SwiGLU, pre-norm, no biases (native presets such as
+              `tiny`, imported Llama / Mistral; with experts: Mixtral)
+    qwen2     the same with biases on q, k, v (imported Qwen2)
+    qwen2moe  Qwen2 with a mixture of experts (top-k weights not renormalised) plus a
+              shared expert gated by sigmoid(x · w_s) (imported Qwen2-MoE)
+    gpt2      learned positions + LayerNorm + tanh-GELU MLP, biases (GPT-2)
 
 Three details decide whether llama.cpp computes what we compute:
 
@@ -74,8 +76,13 @@ def gguf_architecture(config) -> str:
         problems.append(f"{c.rope_scaling['type']} RoPE scaling")
     if c.sliding_window is not None and c.sliding_window < c.context_length:
         problems.append("sliding-window attention")
-    if c.n_experts and (c.d_shared_expert or not c.normalize_top_k or c.qkv_bias):
-        problems.append("a mixture of experts other than Mixtral's (renormalised top-k, no shared expert, no biases)")
+    mixtral = not c.d_shared_expert and c.normalize_top_k and not c.qkv_bias
+    qwen2moe = bool(c.d_shared_expert) and not c.normalize_top_k  # llama.cpp's qwen2moe never renormalises
+    if c.n_experts and not (mixtral or qwen2moe):
+        problems.append("a mixture of experts other than Mixtral's (renormalised top-k, no shared expert, no biases) "
+                        "or Qwen2-MoE's (a gated shared expert, top-k weights not renormalised)")
+    if c.n_experts and qwen2moe and c.rope_scaling is not None:
+        problems.append("RoPE scaling in a Qwen2-MoE-style model")
     if c.norm_position != "pre":
         problems.append("post-norm blocks")
     if c.position == "rope":
@@ -87,6 +94,8 @@ def gguf_architecture(config) -> str:
             problems.append("biases on the attention output or MLP")
         if c.qkv_bias and c.rope_scaling is not None:
             problems.append("RoPE scaling together with q/k/v biases")
+        if not problems and c.n_experts and qwen2moe:
+            return "qwen2moe"
         if not problems:
             return "qwen2" if c.qkv_bias else "llama"
     elif c.position == "learned":
@@ -106,7 +115,8 @@ def gguf_architecture(config) -> str:
         problems.append(f"{c.position} positions (llama.cpp supports RoPE or GPT-2's learned positions)")
     raise GGUFExportError(
         "GGUF export supports Llama-style (rope, rmsnorm, swiglu, pre-norm, no output/MLP biases), "
-        f"Qwen2-style (the same with q/k/v biases) and GPT-2-style models; this model has {'; '.join(problems)}"
+        f"Qwen2-style (the same with q/k/v biases, or Qwen2-MoE's experts) and GPT-2-style models; "
+        f"this model has {'; '.join(problems)}"
     )
 
 
@@ -160,16 +170,20 @@ def _named_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
             if arch == "llama":
                 wq, wk = permute_for_interleaved_rope(wq, c.n_heads), permute_for_interleaved_rope(wk, c.n_kv_heads)
             out += [(f"{p}.attn_q.weight", wq), (f"{p}.attn_k.weight", wk), (f"{p}.attn_v.weight", wv)]
-            if arch == "qwen2":
+            if arch in ("qwen2", "qwen2moe"):  # qwen2moe requires them: zeros where the model has none
                 out += [(f"{p}.attn_q.bias", bias_of(a.q, c.q_dim)), (f"{p}.attn_k.bias", bias_of(a.k, c.kv_dim)),
                         (f"{p}.attn_v.bias", bias_of(a.v, c.kv_dim))]
             out.append((f"{p}.attn_output.weight", _float_weight(a.o)))
         norm(f"{p}.ffn_norm", block.mlp_norm)
-        if c.n_experts:  # Mixtral-style: the router, then each projection of all experts stacked (E, out, in)
+        if c.n_experts:  # the router, then each projection of all experts stacked (E, out, in)
             out.append((f"{p}.ffn_gate_inp.weight", _float_weight(m.router)))
             for kind in ("gate", "up", "down"):
                 stacked = torch.stack([_float_weight(getattr(expert, kind)) for expert in m.experts])
                 out.append((f"{p}.ffn_{kind}_exps.weight", stacked))
+            if m.shared_expert is not None:  # qwen2moe: the shared expert and its gate's one row (C,)
+                out.append((f"{p}.ffn_gate_inp_shexp.weight", _float_weight(m.shared_expert_gate)[0]))
+                for kind in ("gate", "up", "down"):
+                    out.append((f"{p}.ffn_{kind}_shexp.weight", _float_weight(getattr(m.shared_expert, kind))))
             continue
         if m.gate is not None:
             out.append((f"{p}.ffn_gate.weight", _float_weight(m.gate)))
@@ -179,7 +193,7 @@ def _named_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
             out.append((f"{p}.ffn_up.bias", bias_of(m.up, c.d_mlp)))
             out.append((f"{p}.ffn_down.bias", bias_of(m.down, c.d_model)))
     norm("output_norm", model.final_norm)
-    if not c.tie_embeddings:  # tied: llama.cpp reuses token_embd for the output
+    if not c.tie_embeddings or arch == "qwen2moe":  # tied: llama.cpp reuses token_embd (qwen2moe needs its own)
         out.append(("output.weight", _float_weight(model.unembedding)))
     if arch == "llama" and c.rope_scaling is not None:
         # Llama 3.1 scaling as llama.cpp applies it: each frequency divided by its factor.
@@ -330,6 +344,9 @@ def export_gguf(lm, out_path: str | os.PathLike, type: str = "f32") -> Path:
         if c.n_experts:
             writer.add_expert_count(c.n_experts)
             writer.add_expert_used_count(c.experts_per_token)
+        if arch == "qwen2moe":
+            writer.add_expert_feed_forward_length(c.d_expert)
+            writer.add_expert_shared_feed_forward_length(c.d_shared_expert)
         writer.add_head_count(c.n_heads)
         writer.add_vocab_size(c.vocab_size)
         file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -5,6 +5,8 @@
     api.py        the OpenAI-compatible FastAPI app (`create_app(pool)`), auth, the generation routes
     requests.py   a request body -> chat messages, prompt ids, SamplingSettings; refused fields
     responses.py  engine events -> OpenAI's responses, stream chunks and log-probs
+    embeddings.py POST /v1/embeddings over LM.embed; EmbeddingModel stands in for an encoder's engine
+    rag_routes.py MODEL+rag:NAME: chat answered from a retrieval index, with its sources; /v1/rag/search
     scoring.py    log-probabilities of a prompt's own tokens (echo + logprobs: an evaluation backend)
     prefix_cache.py  keys/values of recent prompts, reused by prompts that start the same way
     ollama.py     Ollama's API (/api/tags, /api/show, /api/generate, /api/chat) on the same engines

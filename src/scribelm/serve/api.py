@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions    messages -> assistant message (stream or not)
     POST /v1/completions         prompt -> continuation (stream or not)
+    POST /v1/embeddings          texts -> unit vectors (`embeddings.py`; an encoder serves only this)
     GET  /v1/models              the served models
     GET  /health                 liveness, no key needed
     GET  /metrics                Prometheus text: requests, tokens, queue, TTFT, tokens/s
@@ -68,7 +69,9 @@ from scribelm.serve.ollama import register_ollama_routes
 from scribelm.serve.origins import HostOriginGuard
 from scribelm.serve.requests import chat_messages, output_grammar, prompt_ids, refuse_unsupported, sampling_settings
 from scribelm.serve.responses import CallResponse, int_list, json_response
-from scribelm.serve.schema import ChatCompletionRequest, CompletionRequest, parse_request, request_body_schemas
+from scribelm.serve.schema import (
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request, request_body_schemas,
+)
 from scribelm.structured import StructuredOutputError, check_grammar
 
 __all__ = ["ApiError", "Metrics", "create_app"]
@@ -111,12 +114,14 @@ def create_app(
     allowed_origins: list[str] | None = None,
     public: bool = False,
     body_seconds: float = DEFAULT_BODY_SECONDS,
+    rag=None,
 ) -> FastAPI:
     """The FastAPI application serving every model of `pool`.
 
     public: the server listens beyond loopback, so any Host header is answered
     (otherwise only localhost names); allowed_origins: browser origins that may
-    call the API besides the server's own page and loopback pages ("*": any)."""
+    call the API besides the server's own page and loopback pages ("*": any); rag: the
+    retrieval indexes answered as MODEL+rag:NAME (`rag_routes.ServedIndexes`)."""
     metrics = Metrics()
     expected_key = api_key.encode() if api_key else None
 
@@ -233,6 +238,8 @@ def create_app(
         refuse_unsupported(req, chat)
         grammar, grammar_param = output_grammar(req, chat)
         engine = await engine_for(req.model)
+        if getattr(engine, "embedding_only", False):
+            raise ApiError(400, f"model {engine.name!r} is an embedding model: use /v1/embeddings", param="model")
         if grammar is not None:  # compiled now, so a schema the engine cannot handle is a 400, not a failed stream
             try:
                 await run_in_threadpool(check_grammar, grammar, engine.tokenizer)
@@ -379,13 +386,38 @@ def create_app(
 
     register_ollama_routes(app, pool, generate=generate, engine_for=engine_for, read_json=read_json)
 
+    answer_from_documents = None
+    if rag is not None:
+        from scribelm.serve.rag_routes import register_rag_routes
+
+        answer_from_documents = register_rag_routes(app, rag, generate=generate, engine_for=engine_for, read_json=read_json)
+
     @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+        if answer_from_documents is None:
+            return await generate(request, chat=True)
+        from scribelm.serve.rag_routes import split_variant
+
+        body = await read_json(request)
+        if isinstance(body, dict) and split_variant(body.get("model")) is not None:  # MODEL+rag:NAME
+            return await answer_from_documents(request, body)
+        return await generate(request, chat=True, body=body)
 
     @app.post("/v1/completions", openapi_extra=_openapi_body(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, chat=False)
+
+    @app.post("/v1/embeddings", openapi_extra=_openapi_body(EmbeddingRequest))
+    async def embeddings(request: Request):
+        from scribelm.serve.embeddings import embed_request
+
+        req = parse_request(EmbeddingRequest, await read_json(request))
+        engine = await engine_for(req.model)
+        request.state.model = engine.name
+        body = await run_in_threadpool(embed_request, engine, req)  # off the event loop
+        metrics.count_tokens(engine.name, body["usage"]["prompt_tokens"], 0)
+        request.state.tokens = (body["usage"]["prompt_tokens"], 0)
+        return json_response(body)
 
     # -- information ---------------------------------------------------------------
     def model_card(name: str) -> dict:
@@ -396,14 +428,19 @@ def create_app(
             card["context_length"] = engine.context_length
             card["chat"] = bool(engine.tokenizer.chat_template)
             card["chat_template"] = engine.chat_template  # "model" (its own), a built-in name, "file NAME", or None
+            card["embedding_only"] = bool(getattr(engine, "embedding_only", False))
         return card
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(n) for n in pool.names()]}
+        cards = [model_card(n) for n in pool.names()]
+        return {"object": "list", "data": cards + (rag.variant_cards(cards) if rag is not None else [])}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
+        variant = [c for c in rag.variant_cards([model_card(n) for n in pool.names()]) if c["id"] == name] if rag else []
+        if variant:
+            return variant[0]
         if name not in pool.paths:
             raise ApiError(404, f"The model '{name[:100]}' does not exist", param="model", code="model_not_found")
         return model_card(name)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cache import KVCache
+from scribelm.cache import KVCache, new_cache
 from scribelm.chat_templates import apply_fallback_template
 from scribelm.decode import DecodeRow, TokenEvent, decode_step, feed, prefill
 from scribelm.errors import ScribeError
@@ -103,6 +103,8 @@ class FinishEvent:
     reason: str  # "stop" or "length"
     text: str  # always '' now: the last TokenEvent carries the end of the text
     completion_tokens: int
+    draft_tokens: int = 0  # speculative decoding: tokens guessed for this choice
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 @dataclass
@@ -190,6 +192,7 @@ class Engine:
     """Continuous batching over one model; `start()` runs the loop in a daemon thread."""
 
     PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass
+    encoder_decoder = False  # serves encoder-decoders (the subclass in serve.seq2seq_engine)
 
     def __init__(
         self,
@@ -201,6 +204,7 @@ class Engine:
         max_context: int | None = DEFAULT_MAX_CONTEXT,
         compile: bool = False,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        speculator=None,
     ) -> None:
         if lm.tokenizer is None:
             raise ScribeError(f"model {name!r} has no tokenizer.json; serving needs one to turn text into ids")
@@ -209,17 +213,26 @@ class Engine:
         from scribelm.generate import require_decoder
 
         require_decoder(lm.config)  # an encoder (BERT) cannot generate
-        if getattr(lm.model, "is_encoder_decoder", False):
-            raise ScribeError(f"model {name!r} is an encoder-decoder (T5); the server batches decoder-only models, "
-                              "generate with LM.generate or `scribe generate` instead")
+        if getattr(lm.model, "is_encoder_decoder", False) and not self.encoder_decoder:
+            raise ScribeError(f"model {name!r} is an encoder-decoder (T5); this engine batches decoder-only models, "
+                              "serve it with scribelm.serve.seq2seq_engine.Seq2SeqEngine (ModelPool picks it)")
         self.lm, self.name = lm, name
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_length = min(self.config.context_length, max_context or self.config.context_length)
         self.device = lm.device
+        # Guess several tokens per row and check them in one pass (`scribelm.speculative`); None: one per step.
+        self.speculator = speculator
+        if speculator is not None:
+            if compile:
+                raise ScribeError("speculative decoding runs eagerly; serve without --compile to use it")
+            speculator.check(self.model)
+            speculator.for_cache(max_batch, self.context_length)
         dtype = next(self.model.parameters()).dtype
         try:
-            self.cache = KVCache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype)
+            # a sliding-window model's slots hold its window only (RollingKVCache), unless compiled
+            self.cache = new_cache(self.config, max_batch, self.context_length, device=self.device, dtype=dtype,
+                                   rolling=not compile and speculator is None)  # speculation sets rows back
         except (RuntimeError, MemoryError) as err:  # torch reports a failed allocation as RuntimeError
             need = 2 * self.config.n_layers * max_batch * self.config.n_kv_heads * self.context_length * self.config.head_dim
             raise ScribeError(
@@ -228,7 +241,9 @@ class Engine:
                 "lower --max-batch or --max-context"
             ) from None
         # Keys/values of recent prompts, for prompts that start the same way (0 bytes: off).
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # (Not over a rolling cache: its slots hold the last W positions, not a prompt's beginning.)
+        reusable = prefix_cache_bytes > 0 and isinstance(self.cache, KVCache)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if reusable else None
         self._step = None  # the decode step: `feed` (eager), or one compiled graph over every slot
         if compile:
             from scribelm.compiled_decode import compiled_step_for
@@ -512,6 +527,9 @@ class Engine:
     def _decode_step(self) -> None:
         B = len(self._active)
         self.peak_active = max(self.peak_active, B)
+        if self.speculator is not None:  # it runs the model itself: several tokens per row
+            self._choose(self._active, None)
+            return
         tokens = [s.last_token for s in self._active]
         logits = feed(self.model, self.cache, tokens) if self._step is None else self._step(self.cache, tokens)  # (B, V)
         self._choose(self._active, logits)
@@ -524,10 +542,13 @@ class Engine:
         for s in sequences:
             if s.request.cancelled:
                 s.cancelled = True
+                if logits is None:
+                    s.finish("cancelled")  # the speculator steps every row; a finished one sits out
         if not live:
             return
         rows = [sequences[i] for i in live]
-        logits = logits[live] if len(live) != len(sequences) else logits
+        if logits is not None:
+            logits = logits[live] if len(live) != len(sequences) else logits
         room = [True] * len(rows)  # submit() checked that prompt + max_tokens fits a row
 
         def failed(row: DecodeRow, err: Exception) -> None:
@@ -536,7 +557,10 @@ class Engine:
             row.cancelled = True
             row.request.fail(REQUEST_FAILED)
 
-        stepped = decode_step(rows, logits, room, on_error=failed)
+        if logits is None:  # a speculative step over all of this step's rows, cache row b = sequences[b]
+            stepped = self.speculator.step(self.model, self.cache, sequences, on_error=failed)
+        else:
+            stepped = decode_step(rows, logits, room, on_error=failed)
         now = time.monotonic()
         outbox: list[tuple[GenerationRequest, Any]] = []
         for s, event in stepped:
@@ -548,14 +572,16 @@ class Engine:
             outbox.append((request, event))
             if event.finished:
                 outbox.append((request, FinishEvent(index=s.index, reason=event.finish_reason, text="",
-                                                    completion_tokens=len(s.generated))))
+                                                    completion_tokens=len(s.generated), draft_tokens=s.draft_tokens,
+                                                    accepted_draft_tokens=s.accepted_draft_tokens)))
         _deliver([(r, e) for r, e in outbox if not r.failed])
+        tokens = len(stepped) if logits is None else len(rows)
         with self._stats_lock:
-            self._recent.append((now, len(rows)))
+            self._recent.append((now, tokens))
             while self._recent and now - self._recent[0][0] > 30.0:
                 self._recent.popleft()
         self.steps += 1
-        self.generated_tokens += len(rows)
+        self.generated_tokens += tokens
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows; the last row moves into each freed slot."""
@@ -600,7 +626,12 @@ class ModelPool:
         compile: bool = False,
         chat_template=None,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        speculative: str | None = None,
+        draft: str | Path | None = None,
+        num_draft: int | None = None,
     ) -> None:
+        #: Speculative decoding for every model served: (method, draft model directory or None, num_draft).
+        self.speculation = (speculative, draft, num_draft) if speculative or draft else None
         self.chat_template = chat_template  # a ChatTemplate for models that have none of their own
         self.paths = {name: Path(path) for name, path in models.items()}
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
@@ -635,11 +666,25 @@ class ModelPool:
                     lm = load(self.paths[name], device=self.device, dtype=self.dtype, adapter=self.adapters.get(name))
                     if not isinstance(lm.generation_config, dict):  # e.g. a generation.json that holds a list
                         raise ScribeError(f"{self.paths[name]}: generation.json must hold a JSON object")
-                    in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
-                    engine = Engine(lm, name=name, **self.engine_options)
-                    engine.chat_template = in_use
-                    if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
-                        engine.chat_stop = tuple(self.chat_template.stop)
+                    from scribelm.serve.embeddings import EmbeddingModel, is_embedding_only
+
+                    if is_embedding_only(lm):  # an encoder (BERT): /v1/embeddings only, no decode engine
+                        engine = EmbeddingModel(lm, name=name, max_queue=self.engine_options["max_queue"])
+                    else:
+                        in_use = apply_fallback_template(lm.tokenizer, self.chat_template)
+                        kind, extra = Engine, {}
+                        if getattr(lm.model, "is_encoder_decoder", False):  # T5: one request at a time
+                            from scribelm.serve.seq2seq_engine import Seq2SeqEngine
+
+                            kind = Seq2SeqEngine
+                            if self.speculation is not None:
+                                log.warning("model %r is an encoder-decoder: served without speculative decoding", name)
+                        else:
+                            extra["speculator"] = self._speculator(lm)
+                        engine = kind(lm, name=name, **extra, **self.engine_options)
+                        engine.chat_template = in_use
+                        if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply
+                            engine.chat_stop = tuple(self.chat_template.stop)
                     engine.start()
                 except Exception as err:
                     # The detail (paths, files) is for the operator; clients get ModelLoadError's message.
@@ -652,6 +697,17 @@ class ModelPool:
                     self.loaded_at[name] = time.time()
         engine.last_used = time.monotonic()
         return engine
+
+    def _speculator(self, lm):
+        """A fresh speculator for one model's engine (its draft model loaded), or None."""
+        if self.speculation is None:
+            return None
+        from scribelm.generate import make_speculator
+        from scribelm.lm import load
+
+        method, draft, num_draft = self.speculation
+        draft_lm = load(draft, device=self.device, dtype=self.dtype) if draft is not None else None
+        return make_speculator(lm, method, draft_lm, num_draft)
 
     def unload(self, name: str) -> bool:
         with self._lock:

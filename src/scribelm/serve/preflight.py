@@ -42,6 +42,8 @@ def check_model_files(name: str, path: str | Path) -> ModelInfo:
         info = describe_model(path)  # config.json is an object; safetensors headers parse
     except ScribeError as err:
         raise ModelFilesError(f"model {name!r}: {err}") from None
+    if info.format == "gguf":  # its header, read in full above, holds the tokenizer too
+        return info
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:  # checks the header against the file's size

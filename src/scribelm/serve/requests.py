@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scribelm.generate import encode_prompt
+from scribelm.generate import prompt_token_ids
 from scribelm.sampling import SamplingError, SamplingSettings
 from scribelm.serve.errors import ApiError
 from scribelm.serve.schema import Message, reduce_seed
@@ -34,9 +34,9 @@ def prompt_ids(prompt: Any, lm) -> list[list[int]]:
     """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
     Text is encoded as `LM.generate` encodes it (BOS if the checkpoint asks for one)."""
     if isinstance(prompt, str):
-        return [encode_prompt(lm, prompt)]
+        return [prompt_token_ids(lm, prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [encode_prompt(lm, p) for p in prompt]
+        return [prompt_token_ids(lm, p) for p in prompt]
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]

@@ -51,6 +51,7 @@ class CallResponse:
         self.prompt_logprobs: list[PromptLogprobsEvent | None] = [None] * total_choices  # echo + logprobs
         self.finished = 0
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.draft_tokens = self.accepted_draft_tokens = 0  # speculative decoding: guessed, and kept
         self.first_token_at: float | None = None
 
     @property
@@ -68,12 +69,20 @@ class CallResponse:
             self.texts[event.index] += event.text
             self.reasons[event.index] = event.reason
             self.tokens[event.index] = event.completion_tokens
+            self.draft_tokens += event.draft_tokens
+            self.accepted_draft_tokens += event.accepted_draft_tokens
             self.finished += 1
 
     def usage(self, prompt_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.draft_tokens:  # speculative decoding, in the fields OpenAI's predicted outputs report
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.accepted_draft_tokens,
+                "rejected_prediction_tokens": self.draft_tokens - self.accepted_draft_tokens,
+            }
+        return usage
 
     # -- logprobs in OpenAI's two shapes ----------------------------------------------
     def _token(self, token_id: int) -> tuple[str, list[int]]:

@@ -136,6 +136,30 @@ class CompletionRequest(_Sampling):
     suffix: str | None = Field(None, description="not supported: absent or empty")
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings"""
+
+    model: NonEmptyString = Field(description="a served model's name (GET /v1/models)")
+    input: NonEmptyString | Annotated[list[NonEmptyString], Field(min_length=1, max_length=2048)] \
+        | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)] = Field(
+            description="a non-empty string, a list of up to 2048 such strings, a list of token ids or a list of such lists")
+    encoding_format: Literal["float", "base64"] = Field("float", description="float: JSON numbers; base64: float32 bytes")
+    dimensions: int | None = Field(None, ge=1, description="accepted only when it equals the model's width")
+    user: str | None = None
+    # scribelm's extension: cut inputs longer than the model's embedding length instead of refusing them
+    truncate: bool = Field(False, description="cut a too long input to the model's embedding length (default: 400)")
+
+
+
+class RagSearchRequest(_Body):
+    """POST /v1/rag/search"""
+
+    index: NonEmptyString = Field(description="a served retrieval index's name (scribe serve --rag NAME=INDEX)")
+    query: NonEmptyString = Field(pattern=r"\S", description="what to search for")
+    k: int | None = Field(None, ge=1, le=100, description="how many passages (default: the server's --rag-k)")
+    mode: Literal["bm25", "dense", "hybrid"] | None = Field(None, description="default: the server's --rag-mode")
+
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
@@ -195,6 +219,7 @@ def request_body_schemas() -> dict[str, dict]:
     """OpenAPI component schemas of every request body, keyed by model name."""
     from pydantic.json_schema import models_json_schema
 
-    _, top = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+    _, top = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
+                                 (EmbeddingRequest, "validation"), (RagSearchRequest, "validation")],
                                 ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})

@@ -54,6 +54,9 @@ def prefill_scored(
     so neither the attention scores nor the logits ever span the whole prompt."""
     device = cache.keys.device
     lengths = [len(p) for p in prompts]
+    if min(lengths) != max(lengths) and not cache.accepts_padding:  # a rolling cache: one row at a time
+        parts = [prefill_scored(model, cache, first + j, [p], top_n) for j, p in enumerate(prompts)]
+        return torch.cat([logits for logits, _ in parts]), [scores[0] for _, scores in parts]
     P = max(lengths)
     ids = torch.zeros(len(prompts), P, dtype=torch.long)  # (k, P)
     for j, p in enumerate(prompts):
