@@ -9,10 +9,12 @@
       ▼
     OUT/model         a checkpoint directory every `scribe` command accepts
 
-The default shape and hyper-parameters were chosen by measurement on a
-2-core CPU (the sweep is in the README, `benchmarks/quickstart_sweep.py`
-reruns it): in five minutes on such a machine compute, not data, is the
-limit, so the model is small (4.5M parameters) and the vocabulary is 4096:
+The defaults were chosen by measurement on a 2-core CPU. Five minutes are a
+compute budget, and the scaling law fitted on this corpus (docs/scaling/)
+says a model should see tens of tokens per parameter: the shape, 2 layers ×
+128 wide (926K parameters), is the one the law and side-by-side runs at
+equal CPU time ranked first (`benchmarks/quickstart_shape.py`), with batch 8
+from the sweep that followed. The vocabulary is 4096 (`benchmarks/quickstart_sweep.py`):
 longer tokens put more text through each step, which beat the cheaper
 unembedding of 1024 or 2048 tokens.
 
