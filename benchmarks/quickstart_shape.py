@@ -43,21 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_TOKENS_PER_S = 3_400
 QUICKSTART_SECONDS = 280
 
-# name -> override of DEFAULT_SETTINGS; "model" holds depth/width/heads/d_mlp, "train" the lr.
-CANDIDATES: dict[str, dict] = {
-    "ref": {"model": {"n_layers": 4, "d_model": 256, "n_heads": 4, "n_kv_heads": 4, "d_mlp": 768},
-            "batch_size": 16, "train": {"lr": 3e-3}},
-}
-
-
-def shape(depth: int, width: int, heads: int | None = None, *, lr: float = 3e-3, batch: int = 16,
-          mlp: int | None = None) -> dict:
+def shape(depth: int, width: int, heads: int | None = None, mlp: int | None = None) -> dict:
+    """An override of DEFAULT_SETTINGS: the sweep's rule (heads of 32, SwiGLU ≈ 8/3 · width) unless given."""
     heads = heads or max(1, width // 32)
     d_mlp = mlp or max(32, int(round(8 / 3 * width / 32)) * 32)
     return {"model": {"n_layers": depth, "d_model": width, "n_heads": heads, "n_kv_heads": heads, "d_mlp": d_mlp},
-            "batch_size": batch, "train": {"lr": lr}}
+            "batch_size": 16, "train": {"lr": 3e-3}}
 
 
+# "ref" is the old default; the others are named d<depth>w<width>.
+CANDIDATES: dict[str, dict] = {"ref": shape(4, 256, heads=4, mlp=768)}
 for _d, _w in ((2, 128), (3, 128), (4, 128), (6, 128), (2, 192), (4, 192), (3, 160), (4, 160), (6, 96), (4, 96)):
     CANDIDATES[f"d{_d}w{_w}"] = shape(_d, _w)
 
@@ -108,7 +103,7 @@ def prepared(work: Path, vocab_size: int, val_fraction: float) -> Path:
 
 
 def train_one(job: dict) -> dict:
-    """Train one candidate for `steps` optimizer steps (its share of C) on `threads` threads; evaluate."""
+    """Train one candidate for `steps` optimizer steps (its share of C) or `cpu_seconds`; evaluate."""
     import torch
 
     from scribelm.data.loader import TokenBatchLoader
@@ -127,12 +122,14 @@ def train_one(job: dict) -> dict:
     # A budget of optimizer steps (a FLOP budget) or of CPU seconds on one thread (what the machine can do).
     budget = {"time_budget_s": job["cpu_seconds"], "clock": "process"} if job.get("cpu_seconds") else {}
     config = TrainConfig(max_steps=job.get("steps"), eval_every=0, checkpoint_every=0, keep_last=1, keep_best=False,
-                         plot=False, seed=job["seed"], peak_flops=1e12, **budget, **s["train"])  # MFU unused: skip measuring
+                         plot=False, seed=job["seed"], peak_flops=1e12,  # MFU is unused: skip measuring the peak
+                         **budget, **s["train"])
     run_dir = Path(job["work"]) / "runs" / f"{job['name']}-{time.time_ns()}"
     started = time.process_time()
     result = Trainer(model, NextTokenObjective(token_byte_lengths(tokenizer)), train, val, config, run_dir).fit()
     cpu = time.process_time() - started
-    return {**job, "steps": result.steps, "C": tokens_flops(s, result.tokens), "val_bpb": round(result.final_eval["val_bpb"], 4), "tokens": result.tokens,
+    return {**job, "steps": result.steps, "C": tokens_flops(s, result.tokens),
+            "val_bpb": round(result.final_eval["val_bpb"], 4), "tokens": result.tokens,
             "train_seconds": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens / result.elapsed_s),
             "tokens_per_cpu_s": round(result.tokens / cpu), "load_avg": round(os.getloadavg()[0], 1)}
 
@@ -244,9 +241,9 @@ def main() -> None:
         steps = args.steps if args.phase == "probe" else budget_steps(s, flops * args.fraction)
         if args.cpu_seconds:
             steps = None
-        jobs.append({"name": name, "steps": steps, "cpu_seconds": args.cpu_seconds, "threads": args.threads, "seed": args.seed, "phase": args.phase,
-                     "fraction": args.fraction, "flops": flops * args.fraction, "data_dir": str(data_dir),
-                     "work": str(work)})
+        jobs.append({"name": name, "steps": steps, "cpu_seconds": args.cpu_seconds, "threads": args.threads,
+                     "seed": args.seed, "phase": args.phase, "fraction": args.fraction, "flops": flops * args.fraction,
+                     "data_dir": str(data_dir), "work": str(work)})
     rows = []
     with ProcessPoolExecutor(max_workers=args.parallel) as pool:
         for row in pool.map(train_one, jobs):
