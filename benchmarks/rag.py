@@ -2,7 +2,7 @@
 
     python benchmarks/rag.py                                   # 1,000 chunks indexed; latency at 10K and 100K
     python benchmarks/rag.py --index-chunks 10000 --threads 2  # the 10K-chunk indexing goal
-    python benchmarks/rag.py --sizes 10000                     # latency at 10K only
+    python benchmarks/rag.py --sizes 10000 --skip-indexing     # latency at 10K only
 
 1. Indexing: `rag.build_index` over chunks of the bundled King James corpus (chapters of
    about `--chunk-tokens` MiniLM tokens), timed end to end (read, chunk, embed, BM25,
@@ -150,13 +150,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-indexing", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_indexing:
             bench_indexing(args, Path(tmp))
-        bench_latency(args, Path(tmp))
+        if not args.skip_latency:
+            bench_latency(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,20 @@ concurrency to concurrency 1: what continuous batching buys.
 
 The server is the real `scribe serve` in a subprocess bound to 127.0.0.1, so
 clients and server do not share an interpreter lock.
+
+Side by side with llama.cpp's server:
+
+    python benchmarks/serve_load.py --vs-llama-cpp --threads 1 --concurrency 1 8 16 --rounds 2
+
+exports the same weights to GGUF (f32, `scribelm.interop.gguf`), starts
+llama-cpp-python's OpenAI-compatible server on them (`pip install
+'llama-cpp-python[server]'`; one thread, `--threads`) next to `scribe serve`,
+and runs each concurrency level on both, alternating, `--rounds` times (the
+machine may be shared: the spread of the rounds says how noisy it was). It
+prints both tables (medians over rounds) and scribe/llama.cpp ratios. The same
+requests go to both: same prompts, seeds, max_tokens and the special tokens
+biased away, so every request generates exactly max_tokens tokens (llama.cpp's
+stream reports no usage; a request that ends by length counts max_tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,9 +69,9 @@ def build_model(directory: Path, args) -> Path:
     return LM(Transformer(config).eval(), tokenizer).save(directory / "bench-model")
 
 
-def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "scribelm.cli", "serve", f"bench={model}", "--host", "127.0.0.1", "--port", "0",
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--idle-unload", "0"]
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--idle-unload", "0", *extra]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -80,6 +95,32 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not answer /health")
 
 
+def start_llama_cpp_server(gguf: Path, args) -> tuple[subprocess.Popen, str]:
+    """llama-cpp-python's OpenAI-compatible server on a GGUF file, bound to a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads = str(args.threads or os.cpu_count())
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+               "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "1024",
+               "--host", "127.0.0.1", "--port", str(port), "--verbose", "False",
+               "--interrupt_requests", "False"]  # by default a new request cuts off the one streaming
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama_cpp.server did not start (is 'llama-cpp-python[server]' installed?): "
+                             f"{proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("llama_cpp.server did not answer /v1/models")
+
+
 async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float | None, int, float]:
     """Stream one completion; returns (time to first token, tokens, seconds)."""
     start = time.perf_counter()
@@ -96,6 +137,8 @@ async def one_request(client: httpx.AsyncClient, base: str, body: dict) -> tuple
                 first = time.perf_counter() - start
             if '"usage": {' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif not tokens and '"finish_reason": "length"' in line:  # a server that streams no usage
+                tokens = body["max_tokens"]
     return first, tokens, time.perf_counter() - start
 
 
@@ -151,9 +194,15 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--vs-llama-cpp", action="store_true",
+                        help="also run every level on llama-cpp-python's server on the same weights (GGUF f32)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --vs-llama-cpp: alternating rounds per level")
     args = parser.parse_args()
     if max(args.concurrency) > args.max_batch + args.max_queue:
         raise SystemExit("concurrency above max-batch + max-queue would measure 429s; raise --max-queue")
+    if args.vs_llama_cpp:
+        side_by_side(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_model(Path(tmp), args))
@@ -186,6 +235,54 @@ def main() -> None:
         for r in levels:
             if r["concurrency"] != 1:
                 print(f"aggregate tokens/s at concurrency {r['concurrency']} vs 1: {r['tokens_per_s'] / base_level['tokens_per_s']:.2f}x")
+
+
+def side_by_side(args) -> None:
+    """Every level on both servers, alternating, `--rounds` times; medians and scribe/llama.cpp ratios."""
+    from scribelm import load
+    from scribelm.interop.gguf import export_gguf
+    from scribelm.store import resolve_model_path
+    from scribelm.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = resolve_model_path(args.model or str(build_model(Path(tmp), args)))
+        gguf = export_gguf(load(model_dir), Path(tmp) / "bench.gguf", type="f32")
+        special = sorted(Tokenizer.load(model_dir).special_ids)
+        servers = {}
+        try:
+            servers["scribe"] = start_server(str(model_dir), args)
+            servers["llama.cpp"] = start_llama_cpp_server(gguf, args)
+            warm = argparse.Namespace(**{**vars(args), "seconds": 1.0, "max_requests": 3})
+            for _, base in servers.values():
+                asyncio.run(run_level(base, 1, warm, special))
+            runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in args.concurrency} for name in servers}
+            for _ in range(args.rounds):
+                for c in args.concurrency:
+                    for name, (_, base) in servers.items():
+                        runs[name][c].append(asyncio.run(run_level(base, c, args, special)))
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(10)
+
+    def median(name, c, key):
+        return statistics.median(r[key] for r in runs[name][c])
+
+    print(f"scribe serve vs llama-cpp-python server, same weights (GGUF f32), loopback, max_tokens {args.max_tokens}, "
+          f"{args.seconds:.0f} s per level, {args.rounds} round(s), threads {args.threads or 'default'} each")
+    print(f"{'server':>10} {'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'(rounds)':>17} {'TTFT p50':>9} {'TTFT p95':>9}")
+    for name in servers:
+        for c in args.concurrency:
+            rs = runs[name][c]
+            spread = "/".join(f"{r['tokens_per_s']:.0f}" for r in rs)
+            print(f"{name:>10} {c:>7} {sum(r['requests'] for r in rs):>8} {sum(r['errors'] for r in rs):>6} "
+                  f"{median(name, c, 'tokens_per_s'):>9.1f} {spread:>17} {median(name, c, 'ttft_p50_ms'):>7.0f}ms "
+                  f"{median(name, c, 'ttft_p95_ms'):>7.0f}ms")
+    for c in args.concurrency:
+        ratio = median("scribe", c, "tokens_per_s") / median("llama.cpp", c, "tokens_per_s")
+        ttft = median("scribe", c, "ttft_p50_ms") / median("llama.cpp", c, "ttft_p50_ms")
+        ttft95 = median("scribe", c, "ttft_p95_ms") / median("llama.cpp", c, "ttft_p95_ms")
+        print(f"concurrency {c:>2}: scribe / llama.cpp tokens/s {ratio:.2f}x, TTFT p50 {ttft:.2f}x, p95 {ttft95:.2f}x (lower is better)")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def test_embeddings_of_a_trained_model_and_bad_words(model_dir, capsys):
     word = lm_input_embeddings(trained_lm("llama")).words[0]
     code, out, _ = explain(["embeddings", str(model_dir), "--nearest", word, "-k", "3"], capsys)
     assert code == 0 and f"nearest to {word}:" in out
+    code, out, _ = explain(["embeddings", str(model_dir), "--vectors", "both", "--nearest", word, "-k", "3", "--json"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["input"]["words"] == result["pooled"]["words"]
+    assert result["input"]["nearest"][word] != result["pooled"]["nearest"][word]  # the pooled outputs are other vectors
     code, out, err = explain(["embeddings", "minilm", "--analogy", "king", "man", "zzqxv"], capsys)
     assert code == 2 and err.startswith("error: not in the vocabulary: 'zzqxv'")
 

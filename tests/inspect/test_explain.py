@@ -28,10 +28,64 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def page_dir(model_dir, tmp_path_factory):
+def sae_dir(model_dir, corpus, tmp_path_factory):
+    """A small top-k SAE on layer 1's MLP, written by `scribe explain sae`."""
+    root = tmp_path_factory.mktemp("sae")
+    (root / "text.txt").write_text("\n\n".join(corpus), encoding="utf-8")
+    assert main(["explain", "sae", str(model_dir[0]), "--data", str(root / "text.txt"), "--layer", "1", "--features", "128",
+                 "--k", "4", "--steps", "30", "--batch-tokens", "128", "--sequence-length", "16", "-o", str(root / "sae")]) == 0
+    return root / "sae"
+
+
+@pytest.fixture(scope="module")
+def page_dir(model_dir, sae_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("page") / "page"
-    assert main(["explain", str(model_dir[0]), TEXT, "-o", str(out), "--layer", "0", "--head", "1"]) == 0
+    assert main(["explain", str(model_dir[0]), TEXT, "-o", str(out), "--layer", "0", "--head", "1", "--sae", str(sae_dir)]) == 0
     return out
+
+
+def test_the_sae_features_of_the_text(model_dir, sae_dir, page_dir, tokenizer):
+    from scribelm.inspect.sae import SparseAutoencoder
+    from scribelm.inspect.sae_train import activations
+
+    _, lm = model_dir
+    shown = json.loads((page_dir / "data.json").read_text())["sae"]
+    sae = SparseAutoencoder.load(sae_dir / "sae.safetensors")
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    features = sae.encode(activations(lm.model, ids, 1, "mlp"))[0]  # (T, F)
+    assert shown["hook"] == "blocks.1.mlp.hook_post" and shown["n_features"] == 128
+    assert len(shown["per_token"]) == ids.shape[1]
+    for position, listed in enumerate(shown["per_token"]):
+        assert 0 < len(listed) <= 4  # top-k 4: at most four features fire on a token
+        assert [f["feature"] for f in listed] == features[position].topk(len(listed)).indices.tolist()
+    everywhere = {str(f["feature"]) for row in shown["per_token"] for f in row}
+    assert set(shown["activations"]) == set(shown["contexts"]) == everywhere
+    report = json.loads((sae_dir / "features.json").read_text())["contexts"]
+    assert any(shown["contexts"][f] for f in everywhere)
+    for f in everywhere:
+        assert shown["contexts"][f] == report.get(f, [])
+        torch.testing.assert_close(torch.tensor(shown["activations"][f]), features[:, int(f)], atol=1e-4, rtol=0)
+
+
+def test_an_sae_that_does_not_fit_the_model_is_one_clear_error(model_dir, sae_dir, tmp_path, capsys):
+    import shutil as sh
+
+    path = str(model_dir[0])
+    moved = tmp_path / "moved"
+    sh.copytree(sae_dir, moved)
+    report = json.loads((moved / "report.json").read_text())
+    (moved / "report.json").write_text(json.dumps({**report, "layer": 5}))
+    other = tmp_path / "other"
+    sh.copytree(sae_dir, other)
+    (other / "report.json").write_text(json.dumps({**report, "site": "resid"}))  # 32 wide, not the MLP's 64
+    for argv, message in [
+        (["--sae", str(tmp_path)], "holds no sae.safetensors"),
+        (["--sae", str(moved)], "reads blocks.5.mlp.hook_post, which this model (2 layers) does not have"),
+        (["--sae", str(other)], "reads 64 numbers but this model's blocks.1.hook_resid_post has 32"),
+    ]:
+        assert main(["explain", path, "the best", "--json", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_the_data_agrees_with_the_model(model_dir, tokenizer):
@@ -132,6 +186,21 @@ def test_the_page_in_chromium(page_dir, tmp_path):
             n = kept.count("kept")
             assert n <= kept_at_one and kept[:n] == ["kept"] * n and sum(cold[:n - 1]) < 0.9 and (n == len(cold) or sum(cold[:n]) >= 0.9 - 1e-3)
             assert page.locator("#next-token td.keep-k").all_inner_texts().count("kept") == 5
+            # the SAE's features: per token, clickable; a click shows where the feature fires and its top contexts
+            sae = json.loads((page_dir / "data.json").read_text())["sae"]
+            assert page.is_visible("#sae-section")
+            assert page.locator(".sae-feature").count() == sum(len(row) for row in sae["per_token"])
+            feature = next(f for f in sae["contexts"] if sae["contexts"][f] and
+                           f != page.get_attribute(".sae-feature.selected", "data-feature"))
+            page.click(f".sae-feature[data-feature='{feature}'] >> nth=0")
+            assert page.inner_text("#sae-feature-title") == f"feature {feature}"
+            assert page.locator(".sae-feature.selected").count() == sum(
+                1 for row in sae["per_token"] for f in row if str(f["feature"]) == feature)
+            contexts = sae["contexts"][feature]
+            assert page.locator("#sae-contexts .sae-context").count() == len(contexts)
+            assert page.locator("#sae-contexts mark").all_inner_texts() == [c["token"].replace("\n", "⏎") for c in contexts]
+            fired = sum(1 for a in sae["activations"][feature] if a > 0)
+            assert page.locator("#sae-text mark").count() == fired > 0
         finally:
             context.close()
     assert problems == []

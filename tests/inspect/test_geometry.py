@@ -17,6 +17,8 @@ from scribelm.inspect.geometry import (
     google_analogies_path,
     lm_input_embeddings,
     minilm_input_embeddings,
+    minilm_pooled_outputs,
+    pooled_outputs,
 )
 
 
@@ -75,6 +77,28 @@ def test_analogy_with_restricted_and_case_sensitive_vocabulary_equals_gensim(ana
         assert ours["accuracy"] == score, settings
 
 
+def test_pooled_output_analogy_accuracy_equals_gensim(analogy_sample):
+    """MiniLM's sentence embedding of each word alone: the sample's words and the 1,500 most
+    frequent entries as candidates (the whole vocabulary takes a minute), in vocabulary order."""
+    from sentence_transformers import SentenceTransformer
+
+    from scribelm.inspect.geometry import minilm_directory
+
+    asked = {w.lower() for line in analogy_sample.read_text().splitlines() if not line.startswith(":") for w in line.split()}
+    words = [w for i, w in enumerate(minilm().words) if i < 1500 or w in asked]
+    pooled = minilm_pooled_outputs(words)
+    assert pooled.words == words and pooled.vectors.shape == (len(words), 384)
+    peer = SentenceTransformer(str(minilm_directory()), device="cpu").encode(words[:32], convert_to_tensor=True)
+    torch.testing.assert_close(pooled.unit[:32], torch.nn.functional.normalize(peer, dim=-1), atol=1e-5, rtol=1e-4)
+    ours = evaluate_analogies(pooled, analogy_sample)
+    score, sections = keyed_vectors(pooled).evaluate_word_analogies(str(analogy_sample))
+    assert ours["accuracy"] == score
+    assert ours["total"] == len(sections[-1]["correct"]) + len(sections[-1]["incorrect"]) > 1000
+    assert [s["correct"] for s in ours["sections"]] == [len(s["correct"]) for s in sections[:-1]]
+    inputs = evaluate_analogies(minilm(), analogy_sample)
+    assert ours["accuracy"] != inputs["accuracy"] and 0.3 < score < 1.0  # other vectors, still real analogies
+
+
 def test_nearest_and_analogy_exclude_their_inputs_and_match_gensim():
     vectors, kv = minilm(), keyed_vectors(minilm())
     assert vectors.analogy("king", "man", "woman", k=1)[0][0] == "queen"
@@ -116,6 +140,8 @@ def test_a_loaded_models_whole_word_tokens(tiny_lm):
     assert tiny_lm.tokenizer.decode([vectors.rows[row]]).strip() == word
     top = vectors.nearest(word, 3)
     assert len(top) == 3 and word not in [w for w, _ in top]
+    pooled = pooled_outputs(tiny_lm, vectors.words[:20])
+    torch.testing.assert_close(pooled.vectors[3], tiny_lm.embed(vectors.words[3], normalize=False)[0])
 
 
 @pytest.fixture(scope="module")

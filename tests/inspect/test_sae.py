@@ -28,6 +28,12 @@ def step_input(x, dead=None, l1=None):
                           n_training_steps=0, is_logging_step=False)
 
 
+def close(a, b):
+    """Equal up to float32 rounding: the encoder computes x·W_enc − b_dec·W_enc + b_enc, and the top-k
+    decoder sums k rows, where sae-lens computes (x − b_dec)·W_enc and a dense product."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def gradients(module, names=("W_enc", "b_enc", "W_dec", "b_dec")):
     return [getattr(module, n).grad.clone() for n in names]
 
@@ -40,14 +46,14 @@ def test_relu_l1_loss_terms_and_gradients_equal_sae_lens():
     x = torch.randn(32, d) * 2
     mine = ours.loss_terms(x)
     out = theirs.training_forward_pass(step_input(x, l1=l1))
-    torch.testing.assert_close(mine["mse"], out.losses["mse_loss"])
-    torch.testing.assert_close(mine["l1"], out.losses["l1_loss"])
-    torch.testing.assert_close(mine["features"], out.feature_acts)
-    torch.testing.assert_close(mine["reconstruction"], out.sae_out)
+    close(mine["mse"], out.losses["mse_loss"])
+    close(mine["l1"], out.losses["l1_loss"])
+    close(mine["features"], out.feature_acts)
+    close(mine["reconstruction"], out.sae_out)
     mine["loss"].backward()
     out.loss.backward()
     for a, b in zip(gradients(ours), gradients(theirs)):
-        torch.testing.assert_close(a, b)
+        close(a, b)
 
 
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
@@ -62,16 +68,38 @@ def test_topk_loss_terms_and_gradients_equal_sae_lens(n_dead):
     dead[torch.randperm(F, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
     mine = ours.loss_terms(x, dead)
     out = theirs.training_forward_pass(step_input(x, dead))
-    torch.testing.assert_close(mine["mse"], out.losses["mse_loss"])
-    torch.testing.assert_close(mine["aux"], out.losses["auxiliary_reconstruction_loss"])
-    torch.testing.assert_close(mine["features"], out.feature_acts)
+    close(mine["mse"], out.losses["mse_loss"])
+    close(mine["aux"], out.losses["auxiliary_reconstruction_loss"])
+    close(mine["features"], out.feature_acts)
     assert int((mine["features"] > 0).sum(-1).max()) <= k
     mine["loss"].backward()
     out.loss.backward()
     for a, b in zip(gradients(ours), gradients(theirs)):
-        torch.testing.assert_close(a, b)
+        close(a, b)
     if n_dead:
         assert mine["aux"] > 0
+
+
+def test_normalized_dead_feature_loss_is_sae_lens_over_the_error_variance():
+    """Gao et al.'s form: with every dead pre-activation positive (ReLU a no-op) and more dead
+    features than k_aux (sae-lens's scale 1), it is sae-lens's loss divided by Var(x − x̂)."""
+    d, F, k = 16, 64, 4
+    ours = SparseAutoencoder(SAEConfig(d_in=d, n_features=F, k=k, aux_coefficient=0.5, aux_normalized=True))
+    theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=F, k=k, aux_loss_coefficient=0.5,
+                                                   rescale_acts_by_decoder_norm=True))
+    copy_weights(ours, theirs)
+    with torch.no_grad():
+        for sae in (ours, theirs):
+            sae.b_enc.add_(20.0)
+    x = torch.randn(32, d)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:40] = True
+    mine = ours.loss_terms(x, dead)
+    out = theirs.training_forward_pass(step_input(x, dead))
+    residual = x - mine["reconstruction"]
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    close(mine["aux"] * variance, out.losses["auxiliary_reconstruction_loss"])
+    close(mine["mse"], out.losses["mse_loss"])
 
 
 def test_normalizing_the_decoder_keeps_topk_features_and_reconstruction():

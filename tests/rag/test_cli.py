@@ -53,7 +53,7 @@ def test_ask_shows_context_and_sources(cli_index, capsys):
     assert "[1] (" in data["prompt"] and "Glorbville" in data["prompt"]
     assert isinstance(data["answer"], str)
     assert main(["rag", "ask", str(index), "What is the capital of Freedonia?", "--model", str(model),
-                 "--max-new-tokens", "4", "--show-context"]) == 0
+                 "--max-new-tokens", "4", "--show-context", "--rerank", "2"]) == 0
     out = capsys.readouterr().out
     assert "Question: What is the capital of Freedonia?" in out
     assert "sources:" in out or "cites none of the" in out

@@ -66,6 +66,10 @@ def test_update_embeds_only_new_or_changed_files(tmp_path, minilm):
     reopened = rag.open_index(tmp_path / "idx", embedder=minilm)
     assert reopened.search("carried by train", k=1)[0].chunk.text == "It is carried down by train now."
     assert "keeper" not in " ".join(c.text for c in reopened.chunks)
+    inside = rag.build_index(docs / "index", [docs], embedder=minilm, chunk_tokens=8, overlap=0)
+    inside = rag.build_index(docs / "index", [docs], embedder=minilm)  # again: its own files are not documents
+    assert inside.last_report.chunks_embedded == 0 and not inside.last_report.added
+    assert not [c for c in inside.chunks if "/index/" in c.source]
 
 
 def test_another_embedder_is_refused(index, answering_lm, tmp_path):
@@ -87,6 +91,13 @@ def test_bad_inputs_get_one_line_errors(tmp_path, minilm):
     assert not (tmp_path / "i2").exists()
     with pytest.raises(ScribeError, match="not a scribelm retrieval index"):
         rag.open_index(tmp_path / "junk")
+    (tmp_path / "note.txt").write_text("One short note.")
+    built = rag.build_index(tmp_path / "ok", [tmp_path / "junk", tmp_path / "note.txt"], embedder=minilm)
+    assert len(built) == 1 and len(built.last_report.skipped) == 2
+    damaged = shutil.copytree(built.path, tmp_path / "damaged")
+    (damaged / "dense.faiss").write_bytes(b"not faiss")
+    with pytest.raises(ScribeError, match="is damaged"):
+        rag.open_index(damaged)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("my own file")
     with pytest.raises(ScribeError, match="not written by scribelm"):

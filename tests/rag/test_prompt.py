@@ -65,3 +65,18 @@ def test_cited_sources_reads_numbers_back(answer_index):
     cited = rag.cited_sources("Hold the button [2]. See also [1, 3] and [2][9].", used)
     assert cited == [used[1], used[0], used[2]]
     assert rag.cited_sources("No citations here, only [0] and [x].", used) == []
+
+
+def test_rerank_orders_by_the_models_loglikelihood_of_the_question(answer_index, answering_lm):
+    from scribelm.evaluate.scoring import loglikelihood
+
+    question = "Which plant grows well beside tomatoes?"
+    hits = answer_index.search(question, k=4, mode="hybrid")
+    reranked = rag.rerank(question, hits, answering_lm, top=3)
+    assert [h.rank for h in reranked] == [1, 2, 3, 4] and reranked[3].chunk == hits[3].chunk
+    assert {h.chunk for h in reranked[:3]} == {h.chunk for h in hits[:3]}
+    expected = {h.chunk.id: loglikelihood(answering_lm, [(f"Passage: {h.chunk.text.strip()}\n", f"Question: {question}")])[0][0]
+                for h in hits[:3]}
+    for hit in reranked[:3]:
+        assert hit.score == hit.scores["rerank"] == pytest.approx(expected[hit.chunk.id], abs=1e-4)
+    assert [h.score for h in reranked[:3]] == sorted((h.score for h in reranked[:3]), reverse=True)

@@ -40,6 +40,7 @@ def page_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="the layer whose attention head is shown first (default: the last)")
     p.add_argument("--head", type=int, help="the head shown first (default 0)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of writing the page")
+    p.add_argument("--sae", metavar="DIR", help="also show a sparse autoencoder's features (a `scribe explain sae` directory)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (default cpu)")
     p.set_defaults(handler=run_page)
     return p
@@ -82,7 +83,7 @@ def run_page(args) -> int:
         from scribelm.errors import ScribeError
 
         raise ScribeError(f"{args.model} has no tokenizer (tokenizer.json), so its text cannot be explained")
-    data = explain_data(lm, args.text, layer=args.layer, head=args.head)
+    data = explain_data(lm, args.text, layer=args.layer, head=args.head, sae=args.sae)
     if args.json:
         print_json(data)
         return 0

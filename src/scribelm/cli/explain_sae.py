@@ -1,8 +1,9 @@
 """`scribe explain sae MODEL --data TEXT_OR_SHARDS --layer L`: train a sparse autoencoder
 on one layer's MLP hidden units (or residual stream), streaming activations from the
 data; report explained variance, L0, dead features and the loss increase when the
-reconstruction is spliced back in; write the SAE, the numbers and a page of each
-feature's top-activating contexts."""
+reconstruction is spliced back in; write the SAE, the numbers, every feature's
+top-activating contexts (features.json, which `scribe explain MODEL TEXT --sae DIR`
+shows on the explain page) and a page of the most frequent features' contexts."""
 
 from __future__ import annotations
 
@@ -78,20 +79,25 @@ def run(args) -> int:
     metrics = evaluate_sae(lm, sae, held_out(), args.layer, args.site)
     counts = metrics.pop("firing_counts")
     shown = sorted(range(len(counts)), key=lambda f: -counts[f])[: max(0, args.show)]
-    contexts = top_contexts(lm, sae, held_out(), args.layer, args.site, shown)
+    contexts = top_contexts(lm, sae, held_out(), args.layer, args.site, range(sae.config.n_features))
     title = f"{args.model}: sparse autoencoder on {hook_name(args.layer, args.site)} ({sae.config.n_features} features, {sae.config.kind})"
-    report = {"model": args.model, "hook": hook_name(args.layer, args.site), "features": sae.config.n_features,
+    report = {"model": args.model, "hook": hook_name(args.layer, args.site), "layer": args.layer, "site": args.site,
+              "features": sae.config.n_features,
               "kind": sae.config.kind, "k": sae.config.k, "steps": args.steps, **metrics,
               "contexts": {str(f): contexts[f] for f in shown}}
     with atomic_directory(out, kind="sparse autoencoder") as tmp:
         sae.save(tmp / "sae.safetensors")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "features.html").write_text(render_sae_report(title, metrics, contexts, counts), encoding="utf-8")
+        (tmp / "features.json").write_text(json.dumps({"hook": report["hook"], "contexts": {str(f): c for f, c in contexts.items() if c}},
+                                                      ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "features.html").write_text(render_sae_report(title, metrics, {f: contexts[f] for f in shown}, counts),
+                                           encoding="utf-8")
     if args.json:
         print_json(report)
         return 0
     console.print(f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
                   f"dead {100 * metrics['dead_fraction']:.1f}%, loss {metrics['loss_clean']:.4f} → "
                   f"{metrics['loss_spliced']:.4f} spliced (+{metrics['loss_increase']:.4f}; zeroed {metrics['loss_zero_ablated']:.4f})")
-    console.print(f"wrote {out / 'sae.safetensors'}, {out / 'report.json'} and {out / 'features.html'}")
+    console.print(f"wrote {out / 'sae.safetensors'}, {out / 'report.json'}, {out / 'features.json'} and {out / 'features.html'}")
+    console.print(f"see its features on a text: scribe explain {args.model} \"TEXT\" --sae {out}")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 from scribelm.cli.common import console, err_console, print_json
-from scribelm.errors import ScribeError
 
 
 def register(subparsers) -> None:
@@ -29,6 +28,7 @@ def register(subparsers) -> None:
     a.add_argument("--overlap", type=int, default=None, help="tokens repeated between chunks (default 40)")
     a.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="count chunk sizes with this model's tokenizer (the answering model's); default the embedder's")
+    a.add_argument("--device", default="cpu", help="where the embedder runs: cpu, cuda, mps, auto")
     a.set_defaults(handler=run_add)
 
     s = verbs.add_parser("search", help="print the best chunks for a query")
@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     s.add_argument("query")
     _search_arguments(s)
     s.add_argument("--json", action="store_true", help="a JSON list of hits, best first")
+    s.add_argument("--device", default="cpu", help="where the embedder runs")
     s.set_defaults(handler=run_search)
 
     q = verbs.add_parser("ask", help="answer a question from the index, citing the sources")
@@ -47,6 +48,8 @@ def register(subparsers) -> None:
                    help="token budget of the prompt (default: the model's context minus room for the answer)")
     q.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template if the model has none: chatml, llama3, mistral, or a Jinja file")
+    q.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="re-order the best N passages by the answering model's log p(question | passage)")
     q.add_argument("--show-context", action="store_true", help="print exactly what the model sees before the answer")
     q.add_argument("--json", action="store_true", help="print the answer, the cited sources and the context as JSON")
     from scribelm.cli.generate import add_sampling_arguments
@@ -61,6 +64,7 @@ def register(subparsers) -> None:
     e.add_argument("--mode", action="append", choices=("bm25", "dense", "hybrid"), default=None,
                    help="repeatable; default all three")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="cpu", help="where the embedder runs")
     e.set_defaults(handler=run_eval)
 
 
@@ -78,7 +82,7 @@ def run_add(args) -> int:
     from scribelm.rag import build_index
 
     index = build_index(args.index, args.paths, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
-                        overlap=args.overlap, tokenizer=args.tokenizer)
+                        overlap=args.overlap, tokenizer=args.tokenizer, device=args.device)
     report = index.last_report
     for path, why in report.skipped:
         err_console.print(f"skipped {path}: {why}", markup=False, soft_wrap=True)
@@ -91,7 +95,7 @@ def run_add(args) -> int:
 def run_search(args) -> int:
     from scribelm.rag import open_index
 
-    hits = open_index(args.index).search(args.query, k=args.k, mode=args.mode)
+    hits = open_index(args.index, device=args.device).search(args.query, k=args.k, mode=args.mode)
     if args.json:
         print_json([hit.to_dict() for hit in hits])
         return 0
@@ -116,7 +120,7 @@ def run_ask(args) -> int:
         from scribelm.chat_templates import resolve_chat_template
 
         template = resolve_chat_template(args.chat_template)
-    index = open_index(args.index)
+    index = open_index(args.index, device=args.device)
     lm = load_model(args.model, args.device, args.adapter)
     if template is not None:
         from scribelm.chat_templates import apply_fallback_template
@@ -124,6 +128,10 @@ def run_ask(args) -> int:
         if apply_fallback_template(lm.tokenizer, template) == template.name and template.stop and "stop" not in settings:
             settings["stop"] = list(template.stop)
     hits = index.search(args.question, k=args.k, mode=args.mode)
+    if args.rerank:
+        from scribelm.rag import rerank
+
+        hits = rerank(args.question, hits, lm, top=args.rerank)
     answer_tokens = min(resolve_settings(lm, **settings).max_new_tokens, lm.config.context_length // 2)
     messages, used = grounded_messages(args.question, hits, lm, args.max_context_tokens, answer_tokens=answer_tokens)
     if args.show_context and not args.json:
@@ -163,7 +171,7 @@ def run_eval(args) -> int:
     from scribelm.rag.evaluate import evaluate, read_queries
 
     queries = read_queries(args.queries)
-    results, _ = evaluate(open_index(args.index), queries, k=args.k, modes=tuple(args.mode or ("bm25", "dense", "hybrid")))
+    results, _ = evaluate(open_index(args.index, device=args.device), queries, k=args.k, modes=tuple(args.mode or ("bm25", "dense", "hybrid")))
     if args.json:
         print_json({"queries": len(queries), "k": args.k, "results": results})
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from scribelm.cli.common import console, err_console
+from scribelm.cli.common import add_speculative_arguments, console, err_console
 
 
 def register(subparsers) -> None:
@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="MiB of recent prompts' keys/values kept per model, so prompts that start the same way "
                         "(a resent conversation) prefill only what is new (0: off; default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps, so a long prompt does not stall the "
+                        "streams already running (0: each prompt whole; default 256)")
     p.add_argument("--chat-template", metavar="NAME_OR_FILE",
                    help="chat template for models that have none: chatml, llama3, mistral, or a Jinja file "
                         "(rendered sandboxed; a model's own template is always preferred)")
@@ -47,15 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--rag-k", type=int, default=5, help="passages retrieved per question (default 5)")
     p.add_argument("--rag-mode", default="hybrid", choices=["bm25", "dense", "hybrid"],
                    help="how passages are retrieved (default hybrid)")
-    s = p.add_argument_group("speculative decoding", "guess several tokens per sequence and check them in one pass: "
-                             "the same output (greedy) or distribution (sampling); usage reports accepted and rejected "
-                             "guesses as completion_tokens_details")
-    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
-                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
-                        "draft: a draft model guesses (--draft)")
-    s.add_argument("--draft", default=None, metavar="MODEL",
-                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
-    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
+    add_speculative_arguments(p, "guess several tokens per sequence and check them in one pass: the same output "
+                              "(greedy) or distribution (sampling); usage reports accepted and rejected guesses as "
+                              "completion_tokens_details")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 
@@ -123,6 +120,8 @@ def run(args) -> int:
         raise ScribeError("--prefix-cache-mb must be 0 (off) or a positive number of MiB")
     if args.max_batch < 1 or args.max_queue < 1 or args.max_context < 1:
         raise ScribeError("--max-batch, --max-queue and --max-context must be at least 1")
+    if args.prefill_chunk < 0:
+        raise ScribeError("--prefill-chunk must be 0 (whole prompts) or a number of tokens")
     if not args.header_timeout > 0:
         raise ScribeError("--header-timeout must be a positive number of seconds")
     chat_template = None
@@ -159,7 +158,7 @@ def run(args) -> int:
     pool = ModelPool(models, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                      idle_unload=args.idle_unload, device=args.device, adapters=adapters, compile=args.compile,
                      chat_template=chat_template, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-                     **speculation)
+                     prefill_chunk=args.prefill_chunk, **speculation)
     app = create_app(pool, api_key=args.api_key, max_body_bytes=args.max_body_bytes, allowed_origins=origins, public=public,
                      rag=served_indexes)
     _log_to_stderr(args.quiet)

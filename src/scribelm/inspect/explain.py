@@ -14,6 +14,9 @@ The steps, in the order the model takes them:
     MLP neurons             the most active hidden units at each position
     next token              the last position's distribution, under a temperature slider
     direct attribution      which heads and MLPs push the predicted token directly
+    SAE features            with `sae=DIR` (a `scribe explain sae` result): the sparse
+                            autoencoder's most active features per token, and each one's
+                            top-activating contexts (scribelm.inspect.sae_explain)
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def check_layer_head(lm, layer: int | None, head: int | None) -> tuple[int, int]
 
 
 @torch.no_grad()
-def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None = None) -> dict:
-    """Everything the explain page shows, as plain numbers and strings."""
+def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None = None, sae=None) -> dict:
+    """Everything the explain page shows, as plain numbers and strings (`sae`: a directory
+    written by `scribe explain sae`, whose features the page then shows too)."""
     model = transformer_of(lm)
     config = model.config
     layer, head = check_layer_head(lm, layer, head)
@@ -104,7 +108,7 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
         attribution = {"token": predicted, "heads": _round(a.heads.tolist(), 4), "mlps": _round(a.mlps.tolist(), 4),
                        "embeddings": round(a.embeddings, 4), "logit": round(a.logit, 4)}
 
-    return {
+    data = {
         "model": config.name,
         "config": {"n_layers": L, "n_heads": config.n_heads, "d_model": config.d_model, "d_mlp": config.d_mlp,
                    "vocab_size": config.vocab_size, "context_length": config.context_length},
@@ -135,3 +139,8 @@ def explain_data(lm, text_or_ids, *, layer: int | None = None, head: int | None 
         },
         "attribution": attribution,
     }
+    if sae is not None:
+        from scribelm.inspect.sae_explain import sae_features_data
+
+        data["sae"] = sae_features_data(lm, ids, sae)
+    return data

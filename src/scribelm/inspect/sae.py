@@ -14,8 +14,14 @@ Two ways to make f sparse:
     top-k    act keeps the k largest pre-activations (ReLU'd), the rest zero; the
              pre-activations are scaled by ‖W_dec,i‖ first, so the choice does not
              depend on the decoder norms. Features that stopped firing ("dead") get an
-             auxiliary loss: the top k_aux = d_in/2 dead ones must reconstruct what the
-             live ones missed (x − x̂), scaled down while few are dead.
+             auxiliary loss (AuxK): the top k_aux = d_in/2 dead ones must reconstruct
+             what the live ones missed, e = x − x̂. Two forms: sae-lens's ‖ê − e‖²,
+             scaled down while few are dead; or Gao et al.'s (`aux_normalized`),
+             ‖ê − e‖² / Var(e) with ReLU'd dead activations, which keeps pulling dead
+             features toward the error even once it is small.
+
+Only k of F features are active, so the top-k decoder sums k rows per token
+(a gather, not an (N, F) × (F, d) product): the same numbers, far less work.
 
 The parameter names, layouts (W_enc (d_in, F), W_dec (F, d_in)) and loss terms are
 those of sae-lens's standard and top-k training SAEs, so the same weights and batch
@@ -49,6 +55,8 @@ class SAEConfig:
     k: int | None = None  # top-k; None: ReLU with an L1 penalty
     l1_coefficient: float = 5.0
     aux_coefficient: float = 1.0  # top-k's dead-feature loss (sae-lens's default; Gao et al. 2024 use 1/32)
+    aux_k: int | None = None  # dead features in the auxiliary loss; None: d_in // 2
+    aux_normalized: bool = False  # Gao et al.'s form of that loss (module docstring); False: sae-lens's
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.n_features < 1:
@@ -57,6 +65,8 @@ class SAEConfig:
             raise SAEError(f"k must be between 1 and the {self.n_features} features, got {self.k}")
         if self.l1_coefficient < 0 or self.aux_coefficient < 0:
             raise SAEError("the loss coefficients must not be negative")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise SAEError(f"aux_k must be positive, got {self.aux_k}")
 
     @property
     def kind(self) -> str:
@@ -80,7 +90,8 @@ class SparseAutoencoder(nn.Module):
     # -- the autoencoder, in the SAE's own (scaled) units -----------------------------
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, d) -> (N, F), before the sparsifying activation."""
-        hidden = (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, F)
+        # (x − b_dec) W_enc written so that backward needs no (N, d) gradient for x, only b_dec's (d,)
+        hidden = x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)  # (N, F)
         if self.config.k is not None:
             hidden = hidden * self.W_dec.norm(dim=-1)  # top-k picks as if the decoder rows were unit
         return hidden
@@ -105,8 +116,14 @@ class SparseAutoencoder(nn.Module):
         {"mse", "l1" (relu) or "aux" (top-k), "loss" (their sum), "features", "reconstruction"}.
         dead (F,) bool: the features that have not fired lately (top-k's auxiliary loss)."""
         hidden = self.pre_activations(x)  # (N, F)
-        features = self.activate(hidden)  # (N, F)
-        reconstruction = self.decode(features)  # (N, d)
+        if self.config.k is None:
+            features = self.activate(hidden)  # (N, F)
+            reconstruction = self.decode(features)  # (N, d)
+        else:
+            values, indices = hidden.topk(self.config.k, dim=-1, sorted=False)  # (N, k)
+            values = values.relu()
+            features = torch.zeros_like(hidden).scatter(-1, indices, values)  # (N, F)
+            reconstruction = self._decode_sparse(values, indices) + self.b_dec  # (N, d)
         mse = (reconstruction - x).pow(2).sum(-1).mean()
         terms = {"mse": mse, "features": features, "reconstruction": reconstruction}
         if self.config.k is None:
@@ -118,18 +135,26 @@ class SparseAutoencoder(nn.Module):
             terms["loss"] = mse + terms["aux"]
         return terms
 
+    def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """values, indices (N, k) of the active features -> Σ values·W_dec rows (N, d), top-k scaling undone."""
+        values = values / self.W_dec.norm(dim=-1)[indices]  # undo the scaling of pre_activations
+        return nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")  # (N, d)
+
     def _dead_feature_loss(self, x, reconstruction, hidden, dead) -> torch.Tensor:
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0:
             return reconstruction.new_zeros(())
         residual = (x - reconstruction).detach()  # (N, d): what the live features missed
-        k_aux = x.shape[-1] // 2
-        scale = min(n_dead / k_aux, 1.0)  # a few dead features: a small push
-        k_aux = min(k_aux, n_dead)
+        k_aux = self.config.aux_k or x.shape[-1] // 2
         dead_only = torch.where(dead[None], hidden, -torch.inf)  # (N, F)
-        top = dead_only.topk(k_aux, dim=-1, sorted=False)
-        acts = torch.zeros_like(hidden).scatter_(-1, top.indices, top.values)  # (N, F)
-        return self.config.aux_coefficient * scale * (self._times_decoder(acts) - residual).pow(2).sum(-1).mean()
+        top = dead_only.topk(min(k_aux, n_dead), dim=-1, sorted=False)  # (N, k_aux)
+        values = top.values.relu() if self.config.aux_normalized else top.values
+        error = (self._decode_sparse(values, top.indices) - residual).pow(2).sum(-1).mean()
+        if self.config.aux_normalized:
+            variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            return self.config.aux_coefficient * error / variance
+        scale = min(n_dead / k_aux, 1.0)  # a few dead features: a small push
+        return self.config.aux_coefficient * scale * error
 
     # -- in the activations' own units -----------------------------------------------
     def encode(self, activations: torch.Tensor) -> torch.Tensor:
@@ -182,6 +207,18 @@ class SparseAutoencoder(nn.Module):
                 raise
             raise SAEError(f"{path} is not a scribelm sparse autoencoder: {err}") from None
         return sae
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """The point (d,) with the least summed distance to points (N, d) (Weiszfeld's
+    iteration from the mean): a centre that outliers do not drag, where the decoder
+    bias starts."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(1e-8)  # (N,)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
 
 
 def default_input_scale(sample: torch.Tensor) -> float:

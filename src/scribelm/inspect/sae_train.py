@@ -5,12 +5,22 @@
         ── a shuffling buffer (neighbouring tokens are alike) ── SAE batches ── Adam
 
 Nothing is stored: activations stream from the data pipeline as training
-needs them. Every step keeps the decoder rows at unit norm; every
-`resample_every` steps the features that have not fired for `dead_window`
-steps are resampled (Anthropic's "Towards Monosemanticity" recipe): each gets
-the direction of an input the SAE reconstructs badly (picked with probability
-∝ its squared error), its encoder scaled to a fifth of the live features'
-mean norm, and its optimizer state reset.
+needs them. What keeps features alive and training steady (the recipes of
+Anthropic's "Towards Monosemanticity" and Gao et al. 2024):
+
+    start          decoder rows random unit vectors, the encoder their transpose;
+                   the decoder bias at the geometric median of the first batch
+    every step     the gradient's component along each (unit) decoder row is
+                   removed, the gradient norm clipped, the rows renormalized
+    top-k          the AuxK loss (`aux_coefficient`, `aux_k`, `aux_normalized`): the
+                   features that have not fired for `dead_window` steps are trained
+                   to reconstruct the error the live ones leave
+    resampling     every `resample_every` steps the dead features are restarted:
+                   each gets the direction of an input the SAE reconstructs badly
+                   (drawn from the last few batches with probability ∝ its squared
+                   error, distinct inputs while there are enough), its encoder
+                   scaled to a fifth of the live features' mean norm, its bias zero
+                   and its Adam state reset
 
 Judged on held-out tokens (`evaluate_sae`):
 
@@ -38,8 +48,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from scribelm.inspect.hooks import hooks_attached
-from scribelm.inspect.sae import SAEConfig, SAEError, SparseAutoencoder, default_input_scale
+from scribelm.inspect.hooks import hooks_attached, run_with_cache
+from scribelm.inspect.sae import SAEConfig, SAEError, SparseAutoencoder, default_input_scale, geometric_median
 
 SITES = {"mlp": "blocks.{layer}.mlp.hook_post", "resid": "blocks.{layer}.hook_resid_post"}
 
@@ -74,15 +84,11 @@ def hooked(model, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Te
 
 @torch.no_grad()
 def activations(model, ids: torch.Tensor, layer: int, site: str) -> torch.Tensor:
-    """ids (B, T) -> the site's activations (B, T, d) on a plain forward pass."""
-    seen: list[torch.Tensor] = []
-
-    def keep(activation: torch.Tensor) -> None:
-        seen.append(activation.detach())
-
-    with hooked(model, layer, site, keep):
-        model(ids, last_only=True)  # the unembedding of one position is all the logits we pay for
-    return seen[0]
+    """ids (B, T) -> the site's activations (B, T, d), running blocks 0..layer only."""
+    check_site(model, layer, site)
+    name = hook_name(layer, site)
+    _, cache = run_with_cache(model, ids, names=[name], stop_at_layer=layer + 1)
+    return cache[name]
 
 
 def token_batches(lm, data: str | os.PathLike | Sequence[str | os.PathLike], *, batch_size: int = 16,
@@ -159,19 +165,23 @@ class SAETraining:
     k: int | None = None  # top-k; None: ReLU + L1
     l1_coefficient: float = 1.0  # in units where E‖x‖² = d (SparseAutoencoder.input_scale)
     aux_coefficient: float = 1.0  # top-k's dead-feature loss (on the quickstart model 1 left far fewer dead than 1/32)
+    aux_k: int | None = None  # dead features in that loss; None: half the activation width
+    aux_normalized: bool = False  # Gao et al.'s form of that loss (see scribelm.inspect.sae)
+    grad_clip: float = 1.0  # the gradient's largest norm; 0: no clipping
+    resample_pool: int = 8  # recent batches whose badly reconstructed inputs seed resampled features
     steps: int = 2000
     batch_tokens: int = 1024
     lr: float = 1e-3
     l1_warmup: float = 0.05  # share of the steps over which the L1 penalty ramps up from 0
     resample_every: int = 250  # steps; 0: never resample
-    dead_window: int = 200  # steps without firing that make a feature dead
+    dead_window: int = 50  # steps without firing that make a feature dead (for the auxiliary loss and resampling)
     seed: int = 0
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_tokens < 1 or self.lr <= 0:
             raise SAEError("steps, batch_tokens and lr must be positive")
-        if self.resample_every < 0 or self.dead_window < 1:
-            raise SAEError("resample_every must be ≥ 0 and dead_window ≥ 1")
+        if self.resample_every < 0 or self.dead_window < 1 or self.grad_clip < 0 or self.resample_pool < 1:
+            raise SAEError("resample_every and grad_clip must be ≥ 0, dead_window and resample_pool ≥ 1")
         if self.expansion < 1 or (self.features is not None and self.features < 1):
             raise SAEError("the dictionary needs at least one feature")
 
@@ -185,7 +195,8 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
     torch.manual_seed(settings.seed)
     d = site_width(lm.model, settings.site)
     config = SAEConfig(d_in=d, n_features=settings.features or settings.expansion * d, k=settings.k,
-                       l1_coefficient=settings.l1_coefficient, aux_coefficient=settings.aux_coefficient)
+                       l1_coefficient=settings.l1_coefficient, aux_coefficient=settings.aux_coefficient,
+                       aux_k=settings.aux_k, aux_normalized=settings.aux_normalized)
     sae = SparseAutoencoder(config).to(lm.device)
     stream = activation_stream(lm, batches, settings.layer, settings.site, batch_tokens=settings.batch_tokens,
                                buffer_tokens=max(16 * settings.batch_tokens, 8192), seed=settings.seed)
@@ -194,10 +205,11 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
         raise SAEError("the data gave not one batch of activations; give more text")
     with torch.no_grad():
         sae.input_scale.fill_(default_input_scale(first))
-        sae.b_dec.copy_((first * sae.input_scale).mean(0))  # start the decoder bias at the data's centre
+        sae.b_dec.copy_(geometric_median(first * sae.input_scale))  # start the decoder bias at the data's centre
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr)
     since_fired = torch.zeros(config.n_features, dtype=torch.long, device=lm.device)
     log: list[dict[str, float]] = []
+    recent: list[torch.Tensor] = []  # the last batches, for resampling
     decay_from = int(0.8 * settings.steps)
     for step in range(settings.steps):
         x = (first if step == 0 else next(stream, None))
@@ -213,13 +225,17 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
         terms = sae.loss_terms(x, dead)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        remove_parallel_gradient(sae)
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), settings.grad_clip)
         optimizer.step()
         sae.normalize_decoder()
         fired = (terms["features"] > 0).any(0)
         since_fired += 1
         since_fired[fired] = 0
+        recent = (recent + [x])[-settings.resample_pool :]
         if settings.resample_every and (step + 1) % settings.resample_every == 0 and step + 1 < decay_from:
-            resample_dead_features(sae, optimizer, x, since_fired > settings.dead_window)
+            resample_dead_features(sae, optimizer, torch.cat(recent), since_fired > settings.dead_window)
             since_fired[since_fired > settings.dead_window] = 0
         entry = {"step": step + 1, "loss": terms["loss"].item(), "mse": terms["mse"].item(),
                  "l0": (terms["features"] > 0).float().sum(-1).mean().item(),
@@ -233,6 +249,16 @@ def train_sae(lm, batches: Iterable[torch.Tensor], settings: SAETraining,
 
 
 @torch.no_grad()
+def remove_parallel_gradient(sae: SparseAutoencoder) -> None:
+    """Drop the part of each decoder row's gradient that would only change its length,
+    which the renormalization after the step undoes anyway (it would still move Adam's state)."""
+    grad = sae.W_dec.grad
+    if grad is not None:
+        rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # (F, d)
+        grad -= (grad * rows).sum(-1, keepdim=True) * rows
+
+
+@torch.no_grad()
 def resample_dead_features(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                            dead: torch.Tensor) -> int:
     """Give each dead feature the direction of a badly reconstructed input of x (N, d)
@@ -243,7 +269,9 @@ def resample_dead_features(sae: SparseAutoencoder, optimizer: torch.optim.Optimi
     error = (sae.decode(sae.activate(sae.pre_activations(x))) - x).pow(2).sum(-1)  # (N,)
     if error.sum() <= 0:
         return 0
-    picks = torch.multinomial(error.pow(2) / error.pow(2).sum(), len(chosen_features), replacement=True)
+    weights = error.pow(2)
+    enough = int((weights > 0).sum()) >= len(chosen_features)  # distinct inputs, so no two restart alike
+    picks = torch.multinomial(weights / weights.sum(), len(chosen_features), replacement=not enough)
     directions = x[picks] - sae.b_dec  # (n, d)
     directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     alive = ~dead
@@ -315,6 +343,19 @@ def evaluate_sae(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], la
         "tokens": tokens,
         "firing_counts": fired.tolist(),  # per feature: on how many tokens it fired
     }
+
+
+@torch.no_grad()
+def firing_counts(lm, sae: SparseAutoencoder, batches: Iterable[torch.Tensor], layer: int, site: str) -> tuple[torch.Tensor, int]:
+    """On how many tokens of `batches` each feature fires: (counts (F,), tokens). Features
+    with a zero count are dead on these tokens; the more tokens, the rarer a feature may
+    be and still count as alive."""
+    counts, tokens = torch.zeros(sae.config.n_features, dtype=torch.long), 0
+    for ids in batches:
+        features = sae.encode(activations(lm.model, ids.to(lm.device), layer, site)).flatten(0, 1)  # (N, F)
+        counts += (features > 0).sum(0).cpu()
+        tokens += len(features)
+    return counts, tokens
 
 
 def _next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -7,14 +7,16 @@
     messages, used = rag.grounded_messages(question, hits, lm)      # numbered sources + cite instruction
     answer = lm.chat(messages)
     rag.cited_sources(answer, used)                                 # the hits it cited as [n]
+    rag.rerank(question, hits, lm)                                  # optional: by log p(question | passage)
 
 Files: ingest (reading files), chunking, bm25, dense (embeddings + faiss), fusion (RRF),
-store/index (the index directory), prompt (grounded messages, citations), evaluate
+store/index (the index directory), prompt (grounded messages, citations), rerank, evaluate
 (recall / MRR / nDCG), kjv_eval (the bundled evaluation set).
 """
 
 from scribelm.rag.prompt import SYSTEM_PROMPT, cited_sources, grounded_messages
+from scribelm.rag.rerank import rerank
 from scribelm.rag.store.index import MODES, AddReport, Chunk, Hit, Index, add, build_index, open_index
 
 __all__ = ["MODES", "SYSTEM_PROMPT", "AddReport", "Chunk", "Hit", "Index", "add", "build_index", "cited_sources",
-           "grounded_messages", "open_index"]
+           "grounded_messages", "open_index", "rerank"]

@@ -62,7 +62,7 @@ def sentence_spans(text: str, count_tokens: Callable[[Sequence[str]], list[int]]
             continue
         words = [(m.start(), m.end()) for m in _WORD.finditer(text, a, b)]
         word_tokens = count_tokens([text[x:y] for x, y in words])
-        piece_start, piece_tokens = words[0][0], 0
+        piece_start, piece_tokens, prev_end = words[0][0], 0, words[0][1]
         for (x, y), n in zip(words, word_tokens):
             if piece_tokens and piece_tokens + n > chunk_tokens:
                 spans.append(Span(piece_start, prev_end, piece_tokens, first))

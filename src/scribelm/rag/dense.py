@@ -4,7 +4,7 @@
                                                                         = cosine similarity
 
 Small stores use `IndexFlatIP`, an exact search over every vector. Past
-`APPROXIMATE_FROM` vectors an HNSW graph (`IndexHNSWFlat`, M = 32, efConstruction = 80,
+`APPROXIMATE_FROM` vectors an HNSW graph (`IndexHNSWFlat`, M = 32, efConstruction = 40,
 efSearch = 128, inner product) answers in a fraction of the time and finds nearly
 all of the exact top-k. Both keep the vectors themselves, so an update re-uses them
 (`vectors`) and embeds only chunks it has not seen.
@@ -31,7 +31,7 @@ from scribelm.errors import ScribeError
 
 DEFAULT_EMBEDDER = "minilm"
 APPROXIMATE_FROM = 50_000
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 128
 
 
 def minilm_path() -> Path:

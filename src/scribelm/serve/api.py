@@ -215,6 +215,9 @@ def create_app(
         if name not in pool.paths:
             raise ApiError(404, f"The model '{name[:100]}' does not exist; served models: {', '.join(pool.names())}",
                            param="model", code="model_not_found")
+        loaded = pool.loaded(name)  # no thread hop (two wake-ups) when there is nothing to load
+        if loaded is not None:
+            return loaded
         try:
             return await run_in_threadpool(pool.get, name)
         except ModelLoadError as err:  # the message names the model only; the log has the files

@@ -14,6 +14,14 @@ Here requests join and leave the running batch between decode steps:
       sequences that finished (EOS, stop string, max_tokens, cancelled) leave;
       the last row moves into the freed slot, so the active rows stay 0..B-1
 
+Chunked prefill. A 4,000-token prompt prefilled in one forward pass would
+stall every running stream for the whole pass. With `prefill_chunk` set, each
+turn of the loop prefills at most that many prompt tokens before its decode
+step: waiting short prompts first, then the next chunk of one long prompt,
+which is built up in the cache's last row (out of the decode batch) and joins
+the batch when its last chunk gives its first token. Running streams then
+wait at most one chunk's forward pass between tokens (see `_LongPrompt`).
+
 The step itself (prefill, feed, choose, stops, text, events) is the decode
 core, `scribelm.decode`, the same one `LM.generate` runs; each row of the
 cache has its own length (a sequence that joined later is shorter), so every
@@ -37,6 +45,7 @@ import asyncio
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -66,6 +75,8 @@ __all__ = [  # TokenEvent is the decode core's: one event type for the library a
 DEFAULT_MAX_CONTEXT = 8192
 #: Bytes of prompt keys/values kept for reuse per model unless asked otherwise.
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
+#: Prompt tokens prefilled per turn of the loop unless asked otherwise (0: whole prompts at once).
+DEFAULT_PREFILL_CHUNK = 256
 #: What a client is told when its own request failed inside the engine; the detail goes to the log.
 REQUEST_FAILED = "generation failed for this request; the server log has the details"
 
@@ -154,7 +165,44 @@ class GenerationRequest:
 
 
 def _deliver(items: list[tuple[GenerationRequest, Any]]) -> None:
-    """Hand events to their requests' event loops: one wake-up per loop, however many events."""
+    """Hand events to their requests' event loops, by way of the courier thread (in order)."""
+    if items:
+        _courier().put(items)
+
+
+_outbox: "queue.SimpleQueue[list[tuple[GenerationRequest, Any]]] | None" = None
+_outbox_lock = threading.Lock()
+
+
+def _courier() -> "queue.SimpleQueue":
+    """The queue of the thread that wakes the event loops, started on first use.
+
+    Waking an event loop from another thread is a write to its wake-up socket; the engine
+    thread that does it then waits to get the interpreter lock back while the loop turns
+    the event into bytes (and a woken thread may take its core). A decode step at one
+    client lost about a tenth of its time so. The engine only puts the step's events in
+    this queue (no system call while nothing waits on it); the courier wakes the loops,
+    which then work while the engine is in the model's native code, where it holds no lock."""
+    global _outbox
+    if _outbox is None:
+        with _outbox_lock:
+            if _outbox is None:
+                outbox: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=_carry, args=(outbox,), name="scribe-courier", daemon=True).start()
+                _outbox = outbox
+    return _outbox
+
+
+def _carry(outbox: "queue.SimpleQueue") -> None:
+    while True:
+        items = outbox.get()
+        while not outbox.empty():  # everything that piled up goes in one wake-up per loop
+            items = items + outbox.get_nowait()
+        _wake_loops(items)
+
+
+def _wake_loops(items: list[tuple[GenerationRequest, Any]]) -> None:
+    """One wake-up per event loop, however many events."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, Any]]] = {}
     for request, event in items:
         if request.loop is not None and request.events is not None:
@@ -185,6 +233,19 @@ class _Sequence(DecodeRow):
         return self.done or self.cancelled or self.request.cancelled
 
 
+@dataclass
+class _LongPrompt:
+    """A prompt longer than one chunk, prefilled a chunk per turn in a row out of the decode batch.
+
+    Its row is the cache's last; the n rows its choices will take are held back from
+    admission, so when its last chunk is done the choices join the batch at once."""
+
+    request: GenerationRequest
+    choices: list[_Sequence]
+    row: int
+    done: int = 0  # prompt positions in the row so far
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -204,6 +265,7 @@ class Engine:
         max_context: int | None = DEFAULT_MAX_CONTEXT,
         compile: bool = False,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         speculator=None,
     ) -> None:
         if lm.tokenizer is None:
@@ -219,6 +281,10 @@ class Engine:
         self.lm, self.name = lm, name
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
         self.max_batch, self.max_queue = max_batch, max_queue
+        if prefill_chunk < 0:
+            raise ScribeError(f"prefill_chunk must be 0 (whole prompts) or a number of tokens, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._long: _LongPrompt | None = None  # the long prompt being prefilled, a chunk per turn
         self.context_length = min(self.config.context_length, max_context or self.config.context_length)
         self.device = lm.device
         # Guess several tokens per row and check them in one pass (`scribelm.speculative`); None: one per step.
@@ -280,7 +346,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._active or self._waiting)
+        return bool(self._active or self._waiting or self._long)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.monotonic()
@@ -304,10 +370,12 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for request in list(self._waiting) + [s.request for s in self._active]:
+        prefilling = [self._long.request] if self._long is not None else []
+        for request in list(self._waiting) + [s.request for s in self._active] + prefilling:
             request.emit(ErrorEvent(f"model {self.name!r} was unloaded"))
         self._waiting.clear()
         self._active.clear()
+        self._long = None
 
     # -- requests -----------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -341,7 +409,8 @@ class Engine:
         return request
 
     def _free_rows(self) -> int:
-        return self.max_batch - len(self._active)
+        held = self._long.request.n if self._long is not None else 0  # rows the long prompt's choices will take
+        return self.max_batch - len(self._active) - held
 
     def _estimated_wait(self) -> float:
         rate = self.tokens_per_second()
@@ -355,21 +424,11 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._active:
+                    while not self._stopping and not self._waiting and not self._active and self._long is None:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = []
-                    free = self._free_rows()
-                    while self._waiting:
-                        head = self._waiting[0]
-                        if head.cancelled:
-                            self._waiting.popleft()
-                            continue
-                        if head.n > free:
-                            break
-                        admitted.append(self._waiting.popleft())
-                        free -= head.n
+                    admitted, started = self._admit()
                 # A failure of one request's own work (its settings, its sampling, its text) ends that
                 # request only (see _prefill and _choose); only a failed shared forward pass fails those
                 # who shared it, and the engine then starts over with empty slots.
@@ -381,6 +440,10 @@ class Engine:
                         for request in group:
                             request.fail(REQUEST_FAILED)
                         self._drop_finished()
+                if started is not None:
+                    self._start_long(started)
+                if self._long is not None:
+                    self._prefill_chunk_of_long(self.prefill_chunk - sum(len(r.prompt_ids) for r in admitted))
                 try:
                     self._drop_finished()
                     if self._active:
@@ -393,10 +456,107 @@ class Engine:
                     self._reset_slots()
                 self.last_used = time.monotonic()
 
+    def _admit(self) -> tuple[list[GenerationRequest], GenerationRequest | None]:
+        """Take waiting requests, in arrival order, that fit the free rows (call under the lock):
+        (requests to prefill whole now, a long prompt to prefill chunk by chunk or None).
+
+        Without chunking every request that fits is taken. With it, the whole prompts taken
+        in one turn total at most `prefill_chunk` tokens, and one long prompt at a time is
+        in progress; the first request that must wait stops admission (no overtaking)."""
+        admitted: list[GenerationRequest] = []
+        started = None
+        free, budget = self._free_rows(), self.prefill_chunk
+        while self._waiting:
+            head = self._waiting[0]
+            if head.cancelled:
+                self._waiting.popleft()
+                continue
+            if head.n > free:
+                break
+            if budget:
+                if self._is_long(head):
+                    if self._long is not None or started is not None:
+                        break
+                    started = self._waiting.popleft()
+                    free -= head.n
+                    continue
+                if admitted and sum(len(r.prompt_ids) for r in admitted) + len(head.prompt_ids) > budget:
+                    break
+            admitted.append(self._waiting.popleft())
+            free -= head.n
+        return admitted, started
+
+    def _is_long(self, request: GenerationRequest) -> bool:
+        """Prefilled chunk by chunk: a prompt longer than a chunk that generates (scored prompts go in whole)."""
+        return (len(request.prompt_ids) > self.prefill_chunk and request.settings.max_new_tokens > 0
+                and not _scored(request))
+
+    def _start_long(self, request: GenerationRequest) -> None:
+        """Give a long prompt the cache's last row, with its cached prefix, if any, already in place."""
+        try:
+            choices = [self._new_sequence(request, i) for i in range(request.n)]
+        except Exception:
+            log.exception("model %r: request %d could not start", self.name, request.id)
+            request.fail(REQUEST_FAILED)
+            return
+        row = self.max_batch - 1  # _free_rows held n rows back: the batch never reaches it before the prompt joins
+        self.cache.set_length(row, 0)
+        long = _LongPrompt(request, choices, row)
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.lookup(request.prompt_ids)
+            if blocks:
+                long.done = request.cached_tokens = self.prefix_cache.load(blocks, self.cache, row)
+                self.cache.set_length(row, long.done)
+        self._long = long
+
+    def _prefill_chunk_of_long(self, budget: int) -> None:
+        """The next chunk (at most `budget` tokens) of the long prompt; after the last,
+        its choices join the batch with their first tokens."""
+        long = self._long
+        request, ids = long.request, long.request.prompt_ids
+        if request.cancelled:
+            self.cache.set_length(long.row, 0)
+            self._long = None
+            return
+        if budget <= 0:  # whole prompts took this turn's tokens
+            return
+        end = min(len(ids), long.done + budget)
+        try:
+            view = self.cache.rows(long.row, 1)
+            view.set_length(0, long.done)
+            chunk = torch.tensor([ids[long.done: end]], dtype=torch.long, device=self.device)  # (1, t)
+            if end < len(ids):
+                self.model.hidden_states(chunk, cache=view)  # keys/values only: no logits until the last chunk
+                long.done = end
+                self.cache.set_length(long.row, end)
+                return
+            logits = self.model(chunk, cache=view, last_only=True)[:, 0]  # (1, V)
+        except Exception:
+            log.exception("model %r: prefill of request %d failed", self.name, request.id)
+            request.fail(REQUEST_FAILED)
+            self.cache.set_length(long.row, 0)
+            self._long = None
+            return
+        self._long = None
+        first = len(self._active)  # < long.row unless the batch is full up to it: then it is already in place
+        self.cache.set_length(long.row, len(ids))
+        if first != long.row:
+            self.cache.copy_row(long.row, first)
+            self.cache.set_length(long.row, 0)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(ids, self.cache, first)
+        self._active.append(long.choices[0])
+        for extra in long.choices[1:]:
+            self.cache.copy_row(first, len(self._active))
+            self._active.append(extra)
+        self._choose(long.choices, logits[[0] * len(long.choices)])  # (n, V), a copy per choice
+
     def _reset_slots(self) -> None:
         """Forget every active sequence; the cache rows are free again."""
         self._active.clear()
         self.cache.reset()
+        if self._long is not None:  # its row was not in the failed step: it goes on
+            self.cache.set_length(self._long.row, self._long.done)
 
     def _new_sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         # Choice i of a seeded request draws with seed + i: reproducible, and the choices differ.
@@ -626,6 +786,7 @@ class ModelPool:
         compile: bool = False,
         chat_template=None,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         speculative: str | None = None,
         draft: str | Path | None = None,
         num_draft: int | None = None,
@@ -637,6 +798,7 @@ class ModelPool:
         self.adapters = dict(adapters or {})  # name -> LoRA adapter directory, applied unmerged
         self.engine_options: dict[str, Any] = dict(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                                                    compile=compile, prefix_cache_bytes=prefix_cache_bytes)
+        self.prefill_chunk = prefill_chunk
         self.idle_unload = idle_unload
         self.device, self.dtype = device, dtype
         self.engines: dict[str, Engine] = {}
@@ -647,6 +809,13 @@ class ModelPool:
 
     def names(self) -> list[str]:
         return list(self.paths)
+
+    def loaded(self, name: str) -> Engine | None:
+        """The engine of a model that is loaded now (marked used), else None; never blocks."""
+        engine = self.engines.get(name)
+        if engine is not None:
+            engine.last_used = time.monotonic()
+        return engine
 
     def get(self, name: str) -> Engine:
         """The engine of a model, loading it if needed (blocking; call from a worker thread)."""
@@ -681,6 +850,7 @@ class ModelPool:
                                 log.warning("model %r is an encoder-decoder: served without speculative decoding", name)
                         else:
                             extra["speculator"] = self._speculator(lm)
+                            extra["prefill_chunk"] = self.prefill_chunk  # an encoder-decoder runs requests whole
                         engine = kind(lm, name=name, **extra, **self.engine_options)
                         engine.chat_template = in_use
                         if in_use is not None and in_use != "model":  # the chosen template's turn ends stop a reply

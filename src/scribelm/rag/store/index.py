@@ -18,7 +18,7 @@ folder being re-added are dropped from the index.
 
 Searching: "bm25" ranks by BM25, "dense" by cosine similarity of embeddings, "hybrid"
 fuses the two rankings (each cut at `candidates`) by reciprocal rank. Every hit carries
-the scores known for it: BM25 always, cosine whenever the embedder was loaded, RRF in hybrid.
+the scores known for it: BM25 always, the cosine in dense and hybrid, RRF in hybrid.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP = 200, 40
 MANIFEST, CHUNKS, BM25_DIR, DENSE_FILE = "index.json", "chunks.jsonl", "bm25", "dense.faiss"
 
 
-class IndexError_(ScribeError):
+class RetrievalIndexError(ScribeError):
     """An index directory that is missing, not an index, or used with the wrong embedder."""
 
 
@@ -122,8 +122,8 @@ class Index:
     """An opened index directory (see the module docstring). Build with `build_index`, open with `open_index`."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]],
-                 bm25: BM25Index | None, dense: DenseIndex | None, embedder=None) -> None:
-        self.path, self.manifest, self.rows = path, manifest, rows
+                 bm25: BM25Index | None, dense: DenseIndex | None, embedder=None, device: str = "cpu") -> None:
+        self.path, self.manifest, self.rows, self.device = path, manifest, rows, device
         self.chunks = [_chunk(row) for row in rows if not row.get("duplicate")]
         self.bm25, self.dense = bm25, dense
         self._embedder = embedder
@@ -142,9 +142,9 @@ class Index:
         if self._embedder is None:
             info = self.manifest["embedder"]
             if info.get("source") is None:
-                raise IndexError_(f"{self.path} was built with an embedder given in memory ({info['name']}); "
+                raise RetrievalIndexError(f"{self.path} was built with an embedder given in memory ({info['name']}); "
                                   "open it with open_index(path, embedder=that model)")
-            lm, _, _ = load_embedder(info["source"])
+            lm, _, _ = load_embedder(info["source"], self.device)
             _check_embedder(self.path, info, fingerprint(lm), info["source"])
             self._embedder = lm
         return self._embedder
@@ -186,7 +186,8 @@ class Index:
         """Index new and changed files under `sources`, drop files gone from them, and swap the
         new directory in; returns what changed (also kept as `last_report`)."""
         report = AddReport()
-        files = find_files(list(sources))
+        own = self.path.resolve()
+        files = [f for f in find_files(list(sources)) if not f.is_relative_to(own)]  # never the index itself
         previous = self.manifest["files"]
         given_dirs = [Path(s).expanduser().resolve() for s in sources if Path(s).expanduser().is_dir()]
         counter = None
@@ -253,7 +254,7 @@ class Index:
         manifest = {**self.manifest, "files": dict(sorted(files_info.items())), "chunks": len(searchable),
                     "duplicates": len(all_rows) - len(searchable), "dense": {"kind": dense.kind, "vectors": len(dense)}}
         _write(self.path, manifest, all_rows, bm25, dense)
-        self.__init__(self.path, manifest, all_rows, bm25, dense, self._embedder)
+        self.__init__(self.path, manifest, all_rows, bm25, dense, self._embedder, self.device)
         report.chunks, report.duplicates = len(searchable), manifest["duplicates"]
         self.last_report = report
         return report
@@ -266,7 +267,7 @@ class Index:
             try:
                 tok, _ = _resolve_tokenizer(name, None)
             except ScribeError:
-                raise IndexError_(f"{self.path} counts chunk sizes with the tokenizer {name!r}, which cannot be "
+                raise RetrievalIndexError(f"{self.path} counts chunk sizes with the tokenizer {name!r}, which cannot be "
                                   "loaded from here; pass it (tokenizer=, --tokenizer)") from None
             return tok
         return _resolve_tokenizer(tokenizer, None)[0]
@@ -302,41 +303,50 @@ def _write(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]], bm2
 
 def _check_embedder(path: Path, info: dict[str, Any], digest: str, given: str) -> None:
     if digest != info["hash"]:
-        raise IndexError_(f"{path} was built with the embedder {info['name']} (sha256 {info['hash'][:12]}), "
+        raise RetrievalIndexError(f"{path} was built with the embedder {info['name']} (sha256 {info['hash'][:12]}), "
                           f"not {given} (sha256 {digest[:12]}): their vectors cannot be compared; "
                           "use the same embedder or build a new index")
 
 
-def _read(path: Path, embedder=None) -> Index:
+def _read(path: Path, embedder=None, device: str = "cpu") -> Index:
     if not path.is_dir():
-        raise IndexError_(f"{path} is not an index directory (build one with `scribe rag add {path} FILES...`)")
-    manifest = read_json_object(path / MANIFEST, IndexError_, missing=f"{path} is not a scribelm retrieval index "
+        raise RetrievalIndexError(f"{path} is not an index directory (build one with `scribe rag add {path} FILES...`)")
+    manifest = read_json_object(path / MANIFEST, RetrievalIndexError, missing=f"{path} is not a scribelm retrieval index "
                                 f"(no {MANIFEST}); build one with `scribe rag add`")
     if manifest.get("format") != FORMAT:
-        raise IndexError_(f"{path / MANIFEST} is not a scribelm retrieval index manifest")
+        raise RetrievalIndexError(f"{path / MANIFEST} is not a scribelm retrieval index manifest")
     if manifest.get("version") != VERSION:
-        raise IndexError_(f"{path} is an index of format version {manifest.get('version')}; this scribelm reads {VERSION}")
+        raise RetrievalIndexError(f"{path} is an index of format version {manifest.get('version')}; this scribelm reads {VERSION}")
     lm = None
     if embedder is not None:
-        lm, name, _ = load_embedder(embedder)
+        lm, name, _ = load_embedder(embedder, device)
         _check_embedder(path, manifest["embedder"], fingerprint(lm), name)
-    rows = []
-    if manifest.get("chunks"):
+    if not manifest.get("chunks"):
+        return Index(path, manifest, [], None, None, lm, device)
+    try:
         with open(path / CHUNKS, encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle]
-        return Index(path, manifest, rows, BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE), lm)
-    return Index(path, manifest, rows, None, None, lm)
+        bm25, dense = BM25Index.load(path / BM25_DIR), DenseIndex.load(path / DENSE_FILE)
+        index = Index(path, manifest, rows, bm25, dense, lm, device)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # faiss reports a bad file as RuntimeError
+        raise RetrievalIndexError(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                                  "rebuild it with `scribe rag add` into a new directory") from None
+    if not len(index.chunks) == len(dense) == manifest["chunks"]:
+        raise RetrievalIndexError(f"{path} is damaged (its files disagree on the number of chunks); "
+                                  "rebuild it with `scribe rag add` into a new directory")
+    return index
 
 
-def open_index(path: str | os.PathLike, embedder=None) -> Index:
+def open_index(path: str | os.PathLike, embedder=None, *, device: str = "cpu") -> Index:
     """Open an index directory. `embedder` (optional: "minilm", a MODEL string or an LM) must be
     the one the index was built with, else a ScribeError; without it the recorded one is
-    loaded when a dense search first needs it."""
-    return _read(Path(path).expanduser(), embedder)
+    loaded (on `device`) when a dense search first needs it."""
+    return _read(Path(path).expanduser(), embedder, device)
 
 
 def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, embedder=None,
-                chunk_tokens: int | None = None, overlap: int | None = None, tokenizer=None) -> Index:
+                chunk_tokens: int | None = None, overlap: int | None = None, tokenizer=None,
+                device: str = "cpu") -> Index:
     """Create the index at `path` from `sources` (files and folders), or update the index
     already there with them (see `Index.add`). `embedder`: "minilm" (the default for a new
     index), a MODEL string or an LM; an existing index keeps its own and refuses another. `tokenizer` counts chunk sizes: None for the
@@ -345,22 +355,22 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if (path / MANIFEST).is_file():
-        index = _read(path, embedder)
+        index = _read(path, embedder, device)
         for name, value in (("chunk_tokens", chunk_tokens), ("overlap", overlap)):
             if value is not None and value != index.manifest[name]:
-                raise IndexError_(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
+                raise RetrievalIndexError(f"{path} was built with {name}={index.manifest[name]}, not {value}; "
                                   "build a new index to change how documents are chunked")
         index.add(sources, tokenizer=tokenizer)
         return index
     try:
         claim_output_directory(path, kind="retrieval index")
     except OutputError as err:
-        raise IndexError_(str(err)) from None
+        raise RetrievalIndexError(str(err)) from None
     chunk_tokens = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     overlap = min(DEFAULT_OVERLAP, chunk_tokens // 4) if overlap is None else overlap
     check_sizes(chunk_tokens, overlap)
     find_files(list(sources))  # a bad path fails before the embedder loads
-    lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER)
+    lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER, device)
     _, tokenizer_name = _resolve_tokenizer(tokenizer, lm)
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -368,7 +378,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
         "tokenizer": tokenizer_name, "chunk_tokens": chunk_tokens, "overlap": overlap,
         "bm25": BM25_DESCRIPTION, "rrf_k": RRF_K, "dense": None, "files": {}, "chunks": 0, "duplicates": 0,
     }
-    index = Index(path, manifest, [], None, None, lm)
+    index = Index(path, manifest, [], None, None, lm, device)
     index.add(sources, tokenizer=tokenizer)
     return index
 
