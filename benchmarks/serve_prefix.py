@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-queue", type=int, default=64)
     args = parser.parse_args()
     args.max_batch, args.max_queue = 4, 16
 
@@ -77,7 +79,7 @@ def main() -> None:
         model, prefixes, (question_a, question_b) = build(Path(tmp), args)
         rows = {}
         for label, extra in (("cache on", []), ("cache off", ["--prefix-cache-mb", "0"])):
-            proc, base = start_server(str(model), args) if not extra else _start_off(str(model), args)
+            proc, base = start_server(str(model), args, extra)
             try:
                 ttft(base, prefixes[0][:50] + question_a)  # warm-up: load the model, first-call costs
                 cold, warm, cached = [], [], []
@@ -95,33 +97,6 @@ def main() -> None:
     print(f"{'server':>10}  {'cold TTFT ms':>12}  {'warm TTFT ms':>12}  {'warm/cold':>9}  {'cached tokens':>13}")
     for label, (cold, warm, cached) in rows.items():
         print(f"{label:>10}  {1000 * cold:>12.1f}  {1000 * warm:>12.1f}  {warm / cold:>9.1%}  {cached:>13.0f}")
-
-
-def _start_off(model: str, args):
-    """start_server with the prefix cache off (serve_load's start-up takes no extra flags)."""
-    import os
-    import subprocess
-
-    command = [sys.executable, "-m", "scribelm.cli", "serve", f"bench={model}", "--port", "0", "--idle-unload", "0",
-               "--prefix-cache-mb", "0", "--threads", str(args.threads)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for _ in range(2):
-        line = proc.stdout.readline()
-        if "chat page:" in line:
-            base = line.split("chat page:")[1].split()[0].rstrip("/")
-            break
-    else:
-        proc.kill()
-        raise SystemExit(f"the server did not start: {proc.stderr.read()}")
-    for _ in range(600):
-        try:
-            httpx.get(base + "/health", timeout=2)
-            return proc, base
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not answer /health")
 
 
 if __name__ == "__main__":

@@ -289,3 +289,40 @@ def test_checkpoint_generation_defaults_apply(tmp_path, random_lm):
     d = lm.generate("It was", return_details=True)
     assert len(d.token_ids) == 7 or d.finish_reason == "stop"
     assert d.text == random_lm.generate("It was", temperature=0, max_new_tokens=7)
+
+
+# ----------------------------------------------------------------------------- text decoded at the end
+
+
+def _fields(completions):
+    return [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in completions]
+
+
+def test_deferred_text_equals_the_text_streamed_token_by_token(random_lm, tokenizer):
+    prompts = [tokenizer.encode(p) for p in ("It was", "Call me", "In the beginning")] * 2
+    settings = SamplingSettings(max_new_tokens=20, temperature=1.5, seed=4)
+    streamed = BatchGeneration(random_lm.model, tokenizer, prompts, settings, seed_offsets=list(range(6))).run()
+    deferred = BatchGeneration(random_lm.model, tokenizer, prompts, settings, seed_offsets=list(range(6)),
+                               defer_text=True)
+    events = [e for step in deferred for e in step]
+    assert _fields(deferred.completions) == _fields(streamed)
+    assert all(e.text == "" for e in events if not e.finished)  # everything comes with the last event
+    assert "".join(e.text for e in events) == "".join(c.text for c in streamed)
+    # multi-byte characters cut across tokens, and a stop token (whose text is not shown)
+    stop = as_byte_tokens(tokenizer, "!")[0]
+    script = as_byte_tokens(tokenizer, "é€ 😀 ok") + [stop]
+    scripted = scripted_lm(tokenizer, script)
+    greedy = SamplingSettings(max_new_tokens=30, temperature=0, stop_token_ids=[stop])
+    both = [BatchGeneration(scripted.model, tokenizer, [[script[0]]], greedy, defer_text=d).run() for d in (False, True)]
+    assert _fields(both[1]) == _fields(both[0]) and both[1][0].finish_reason == "stop"
+    assert both[1][0].text == "é€ 😀 ok"
+
+
+def test_stop_strings_keep_the_running_text(random_lm, tokenizer):
+    prompt = [tokenizer.encode("It was")]
+    full = BatchGeneration(random_lm.model, tokenizer, prompt, SamplingSettings(max_new_tokens=20, temperature=0)).run()[0]
+    stop = full.text[3:5]
+    settings = SamplingSettings(max_new_tokens=20, temperature=0, stop=[stop])
+    plain, deferred = (BatchGeneration(random_lm.model, tokenizer, prompt, settings, defer_text=d).run()[0]
+                       for d in (False, True))
+    assert deferred.text == plain.text == full.text[: full.text.index(stop)] and deferred.finish_reason == "stop"

@@ -11,6 +11,7 @@ from scribelm.sampling import (
     apply_top_p,
     choose_tokens,
     process_logits,
+    sample,
 )
 
 
@@ -212,3 +213,42 @@ def test_detokenizer_stop_string_spanning_multibyte_tokens():
     deltas = push_all(detok, "你好🎉再见".encode())
     assert "".join(deltas) == "你"
     assert detok.stopped
+
+
+# ----------------------------------------------------------------------------- the batched draw
+
+
+def test_batched_draw_follows_each_rows_distribution():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6) * 1.5, -1)  # (4, 6) one distribution per row
+    samplers = rows([SamplingSettings(seed=s) for s in range(4)], 6)
+    counts = torch.zeros(4, 6)
+    for _ in range(3000):
+        counts[torch.arange(4), choose_tokens(probs.log(), samplers)] += 1
+    assert torch.allclose(counts / 3000, probs, atol=0.03)
+
+
+def test_batched_draw_matches_the_row_drawn_alone_step_after_step():
+    torch.manual_seed(1)
+    logits = torch.randn(20, 3, 50)  # 20 steps of 3 rows
+    alone = rows([SamplingSettings(seed=11, top_k=20)], 50)
+    batch = rows([SamplingSettings(seed=5), SamplingSettings(seed=11, top_k=20), SamplingSettings(temperature=0)], 50)
+    seq_alone = [choose_tokens(logits[t, 1:2], alone).item() for t in range(20)]
+    seq_batch = [choose_tokens(logits[t], batch).tolist() for t in range(20)]
+    assert [s[1] for s in seq_batch] == seq_alone
+    assert [s[2] for s in seq_batch] == logits[:, 2].argmax(-1).tolist()  # a greedy neighbour stays greedy
+    assert len(set(seq_alone)) > 3
+
+
+def test_draw_never_picks_a_removed_token_even_at_the_ends_of_the_unit_interval():
+    logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]] * 2)
+    lowest, highest = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64), None
+    assert sample(logits, logits, lowest).tolist() == [1, 3]
+    highest = torch.tensor([1.0 - 2**-53, 0.9999999999], dtype=torch.float64)
+    assert sample(logits, logits, highest).tolist() == [3, 3]
+
+
+def test_a_row_with_no_distribution_falls_back_to_the_raw_argmax():
+    raw = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 0.0, 5.0]])
+    processed = torch.full((2, 3), float("-inf"))
+    assert sample(processed, raw, torch.tensor([0.5, 0.5], dtype=torch.float64)).tolist() == [1, 2]

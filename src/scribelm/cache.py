@@ -41,7 +41,49 @@ class ContextOverflowError(ScribeError):
     """More tokens than the cache (or the model's context) can hold."""
 
 
-class KVCache:
+class _RowLengths:
+    """What both caches keep the same way: (L, B, n_kv, S, hd) `keys`/`values` and, per row,
+    the positions written (`_lengths`, host-side), advanced after each forward pass over the
+    first `_rows` rows."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    _lengths: list[int]
+    _rows: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) positions written in each row."""
+        return torch.tensor(self._lengths, dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        """Positions written in the longest row."""
+        return max(self._lengths)
+
+    def row_length(self, row: int) -> int:
+        return self._lengths[row]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def advance(self, steps: int) -> None:
+        for row in range(self._rows):
+            self._lengths[row] += steps
+
+    def reset(self) -> None:
+        self._lengths = [0] * self.batch_size
+
+    def set_length(self, row: int, length: int) -> None:
+        """Say that row `row` holds `length` positions (after a padded prefill, or to free it: 0)."""
+        self._lengths[row] = int(length)
+
+
+class KVCache(_RowLengths):
     accepts_padding = True  # right-padded prompts in one pass: padded keys sit past each row's length
 
     def __init__(
@@ -80,27 +122,6 @@ class KVCache:
         self._end = 0  # positions it reads: the longest row's, new ones included
         self._start: int | None = 0  # its common start position, or None when rows differ
         self._write: torch.Tensor | None = None  # (B, T) write positions when rows differ
-
-    # -- facts ------------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(B,) positions written in each row."""
-        return torch.tensor(self._lengths, dtype=torch.long)
-
-    @property
-    def length(self) -> int:
-        """Positions written in the longest row."""
-        return max(self._lengths)
-
-    def row_length(self, row: int) -> int:
-        return self._lengths[row]
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
 
     # -- the model's side ---------------------------------------------------------------
     def prepare(self, rows: int, steps: int) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
@@ -146,18 +167,7 @@ class KVCache:
         layer_values[rows, :, self._write] = values.transpose(1, 2)
         return layer_keys[:, :, : self._end], layer_values[:, :, : self._end]
 
-    def advance(self, steps: int) -> None:
-        for row in range(self._rows):
-            self._lengths[row] += steps
-
     # -- slot operations ----------------------------------------------------------------
-    def reset(self) -> None:
-        self._lengths = [0] * self.batch_size
-
-    def set_length(self, row: int, length: int) -> None:
-        """Say that row `row` holds `length` positions (after a padded prefill, or to free it: 0)."""
-        self._lengths[row] = int(length)
-
     def rows(self, first: int, count: int = 1) -> "KVCache":
         """An empty cache over rows first..first+count-1 of this one's storage, for prefilling
         prompts in place; then `set_length` each row here."""
@@ -177,7 +187,7 @@ class KVCache:
         self._lengths = [self._lengths[int(s)] for s in sources.tolist()]
 
 
-class RollingKVCache:
+class RollingKVCache(_RowLengths):
     """The cache of a sliding-window model: keys and values of the last `window` positions only.
 
     With sliding-window attention (Mistral v0.1) a query at position p sees keys p-W+1..p,
@@ -235,27 +245,6 @@ class RollingKVCache:
         self._rows = keys.shape[1]
         self._start: int | None = 0  # the common length of the rows in the pass, or None when they differ
         self._slots: torch.Tensor | None = None  # (B,) each row's write slot when they differ
-
-    # -- facts ------------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(B,) positions seen in each row."""
-        return torch.tensor(self._lengths, dtype=torch.long)
-
-    @property
-    def length(self) -> int:
-        """Positions seen in the longest row."""
-        return max(self._lengths)
-
-    def row_length(self, row: int) -> int:
-        return self._lengths[row]
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
 
     # -- the model's side ---------------------------------------------------------------
     def prepare(self, rows: int, steps: int) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
@@ -326,17 +315,7 @@ class RollingKVCache:
         layer_values[:, :, slots] = all_values[:, :, -kept:]
         return all_keys, all_values
 
-    def advance(self, steps: int) -> None:
-        for row in range(self._rows):
-            self._lengths[row] += steps
-
     # -- slot operations (as KVCache's) ---------------------------------------------------
-    def reset(self) -> None:
-        self._lengths = [0] * self.batch_size
-
-    def set_length(self, row: int, length: int) -> None:
-        self._lengths[row] = int(length)
-
     def rows(self, first: int, count: int = 1) -> "RollingKVCache":
         return RollingKVCache.over(self.keys[:, first : first + count], self.values[:, first : first + count],
                                    self.window, self.max_length)

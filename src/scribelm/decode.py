@@ -99,8 +99,12 @@ class DecodeRow:
         skip_ids: Sequence[int] = (),
         seed_offset: int = 0,
         record_logprobs: bool = False,
+        defer_text: bool = False,
     ) -> None:
         self.index, self.settings = index, settings
+        #: Decode the text once, when the row ends (its last event carries all of it), not token by
+        #: token: for callers that stream nothing. Stop strings need the running text, so not with them.
+        self.defer_text = defer_text and not settings.stop
         self.prompt_ids = list(prompt_ids)
         self.sampler = RowSampler(settings, vocab_size, prompt_ids=self.prompt_ids, device=device, seed_offset=seed_offset)
         self.tokenizer = tokenizer
@@ -147,6 +151,8 @@ class DecodeRow:
                 [{"token_id": i, "token": token_text(self.tokenizer, i), "logprob": v} for i, v in top or []],
             ))
         detok = self.detokenizer
+        if self.defer_text and self.constraint is None:
+            return self._accept_deferred(token, event, room)
         if token in self.stop_ids:
             event.text = detok.flush() if detok else ""
             self.finish("stop", token)
@@ -160,6 +166,19 @@ class DecodeRow:
             elif len(self.generated) >= self.settings.max_new_tokens or not room:
                 event.text += detok.flush() if detok else ""
                 self.finish("length")
+        event.finish_reason, event.stop_reason = self.finish_reason, self.stop_reason
+        return event
+
+    def _accept_deferred(self, token: int, event: TokenEvent, room: bool) -> TokenEvent:
+        """`accept` without running text: the same stops (no stop strings here), and the whole
+        text, the same as pushed token by token, on the last event."""
+        if token in self.stop_ids:
+            self.finish("stop", token)
+        elif len(self.generated) >= self.settings.max_new_tokens or not room:
+            self.finish("length")
+        if self.done and self.detokenizer is not None:
+            shown = self.generated[:-1] if self.finish_reason == "stop" else self.generated  # a stop token shows no text
+            event.text = self.detokenizer.push_many(shown) + self.detokenizer.flush()
         event.finish_reason, event.stop_reason = self.finish_reason, self.stop_reason
         return event
 

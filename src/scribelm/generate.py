@@ -133,7 +133,10 @@ class BatchGeneration:
         seed_offsets: Sequence[int] | None = None,
         compile: bool = False,
         speculator=None,
+        defer_text: bool = False,
     ) -> None:
+        """`defer_text`: rows without stop strings decode their text once, at the end (their
+        events carry '' until the last, which carries it all): for callers that stream nothing."""
         if not prompts:
             raise ScribeError("no prompts to generate from")
         if isinstance(settings, SamplingSettings):
@@ -167,7 +170,8 @@ class BatchGeneration:
         skip = tokenizer.special_ids if (tokenizer is not None and skip_special_tokens) else set()
         self.rows = [
             DecodeRow(b, p, s, tokenizer=tokenizer, vocab_size=config.vocab_size, device=self.device,
-                      stop_ids=extra_stop_ids, skip_ids=skip, seed_offset=o, record_logprobs=True)
+                      stop_ids=extra_stop_ids, skip_ids=skip, seed_offset=o, record_logprobs=True,
+                      defer_text=defer_text)
             for b, (p, s, o) in enumerate(zip(self.prompts, self.settings, offsets))
         ]
         self.completions: list[Completion | None] = [None] * len(prompts)
@@ -218,8 +222,10 @@ class BatchGeneration:
         stepped = None  # a speculative step's events (several tokens per row), else the step below
         while True:
             if stepped is None:
-                room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
-                        for b, row in enumerate(self.rows)]
+                room = [True] * len(self.rows)  # the common case, in one check: no row's cache is full
+                if cache.length >= cache.max_length:
+                    room = [cache.row_length(b) < cache.max_length or row.settings.context_overflow == "slide"
+                            for b, row in enumerate(self.rows)]
                 running = [b for b, row in enumerate(self.rows) if not row.done]
                 stepped = decode_step([self.rows[b] for b in running],
                                       logits[running] if len(running) < len(self.rows) else logits,
@@ -246,6 +252,8 @@ class BatchGeneration:
     def _slide_full_rows(self) -> None:
         """A running row whose cache row is full keeps only its most recent tokens: they are run
         through the model again from position 0 (all but the last, which the next step feeds)."""
+        if self.cache.length < self.cache.max_length:
+            return  # no row is full
         for b, row in enumerate(self.rows):
             if row.done or self.cache.row_length(b) < self.cache.max_length:
                 continue

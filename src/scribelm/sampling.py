@@ -27,9 +27,16 @@ settings ask for it:
     7. min_p                keep tokens whose probability is at least
                             min_p x the top token's probability (0: off)
 
-then `sample` draws from softmax of what is left with the row's own
-`torch.Generator` (so a seed reproduces a generation whatever else is in
-the batch), and `greedy` takes the argmax. Removed tokens get -inf.
+then `sample` draws from softmax of what is left, and `greedy` takes the
+argmax. Removed tokens get -inf. The draw is one batched inverse-CDF lookup:
+
+    u_b    the next number of row b's own stream of uniforms in [0, 1)
+    token  the first id whose cumulative probability exceeds u_b · total
+
+Each row's uniforms come from its own seeded `torch.Generator`, drawn a block
+at a time (`RowSampler.uniform`), so a seed reproduces a generation whatever
+else is in the batch, while the whole batch is sampled by a few tensor calls
+instead of one `multinomial` per row per token.
 
 Log-probabilities (`token_logprobs`) report the model's own distribution,
 log_softmax of the raw logits, before any processor: what the model thinks,
@@ -61,6 +68,7 @@ class SamplingError(ScribeError, ValueError):
 
 CONTEXT_OVERFLOW = ("error", "slide")
 GREEDY_BELOW = 1e-6  # temperatures below this are greedy (logits / 1e-300 is +-inf, 1e-300 in float32 is 0)
+UNIFORM_BLOCK = 64  # uniforms a row draws from its generator at once
 SEED_LIMIT = 1 << 64  # torch generators take 64-bit seeds; choice i of a request draws with (seed + i) mod 2**64
 
 
@@ -251,6 +259,7 @@ class RowSampler:
         seed = settings.seed if settings.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((seed + seed_offset) % SEED_LIMIT)
+        self._uniforms: list[float] = []  # the rest of the last block drawn, next one last
         self.seen: torch.Tensor | None = None  # (V,) bool: in prompt or output, for repetition_penalty
         self.counts: torch.Tensor | None = None  # (V,) float: occurrences in the output, for OpenAI penalties
         if settings.repetition_penalty != 1.0:
@@ -264,6 +273,14 @@ class RowSampler:
             self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
             ids = torch.tensor(list(settings.logit_bias), device=self.device)
             self.bias[ids] = torch.tensor(list(settings.logit_bias.values()), device=self.device)
+
+    def uniform(self) -> float:
+        """The next number in [0, 1) of this row's own stream (float64, from its generator,
+        `UNIFORM_BLOCK` at a time: one generator call per block, not per token)."""
+        if not self._uniforms:
+            block = torch.rand(UNIFORM_BLOCK, dtype=_wide(self.device.type), generator=self.generator, device=self.device)
+            self._uniforms = block.tolist()[::-1]
+        return self._uniforms.pop()
 
     def observe(self, token_id: int) -> None:
         """Record a generated token (call once per step, after choosing it)."""
@@ -370,14 +387,9 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
-def draw(processed: torch.Tensor, raw: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from softmax(processed) (V,); if that is no distribution (every token removed,
-    NaN from a broken model), the most likely token of the raw logits instead: never an error."""
-    probs = finite_logits(processed.float()).softmax(-1)
-    total = float(probs.sum())
-    if not math.isfinite(total) or total <= 0.0 or not bool(torch.isfinite(probs).all()):
-        return int(finite_logits(raw.float()).argmax())
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
+def _wide(device_type: str) -> torch.dtype:
+    """float64 for the draw's uniforms and cumulative sums, where the device has it (MPS has not)."""
+    return torch.float32 if device_type == "mps" else torch.float64
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -385,26 +397,48 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
-    """Draw one token per row from softmax(logits) (B, V) -> (B,), row b with generators[b]."""
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for b in range(logits.shape[0]):
-        out[b] = draw(logits[b], logits[b], generators[b] if generators is not None else None)
-    return out
+def sample(processed: torch.Tensor, raw: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(processed) (B, V) -> (B,), by inverse CDF: row b takes the
+    first id whose cumulative probability exceeds uniforms[b] (B,) x its total. A row that is no
+    distribution (every token removed, NaN from a broken model) takes the most likely token of
+    its raw logits instead: never an error."""
+    probs = finite_logits(processed.float()).softmax(-1)  # (B, V)
+    cdf = probs.to(uniforms.dtype).cumsum(-1)  # (B, V) float64: a token of tiny mass keeps its own interval
+    total = cdf[:, -1]  # (B,) 1 up to rounding; NaN or 0 when there is no distribution
+    # the first id whose CDF exceeds the target: a zero-mass token has an empty interval, so it is
+    # never chosen; the target stays below the total (u·total may round up to it), so neither is the end
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))  # (B,)
+    chosen = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]  # (B,)
+    valid = torch.isfinite(total) & (total > 0)
+    if bool(valid.all()):
+        return chosen
+    return torch.where(valid, chosen.clamp(max=processed.shape[-1] - 1), finite_logits(raw.float()).argmax(-1))
+
+
+def _untouched(settings: SamplingSettings) -> bool:
+    """Sampled from the model's own distribution: temperature 1, no truncation, penalty or bias."""
+    return (settings.temperature == 1.0 and settings.top_k == 0 and settings.top_p >= 1.0 and settings.min_p == 0.0
+            and not settings.uses_penalties and not settings.logit_bias)
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
     """Process logits (B, V) with each row's settings and pick each row's next token (B,)."""
+    distinct = {id(r.settings): r.settings for r in rows}.values()  # rows of one request share theirs
+    if all(_untouched(s) for s in distinct):  # nothing to process (`sample` copies what it changes)
+        uniforms = torch.tensor([r.uniform() for r in rows], dtype=_wide(logits.device.type), device=logits.device)
+        return sample(logits, logits, uniforms)
     if all(r.settings.is_greedy and r.seen is None and r.counts is None and r.bias is None for r in rows):
         return greedy(logits)  # plain greedy: nothing to process, no copy
     processed = process_logits(logits, rows)
-    if all(r.settings.is_greedy for r in rows):
+    sampled = [not r.settings.is_greedy for r in rows]
+    if not any(sampled):
         return greedy(processed)
-    chosen = greedy(processed)
-    for b, row in enumerate(rows):
-        if not row.settings.is_greedy:
-            chosen[b] = draw(processed[b], logits[b], row.generator)
-    return chosen
+    uniforms = torch.tensor([r.uniform() if s else 0.0 for r, s in zip(rows, sampled)],
+                            dtype=_wide(logits.device.type), device=logits.device)  # (B,) only sampled rows advance
+    drawn = sample(processed, logits, uniforms)
+    if all(sampled):
+        return drawn
+    return torch.where(torch.tensor(sampled, device=logits.device), drawn, greedy(processed))
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int = 0):
@@ -452,6 +486,15 @@ class IncrementalDetokenizer:
             return ""
         if token_id not in self.skip_ids:
             self._pending += self._decoder.decode(self.tokenizer.token_bytes(int(token_id)))
+        return self._emit(final=False)
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Several tokens at once: the same text as pushing them one by one (the UTF-8 decoder
+        does not care where the bytes were cut), for a caller that streams nothing."""
+        if self.stopped:
+            return ""
+        data = b"".join(self.tokenizer.token_bytes(int(t)) for t in token_ids if t not in self.skip_ids)
+        self._pending += self._decoder.decode(data)
         return self._emit(final=False)
 
     def flush(self) -> str:

@@ -142,3 +142,24 @@ def test_cli_grpo_with_a_reward_file(tmp_path, capsys):
     assert "no prompts" in err and "Traceback" not in err
     assert main(base[:4] + ["nomodule:fn", "--prompts", str(prompts), "-o", str(tmp_path / "run3")]) == 2
     assert "cannot import nomodule" in capsys.readouterr().err
+
+
+def test_rollouts_lay_out_what_generation_samples_and_the_logps_need_no_entropy():
+    from scribelm.finetune.rollouts import completion_logps, completion_token_logps, sample_rollouts
+    from scribelm.generate import BatchGeneration
+    from scribelm.sampling import SamplingSettings
+
+    lm = fresh_policy()
+    prompts = [lm.tokenizer.encode(p) for p in verse_openings(3) for _ in range(4)]
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.3)
+    rollouts = sample_rollouts(lm.model, lm.tokenizer, prompts, settings, seed=7)
+    alone = [BatchGeneration(lm.model, lm.tokenizer, [p], settings.replace(seed=7 + i)).run()[0]
+             for i, p in enumerate(prompts)]  # each row is what its own seed samples alone
+    assert rollouts.completion_texts == [c.text for c in alone]
+    for b, (p, c) in enumerate(zip(prompts, alone)):
+        assert rollouts.ids[b, : len(p) + len(c.token_ids)].tolist() == p + c.token_ids
+        assert rollouts.targets[b][rollouts.mask[b]].tolist() == c.token_ids
+    assert len(set(rollouts.completion_texts)) > 6
+    with torch.no_grad():
+        logps, _ = completion_token_logps(lm.model, rollouts.ids, rollouts.targets, 1.3)
+        assert torch.equal(completion_logps(lm.model, rollouts.ids, rollouts.targets, 1.3), logps)

@@ -40,6 +40,10 @@ from scribelm.model import RMSNorm as PlainRMSNorm
 #: oneDNN's blocked matrix product wins (benchmarks/decode.py, batch 8, is still native).
 NATIVE_MAX_ROWS = 8
 
+#: Smallest weight (elements) sent to oneDNN: a product with a smaller one is bound by the
+#: call's set-up (oneDNN's ~15 µs against MKL's ~3 µs), not by reading the weight.
+ONEDNN_MIN_WEIGHT = 1 << 17
+
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -82,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             lib = native.library()
             if lib is not None:
                 return native.linear_float(lib, x, weight, bias)
-        if _ONEDNN and x.dtype == torch.float32:  # bfloat16 already goes through oneDNN in F.linear
+        if _ONEDNN and x.dtype == torch.float32 and weight.numel() > ONEDNN_MIN_WEIGHT:  # bfloat16: F.linear is oneDNN
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -13,6 +13,17 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
+def add_speculative_arguments(parser, description: str) -> None:
+    """--speculative, --draft and --num-draft, as `scribe generate` and `scribe serve` take them."""
+    s = parser.add_argument_group("speculative decoding", description)
+    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
+                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
+                        "draft: a draft model guesses (--draft)")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
+    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 

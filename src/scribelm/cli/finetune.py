@@ -63,7 +63,7 @@ def _lora(p, optional: bool = False) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="supervised fine-tuning (full, LoRA, QLoRA) and DPO")
+    p = subparsers.add_parser("finetune", help="fine-tuning: SFT (full, LoRA, QLoRA), DPO, reward models, PPO and GRPO")
     verbs = p.add_subparsers(dest="finetune_verb", metavar="METHOD", required=True)
 
     sft = verbs.add_parser("sft", help="supervised fine-tuning of all weights on chat / instruction data")

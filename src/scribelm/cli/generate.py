@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from scribelm.cli.common import console, err_console, print_json
+from scribelm.cli.common import add_speculative_arguments, console, err_console, print_json
 from scribelm.errors import ScribeError
 
 
@@ -112,14 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("--show-probs", action="store_true", help="print each generated token with its top candidates")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one torch.compile graph (compiling takes a while first)")
-    s = p.add_argument_group("speculative decoding", "guess several tokens, check them in one pass: the same "
-                             "output (greedy) or the same distribution (sampling), sooner when the guesses are right")
-    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
-                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
-                        "draft: a draft model guesses (--draft)")
-    s.add_argument("--draft", default=None, metavar="MODEL",
-                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
-    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
+    add_speculative_arguments(p, "guess several tokens, check them in one pass: the same output (greedy) or the "
+                              "same distribution (sampling), sooner when the guesses are right")
     p.add_argument("--stats", action="store_true",
                    help="after the text, print prefill and decode speed (tokens/s, GB/s of weights read) to stderr")
     p.set_defaults(handler=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from scribelm.cli.common import console, err_console
+from scribelm.cli.common import add_speculative_arguments, console, err_console
 
 
 def register(subparsers) -> None:
@@ -50,15 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--rag-k", type=int, default=5, help="passages retrieved per question (default 5)")
     p.add_argument("--rag-mode", default="hybrid", choices=["bm25", "dense", "hybrid"],
                    help="how passages are retrieved (default hybrid)")
-    s = p.add_argument_group("speculative decoding", "guess several tokens per sequence and check them in one pass: "
-                             "the same output (greedy) or distribution (sampling); usage reports accepted and rejected "
-                             "guesses as completion_tokens_details")
-    s.add_argument("--speculative", choices=("prompt-lookup", "draft"), default=None,
-                   help="prompt-lookup: guess by matching the last tokens against the prompt and output so far; "
-                        "draft: a draft model guesses (--draft)")
-    s.add_argument("--draft", default=None, metavar="MODEL",
-                   help="a smaller model with the same tokenizer that drafts tokens (implies --speculative draft)")
-    s.add_argument("--num-draft", type=int, default=None, metavar="N", help="most tokens guessed per step (default 5)")
+    add_speculative_arguments(p, "guess several tokens per sequence and check them in one pass: the same output "
+                              "(greedy) or distribution (sampling); usage reports accepted and rejected guesses as "
+                              "completion_tokens_details")
     p.add_argument("--quiet", action="store_true", help="no access log line per request (model loads and errors are still logged)")
     p.set_defaults(handler=run)
 

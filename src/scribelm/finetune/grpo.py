@@ -43,7 +43,7 @@ from scribelm.finetune.reward_functions import RewardSource, check_failures, com
 from scribelm.finetune.rl_losses import (
     AGGREGATIONS, STD_SCALES, aggregate_loss, group_advantages, grpo_per_token_loss, masked_mean,
 )
-from scribelm.finetune.rollouts import completion_token_logps, sample_rollouts
+from scribelm.finetune.rollouts import completion_logps, completion_token_logps, sample_rollouts
 from scribelm.train.config import TrainingDiverged
 
 SAMPLES_FILE = "samples.jsonl"
@@ -151,8 +151,8 @@ class RolloutLoader:
         if self.options.iterations > 1:  # ρ must compare with the policy that sampled, not the one being stepped
             was_training = model.training
             model.eval()
-            batch["old_logps"] = completion_token_logps(model, rollouts.ids.to(device), rollouts.targets.to(device),
-                                                        self.options.temperature)[0].cpu()
+            batch["old_logps"] = completion_logps(model, rollouts.ids.to(device), rollouts.targets.to(device),
+                                                  self.options.temperature).cpu()
             model.train(was_training)
         grouped = rewards.view(-1, G)
         stats = {"reward_mean": torch.nanmean(rewards), "reward_std": torch.nanmean(_row_std(grouped)),

@@ -34,7 +34,7 @@ import torch
 from scribelm.errors import ScribeError
 from scribelm.finetune.grpo import SAMPLES_FILE, GRPOObjective, GRPOOptions, RolloutLoader, evaluate_rewards
 from scribelm.finetune.reward_functions import load_reward_sources
-from scribelm.finetune.rollouts import completion_token_logps, prompt_ids, read_prompts
+from scribelm.finetune.rollouts import completion_logps, prompt_ids, read_prompts
 from scribelm.finetune.run import (
     FinetuneOptions, FinetuneResult, _adapter_savers, _counts, _plan, _save_output, _train_config, _write_result,
     prepare_model,
@@ -142,7 +142,7 @@ def make_reference(model: torch.nn.Module, options: FinetuneOptions, temperature
             model.eval()
             try:
                 with adapters_disabled(model):
-                    return completion_token_logps(model, ids, targets, temperature)[0]
+                    return completion_logps(model, ids, targets, temperature)
             finally:
                 model.train(was_training)
 
@@ -150,7 +150,7 @@ def make_reference(model: torch.nn.Module, options: FinetuneOptions, temperature
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    return lambda ids, targets: completion_token_logps(frozen, ids, targets, temperature)[0]
+    return lambda ids, targets: completion_logps(frozen, ids, targets, temperature)
 
 
 def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Sequence[str | Callable[[str, str], float]],

@@ -91,7 +91,8 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[Sequence[int]], settings
     model.eval()
     try:
         generation = BatchGeneration(model, tokenizer, prompts, replace(settings, seed=seed),
-                                     seed_offsets=list(range(len(prompts))), extra_stop_ids=extra_stop_ids)
+                                     seed_offsets=list(range(len(prompts))), extra_stop_ids=extra_stop_ids,
+                                     defer_text=True)  # only the completions are read: no text per token
         completions = generation.run()
     finally:
         model.train(was_training)
@@ -120,3 +121,14 @@ def completion_token_logps(model, ids: torch.Tensor, targets: torch.Tensor,
     mask = targets != IGNORE_INDEX
     logps, entropy = token_logps_and_entropy(logits, targets.clamp(min=0))
     return logps * mask, entropy * mask
+
+
+def completion_logps(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(target) at each position (B, T), 0 where there is no target: `completion_token_logps`
+    without the entropy, for the passes that only the ratio and the KL read (the reference's,
+    the sampling policy's); the same numbers."""
+    logits = model(ids)  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * (targets != IGNORE_INDEX)  # (B, T)
