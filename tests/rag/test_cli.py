@@ -73,3 +73,24 @@ def test_bad_input_is_one_line(cli_index, tmp_path, capsys):
         assert "was built with the embedder" in err and err.count("\n") == 1
         assert main(["rag", "ask", str(index), "Why? " * 800, "--model", str(model)]) == 2
         assert "the question takes" in capsys.readouterr().err
+
+
+def test_embed_dtype_is_recorded_and_kept(cli_index, tmp_path, capsys):
+    _, docs, model = cli_index
+    index = tmp_path / "idx"
+    assert main(["rag", "add", str(index), str(docs), "--embedder", str(model), "--embed-dtype", "float32"]) == 0
+    assert json.loads((index / "index.json").read_text())["embedder"]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main(["rag", "add", str(index), str(docs), "--embed-dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "embeds in float32, not bfloat16" in err and err.count("\n") == 1
+    assert main(["rag", "add", str(index), str(docs)]) == 0  # no choice given: the recorded one
+    assert "0 embedded now" in capsys.readouterr().out
+    assert main(["rag", "search", str(index), "capital of Freedonia", "--mode", "dense", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    # the query was embedded in float32 too: the cosine is the float32 one
+    from scribelm import rag
+
+    opened = rag.open_index(index)
+    vectors = opened.embedder.embed(["capital of Freedonia", hits[0]["text"]], dtype="float32")
+    assert hits[0]["scores"]["dense"] == pytest.approx(float(vectors[0] @ vectors[1]), abs=1e-5)

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     a.add_argument("--embed-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                    help="what the embedder computes in; auto (default for a new index): bfloat16 on CPUs with "
                         "native bfloat16 (AMX, AVX512-BF16), else float32. Recorded: queries embed the same way")
+    a.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for embedding (default torch's: every core; 1 is faster when other jobs share them)")
     a.set_defaults(handler=run_add)
 
     s = verbs.add_parser("search", help="print the best chunks for a query")
@@ -82,7 +84,10 @@ def _where(chunk) -> str:
 
 
 def run_add(args) -> int:
+    from scribelm.cli.generate import apply_threads
     from scribelm.rag import build_index
+
+    apply_threads(args)
 
     index = build_index(args.index, args.paths, embedder=args.embedder, chunk_tokens=args.chunk_tokens,
                         overlap=args.overlap, tokenizer=args.tokenizer, device=args.device,
