@@ -29,8 +29,9 @@ def server(tmp_path_factory, tokenizer):
         yield running
 
 
-def bad_requests(url: str) -> list[tuple[str, callable]]:
-    """(what, send) for each request that once hurt the server; send() returns the status it got."""
+def bad_requests(url: str, eos_id: int | None = None) -> list[tuple[str, callable]]:
+    """(what, send) for each request that once hurt the server; send() returns the status it got.
+    `eos_id` is banned from the abandoned request, so that it surely outlives its client."""
     chat = url + "/v1/chat/completions"
     messages = [{"role": "user", "content": "hi"}]
 
@@ -40,7 +41,8 @@ def bad_requests(url: str) -> list[tuple[str, callable]]:
 
     def abandoned():
         try:
-            post({"model": "alpha", "prompt": "x", "max_tokens": 900}, url + "/v1/completions", timeout=0.5)
+            bias = {} if eos_id is None else {"logit_bias": {str(eos_id): -100}}
+            post({"model": "alpha", "prompt": "x", "max_tokens": 900, **bias}, url + "/v1/completions", timeout=0.5)
         except httpx.ReadTimeout:
             return 0  # the client gave up, as intended
         return -1
@@ -75,7 +77,7 @@ EXPECTED_STATUS = {
 }
 
 
-def test_streams_in_flight_survive_every_bad_request(server):
+def test_streams_in_flight_survive_every_bad_request(server, tokenizer):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
     def stream(prompt):
@@ -103,7 +105,7 @@ def test_streams_in_flight_survive_every_bad_request(server):
     for t in threads:
         t.start()
     assert wait_until(lambda: engine.active_count >= len(PROMPTS) or len(results) == len(PROMPTS), timeout=60)
-    got = {what: send() for what, send in bad_requests(server.url)}
+    got = {what: send() for what, send in bad_requests(server.url, tokenizer.eos_id)}
     still_running = len(results) < len(PROMPTS)
     for t in threads:
         t.join(120)
