@@ -4,6 +4,7 @@ quantized weights, and the native CPU kernels they call.
     passes.py      accelerate(model): swap plain layers for the fast ones below, in place
     dense.py       float32 / bfloat16 linear and RMSNorm on native / oneDNN kernels
     packing.py     q/k/v and gate/up side by side in memory, applied by one product
+    placement.py   a CPU model's weights in huge pages (faster to stream)
     formats.py     the int8 and int4 weight formats of `scribe quantize`
     quantized.py   QuantizedLinear and its kernels (native, dynamic, packed, reference)
     quantize.py    quantize_model / dequantize_model: swap a model's linears, and back

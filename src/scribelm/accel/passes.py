@@ -9,6 +9,9 @@ the same keys and values):
     model.Attention  -> PackedAttention  q, k, v stored side by side, one product
     model.MLP        -> PackedMLP        gate, up stored side by side, one product
 
+and places the weights of a CPU model in huge pages (placement.py), which
+streams them faster.
+
 Each swap changes the module's class only (a subclass of the plain one, with
 the same attributes), so the model stays what it was: every fast path falls
 back to the plain computation where a gradient is wanted or a graph is being
@@ -26,6 +29,7 @@ from torch import nn
 
 from scribelm.accel.dense import Linear, RMSNorm
 from scribelm.accel.packing import fused_linear, pack_linears
+from scribelm.accel.placement import place_weights
 from scribelm import model as plain
 
 
@@ -74,6 +78,7 @@ def accelerate(model: nn.Module) -> nn.Module:
         if fast is not None:
             module.__class__ = fast
     pack_projections(model)
+    place_weights(model)  # after packing: a packed buffer moves as one
     return model
 
 

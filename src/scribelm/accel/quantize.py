@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from scribelm.accel.passes import accelerate, is_accelerated, pack_projections
+from scribelm.accel.placement import place_weights
 from scribelm.accel.quantized import (
     DEFAULT_GROUP_SIZE,
     KERNELS,
@@ -100,6 +101,8 @@ def quantize_model(
             _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size, kernel))
     model.quantization = scheme_record(bits, group_size, unembedding)
     pack_projections(model)  # q/k/v and gate/up codes side by side: one product each
+    if is_accelerated(model):
+        place_weights(model)  # the new codes into huge pages, as accelerate placed the float weights
     return model
 
 

@@ -6,9 +6,11 @@
  *
  *   - the output rows are split evenly between the threads of PyTorch's own OpenMP
  *     pool (the caller passes torch.get_num_threads());
- *   - each thread takes ROWS weight rows at a time and keeps one vector accumulator
- *     per row, so each load of x serves ROWS multiply-adds and the core keeps
- *     ROWS independent streams in flight;
+ *   - each thread takes a block of weight rows at a time (4 of float32 / bfloat16,
+ *     ROWS = 8 of the shorter int8 and int4 rows) and keeps one vector accumulator
+ *     per row, so each load of x serves that many multiply-adds and the core keeps
+ *     that many independent streams in flight (more streams than the hardware
+ *     prefetcher follows cost bandwidth: 4 long float rows measured ~15% faster than 8);
  *   - for several rows of x (a small batch) the same block of W is reused from
  *     cache for each of them.
  *
@@ -34,7 +36,7 @@
 #else
 #define LANES 4
 #endif
-#define ROWS 8 /* weight rows per block */
+#define ROWS 8 /* most weight rows per block */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -115,7 +117,7 @@ static inline void my_share(int64_t blocks, int64_t *first, int64_t *last) {
     *last = blocks * (thread + 1) / team;
 }
 
-/* While one block of rows is read, ask for the next one (contiguous, ROWS·K weights) to be
+/* While one block of rows is read, ask for the next one (contiguous, its rows·K weights) to be
  * fetched into cache at the same pace: `done` bytes of the current block read so far,
  * `step` bytes per loop turn. Rows of a few hundred bytes (int8) are too short for the
  * hardware's stream detection to reach full speed on its own. */
@@ -133,6 +135,11 @@ enum weight_type { FLOAT32, BFLOAT16, INT8 };
 
 static inline __attribute__((always_inline)) int64_t weight_size(enum weight_type type) {
     return type == FLOAT32 ? 4 : type == BFLOAT16 ? 2 : 1;
+}
+
+/* Rows per block (see the top of the file). */
+static inline __attribute__((always_inline)) int block_rows(enum weight_type type) {
+    return type == INT8 ? ROWS : 4;
 }
 
 /* LANES weights from element `at` of w, as floats. */
@@ -165,7 +172,7 @@ static inline __attribute__((always_inline)) void dot_rows(enum weight_type type
     int64_t whole = k - k % LANES, size = weight_size(type);
     for (int64_t i = 0; i < whole; i += LANES) {
         vfloat xv = load_floats(x + i);
-        prefetch_share(ahead, i * ROWS * size, ROWS * LANES * size);
+        prefetch_share(ahead, i * rows * size, rows * LANES * size);
         for (int r = 0; r < rows; r++) acc[r] += load_weights(type, w, r * k + i) * xv;
     }
     for (int r = 0; r < rows; r++) {
@@ -175,26 +182,28 @@ static inline __attribute__((always_inline)) void dot_rows(enum weight_type type
     }
 }
 
-/* This thread's share of y = x · (w · scales)ᵀ + bias, block of ROWS output rows by block.
+/* This thread's share of y = x · (w · scales)ᵀ + bias, one block of output rows after another.
  * Called inside the parallel region of each entry point below (OpenMP outlines the region
  * before inlining, so the region itself must sit where `type` is a literal). */
 static inline __attribute__((always_inline)) void linear_share(enum weight_type type, const float *x, int64_t m,
                                                                int64_t k, const void *w, int64_t n,
                                                                const float *scales, const float *bias, float *y) {
     int64_t first, last, size = weight_size(type);
+    const int per_block = block_rows(type);
     const char *weights = w;
-    my_share((n + ROWS - 1) / ROWS, &first, &last);
+    my_share((n + per_block - 1) / per_block, &first, &last);
     /* One thread reading long float32 rows is one stream the hardware prefetcher follows on its
      * own; asking as well only spends issue slots (about 25% slower, benchmarks/serve_load.py). */
     int prefetch = type != FLOAT32 || omp_get_num_threads() > 1;
     for (int64_t b = first; b < last; b++) {
-        int64_t row = b * ROWS;
-        int rows = n - row < ROWS ? (int)(n - row) : ROWS;
+        int64_t row = b * per_block;
+        int rows = n - row < per_block ? (int)(n - row) : per_block;
         const char *block = weights + row * k * size;
         for (int64_t j = 0; j < m; j++) {
             float *out = y + j * n + row;
-            if (rows == ROWS)
-                dot_rows(type, x + j * k, block, k, ROWS, out, prefetch && j == 0 && b + 1 < last ? block + ROWS * k * size : NULL);
+            if (rows == per_block)
+                dot_rows(type, x + j * k, block, k, per_block, out,
+                         prefetch && j == 0 && b + 1 < last ? block + per_block * k * size : NULL);
             else
                 for (int r = 0; r < rows; r++) dot_rows(type, x + j * k, block + r * k * size, k, 1, out + r, NULL);
             if (scales) for (int r = 0; r < rows; r++) out[r] *= scales[row + r];
