@@ -164,7 +164,7 @@ def main() -> None:
     rows = []
     variants = [
         ("scribelm fp32", lambda: base),
-        ("scribelm bf16", lambda: copy.deepcopy(base).to(torch.bfloat16)),
+        ("scribelm bf16", lambda: accelerate(copy.deepcopy(base).to(torch.bfloat16))),  # as load(dtype=) gives
         ("scribelm int8", lambda: quantize_model(copy.deepcopy(base), 8, unembedding=True)),
         ("scribelm int4 g32", lambda: quantize_model(copy.deepcopy(base), 4, 32, unembedding=True)),
     ]

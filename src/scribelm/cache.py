@@ -122,6 +122,7 @@ class KVCache(_RowLengths):
         self._end = 0  # positions it reads: the longest row's, new ones included
         self._start: int | None = 0  # its common start position, or None when rows differ
         self._write: torch.Tensor | None = None  # (B, T) write positions when rows differ
+        self.row_mask: torch.Tensor | None = None  # (B, 1, T, S) the keys each query sees, when rows differ
 
     # -- the model's side ---------------------------------------------------------------
     def prepare(self, rows: int, steps: int) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None]:
@@ -141,14 +142,15 @@ class KVCache(_RowLengths):
             )
         self._rows, self._end = rows, longest + steps
         if min(lengths) == longest:
-            self._start, self._write = longest, None
+            self._start, self._write, self.row_mask = longest, None, None
             return longest, None, None
         device = self.keys.device
         self._start = None
         self._write = torch.tensor(lengths, device=device)[:, None] + torch.arange(steps, device=device)  # (B, T)
         keys_seen = torch.arange(longest + steps, device=device)  # (S,)
         mask = keys_seen[None, None, :] <= self._write[:, :, None]  # (B, T, S)
-        return None, self._write, mask[:, None]
+        self.row_mask = mask[:, None]  # kept: a fast layer recognises it (scribelm.accel.native_block)
+        return None, self._write, self.row_mask
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, n_kv, T, hd) at each row's position;

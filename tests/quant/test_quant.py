@@ -151,6 +151,16 @@ def test_int8_kernel_runs_on_unaligned_weights():
     assert relative_error(layer(x), x @ layer.dequantized_weight().t()) < 1e-2
 
 
+@pytest.mark.parametrize("inputs", [72, 200])
+def test_int8_layers_of_any_width_run_batches(inputs):
+    # PyTorch's packed int8 kernel reads inputs 16 at a time and crashed on these widths.
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(inputs, 96), 8)
+    x = torch.randn(9, inputs)  # past the native kernel's rows
+    with torch.inference_mode():
+        y = layer(x)
+    assert relative_error(y, x @ layer.dequantized_weight().t() + layer.bias) < 1e-5
+
+
 def test_quantize_dequantize_error_is_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(32, 256) * torch.rand(32, 1)  # rows of different scales

@@ -252,12 +252,13 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "reference" or x.device.type != "cpu" or not x.dtype.is_floating_point:
             return False
         if self.bits == 8:
-            ok = _has_op("_weight_int8pack_mm")
+            # PyTorch's int8 kernel reads the inputs 16 at a time: other widths crash it (SIGSEGV).
+            ok = _has_op("_weight_int8pack_mm") and self.in_features % 16 == 0
         else:
             ok = _has_op("_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
         if self.kernel == "packed" and not ok:
             raise QuantizationError(
-                f"the packed int{self.bits} kernel is not available for this layer ({self.out_features} outputs, "
+                f"the packed int{self.bits} kernel is not available for this layer ({self.in_features} inputs, {self.out_features} outputs, "
                 f"torch {torch.__version__}); use kernel='reference'"
             )
         return ok

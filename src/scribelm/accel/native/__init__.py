@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("matvec.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "matvec.c", HERE / "decode_layer.c")  # each compiled, linked into one library
+HEADERS = (HERE / "matvec.h",)
 DISABLE_ENV = "SCRIBELM_NATIVE"
 CACHE_ENV = "SCRIBELM_CACHE_DIR"
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-Wall")
@@ -49,6 +51,7 @@ _SIGNATURES = {
     "scribe_linear_i8": ([_P, _I, _I, _P, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i4": ([_P, _I, _I, _P, _P, _P, _I, _I, _P, _P, _INT], ctypes.c_int),
     "scribe_rms_norm": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
+    "scribe_decode_layer": ([_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _INT], ctypes.c_int),
     "scribe_lanes": ([], ctypes.c_int),
 }
 
@@ -118,11 +121,14 @@ def _build(compiler: str, openmp: Path, target: Path) -> None:
     """Compile and link against `openmp`, writing `target` atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "matvec.o", Path(tmp) / target.name
         run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, check=True)
-        run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+        objects = []
+        for source in SOURCES:
+            objects.append(str(Path(tmp) / source.with_suffix(".o").name))
+            run([compiler, *COMPILE_FLAGS, "-c", str(source), "-o", objects[-1]])
+        lib = Path(tmp) / target.name
         # Link to PyTorch's own runtime (by path) rather than the compiler's -lgomp: one thread pool.
-        run([compiler, "-shared", str(obj), str(openmp), f"-Wl,-rpath,{openmp.parent}", "-lm", "-o", str(lib)])
+        run([compiler, "-shared", *objects, str(openmp), f"-Wl,-rpath,{openmp.parent}", "-lm", "-o", str(lib)])
         os.replace(lib, target)
 
 
@@ -147,14 +153,15 @@ def library() -> _Native | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join(
-            [SOURCE.read_text(), compiler, version, " ".join(COMPILE_FLAGS), str(openmp), _cpu_identity()]
+            [*(f.read_text() for f in (*SOURCES, *HEADERS)), compiler, version, " ".join(COMPILE_FLAGS), str(openmp),
+             _cpu_identity()]
         ).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             _build(compiler, openmp, target)
         native = _Native(target)
     except subprocess.CalledProcessError as e:
-        _status = f"off: compiling {SOURCE.name} failed: {(e.stderr or '').strip().splitlines()[-1:] or e}"
+        _status = f"off: compiling the kernels failed: {(e.stderr or '').strip().splitlines()[-1:] or e}"
         return None
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"off: {e}"
