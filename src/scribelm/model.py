@@ -478,8 +478,7 @@ class Transformer(nn.Module):
                 raise ScribeError("a rolling cache takes no attention mask; its rows are all one length")
             mask, is_causal = self._sliding_window(mask, is_causal, T, start, row_positions, cache, ids.device)
 
-        for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache, memory)
+        x = self.run_blocks(x, rope, mask, is_causal, cache, memory)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if last_only:
@@ -487,6 +486,12 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # (B, T, C)
+
+    def run_blocks(self, x, rope, mask, is_causal, cache, memory=None) -> torch.Tensor:
+        """x (B, T, C) through every block in turn."""
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache, memory)
+        return x
 
     def _sliding_window(self, mask, is_causal, T, start, row_positions, cache, device):
         """Narrow the mask to a sliding window: the query in slot q sees the keys in slots

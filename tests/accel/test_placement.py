@@ -64,8 +64,8 @@ def test_only_live_bytes_are_copied(huge_pages, monkeypatch):
     model = accelerate(_model())
     twin = copy.deepcopy(model)  # one storage holding every weight, outside any huge-page block
     sizes = []
-    real = placement._huge_buffer
-    monkeypatch.setattr(placement, "_huge_buffer", lambda n: sizes.append(n) or real(n))
+    real = placement.huge_page_buffer
+    monkeypatch.setattr(placement, "huge_page_buffer", lambda n: sizes.append(n) or real(n))
     quantize_model(twin, 8)  # the float block weights die; the embedding lives on in the old storage
     embedding_bytes = twin.token_embedding.weight.numel() * 4
     codes = sum(m.qweight.numel() for m in twin.modules() if hasattr(m, "qweight"))

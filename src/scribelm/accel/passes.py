@@ -8,7 +8,7 @@ the same keys and values):
     model.RMSNorm    -> dense.RMSNorm    one native call for a few float32 rows
     model.Attention  -> PackedAttention  q, k, v stored side by side, one product
     model.MLP        -> PackedMLP        gate, up stored side by side, one product
-    model.Block      -> NativeBlock      a decode step of a Llama-shaped block in one native call
+    model.Transformer -> NativeTransformer  a decode step of Llama-shaped blocks in one native call
 
 and places the weights of a CPU model in huge pages (placement.py), which
 streams them faster.
@@ -29,7 +29,7 @@ from __future__ import annotations
 from torch import nn
 
 from scribelm.accel.dense import Linear, RMSNorm
-from scribelm.accel.native_block import NativeBlock
+from scribelm.accel.native_stack import NativeTransformer
 from scribelm.accel.packing import fused_linear, pack_linears
 from scribelm.accel.placement import place_weights
 from scribelm import model as plain
@@ -69,7 +69,7 @@ SWAPS: dict[type, type] = {
     plain.RMSNorm: RMSNorm,
     plain.Attention: PackedAttention,
     plain.MLP: PackedMLP,
-    plain.Block: NativeBlock,
+    plain.Transformer: NativeTransformer,
 }
 
 

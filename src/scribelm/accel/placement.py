@@ -68,7 +68,7 @@ def _madvise():
     return function
 
 
-def _huge_buffer(nbytes: int) -> torch.Tensor:
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """An untouched uint8 buffer of `nbytes` starting on a 2 MiB boundary, advised to be
     backed by huge pages (a refusal only costs the speed)."""
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # malloc maps it fresh: no page touched yet
@@ -130,7 +130,7 @@ def place_weights(model: nn.Module) -> nn.Module:
         total += -(-(end - first) // _ALIGN) * _ALIGN
     if total < MIN_TOTAL_BYTES:
         return model
-    buffer = _huge_buffer(total)
+    buffer = huge_page_buffer(total)
     arena = buffer.untyped_storage()
     base = buffer.data_ptr() - arena.data_ptr()  # the buffer's byte offset inside its storage
     with torch.no_grad():

@@ -51,7 +51,7 @@ _SIGNATURES = {
     "scribe_linear_i8": ([_P, _I, _I, _P, _P, _I, _P, _P, _INT], None),
     "scribe_linear_i4": ([_P, _I, _I, _P, _P, _P, _I, _I, _P, _P, _INT], ctypes.c_int),
     "scribe_rms_norm": ([_P, _I, _I, _P, ctypes.c_float, _P], None),
-    "scribe_decode_layer": ([_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _P, _INT], ctypes.c_int),
+    "scribe_decode_layers": ([_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _INT], ctypes.c_int),
     "scribe_lanes": ([], ctypes.c_int),
 }
 

@@ -1,0 +1,241 @@
+"""The decoder stack's decode step in one native call (native/decode_layer.c).
+
+Run as PyTorch operations, a decode step of a small model spends a good part of
+its time between its matrix products: a layer is ~40 small operations (norms,
+views, rotary positions, the cache write, attention for one query, the
+activation, the residual additions), each dispatched from Python and each
+starting with caches that the last product has just flushed. On a 2-core Xeon
+a 100M-parameter model's float32 step took 17 ms, of which 13 ms were products.
+
+`NativeTransformer` is the model's `Transformer` (same parameters, same forward)
+whose `run_blocks` has one fast path: a step of a few rows of float32 or
+bfloat16 activations through a `KVCache`, without gradients, hooks or a graph
+being captured, in a stack of Llama-shaped blocks (pre-norm RMSNorm, RoPE or no
+positions in the blocks, grouped-query attention, SwiGLU) with float32,
+bfloat16, int8 or int4 weights. That step is one call of
+`scribe_decode_layers`, which runs every layer in one parallel region of
+PyTorch's threads with the same product loops as the other native kernels; all
+the Python checks happen before it, together. Everything else (prefill,
+training, other blocks, an inspected model) takes the plain loop over blocks.
+The numbers equal the plain forward's up to float rounding: attention sums in
+another order than SDPA's, and in bfloat16 the layer rounds where PyTorch's
+bfloat16 operations round, so a value can land one bfloat16 step away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scribelm import model as plain
+from scribelm.accel import native
+from scribelm.accel.dense import NATIVE_MAX_ROWS, Linear
+from scribelm.accel.dense import RMSNorm as FastRMSNorm
+from scribelm.accel.packing import joined_fields
+from scribelm.accel.quantized import NATIVE_MAX_ROWS as QUANTIZED_NATIVE_MAX_ROWS
+from scribelm.accel.quantized import QuantizedLinear
+from scribelm.cache import KVCache
+
+_FLOAT32, _BFLOAT16, _INT8, _INT4 = 0, 1, 2, 3
+_ACTIVATIONS = (torch.float32, torch.bfloat16)
+
+
+class _Matrix(ctypes.Structure):  # struct scribe_matrix
+    _fields_ = [("type", ctypes.c_int32), ("unused", ctypes.c_int32), ("weight", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):  # struct scribe_layer
+    _fields_ = [("qkv", _Matrix), ("o", _Matrix), ("gate_up", _Matrix), ("down", _Matrix),
+                ("attention_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("d_model", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("d_mlp", ctypes.c_int64), ("bfloat16", ctypes.c_int64)]
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _plain(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return t is not None and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _float32_bias(bias: torch.Tensor | None, keep: list) -> int | None:
+    """The bias as the kernels add it (float32, contiguous), kept alive in `keep`."""
+    if bias is None:
+        return None
+    if not _plain(bias, torch.float32):
+        bias = bias.detach().float().contiguous()
+        keep.append(bias)
+    return bias.data_ptr()
+
+
+def _matrix(layers: tuple[nn.Module, ...], dtype: torch.dtype, keep: list) -> _Matrix | None:
+    """The layers (which read the same input, stored side by side) as one matrix the native
+    layer reads with activations of `dtype`, or None when they are not of one kind it reads."""
+    first = layers[0]
+    if any(type(layer) is not type(first) for layer in layers):
+        return None
+    if type(first) is Linear:
+        joined = joined_fields(layers)
+        if joined is None:
+            return None
+        weight, bias = joined
+        if not _plain(weight, dtype) or (bias is not None and bias.dtype != dtype):
+            return None  # a float layer computes in its own dtype, which must be the activations'
+        kind = _FLOAT32 if dtype == torch.float32 else _BFLOAT16
+        return _Matrix(kind, 0, weight.data_ptr(), None, None, _float32_bias(bias, keep), weight.shape[0],
+                       weight.shape[1], 0)
+    if type(first) is QuantizedLinear:
+        scheme = (first.bits, first.group_size, first.kernel)
+        if first.kernel not in ("auto", "native") or any((l.bits, l.group_size, l.kernel) != scheme for l in layers):
+            return None
+        joined = first._joined_operands(layers)
+        if joined is None:
+            return None
+        codes, scales, mins, bias = joined
+        if not (codes.device.type == "cpu" and codes.is_contiguous() and scales.is_contiguous()):
+            return None
+        kind = _INT8 if first.bits == 8 else _INT4
+        return _Matrix(kind, 0, codes.data_ptr(), scales.data_ptr(), _address(mins), _float32_bias(bias, keep),
+                       codes.shape[0], first.in_features, first.group_size or 0)
+    return None
+
+
+def _parts(block: plain.Block) -> tuple[nn.Module, ...]:
+    attention, mlp = block.attention, block.mlp
+    return (block.attention_norm, attention, attention.q, attention.k, attention.v, attention.o,
+            block.mlp_norm, mlp, mlp.gate, mlp.up, mlp.down)
+
+
+def _shape_fits(block: nn.Module) -> bool:
+    """Whether the block is one the native layer computes: pre-norm RMSNorm, the plain
+    attention's and MLP's forward (packed or not), a gated MLP, no cross-attention."""
+    if type(block).forward is not plain.Block.forward or not block.pre_norm or hasattr(block, "cross_attention"):
+        return False
+    attention, mlp = block.attention, block.mlp
+    return (type(block.attention_norm) is FastRMSNorm and type(block.mlp_norm) is FastRMSNorm
+            and block.attention_norm.eps == block.mlp_norm.eps
+            and type(attention).forward is plain.Attention.forward and type(mlp).forward is plain.MLP.forward
+            and mlp.gate is not None and attention.n_heads % attention.n_kv_heads == 0)
+
+
+def _watched(block: plain.Block) -> bool:
+    """Whether hooks or replaced functions watch the block or its inside (scribelm.inspect)."""
+    attention, mlp = block.attention, block.mlp
+    if ("attend" in attention.__dict__ or "project_qkv" in attention.__dict__
+            or "project_gate_up" in mlp.__dict__ or mlp.activation is not F.silu):
+        return True
+    return any(part._forward_hooks or part._forward_pre_hooks for part in (block, *_parts(block)))
+
+
+def _layer(block: plain.Block, dtype: torch.dtype, keep: list) -> tuple[_Layer | None, int]:
+    """The block's weights as the native layer reads them with activations of `dtype`, and
+    the most rows it takes: as many as the block's own native kernels take, so that the
+    numbers stay theirs (int4's kernel takes one row; more go to PyTorch's)."""
+    if not _shape_fits(block):
+        return None, 0
+    attention, mlp = block.attention, block.mlp
+    matrices = (_matrix((attention.q, attention.k, attention.v), dtype, keep), _matrix((attention.o,), dtype, keep),
+                _matrix((mlp.gate, mlp.up), dtype, keep), _matrix((mlp.down,), dtype, keep))
+    norms = (block.attention_norm.weight, block.mlp_norm.weight)
+    if any(m is None for m in matrices) or not all(_plain(w, dtype) for w in norms):
+        return None, 0
+    scale = attention.scale if attention.scale is not None else 1 / math.sqrt(attention.head_dim)
+    layer = _Layer(*matrices, norms[0].data_ptr(), norms[1].data_ptr(), block.attention_norm.eps, scale,
+                   attention.o.out_features, attention.n_heads, attention.n_kv_heads, attention.head_dim,
+                   mlp.down.in_features, int(dtype == torch.bfloat16))
+    most_rows = NATIVE_MAX_ROWS
+    for part in _parts(block):
+        if isinstance(part, QuantizedLinear):
+            most_rows = min(most_rows, QUANTIZED_NATIVE_MAX_ROWS[part.bits])
+    return layer, most_rows
+
+
+class NativeTransformer(plain.Transformer):
+    """The model's Transformer, with a decode step of its blocks in one native call where it
+    applies (see the module docstring)."""
+
+    def run_blocks(self, x, rope, mask, is_causal, cache, memory=None):
+        if (x.dtype in _ACTIVATIONS and x.shape[1] == 1 and type(cache) is KVCache and memory is None
+                and not is_causal and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.shape[0] <= NATIVE_MAX_ROWS and not torch.compiler.is_compiling()):
+            y = self._decode_step(x, rope, mask, cache)
+            if y is not None:
+                return y
+        return super().run_blocks(x, rope, mask, is_causal, cache, memory)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # copies and pickles leave out the raw pointers (made again on use)
+        state.pop("_native_layers", None)
+        return state
+
+    def _layers(self, dtype: torch.dtype) -> tuple[ctypes.Array | None, int]:
+        """Every block as the native layer reads it (an array of them), and the most rows they
+        take; made again when any weight has moved, a layer was replaced or the dtype changed."""
+        blocks = self.blocks
+        key = (dtype, *(_address(t) for block in blocks for part in (block, *_parts(block)) if part is not None
+                        for t in (*part._parameters.values(), *part._buffers.values())),
+               *(id(part) for block in blocks for part in _parts(block)))
+        kept = self.__dict__.get("_native_layers")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        keep: list = []
+        plans = [_layer(block, dtype, keep) if block.attention.layer_index == i else (None, 0)
+                 for i, block in enumerate(blocks)]
+        layers = None
+        if plans and all(layer is not None for layer, _ in plans):
+            layers = (_Layer * len(plans))(*(layer for layer, _ in plans))
+        result = (layers, min((rows for _, rows in plans), default=0))
+        self.__dict__["_native_layers"] = (key, result, keep)
+        return result
+
+    def _decode_step(self, x, rope, mask, cache: KVCache) -> torch.Tensor | None:
+        """The blocks for one new token per row through the native layers, or None where they do not apply."""
+        B = x.shape[0]
+        if cache._start is not None:  # every row at one length: no mask, each writes at `start`
+            if mask is not None:
+                return None
+            positions = torch.full((B,), cache._start, dtype=torch.int64)
+        else:  # rows differ: the cache's own mask (each row sees its own keys), its write positions
+            if mask is None or mask is not cache.row_mask:
+                return None
+            positions = cache._write[:, 0].contiguous()
+        blocks = self.blocks
+        if not blocks:
+            return None
+        head_dim = blocks[0].attention.head_dim
+        if rope is not None:
+            cos, sin = rope  # (B, 1, 1, hd) each
+            if not (_plain(cos, x.dtype) and _plain(sin, x.dtype) and cos.shape[0] == B and cos.numel() == B * head_dim):
+                return None
+        lib = native.library()
+        if (lib is None or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or not all(_shape_fits(block) for block in blocks) or any(_watched(block) for block in blocks)):
+            return None
+        layers, most_rows = self._layers(x.dtype)
+        if layers is None or B > most_rows:
+            return None
+        keys, values = cache.keys, cache.values  # (L, rows, n_kv, S_max, hd) each
+        L, S, hd = keys.shape[0], keys.shape[3], keys.shape[4]
+        if (keys.dtype != x.dtype or L < len(blocks) or keys.stride()[2:] != (S * hd, hd, 1)
+                or values.stride() != keys.stride() or keys.shape[1] < B
+                or any(block.attention.n_kv_heads != keys.shape[2] or block.attention.head_dim != hd for block in blocks)):
+            return None
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        failed = lib.decode_layers(
+            layers, len(layers), x.data_ptr(), out.data_ptr(), B,
+            None if rope is None else cos.data_ptr(), None if rope is None else sin.data_ptr(),
+            keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), S, positions.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError("out of memory for the native decode layers' scratch space")
+        return out
