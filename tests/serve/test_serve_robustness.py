@@ -341,6 +341,30 @@ def test_connections_dribbling_headers_are_closed(model_paths):
         assert httpx.get(running.url + "/health").status_code == 200  # others are served as before
 
 
+def test_connections_send_without_waiting_for_acknowledgements():
+    """TCP_NODELAY on every connection, also those accepted from a listening socket made with
+    socket.socket() (as `scribe serve` makes it), where asyncio does not set it: with Nagle's
+    algorithm on, each request on a kept-alive connection waited for a delayed acknowledgement."""
+    import socket
+
+    from scribelm.serve.http_limits import _send_without_delay
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+                class Transport:
+                    def get_extra_info(self, name, default=None):
+                        return accepted if name == "socket" else default
+
+                _send_without_delay(Transport())
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_openapi_schema_describes_request_bodies(server):
     schema = httpx.get(server.url + "/openapi.json").json()
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]

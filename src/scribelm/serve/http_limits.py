@@ -15,12 +15,27 @@ complete) to the end of its headers, and closes the connection otherwise.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 DEFAULT_HEADER_SECONDS = 10.0
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers; a longer head is refused (431)
+
+
+def _send_without_delay(transport: asyncio.Transport) -> None:
+    """TCP_NODELAY on the connection. A response goes out as several writes (head, then body or
+    stream chunks); with Nagle's algorithm on, each write after the first waits for the client's
+    acknowledgement of the last, which clients delay by up to 40 ms: every request on a kept-alive
+    connection took 40 ms more. asyncio sets the option only on sockets whose protocol number is
+    TCP's, which a listening socket made with socket.socket() (as `scribe serve` makes) is not."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # a socket that refuses it still works, only slower
 
 
 class HeaderDeadlineH11Protocol(H11Protocol):
@@ -30,6 +45,7 @@ class HeaderDeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        _send_without_delay(transport)
         self._header_deadline: asyncio.TimerHandle | None = None
         self._arm_header_deadline()
 
