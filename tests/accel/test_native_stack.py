@@ -130,6 +130,27 @@ def test_int4_takes_one_row_as_its_own_kernel_does(native_steps):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_small_blocks_take_many_rows_large_ones_few(native_steps):
+    """Past 8 rows only a block whose arithmetic is cheaper than dispatching its operations runs natively."""
+    small, large = _model(), _model(d_model=512, n_heads=8, n_kv_heads=4, d_mlp=2048)
+
+    ids = torch.randint(1, 300, (32, 5), generator=torch.Generator().manual_seed(0))
+
+    def step(model, rows):
+        with torch.inference_mode():
+            cache = KVCache(model.config, rows, 16)
+            model(ids[:rows, :4], cache=cache)
+            return model(ids[:rows, 4:], cache=cache, last_only=True)
+
+    fast = step(small, 32)
+    assert native_steps.taken == [True]
+    step(large, 32)
+    step(large, 8)
+    assert native_steps.taken == [True, False, True]
+    native_steps.plain()
+    torch.testing.assert_close(fast, step(small, 32), rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_generation_is_unchanged(native_steps):
     model = _model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]

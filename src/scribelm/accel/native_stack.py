@@ -8,8 +8,9 @@ starting with caches that the last product has just flushed. On a 2-core Xeon
 a 100M-parameter model's float32 step took 17 ms, of which 13 ms were products.
 
 `NativeTransformer` is the model's `Transformer` (same parameters, same forward)
-whose `run_blocks` has one fast path: a step of a few rows of float32 or
-bfloat16 activations through a `KVCache`, without gradients, hooks or a graph
+whose `run_blocks` has one fast path: a step of a few rows (up to 8; up to 64
+for small blocks, such as a policy's rollouts) of float32 or bfloat16
+activations through a `KVCache`, without gradients, hooks or a graph
 being captured, in a stack of Llama-shaped blocks (pre-norm RMSNorm, RoPE or no
 positions in the blocks, grouped-query attention, SwiGLU) with float32,
 bfloat16, int8 or int4 weights. That step is one call of
@@ -41,6 +42,11 @@ from scribelm.accel.quantized import QuantizedLinear
 from scribelm.cache import KVCache
 
 _FLOAT32, _BFLOAT16, _INT8, _INT4 = 0, 1, 2, 3
+
+#: Most rows one native step takes (a small block's; see `_layer`).
+STACK_MAX_ROWS = 64
+#: Rows × weights of a block below which its arithmetic costs less than dispatching its operations.
+SMALL_BLOCK_WORK = 8_000_000
 _ACTIVATIONS = (torch.float32, torch.bfloat16)
 
 
@@ -151,7 +157,12 @@ def _layer(block: plain.Block, dtype: torch.dtype, keep: list) -> tuple[_Layer |
     layer = _Layer(*matrices, norms[0].data_ptr(), norms[1].data_ptr(), block.attention_norm.eps, scale,
                    attention.o.out_features, attention.n_heads, attention.n_kv_heads, attention.head_dim,
                    mlp.down.in_features, int(dtype == torch.bfloat16))
-    most_rows = NATIVE_MAX_ROWS
+    # Up to NATIVE_MAX_ROWS rows the products are bound by reading the weights, where the native
+    # loops are fastest. More rows make them bound by arithmetic, where oneDNN's blocked products
+    # win, unless the block is so small that the ~40 operations' dispatch costs more than its
+    # arithmetic (a small policy's rollouts, many rows at once): then up to STACK_MAX_ROWS.
+    weights = sum(m.n * m.k for m in matrices)
+    most_rows = max(NATIVE_MAX_ROWS, min(STACK_MAX_ROWS, SMALL_BLOCK_WORK // weights))
     for part in _parts(block):
         if isinstance(part, QuantizedLinear):
             most_rows = min(most_rows, QUANTIZED_NATIVE_MAX_ROWS[part.bits])
@@ -165,7 +176,7 @@ class NativeTransformer(plain.Transformer):
     def run_blocks(self, x, rope, mask, is_causal, cache, memory=None):
         if (x.dtype in _ACTIVATIONS and x.shape[1] == 1 and type(cache) is KVCache and memory is None
                 and not is_causal and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.shape[0] <= NATIVE_MAX_ROWS and not torch.compiler.is_compiling()):
+                and x.shape[0] <= STACK_MAX_ROWS and not torch.compiler.is_compiling()):
             y = self._decode_step(x, rope, mask, cache)
             if y is not None:
                 return y
