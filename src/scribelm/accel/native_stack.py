@@ -132,13 +132,25 @@ def _shape_fits(block: nn.Module) -> bool:
             and mlp.gate is not None and attention.n_heads % attention.n_kv_heads == 0)
 
 
-def _watched(block: plain.Block) -> bool:
-    """Whether hooks or replaced functions watch the block or its inside (scribelm.inspect)."""
-    attention, mlp = block.attention, block.mlp
-    if ("attend" in attention.__dict__ or "project_qkv" in attention.__dict__
-            or "project_gate_up" in mlp.__dict__ or mlp.activation is not F.silu):
-        return True
-    return any(part._forward_hooks or part._forward_pre_hooks for part in (block, *_parts(block)))
+def _survey(blocks) -> tuple | None:
+    """One pass over the blocks: None when one is not of the native layer's shape, or hooks or
+    replaced functions watch it or its inside (scribelm.inspect); otherwise what the native
+    layers made from them depend on (every part, and where each of its tensors lies)."""
+    key: list = []
+    for block in blocks:
+        if not _shape_fits(block):
+            return None
+        attention, mlp = block.attention, block.mlp
+        if ("attend" in attention.__dict__ or "project_qkv" in attention.__dict__
+                or "project_gate_up" in mlp.__dict__ or mlp.activation is not F.silu):
+            return None
+        for part in (block, *_parts(block)):
+            if part._forward_hooks or part._forward_pre_hooks:
+                return None
+            key.append(id(part))
+            key.extend([None if t is None else t.data_ptr() for t in part._parameters.values()])
+            key.extend([None if t is None else t.data_ptr() for t in part._buffers.values()])
+    return tuple(key)
 
 
 def _layer(block: plain.Block, dtype: torch.dtype, keep: list) -> tuple[_Layer | None, int]:
@@ -187,13 +199,12 @@ class NativeTransformer(plain.Transformer):
         state.pop("_native_layers", None)
         return state
 
-    def _layers(self, dtype: torch.dtype) -> tuple[ctypes.Array | None, int]:
+    def _layers(self, dtype: torch.dtype, survey: tuple) -> tuple[ctypes.Array | None, int]:
         """Every block as the native layer reads it (an array of them), and the most rows they
-        take; made again when any weight has moved, a layer was replaced or the dtype changed."""
+        take; made again when any weight has moved, a part was replaced or the dtype changed
+        (`survey`: what `_survey` found)."""
         blocks = self.blocks
-        key = (dtype, *(_address(t) for block in blocks for part in (block, *_parts(block)) if part is not None
-                        for t in (*part._parameters.values(), *part._buffers.values())),
-               *(id(part) for block in blocks for part in _parts(block)))
+        key = (dtype, survey)
         kept = self.__dict__.get("_native_layers")
         if kept is not None and kept[0] == key:
             return kept[1]
@@ -227,10 +238,12 @@ class NativeTransformer(plain.Transformer):
             if not (_plain(cos, x.dtype) and _plain(sin, x.dtype) and cos.shape[0] == B and cos.numel() == B * head_dim):
                 return None
         lib = native.library()
-        if (lib is None or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or not all(_shape_fits(block) for block in blocks) or any(_watched(block) for block in blocks)):
+        if lib is None or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
-        layers, most_rows = self._layers(x.dtype)
+        survey = _survey(blocks)
+        if survey is None:
+            return None
+        layers, most_rows = self._layers(x.dtype, survey)
         if layers is None or B > most_rows:
             return None
         keys, values = cache.keys, cache.values  # (L, rows, n_kv, S_max, hd) each
