@@ -10,9 +10,10 @@ from identical weights. Both run GRPO with the same settings: P prompts per
 step, G completions each, up to `--new-tokens` new tokens (random weights
 rarely sample EOS, so both run to about that length; the table shows the
 completion tokens per step of each), β = 0, one optimizer step per
-rollout batch, the same reward function. (With β = 0 TRL skips the
-reference model; scribelm still runs it once per batch to log the KL, so
-its steps carry one extra forward pass.)
+rollout batch, the same reward function. With β = 0 TRL keeps no
+reference model and measures no KL; scribelm is run the same way
+(`kl_every=0`; its default measures the KL on every batch, one more forward
+pass of a reference per step, and `--kl-every 1` here shows that cost).
 
 Reported for each side: rollout tokens/s (completion tokens over the time
 spent generating them) and optimizer steps/s (whole steps: generation,
@@ -111,7 +112,8 @@ def run_scribelm(lm, tmp: Path, args) -> dict[str, dict[str, float]]:
             finetune_grpo(lm, PROMPTS, [reward_length], tmp / "scribelm",
                           FinetuneOptions(max_steps=args.steps, lr=1e-5, warmup_steps=1, val_fraction=0, device="cpu"),
                           GRPOOptions(num_generations=args.generations, prompts_per_step=args.prompts_per_step,
-                                      max_new_tokens=args.new_tokens, max_kl=None, sample_every=0, loss_type="dapo"),
+                                      max_new_tokens=args.new_tokens, max_kl=None, sample_every=0, loss_type="dapo",
+                                      kl_every=args.kl_every),
                           progress=progress)
     finally:
         grpo.sample_rollouts = sample_rollouts
@@ -180,6 +182,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kl-every", type=int, default=0,
+                        help="scribelm's KL measurement at beta 0 (0: none, as TRL; 1: every batch, its default)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import scribelm
-from scribelm.errors import ScribeError
+from scribelm.errors import ConfigError, ScribeError
 from scribelm.finetune.grpo import GRPOOptions
 from scribelm.finetune.rl_run import finetune_grpo
 from scribelm.finetune.run import FinetuneOptions
@@ -64,6 +64,24 @@ def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path):
     assert (tmp_path / "run" / "rewards.png").stat().st_size > 0
     tuned = scribelm.load(result.output)
     assert tuned.generate("And God said", max_new_tokens=4, temperature=0)
+
+
+def test_kl_is_measured_every_n_batches_or_never(tmp_path, monkeypatch):
+    import scribelm.finetune.rl_run as rl_run
+
+    made = []
+    real = rl_run.make_reference
+    monkeypatch.setattr(rl_run, "make_reference", lambda *a, **k: made.append(1) or real(*a, **k))
+    options = dict(num_generations=4, prompts_per_step=2, max_new_tokens=8, sample_every=0)
+    run(tmp_path / "third", [ends_a_sentence], steps=6, rl=GRPOOptions(kl_every=3, **options), val_fraction=0)
+    steps = [json.loads(line) for line in (tmp_path / "third" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["kl" in s for s in steps] == [True, False, False, True, False, False]
+    run(tmp_path / "never", [ends_a_sentence], steps=3, rl=GRPOOptions(kl_every=0, **options), val_fraction=0)
+    steps = [json.loads(line) for line in (tmp_path / "never" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and not any("kl" in s for s in steps)
+    assert made == [1]  # the run that never measures keeps no reference
+    with pytest.raises(ConfigError):
+        GRPOOptions(kl_every=-1)
 
 
 def test_lora_policy_with_kl_in_the_loss_and_several_iterations(tmp_path):

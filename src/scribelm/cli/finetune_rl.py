@@ -43,6 +43,9 @@ def register_rl(verbs, common, lora, run_and_report) -> None:
     _rl_arguments(grpo, common, lora)
     grpo.add_argument("--num-generations", "-G", type=int, default=4, help="completions per prompt (G)")
     grpo.add_argument("--beta", type=float, default=0.0, help="KL coefficient in the loss (0: KL only measured)")
+    grpo.add_argument("--kl-every", type=int, default=1,
+                      help="with --beta 0: measure the KL to the reference on every N-th batch (0: never, and no "
+                           "reference is kept; each measurement is a forward pass of the reference)")
     grpo.add_argument("--epsilon", type=float, default=0.2, help="clip range of the probability ratio")
     grpo.add_argument("--epsilon-high", type=float, help="upper clip (DAPO's clip-higher); default: --epsilon")
     grpo.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"), default="dapo",
@@ -108,7 +111,7 @@ def run_grpo(args) -> int:
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      top_k=args.top_k, beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
                      loss_type=args.loss_type, scale_rewards=args.scale_rewards, iterations=args.iterations,
-                     max_kl=args.max_kl, sample_every=args.sample_every, chat=_chat(args),
+                     max_kl=args.max_kl, kl_every=args.kl_every, sample_every=args.sample_every, chat=_chat(args),
                      reward_weights=args.reward_weights)
 
     def grpo(lm, prompts, out_dir, options, **kwargs):

@@ -25,7 +25,10 @@ length, the share cut off by max_new_tokens, and rollout tokens/s. Every `sample
 a few completions with their rewards go to `samples.jsonl`.
 
 A KL that explodes (mean per-token KL above `max_kl`) stops the run with
-the last good checkpoint, like a NaN loss does.
+the last good checkpoint, like a NaN loss does. With beta 0 the KL is only
+measured, which costs a forward pass of the reference per batch: `kl_every`
+measures it on every n-th batch (0: never, and no reference is kept, as TRL
+does at beta 0).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class GRPOOptions:
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: none)
     iterations: int = 1  # μ: optimizer steps on each batch of rollouts
     max_kl: float | None = 10.0  # stop when the mean per-token KL to the reference exceeds this (None: never)
+    kl_every: int = 1  # with beta 0, measure the KL to the reference on every n-th batch (0: never)
     sample_every: int = 10  # steps between samples written to samples.jsonl (0: never)
     chat: bool | None = None  # None: the chat template if the model is chat-tuned
     reward_weights: Sequence[float] | None = None
@@ -76,6 +80,8 @@ class GRPOOptions:
                               f"{self.num_generations}")
         if self.loss_type not in AGGREGATIONS:
             raise ConfigError(f"loss type must be one of {', '.join(AGGREGATIONS)}, got {self.loss_type!r}")
+        if self.kl_every < 0:
+            raise ConfigError(f"kl_every counts batches: 0 (never) or more, got {self.kl_every}")
         if self.scale_rewards not in STD_SCALES:
             raise ConfigError(f"scale_rewards must be one of {', '.join(STD_SCALES)}, got {self.scale_rewards!r}")
         for name in ("prompts_per_step", "max_new_tokens", "iterations"):
@@ -146,7 +152,7 @@ class RolloutLoader:
         advantages, _ = group_advantages(rewards, G, self.options.scale_rewards)
         device = next(model.parameters()).device
         batch = {"ids": rollouts.ids, "targets": rollouts.targets, "advantages": advantages}
-        if self.reference is not None:
+        if self.reference is not None and self.measures_kl(self.draws - 1):
             batch["ref_logps"] = self.reference(rollouts.ids.to(device), rollouts.targets.to(device)).cpu()
         if self.options.iterations > 1:  # ρ must compare with the policy that sampled, not the one being stepped
             was_training = model.training
@@ -165,6 +171,12 @@ class RolloutLoader:
         batch.update({f"stat_{k}": torch.as_tensor(float(v)) for k, v in stats.items()})
         self._write_samples(texts, rollouts.completion_texts, rewards)
         return batch
+
+    def measures_kl(self, draw: int) -> bool:
+        """Whether batch number `draw` (from 0) gets the reference's log-probs: always when the
+        loss has a KL term, else every `kl_every` batches."""
+        every = self.options.kl_every
+        return self.options.beta > 0 or (every > 0 and draw % every == 0)
 
     def _write_samples(self, prompts: list[str], completions: list[str], rewards: torch.Tensor) -> None:
         every = self.options.sample_every

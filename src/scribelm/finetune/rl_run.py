@@ -176,7 +176,8 @@ def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Seque
 
     model = lm.model
     wrapped = prepare_model(model, options)
-    reference = make_reference(model, options, rl.temperature)
+    # at beta 0 with the KL never measured (kl_every 0), no reference is kept, as TRL does
+    reference = make_reference(model, options, rl.temperature) if rl.beta > 0 or rl.kl_every else None
     trainable, total, base_bytes = _counts(model)
     before = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
                               extra_stop_ids=stops) if val_prompts else {}
