@@ -68,10 +68,21 @@ static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
 }
 #endif
 
+/* The sum of a register's lanes, halving it in a few steps (a row of many short products ends
+ * in one of these each, so a lane-by-lane loop would cost more than the products). */
 static inline float sum_lanes(vfloat v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+#else
     float s = 0.0f;
     for (int i = 0; i < LANES; i++) s += v[i];
     return s;
+#endif
 }
 
 static inline float half_to_float(uint16_t h) {
