@@ -6,7 +6,7 @@ on a CPU, `torch.nn.functional.linear` goes through the BLAS library (MKL),
 whose matrix-vector product here runs on one core and reaches about 13 GB/s.
 Two faster paths are used where no gradient is wanted:
 
-    native   a few rows (up to NATIVE_MAX_ROWS: decoding, small batches; more for small weights):
+    native   a few rows (up to NATIVE_MAX_ROWS: decoding, small batches):
              scribelm.accel.native's C loop, compiled on first use, which streams the
              weight on every core with no set-up cost per call (about 29 GB/s
              over a whole model on two cores, near the machine's ~33 GB/s read
@@ -40,9 +40,6 @@ from scribelm.model import RMSNorm as PlainRMSNorm
 #: oneDNN's blocked matrix product wins (benchmarks/decode.py, batch 8, is still native).
 NATIVE_MAX_ROWS = 8
 
-#: Past NATIVE_MAX_ROWS, products with at most this many rows × weights still go native: their
-#: arithmetic costs less than PyTorch's dispatch (a small model's batch of rows).
-NATIVE_SMALL_WORK = 8_000_000
 #: RMSNorm goes native for up to this many rows (one short pass over each).
 NATIVE_NORM_MAX_ROWS = 64
 
@@ -87,8 +84,7 @@ def inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · weightᵀ + bias, like `F.linear`: x (..., in), weight (out, in) -> (..., out)."""
     if weight.dim() == 2 and inference_on_cpu(x, weight, bias):
-        rows = x.numel() // weight.shape[1]
-        if ((rows <= NATIVE_MAX_ROWS or rows * weight.numel() <= NATIVE_SMALL_WORK) and weight.is_contiguous()
+        if (x.numel() <= NATIVE_MAX_ROWS * weight.shape[1] and weight.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
             lib = native.library()
             if lib is not None:
