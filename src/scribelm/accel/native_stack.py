@@ -114,10 +114,14 @@ def _matrix(layers: tuple[nn.Module, ...], dtype: torch.dtype, keep: list) -> _M
     return None
 
 
-def _parts(block: plain.Block) -> tuple[nn.Module, ...]:
-    attention, mlp = block.attention, block.mlp
-    return (block.attention_norm, attention, attention.q, attention.k, attention.v, attention.o,
-            block.mlp_norm, mlp, mlp.gate, mlp.up, mlp.down)
+def _parts(block: plain.Block) -> tuple[nn.Module | None, ...]:
+    """The block's norms, attention and MLP and their linear layers (read from the module
+    dictionaries: this runs on every step)."""
+    modules = block._modules
+    attention, mlp = modules["attention"], modules["mlp"]
+    a, m = attention._modules, mlp._modules
+    return (modules["attention_norm"], attention, a.get("q"), a.get("k"), a.get("v"), a.get("o"), modules["mlp_norm"],
+            mlp, m.get("gate"), m.get("up"), m.get("down"))
 
 
 def _shape_fits(block: nn.Module) -> bool:
@@ -133,21 +137,25 @@ def _shape_fits(block: nn.Module) -> bool:
 
 
 def _survey(blocks) -> tuple | None:
-    """One pass over the blocks: None when one is not of the native layer's shape, or hooks or
-    replaced functions watch it or its inside (scribelm.inspect); otherwise what the native
-    layers made from them depend on (every part, and where each of its tensors lies)."""
+    """One pass over the blocks: None when hooks or replaced functions watch one of them or its
+    inside (scribelm.inspect); otherwise what native layers made from them depend on: every
+    part and its class, and where each of its tensors lies (a plan is made again when any of
+    it changes, and checks the blocks' shape then)."""
     key: list = []
     for block in blocks:
-        if not _shape_fits(block):
-            return None
-        attention, mlp = block.attention, block.mlp
+        parts = _parts(block)
+        attention, mlp = parts[1], parts[7]
         if ("attend" in attention.__dict__ or "project_qkv" in attention.__dict__
-                or "project_gate_up" in mlp.__dict__ or mlp.activation is not F.silu):
+                or "project_gate_up" in mlp.__dict__ or mlp.__dict__.get("activation") is not F.silu):
             return None
-        for part in (block, *_parts(block)):
+        for part in (block, *parts):
+            if part is None:
+                key.append(None)
+                continue
             if part._forward_hooks or part._forward_pre_hooks:
                 return None
             key.append(id(part))
+            key.append(type(part))
             key.extend([None if t is None else t.data_ptr() for t in part._parameters.values()])
             key.extend([None if t is None else t.data_ptr() for t in part._buffers.values()])
     return tuple(key)
