@@ -19,6 +19,10 @@ from scribelm.quant import quantize_model
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels {native.status()}")
 
 
+GPT2 = {"norm": "layernorm", "activation": "gelu", "position": "learned", "qkv_bias": True, "attn_out_bias": True,
+        "mlp_bias": True, "n_kv_heads": 6, "tie_embeddings": True}
+
+
 def _model(**changes) -> scribelm.Transformer:
     fields = dict(vocab_size=300, context_length=64, d_model=96, n_layers=2, n_heads=6, n_kv_heads=2, d_mlp=200,
                   activation="swiglu", norm="rmsnorm", position="rope", tie_embeddings=False)
@@ -70,6 +74,8 @@ def _decode(model, rows_differ: bool, steps: int = 5) -> torch.Tensor:
     {"n_kv_heads": 6},
     {"position": "learned", "attention_scale": 0.3},
     {"d_model": 72, "n_heads": 4, "n_kv_heads": 1, "d_mlp": 100},  # widths that are no multiple of the vector
+    GPT2,
+    dict(GPT2, activation="gelu_tanh", norm_bias=False, n_kv_heads=2),
 ])
 def test_float32_steps_equal_the_plain_forward(native_steps, changes, rows_differ):
     model = _model(**changes)
@@ -89,10 +95,11 @@ def test_int8_steps_equal_the_plain_forward(native_steps, bits, rows_differ):
 
 
 @pytest.mark.parametrize("rows_differ", [False, True])
-def test_bfloat16_steps_are_as_close_to_float32_as_pytorchs(native_steps, rows_differ):
+@pytest.mark.parametrize("shape", [{"qkv_bias": True}, GPT2])
+def test_bfloat16_steps_are_as_close_to_float32_as_pytorchs(native_steps, rows_differ, shape):
     """Rounding where PyTorch's bfloat16 operations round, the native layers land as close to the
     float32 model as PyTorch's own bfloat16 forward does (not bit for bit: sums run in other orders)."""
-    exact = _model(qkv_bias=True)
+    exact = _model(**shape)
     model = accelerate(copy.deepcopy(exact).to(torch.bfloat16))
 
     def decode(model, dtype):

@@ -11,9 +11,10 @@ a 100M-parameter model's float32 step took 17 ms, of which 13 ms were products.
 whose `run_blocks` has one fast path: a step of a few rows (up to 8; up to 64
 for small blocks, such as a policy's rollouts) of float32 or bfloat16
 activations through a `KVCache`, without gradients, hooks or a graph
-being captured, in a stack of Llama-shaped blocks (pre-norm RMSNorm, RoPE or no
-positions in the blocks, grouped-query attention, SwiGLU) with float32,
-bfloat16, int8 or int4 weights. That step is one call of
+being captured, in a stack of Llama- or GPT-2-shaped blocks (pre-norm RMSNorm or
+LayerNorm, RoPE or positions added before the blocks, grouped-query attention,
+SwiGLU or a GELU MLP, biases or none) with float32, bfloat16, int8 or int4
+weights. That step is one call of
 `scribe_decode_layers`, which runs every layer in one parallel region of
 PyTorch's threads with the same product loops as the other native kernels; all
 the Python checks happen before it, together. Everything else (prefill,
@@ -59,9 +60,15 @@ class _Matrix(ctypes.Structure):  # struct scribe_matrix
 class _Layer(ctypes.Structure):  # struct scribe_layer
     _fields_ = [("qkv", _Matrix), ("o", _Matrix), ("gate_up", _Matrix), ("down", _Matrix),
                 ("attention_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("attention_norm_bias", ctypes.c_void_p), ("mlp_norm_bias", ctypes.c_void_p),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("d_model", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv_heads", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("d_mlp", ctypes.c_int64), ("bfloat16", ctypes.c_int64)]
+                ("head_dim", ctypes.c_int64), ("d_mlp", ctypes.c_int64), ("bfloat16", ctypes.c_int64),
+                ("layer_norm", ctypes.c_int64), ("activation", ctypes.c_int64)]
+
+
+#: The feed-forward layers the native layer computes: activation -> (code, gated).
+_ACTIVATION_CODES = {F.silu: (0, True), F.gelu: (1, False), plain._ACTIVATIONS["gelu_tanh"]: (2, False)}
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -125,15 +132,19 @@ def _parts(block: plain.Block) -> tuple[nn.Module | None, ...]:
 
 
 def _shape_fits(block: nn.Module) -> bool:
-    """Whether the block is one the native layer computes: pre-norm RMSNorm, the plain
-    attention's and MLP's forward (packed or not), a gated MLP, no cross-attention."""
+    """Whether the block is one the native layer computes: pre-norm, RMSNorm or LayerNorm, the
+    plain attention's and MLP's forward (packed or not), SwiGLU or a GELU MLP, no cross-attention."""
     if type(block).forward is not plain.Block.forward or not block.pre_norm or hasattr(block, "cross_attention"):
         return False
-    attention, mlp = block.attention, block.mlp
-    return (type(block.attention_norm) is FastRMSNorm and type(block.mlp_norm) is FastRMSNorm
-            and block.attention_norm.eps == block.mlp_norm.eps
-            and type(attention).forward is plain.Attention.forward and type(mlp).forward is plain.MLP.forward
-            and mlp.gate is not None and attention.n_heads % attention.n_kv_heads == 0)
+    attention, mlp, norms = block.attention, block.mlp, (block.attention_norm, block.mlp_norm)
+    if not (all(type(n) is FastRMSNorm for n in norms)
+            or all(type(n) is nn.LayerNorm and n.weight is not None and n.normalized_shape == (n.weight.shape[0],)
+                   for n in norms)):
+        return False
+    activation = _ACTIVATION_CODES.get(mlp.__dict__.get("activation"))
+    return (norms[0].eps == norms[1].eps and type(attention).forward is plain.Attention.forward
+            and type(mlp).forward is plain.MLP.forward and activation is not None
+            and activation[1] == (mlp.gate is not None) and attention.n_heads % attention.n_kv_heads == 0)
 
 
 def _survey(blocks) -> tuple | None:
@@ -146,7 +157,7 @@ def _survey(blocks) -> tuple | None:
         parts = _parts(block)
         attention, mlp = parts[1], parts[7]
         if ("attend" in attention.__dict__ or "project_qkv" in attention.__dict__
-                or "project_gate_up" in mlp.__dict__ or mlp.__dict__.get("activation") is not F.silu):
+                or "project_gate_up" in mlp.__dict__ or mlp.__dict__.get("activation") not in _ACTIVATION_CODES):
             return None
         for part in (block, *parts):
             if part is None:
@@ -168,15 +179,19 @@ def _layer(block: plain.Block, dtype: torch.dtype, keep: list) -> tuple[_Layer |
     if not _shape_fits(block):
         return None, 0
     attention, mlp = block.attention, block.mlp
+    activation, gated = _ACTIVATION_CODES[mlp.activation]
     matrices = (_matrix((attention.q, attention.k, attention.v), dtype, keep), _matrix((attention.o,), dtype, keep),
-                _matrix((mlp.gate, mlp.up), dtype, keep), _matrix((mlp.down,), dtype, keep))
-    norms = (block.attention_norm.weight, block.mlp_norm.weight)
-    if any(m is None for m in matrices) or not all(_plain(w, dtype) for w in norms):
+                _matrix((mlp.gate, mlp.up) if gated else (mlp.up,), dtype, keep), _matrix((mlp.down,), dtype, keep))
+    norms = (block.attention_norm, block.mlp_norm)
+    biases = [getattr(n, "bias", None) for n in norms]  # LayerNorm's, if it has them
+    if (any(m is None for m in matrices) or not all(_plain(n.weight, dtype) for n in norms)
+            or not all(b is None or _plain(b, dtype) for b in biases)):
         return None, 0
     scale = attention.scale if attention.scale is not None else 1 / math.sqrt(attention.head_dim)
-    layer = _Layer(*matrices, norms[0].data_ptr(), norms[1].data_ptr(), block.attention_norm.eps, scale,
-                   attention.o.out_features, attention.n_heads, attention.n_kv_heads, attention.head_dim,
-                   mlp.down.in_features, int(dtype == torch.bfloat16))
+    layer = _Layer(*matrices, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), _address(biases[0]),
+                   _address(biases[1]), norms[0].eps, scale, attention.o.out_features, attention.n_heads,
+                   attention.n_kv_heads, attention.head_dim, mlp.down.in_features, int(dtype == torch.bfloat16),
+                   int(type(norms[0]) is nn.LayerNorm), activation)
     # Up to NATIVE_MAX_ROWS rows the products are bound by reading the weights, where the native
     # loops are fastest. More rows make them bound by arithmetic, where oneDNN's blocked products
     # win, unless the block is so small that the ~40 operations' dispatch costs more than its

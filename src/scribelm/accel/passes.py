@@ -8,7 +8,7 @@ the same keys and values):
     model.RMSNorm    -> dense.RMSNorm    one native call for a few float32 rows
     model.Attention  -> PackedAttention  q, k, v stored side by side, one product
     model.MLP        -> PackedMLP        gate, up stored side by side, one product
-    model.Transformer -> NativeTransformer  a decode step of Llama-shaped blocks in one native call
+    model.Transformer -> NativeTransformer  a decode step of Llama- or GPT-2-shaped blocks in one native call
 
 and places the weights of a CPU model in huge pages (placement.py), which
 streams them faster.

@@ -1,5 +1,5 @@
-/* One pre-norm decoder layer (RMSNorm, RoPE, grouped-query attention over a KV cache,
- * SwiGLU feed-forward) for a decode step of a few rows, in one call.
+/* One pre-norm decoder layer (RMSNorm or LayerNorm, RoPE or none, grouped-query attention
+ * over a KV cache, SwiGLU or a GELU feed-forward) for a decode step of a few rows, in one call.
  *
  * A decode step of a 100M-parameter model spends ~13 ms streaming its weights and, run
  * as PyTorch operations from Python, another ~4 ms on the ~40 small operations per layer
@@ -12,8 +12,10 @@
  *
  * The layer computes, for each row j (float32 throughout):
  *
- *     h = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1)))     n1 = rmsnorm(x) · attention_norm
- *     out = h + down(silu(gate(n2)) · up(n2))                   n2 = rmsnorm(h) · mlp_norm
+ *     h = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1)))     n1 = norm(x)  (RMSNorm, or LayerNorm
+ *     out = h + down(silu(gate(n2)) · up(n2))                   n2 = norm(h)   with its bias)
+ *
+ * or, for GPT-2-style blocks, out = h + down(gelu(up(n2))) (GELU exact or tanh-approximated).
  *
  * with row j's new key and value written at its position, and its query attending to
  * the keys at positions 0..position (everything the row has written, itself included).
@@ -41,9 +43,12 @@ struct scribe_matrix {
 struct scribe_layer {
     struct scribe_matrix qkv, o, gate_up, down; /* qkv: q rows, then k, then v; gate_up: gate rows, then up */
     const void *attention_norm, *mlp_norm;       /* (d_model,), in the activations' type */
-    float eps, scale;                            /* RMSNorm's epsilon; the attention scale */
+    const void *attention_norm_bias, *mlp_norm_bias; /* LayerNorm's biases, or NULL */
+    float eps, scale;                            /* the norms' epsilon; the attention scale */
     int64_t d_model, n_heads, n_kv_heads, head_dim, d_mlp;
     int64_t bfloat16;                            /* activations, norms, positions, cache: 1 bfloat16, 0 float32 */
+    int64_t layer_norm;                          /* 1 LayerNorm (centred, optional bias), 0 RMSNorm */
+    int64_t activation;                          /* 0 silu(gate)·up, 1 gelu(up), 2 gelu_tanh(up) */
 };
 
 /* ------------------------------------------------------------------ float32 or bfloat16 values */
@@ -102,8 +107,28 @@ static inline void rope(const float *x, const void *cos, const void *sin, int64_
     }
 }
 
-/* RMSNorm of one row: in float32 w·(x·r); in bfloat16 w·round(x·r), rounded (model.RMSNorm). */
-static inline void norm_row(const float *row, int64_t k, const void *w, float eps, int bf16, float *out) {
+/* LayerNorm of one row: (x - mean) / sqrt(var + eps) · w + b (biased variance, as PyTorch), each
+ * output rounded once in bfloat16 (nn.LayerNorm computes in float32 inside). */
+static inline void layer_norm_row(const float *row, int64_t k, const void *w, const void *b, float eps, int bf16,
+                                  float *out) {
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t i = 0; i < k; i++) mean += row[i];
+    mean /= (float)k;
+    for (int64_t i = 0; i < k; i++) var += (row[i] - mean) * (row[i] - mean);
+    float scale = 1.0f / sqrtf(var / (float)k + eps);
+    for (int64_t i = 0; i < k; i++)
+        out[i] = rounded((row[i] - mean) * scale * value_at(w, i, bf16) + (b ? value_at(b, i, bf16) : 0.0f), bf16);
+}
+
+/* The layer's norm of one row. RMSNorm: in float32 w·(x·r); in bfloat16 w·round(x·r), rounded (model.RMSNorm). */
+static inline void norm_row(const struct scribe_layer *L, const float *row, const void *w, const void *b, int bf16,
+                            float *out) {
+    int64_t k = L->d_model;
+    float eps = L->eps;
+    if (L->layer_norm) {
+        layer_norm_row(row, k, w, b, eps, bf16, out);
+        return;
+    }
     if (!bf16) {
         rms_norm_row(row, k, w, eps, out);
         return;
@@ -151,7 +176,8 @@ static void layer_body(const struct scribe_layer *L, float *state, int64_t m, co
     float *scores = w->per_thread + (int64_t)omp_get_thread_num() * (max_length + hd), *rotated = scores + max_length;
 
     #pragma omp for
-    for (int64_t j = 0; j < m; j++) norm_row(state + j * C, C, L->attention_norm, L->eps, bf16, w->normed + j * C);
+    for (int64_t j = 0; j < m; j++)
+        norm_row(L, state + j * C, L->attention_norm, L->attention_norm_bias, bf16, w->normed + j * C);
     product(&L->qkv, w->normed, m, w->qkv, w->int4_scratch);
 
     /* rotary positions on q (in place) and k, and the new key and value into the cache */
@@ -195,15 +221,22 @@ static void layer_body(const struct scribe_layer *L, float *state, int64_t m, co
     for (int64_t j = 0; j < m; j++) {
         for (int64_t i = 0; i < C; i++)
             w->residual[j * C + i] = rounded(state[j * C + i] + rounded(w->sub[j * C + i], bf16), bf16);
-        norm_row(w->residual + j * C, C, L->mlp_norm, L->eps, bf16, w->normed + j * C);
+        norm_row(L, w->residual + j * C, L->mlp_norm, L->mlp_norm_bias, bf16, w->normed + j * C);
     }
     product(&L->gate_up, w->normed, m, w->gate_up, w->int4_scratch);
 
     #pragma omp for
     for (int64_t unit = 0; unit < m * F; unit++) {
         int64_t j = unit / F, i = unit % F;
-        float g = rounded(w->gate_up[j * 2 * F + i], bf16), u = rounded(w->gate_up[j * 2 * F + F + i], bf16);
-        w->hidden[unit] = rounded(rounded(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        if (L->activation == 0) { /* gate rows, then up rows */
+            float g = rounded(w->gate_up[j * 2 * F + i], bf16), u = rounded(w->gate_up[j * 2 * F + F + i], bf16);
+            w->hidden[unit] = rounded(rounded(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        } else { /* up rows only */
+            float u = rounded(w->gate_up[j * F + i], bf16), a;
+            if (L->activation == 1) a = 0.5f * u * (1.0f + erff(u * 0.70710678118654752f));
+            else a = 0.5f * u * (1.0f + tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u)));
+            w->hidden[unit] = rounded(a, bf16);
+        }
     }
     product(&L->down, w->hidden, m, w->sub, w->int4_scratch);
 
