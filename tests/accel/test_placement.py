@@ -88,3 +88,13 @@ def test_a_placed_model_trains():
     loss = model.loss(ids[:, :-1], ids[:, 1:])
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_cast_keeps_the_weights_in_huge_pages_and_shared_memory_stays_shared(huge_pages, monkeypatch):
+    monkeypatch.setattr(placement, "MIN_TOTAL_BYTES", 0)  # this small model's bfloat16 weights are below the floor
+    model = accelerate(_model())
+    model.to(torch.bfloat16)
+    weight = model.blocks[0].mlp.down.weight
+    assert weight.dtype == torch.bfloat16 and weight.untyped_storage().data_ptr() in model._huge_page_storages
+    model.share_memory()
+    assert all(p.is_shared() for p in model.parameters())

@@ -38,6 +38,7 @@ from scribelm.accel import native
 from scribelm.accel.dense import NATIVE_MAX_ROWS, Linear
 from scribelm.accel.dense import RMSNorm as FastRMSNorm
 from scribelm.accel.packing import joined_fields
+from scribelm.accel.placement import place_weights
 from scribelm.accel.quantized import NATIVE_MAX_ROWS as QUANTIZED_NATIVE_MAX_ROWS
 from scribelm.accel.quantized import QuantizedLinear
 from scribelm.cache import KVCache
@@ -216,6 +217,14 @@ class NativeTransformer(plain.Transformer):
             if y is not None:
                 return y
         return super().run_blocks(x, rope, mask, is_causal, cache, memory)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .bfloat16() give the weights new storages: back into huge pages with them (placement.py);
+        # storages a process shares (share_memory()) stay where they are
+        result = super()._apply(fn, recurse)
+        if not any(p.is_shared() for p in self.parameters()):
+            place_weights(self)
+        return result
 
     def __getstate__(self):
         state = self.__dict__.copy()  # copies and pickles leave out the raw pointers (made again on use)

@@ -21,8 +21,10 @@ it. Nothing changes where the system has no transparent huge pages (not
 Linux, or THP "never"): the pass then does nothing.
 
 `accelerate` applies it; quantization applies it again to the new codes of an
-accelerated model. A `.to()` or a new parameter afterwards gets ordinary memory
-again (still correct, just the slower pages) until the pass runs again.
+accelerated model, and an accelerated model's `.to()` / `.bfloat16()` to the new
+storages (not after `share_memory()`, whose storages must stay shared). A new
+parameter set by hand gets ordinary memory (still correct, just the slower
+pages) until the pass runs again.
 """
 
 from __future__ import annotations
