@@ -78,8 +78,8 @@ def test_micro_sweep_records_plots_and_resumes_without_retraining(micro_data, tm
     for line in lines:
         assert line["D"] == line["steps"] * 4 * 32
         assert line["C"] == pytest.approx(line["D"] * line["flops_per_token"])
-        assert line["val_loss"] > 0 and line["val_bpb"] > 0 and line["wall_seconds"] > 0
-        assert {"N", "N_total", "N_non_embedding", "budget"} <= set(line)
+        assert line["val_loss"] > 0 and line["val_bpb"] > 0
+        assert {"N", "N_total", "N_non_embedding", "budget", "wall_seconds"} <= set(line)  # recorded, not judged
 
     # A run that finished training but was not recorded is evaluated from its checkpoint, not retrained.
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
