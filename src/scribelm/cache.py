@@ -149,7 +149,7 @@ class KVCache(_RowLengths):
         self._write = torch.tensor(lengths, device=device)[:, None] + torch.arange(steps, device=device)  # (B, T)
         keys_seen = torch.arange(longest + steps, device=device)  # (S,)
         mask = keys_seen[None, None, :] <= self._write[:, :, None]  # (B, T, S)
-        self.row_mask = mask[:, None]  # kept: a fast layer recognises it (scribelm.accel.native_block)
+        self.row_mask = mask[:, None]  # kept: a fast layer recognises it (scribelm.accel.native_stack)
         return None, self._write, self.row_mask
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

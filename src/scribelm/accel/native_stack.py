@@ -72,10 +72,6 @@ class _Layer(ctypes.Structure):  # struct scribe_layer
 _ACTIVATION_CODES = {F.silu: (0, True), F.gelu: (1, False), plain._ACTIVATIONS["gelu_tanh"]: (2, False)}
 
 
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _plain(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
     return t is not None and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
 
@@ -117,7 +113,7 @@ def _matrix(layers: tuple[nn.Module, ...], dtype: torch.dtype, keep: list) -> _M
         if not (codes.device.type == "cpu" and codes.is_contiguous() and scales.is_contiguous()):
             return None
         kind = _INT8 if first.bits == 8 else _INT4
-        return _Matrix(kind, 0, codes.data_ptr(), scales.data_ptr(), _address(mins), _float32_bias(bias, keep),
+        return _Matrix(kind, 0, codes.data_ptr(), scales.data_ptr(), native.pointer(mins), _float32_bias(bias, keep),
                        codes.shape[0], first.in_features, first.group_size or 0)
     return None
 
@@ -189,8 +185,8 @@ def _layer(block: plain.Block, dtype: torch.dtype, keep: list) -> tuple[_Layer |
             or not all(b is None or _plain(b, dtype) for b in biases)):
         return None, 0
     scale = attention.scale if attention.scale is not None else 1 / math.sqrt(attention.head_dim)
-    layer = _Layer(*matrices, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), _address(biases[0]),
-                   _address(biases[1]), norms[0].eps, scale, attention.o.out_features, attention.n_heads,
+    layer = _Layer(*matrices, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), native.pointer(biases[0]),
+                   native.pointer(biases[1]), norms[0].eps, scale, attention.o.out_features, attention.n_heads,
                    attention.n_kv_heads, attention.head_dim, mlp.down.in_features, int(dtype == torch.bfloat16),
                    int(type(norms[0]) is nn.LayerNorm), activation)
     # Up to NATIVE_MAX_ROWS rows the products are bound by reading the weights, where the native

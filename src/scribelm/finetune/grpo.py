@@ -74,6 +74,16 @@ class GRPOOptions:
     chat: bool | None = None  # None: the chat template if the model is chat-tuned
     reward_weights: Sequence[float] | None = None
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a reference model is kept: for a KL term in the loss, or to measure the KL."""
+        return self.beta > 0 or self.kl_every > 0
+
+    def measures_kl(self, draw: int) -> bool:
+        """Whether batch number `draw` (from 0) gets the reference's log-probs: always when the
+        loss has a KL term, else every `kl_every` batches."""
+        return self.beta > 0 or (self.kl_every > 0 and draw % self.kl_every == 0)
+
     def __post_init__(self) -> None:
         if self.num_generations < 2:
             raise ConfigError(f"GRPO compares completions within a group: num_generations must be >= 2, got "
@@ -152,7 +162,7 @@ class RolloutLoader:
         advantages, _ = group_advantages(rewards, G, self.options.scale_rewards)
         device = next(model.parameters()).device
         batch = {"ids": rollouts.ids, "targets": rollouts.targets, "advantages": advantages}
-        if self.reference is not None and self.measures_kl(self.draws - 1):
+        if self.reference is not None and self.options.measures_kl(self.draws - 1):
             batch["ref_logps"] = self.reference(rollouts.ids.to(device), rollouts.targets.to(device)).cpu()
         if self.options.iterations > 1:  # ρ must compare with the policy that sampled, not the one being stepped
             was_training = model.training
@@ -171,12 +181,6 @@ class RolloutLoader:
         batch.update({f"stat_{k}": torch.as_tensor(float(v)) for k, v in stats.items()})
         self._write_samples(texts, rollouts.completion_texts, rewards)
         return batch
-
-    def measures_kl(self, draw: int) -> bool:
-        """Whether batch number `draw` (from 0) gets the reference's log-probs: always when the
-        loss has a KL term, else every `kl_every` batches."""
-        every = self.options.kl_every
-        return self.options.beta > 0 or (every > 0 and draw % every == 0)
 
     def _write_samples(self, prompts: list[str], completions: list[str], rewards: torch.Tensor) -> None:
         every = self.options.sample_every

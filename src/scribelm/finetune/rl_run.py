@@ -176,8 +176,7 @@ def finetune_grpo(lm, prompts: str | os.PathLike | Sequence[str], rewards: Seque
 
     model = lm.model
     wrapped = prepare_model(model, options)
-    # at beta 0 with the KL never measured (kl_every 0), no reference is kept, as TRL does
-    reference = make_reference(model, options, rl.temperature) if rl.beta > 0 or rl.kl_every else None
+    reference = make_reference(model, options, rl.temperature) if rl.needs_reference else None  # TRL keeps none at beta 0
     trainable, total, base_bytes = _counts(model)
     before = evaluate_rewards(lm, val_prompts, val_ids, sources, rl, samples=rl.num_generations,
                               extra_stop_ids=stops) if val_prompts else {}

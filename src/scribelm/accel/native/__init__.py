@@ -183,7 +183,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a kernel, or None (NULL) for no tensor."""
     return None if t is None else t.data_ptr()
 
 
@@ -199,7 +200,7 @@ def linear_float(lib: _Native, x: torch.Tensor, weight: torch.Tensor, bias: torc
         x = _rows(x)
         function = lib.linear_f32
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
-    function(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, _pointer(bias), y.data_ptr(), torch.get_num_threads())
+    function(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, pointer(bias), y.data_ptr(), torch.get_num_threads())
     return y if weight.dtype == torch.float32 else y.to(weight.dtype)
 
 
@@ -209,7 +210,7 @@ def linear_int8(lib: _Native, x: torch.Tensor, qweight: torch.Tensor, scales: to
     N, K = qweight.shape
     x = _rows(x)
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
-    lib.linear_i8(x.data_ptr(), x.numel() // K, K, qweight.data_ptr(), scales.data_ptr(), N, _pointer(bias),
+    lib.linear_i8(x.data_ptr(), x.numel() // K, K, qweight.data_ptr(), scales.data_ptr(), N, pointer(bias),
                   y.data_ptr(), torch.get_num_threads())
     return y
 
@@ -222,7 +223,7 @@ def linear_int4(lib: _Native, x: torch.Tensor, packed: torch.Tensor, scales: tor
     x = _rows(x)
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
     failed = lib.linear_i4(x.data_ptr(), x.numel() // K, K, packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                           group_size, N, _pointer(bias), y.data_ptr(), torch.get_num_threads())
+                           group_size, N, pointer(bias), y.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError("out of memory for the int4 kernel's scratch space")
     return y
