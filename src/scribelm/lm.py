@@ -150,10 +150,11 @@ def _load_base(path: str | os.PathLike, device: str, dtype: torch.dtype | None) 
             f"no model at {given}: give a checkpoint directory, a Hugging Face model directory, a GGUF file "
             "or a name from `scribe models list`"
         )
-    if gguf_file(path) is not None:  # a GGUF file, or a store entry holding one
+    gguf = gguf_file(path)  # a GGUF file, or a store entry holding one
+    if gguf is not None:
         from scribelm.interop.gguf_load import load_gguf_parts
 
-        model, tokenizer, generation = load_gguf_parts(gguf_file(path), device=device, dtype=dtype)
+        model, tokenizer, generation = load_gguf_parts(gguf, device=device, dtype=dtype)
         return LM(model=model, tokenizer=tokenizer, generation_config=generation)
     if not is_scribe_checkpoint(path) and (path / "config.json").is_file():
         from scribelm.interop.hf import is_hf_directory, load_hf_parts

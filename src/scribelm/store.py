@@ -60,7 +60,7 @@ except ImportError:  # not POSIX: rename_no_replace alone keeps adds apart
 STORE_ENV = "SCRIBE_MODELS_DIR"
 LOCK_FILE = ".lock"
 MAX_HEADER_BYTES = 100 * 2**20
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = b"GGUF"  # interop.gguf_reader.MAGIC, spelled here so the store does not import numpy
 GGUF_ENTRY_FILE = "model.gguf"  # the one file of a store entry made from a GGUF file
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 
@@ -98,7 +98,7 @@ def gguf_file(path: str | os.PathLike) -> Path | None:
     def is_gguf(file: Path) -> bool:
         try:
             with open(file, "rb") as handle:
-                return file.is_file() and handle.read(4) == GGUF_MAGIC
+                return handle.read(4) == GGUF_MAGIC
         except OSError:
             return False
 

@@ -123,9 +123,9 @@ def byte_level_tokenizer(split_regex):
 
 @pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
 def test_llama3_and_qwen2_pre_tokenizers_match_llama_cpp(tmp_path, name):
-    from scribelm.interop.gguf import _LLAMA3_REGEX, _QWEN2_REGEX
+    from scribelm.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX
 
-    tok = byte_level_tokenizer(_LLAMA3_REGEX if name == "llama-bpe" else _QWEN2_REGEX)
+    tok = byte_level_tokenizer(LLAMA3_REGEX if name == "llama-bpe" else QWEN2_REGEX)
     path = export_gguf(scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=512)), tok), tmp_path / "t.gguf")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["tokenizer.ggml.pre"].parts[-1].tobytes().decode() == name

@@ -12,7 +12,7 @@ import torch
 
 import scribelm
 from scribelm.config import ModelConfig
-from scribelm.interop.gguf import _LLAMA3_REGEX, _QWEN2_REGEX, export_gguf
+from scribelm.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX, export_gguf
 from scribelm.interop.gguf_load import describe_gguf, unpermute_interleaved_rope
 from scribelm.interop.gguf_reader import GGUFError, read_gguf
 from scribelm.accel.quantized import QuantizedLinear
@@ -75,8 +75,8 @@ def test_f32_and_f16_files_match_llama_cpp(exports, llama_lm):
 
 def test_sentencepiece_and_llama3_vocabularies_tokenize_like_llama_cpp(tmp_path):
     files = {}
-    for name, tok in (("spm", sentencepiece_style_tokenizer()), ("llama3", byte_level_tokenizer(_LLAMA3_REGEX)),
-                      ("qwen2", byte_level_tokenizer(_QWEN2_REGEX))):
+    for name, tok in (("spm", sentencepiece_style_tokenizer()), ("llama3", byte_level_tokenizer(LLAMA3_REGEX)),
+                      ("qwen2", byte_level_tokenizer(QWEN2_REGEX))):
         lm = scribelm.LM(scribelm.Transformer(tiny_config(vocab_size=600)), tok)
         files[name] = export_gguf(lm, tmp_path / f"{name}.gguf")
     texts = TEXTS + ["<s> typed </s>", " leading", "x  ", "日本語のテキスト", "\u200b zero width"]

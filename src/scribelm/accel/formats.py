@@ -42,9 +42,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.float16)
     mins = lo.to(torch.float16)
     q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.view(N, K)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K/2)
-    return packed.contiguous(), scales, mins
+    return pack_int4(q.view(N, K)), scales, mins
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 (N, K) in 0..15 -> uint8 (N, K/2): low nibble = even input, high = odd."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

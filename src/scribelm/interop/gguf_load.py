@@ -48,7 +48,7 @@ import torch
 
 from scribelm.config import ModelConfig
 from scribelm.errors import ConfigError
-from scribelm.accel.formats import quantize_int8
+from scribelm.accel.formats import pack_int4, quantize_int8
 from scribelm.interop.gguf_reader import GGUFError, GGUFFile, read_gguf
 from scribelm.model import Transformer
 from scribelm.tokenizer import Tokenizer
@@ -322,7 +322,7 @@ def load_gguf_parts(path: str | os.PathLike, *, device: str | torch.device = "cp
             if bits == 4:
                 codes, scales, mins = (rows(gguf_name, ours, part) for part in int4_groups(f, gguf_name))
                 for prefix, q, scale, low in zip(prefixes, codes, scales, mins):
-                    state[f"{prefix}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two codes a byte
+                    state[f"{prefix}.qweight"] = pack_int4(q)
                     state[f"{prefix}.scales"], state[f"{prefix}.mins"] = scale.contiguous(), low.contiguous()
             else:
                 for prefix, part in zip(prefixes, rows(gguf_name, ours, f.float_tensor(gguf_name))):

@@ -117,6 +117,7 @@ class _Cursor:
     def __init__(self, data: np.ndarray, path: Path) -> None:
         self.data, self.path, self.pos = data, path, 0
         self.size = len(data)
+        self._bytes = memoryview(data)  # sliced per read: slicing the memmap itself makes a new array each time
 
     def fail(self, what: str) -> GGUFError:
         return GGUFError(f"{self.path} is not a complete GGUF file: {what} (at byte {self.pos} of {self.size}); "
@@ -125,7 +126,7 @@ class _Cursor:
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(f"{what} needs {n} bytes, the file has {self.size - self.pos} left")
-        view = memoryview(self.data[self.pos: self.pos + n])
+        view = self._bytes[self.pos: self.pos + n]
         self.pos += n
         return view
 

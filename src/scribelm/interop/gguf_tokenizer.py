@@ -27,21 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from scribelm.interop.gguf import LLAMA3_REGEX, PRE_TOKENIZER_NAMES
 from scribelm.interop.gguf_reader import GGUFError, GGUFFile
 from scribelm.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# llama.cpp's names of pre-tokenizer regexes -> the regex (None: GPT-2's own, built into ByteLevel)
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# llama.cpp's names of pre-tokenizer regexes -> the regex (None: GPT-2's own, built into ByteLevel);
+# the export's table (interop/gguf.py) read the other way, so the two cannot drift apart
 PRE_TOKENIZERS: dict[str, str | None] = {
-    "gpt-2": None, "default": None, "llama-bpe": _LLAMA3_REGEX, "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX,
+    "gpt-2": None, "default": None, "llama3": LLAMA3_REGEX, **{name: rx for rx, name in PRE_TOKENIZER_NAMES.items()},
 }
 
 
@@ -107,7 +103,7 @@ def _byte_level_bpe(f: GGUFFile, tokens: list[str]):
         if not space:
             raise GGUFError(f"{f.path}: tokenizer.ggml.merges holds {merge!r}, not two tokens separated by a space")
         pairs.append((left, right))
-    vocab = _vocabulary(f, tokens)
+    vocab = _vocabulary(tokens)
     try:
         backend = Backend(models.BPE(vocab, pairs))
     except Exception as err:  # the Rust library raises its own Exception type
@@ -128,7 +124,7 @@ def _sentencepiece_bpe(f: GGUFFile, tokens: list[str], scores: list[float], type
     from tokenizers import decoders, models, normalizers
     from tokenizers import Tokenizer as Backend
 
-    vocab = _vocabulary(f, tokens)
+    vocab = _vocabulary(tokens)
     ranked = []  # (-score of the merged token, its id, left id, right id, left, right)
     for token, index in vocab.items():
         if types[index] == BYTE:
@@ -156,7 +152,7 @@ def _sentencepiece_bpe(f: GGUFFile, tokens: list[str], scores: list[float], type
     return backend
 
 
-def _vocabulary(f: GGUFFile, tokens: list[str]) -> dict[str, int]:
+def _vocabulary(tokens: list[str]) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)  # a repeated string keeps its first id, as llama.cpp's lookup does

