@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,28 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scribelm.data.corpora import kjv_jsonl_path  # noqa: E402
 
-
-def start_server(directory: str, threads: int) -> tuple[subprocess.Popen, str]:
-    """`scribe serve bench=DIR` on a free port, quiet (a full stderr pipe would stall it)."""
-    command = [sys.executable, "-m", "scribelm.cli", "serve", f"bench={directory}", "--port", "0", "--quiet",
-               "--max-queue", "256", "--threads", str(threads)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in proc.stdout:
-        if "chat page:" in line:
-            base = line.split("chat page:")[1].split()[0].rstrip("/")
-            break
-    else:
-        raise SystemExit("the server did not start")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(base + "/health", timeout=2)
-            return proc, base
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not answer /health")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import start_server  # noqa: E402  (the same server start-up as the load test)
 
 
 async def api_single(base: str, texts: list[str], concurrency: int) -> None:
@@ -97,7 +76,7 @@ def main() -> None:
     with open(kjv_jsonl_path(), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line, _ in zip(f, range(args.sentences))]
     theirs = SentenceTransformer(directory, device="cpu")
-    proc, base = start_server(directory, args.threads)
+    proc, base = start_server(directory, argparse.Namespace(max_batch=8, max_queue=256, threads=args.threads))
     try:
         served = httpx.post(base + "/v1/embeddings", json={"model": "bench", "input": texts[:64]}, timeout=120).json()
         ours = np.array([d["embedding"] for d in served["data"]], dtype=np.float32)

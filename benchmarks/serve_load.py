@@ -70,20 +70,28 @@ def build_model(directory: Path, args) -> Path:
 
 
 def start_server(model: str, args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`scribe serve bench=MODEL` on a free loopback port (args: max_batch, max_queue, threads).
+    Its log goes to a file: it writes a line per request, and a pipe nobody reads fills and stalls it."""
     command = [sys.executable, "-m", "scribelm.cli", "serve", f"bench={model}", "--host", "127.0.0.1", "--port", "0",
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--idle-unload", "0", *extra]
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+    def failed(why: str) -> SystemExit:
+        proc.kill()
+        log.seek(0)
+        return SystemExit(f"{why}: {log.read()[-2000:]}")
+
     for _ in range(2):
         line = proc.stdout.readline()
         if "chat page:" in line:
             base = line.split("chat page:")[1].split()[0].rstrip("/")
             break
     else:
-        proc.kill()
-        raise SystemExit(f"the server did not start: {proc.stderr.read()}")
+        raise failed("the server did not start")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -91,8 +99,7 @@ def start_server(model: str, args, extra: list[str] = ()) -> tuple[subprocess.Po
             return proc, base
         except httpx.TransportError:
             time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not answer /health")
+    raise failed("the server did not answer /health")
 
 
 def start_llama_cpp_server(gguf: Path, args) -> tuple[subprocess.Popen, str]:

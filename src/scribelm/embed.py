@@ -198,14 +198,19 @@ def encoder_backend(tokenizer, max_length: int, truncate: bool = True):
     return backend
 
 
+def embedding_length(lm) -> int:
+    """The most tokens one input is embedded with: the sentence-transformers max_length, within the context."""
+    config = _embedding_model(lm).config
+    sentence = getattr(lm, "sentence_config", None) or {}
+    return min(sentence.get("max_length", config.context_length), config.context_length)
+
+
 def embedding_ids(lm, texts: list[str], *, truncate: bool = True) -> tuple[list[list[int]], int]:
     """The token ids `embed` runs for each text (special tokens added; cut to the maximum
     length unless truncate=False), and that maximum length."""
     if lm.tokenizer is None:
         raise ScribeError("this model has no tokenizer (tokenizer.json), so it cannot embed text")
-    config = _embedding_model(lm).config
-    sentence = getattr(lm, "sentence_config", None) or {}
-    max_length = min(sentence.get("max_length", config.context_length), config.context_length)
+    max_length = embedding_length(lm)
     backend = encoder_backend(lm.tokenizer, max_length, truncate)
     return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)], max_length
 

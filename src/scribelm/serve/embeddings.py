@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scribelm.embed import embed_ids, embedding_ids
+from scribelm.embed import embed_ids, embedding_ids, embedding_length
 from scribelm.errors import ScribeError
 from scribelm.serve.errors import ApiError
 
@@ -179,7 +179,7 @@ def _token_lists(engine, inputs, truncate: bool) -> list[list[int]]:
         texts = [texts]
     if given_ids:
         encoded = [list(ids) for ids in texts]
-        limit = embedding_ids(lm, [])[1]
+        limit = embedding_length(lm)
         vocab = lm.config.vocab_size
         for i, ids in enumerate(encoded):
             bad = [t for t in ids if t >= vocab]
@@ -187,7 +187,7 @@ def _token_lists(engine, inputs, truncate: bool) -> list[list[int]]:
                 raise ApiError(400, f"input[{i}]: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="input")
     else:
         try:
-            encoded, limit = embedding_ids(lm, texts, truncate=False)
+            encoded, limit = embedding_ids(lm, texts, truncate=truncate)  # cut by the tokenizer, which keeps [SEP]
         except (ScribeError, UnicodeError, ValueError, TypeError) as err:
             raise ApiError(400, f"the input could not be tokenized: {err}", param="input") from None
     for i, ids in enumerate(encoded):
@@ -196,9 +196,8 @@ def _token_lists(engine, inputs, truncate: bool) -> list[list[int]]:
         if len(ids) > limit and not truncate:
             raise ApiError(400, f"input[{i}] has {len(ids)} tokens, more than this model's embedding length of "
                                 f"{limit}; shorten it, or send \"truncate\": true to cut it there", param="input")
-    if any(len(ids) > limit for ids in encoded):
-        # text is cut by the tokenizer, which keeps its closing special token ([SEP]); ids as given
-        encoded = [ids[:limit] for ids in encoded] if given_ids else embedding_ids(lm, texts)[0]
+    if given_ids and any(len(ids) > limit for ids in encoded):  # ids are cut as given
+        encoded = [ids[:limit] for ids in encoded]
     return encoded
 
 

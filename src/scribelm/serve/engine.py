@@ -195,9 +195,9 @@ def _courier() -> "queue.SimpleQueue":
 
 def _carry(outbox: "queue.SimpleQueue") -> None:
     while True:
-        items = outbox.get()
+        items = list(outbox.get())
         while not outbox.empty():  # everything that piled up goes in one wake-up per loop
-            items = items + outbox.get_nowait()
+            items.extend(outbox.get_nowait())
         _wake_loops(items)
 
 
