@@ -688,7 +688,7 @@ class Engine:
         B = len(self._active)
         self.peak_active = max(self.peak_active, B)
         if self.speculator is not None:  # it runs the model itself: several tokens per row
-            self._choose(self._active, None)
+            self._speculate(self._active)
             return
         tokens = [s.last_token for s in self._active]
         logits = feed(self.model, self.cache, tokens) if self._step is None else self._step(self.cache, tokens)  # (B, V)
@@ -702,25 +702,33 @@ class Engine:
         for s in sequences:
             if s.request.cancelled:
                 s.cancelled = True
-                if logits is None:
-                    s.finish("cancelled")  # the speculator steps every row; a finished one sits out
         if not live:
             return
         rows = [sequences[i] for i in live]
-        if logits is not None:
-            logits = logits[live] if len(live) != len(sequences) else logits
+        logits = logits[live] if len(live) != len(sequences) else logits
         room = [True] * len(rows)  # submit() checked that prompt + max_tokens fits a row
+        self._emit(decode_step(rows, logits, room, on_error=self._row_failed), len(rows))
 
-        def failed(row: DecodeRow, err: Exception) -> None:
-            log.error("model %r: request %d failed at token %d", self.name, row.request.id, len(row.generated),
-                      exc_info=err)
-            row.cancelled = True
-            row.request.fail(REQUEST_FAILED)
+    def _speculate(self, sequences: list[_Sequence]) -> None:
+        """A speculative step over all of this step's rows (cache row b = sequences[b]): the
+        speculator runs the model itself, several tokens per row; a cancelled row sits out."""
+        for s in sequences:
+            if s.request.cancelled:
+                s.cancelled = True
+                s.finish("cancelled")
+        if all(s.request.cancelled for s in sequences):
+            return
+        stepped = self.speculator.step(self.model, self.cache, sequences, on_error=self._row_failed)
+        self._emit(stepped, len(stepped))
 
-        if logits is None:  # a speculative step over all of this step's rows, cache row b = sequences[b]
-            stepped = self.speculator.step(self.model, self.cache, sequences, on_error=failed)
-        else:
-            stepped = decode_step(rows, logits, room, on_error=failed)
+    def _row_failed(self, row: DecodeRow, err: Exception) -> None:
+        log.error("model %r: request %d failed at token %d", self.name, row.request.id, len(row.generated), exc_info=err)
+        row.cancelled = True
+        row.request.fail(REQUEST_FAILED)
+
+    def _emit(self, stepped, tokens: int) -> None:
+        """A step's (sequence, event) pairs to their clients (a finished sequence's FinishEvent
+        after its last token), and `tokens` generated into the statistics."""
         now = time.monotonic()
         outbox: list[tuple[GenerationRequest, Any]] = []
         for s, event in stepped:
@@ -735,7 +743,10 @@ class Engine:
                                                     completion_tokens=len(s.generated), draft_tokens=s.draft_tokens,
                                                     accepted_draft_tokens=s.accepted_draft_tokens)))
         _deliver([(r, e) for r, e in outbox if not r.failed])
-        tokens = len(stepped) if logits is None else len(rows)
+        self._record_step(now, tokens)
+
+    def _record_step(self, now: float, tokens: int) -> None:
+        """One decode step that generated `tokens`, for tokens/s (the last 30 s) and the counters."""
         with self._stats_lock:
             self._recent.append((now, tokens))
             while self._recent and now - self._recent[0][0] > 30.0:

@@ -98,12 +98,7 @@ class Seq2SeqEngine(Engine):
                         outbox.append((request, FinishEvent(index=index, reason=event.finish_reason, text="",
                                                             completion_tokens=len(gen.rows[0].generated))))
                 _deliver(outbox)
-                with self._stats_lock:
-                    self._recent.append((now, len(events)))
-                    while self._recent and now - self._recent[0][0] > 30.0:
-                        self._recent.popleft()
-                self.steps += 1
-                self.generated_tokens += len(events)
+                self._record_step(now, len(events))
             if not ended:  # nothing to generate (max_tokens 0 with echo): the choice ends at once
                 _deliver([(request, FinishEvent(index=index, reason="length", text="", completion_tokens=0))])
                 if request.first_token_at is None:
